@@ -1,0 +1,220 @@
+"""The ``cldlr`` command line: a thin argparse layer over functions in the subpackages.
+
+Each subcommand parses its arguments, calls one library function and prints its result;
+heavy modules are imported lazily so ``cldlr --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from cldlr import __version__
+from cldlr.common.errors import CldlrError
+
+log = logging.getLogger("cldlr")
+
+
+def _config_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    parser.add_argument("config", type=Path, nargs=None if required else "?", help="YAML config (see configs/)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.epochs=2 (repeatable)",
+    )
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from cldlr.common.validation import validate_site
+    from cldlr.common.schema import load_schema
+
+    report = validate_site(args.site, load_schema(args.schema))
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.format_text())
+    return 0 if report.ok else 1
+
+
+def cmd_import_bus_bra(args: argparse.Namespace) -> int:
+    from cldlr.client.importers.bus_bra import import_bus_bra
+
+    summary = import_bus_bra(
+        args.src, args.out, birads=args.birads, sites=args.sites,
+        min_site_patients=args.min_site_patients, small_sites=args.small_sites, force=args.force,
+    )
+    print(summary)
+    return 0
+
+
+def cmd_import_class_folders(args: argparse.Namespace) -> int:
+    from cldlr.client.importers.class_folders import import_class_folders
+
+    print(import_class_folders(args.src, args.out, force=args.force))
+    return 0
+
+
+def cmd_phantom(args: argparse.Namespace) -> int:
+    from cldlr.simulations.phantom import generate_phantom
+
+    print(generate_phantom(
+        args.out, sites=args.sites, images_per_site=args.images_per_site, seed=args.seed,
+        image_size=args.image_size, force=args.force,
+    ))
+    return 0
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    from cldlr.common.schema import load_schema
+    from cldlr.common.splits import split_site
+
+    print(split_site(args.site, args.out, load_schema(args.schema), test_fraction=args.test_fraction,
+                     seed=args.seed, force=args.force))
+    return 0
+
+
+def cmd_partition(args: argparse.Namespace) -> int:
+    from cldlr.common.schema import load_schema
+    from cldlr.common.splits import partition_site
+
+    print(partition_site(
+        args.site, args.out, load_schema(args.schema), by=args.by, column=args.column,
+        num_sites=args.num_sites, alpha=args.alpha, seed=args.seed, force=args.force,
+    ))
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from cldlr.common.config import load_config
+    from cldlr.common.roi import build_site_cache
+    from cldlr.common.schema import load_schema
+
+    config = load_config(args.config, args.overrides)
+    cache = build_site_cache(args.site, load_schema(config.data.schema), config.data, weights=config.model.weights)
+    print(f"ROI cache: {cache.path} ({len(cache.image_ids)} ROIs at {cache.images.shape[-1]} px)")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from cldlr.common.config import load_config
+    from cldlr.simulations.runner import simulate
+
+    config = load_config(args.config, args.overrides)
+    run_dir = simulate(config, compare=args.compare, resume=args.resume)
+    print(f"report: {run_dir / 'report.md'}")
+    return 0
+
+
+def cmd_compare_backbones(args: argparse.Namespace) -> int:
+    from cldlr.common.config import load_config
+    from cldlr.simulations.backbones import compare_backbones
+
+    config = load_config(args.config, args.overrides)
+    out = compare_backbones(config, backbones=args.backbones)
+    print(f"table: {out}")
+    return 0
+
+
+def _force(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cldlr", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"cldlr {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("validate", cmd_validate, "check a site folder against the data contract and schema (reads only)")
+    p.add_argument("site", type=Path)
+    p.add_argument("--schema", type=Path, required=True)
+    p.add_argument("--json", action="store_true", help="machine-readable report")
+
+    p = add("import", lambda a: a.import_func(a), "turn a public/in-house layout into site folders")
+    isub = p.add_subparsers(dest="layout", required=True, metavar="LAYOUT")
+    q = isub.add_parser("bus-bra", help="the BUS-BRA release → one site per device (or one site)")
+    q.set_defaults(import_func=cmd_import_bus_bra)
+    q.add_argument("src", type=Path)
+    q.add_argument("out", type=Path)
+    q.add_argument("--birads", type=int, action="append", help="keep only these BI-RADS categories (repeatable)")
+    q.add_argument("--sites", choices=["device", "single"], default="device")
+    q.add_argument("--min-site-patients", type=int, default=20,
+                   help="a device site with fewer patients is merged or dropped (default 20)")
+    q.add_argument("--small-sites", choices=["merge", "drop"], default="merge",
+                   help="merge a too-small site into the largest one, or drop it")
+    _force(q)
+    q = isub.add_parser("class-folders", help="benign/ malignant/ folders with <name>_mask*.png masks → one site")
+    q.set_defaults(import_func=cmd_import_class_folders)
+    q.add_argument("src", type=Path)
+    q.add_argument("out", type=Path)
+    _force(q)
+
+    p = add("phantom", cmd_phantom, "generate a deterministic synthetic multi-site dataset")
+    p.add_argument("out", type=Path)
+    p.add_argument("--sites", type=int, default=3)
+    p.add_argument("--images-per-site", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=160, help="side of the generated B-mode images (px)")
+    _force(p)
+
+    p = add("split", cmd_split, "patient-level stratified train/test split written to a copy of a site")
+    p.add_argument("site", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--schema", type=Path, required=True)
+    p.add_argument("--test-fraction", type=float, default=0.3)
+    p.add_argument("--seed", type=int, default=0)
+    _force(p)
+
+    p = add("partition", cmd_partition, "split one dataset into patient-disjoint virtual sites")
+    p.add_argument("site", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--schema", type=Path, required=True)
+    p.add_argument("--by", choices=["column", "iid", "dirichlet"], default="column")
+    p.add_argument("--column", default="device")
+    p.add_argument("--num-sites", type=int, default=3)
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration over labels")
+    p.add_argument("--seed", type=int, default=0)
+    _force(p)
+
+    p = add("cache", cmd_cache, "preprocess a site's ROIs into the cache once")
+    p.add_argument("site", type=Path)
+    _config_args(p)
+
+    p = add("simulate", cmd_simulate, "run a study (pooled, local or federated) on one machine and write a report")
+    _config_args(p)
+    p.add_argument("--compare", action="store_true", help="Pooled vs Local-i vs FedAvg vs FedProx table")
+    p.add_argument("--resume", type=Path, default=None, help="continue the run in this folder")
+
+    p = add("compare-backbones", cmd_compare_backbones, "train every registry backbone on the same split (Table S2)")
+    _config_args(p)
+    p.add_argument("--backbones", nargs="+", default=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except (CldlrError, FileExistsError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        report = getattr(exc, "report", None)
+        if report is not None and hasattr(report, "format_text"):
+            print(report.format_text(), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""What runs inside a hospital: validation, importers, local training and statistics."""

@@ -1,0 +1,1 @@
+"""Shared code of sites and centre: data contract, ROI, models, statistics, config."""

@@ -1,0 +1,365 @@
+"""One typed configuration: frozen dataclasses loaded from YAML plus ``--set a.b=value`` overrides.
+
+The config is parsed once at the boundary (CLI, Flower app start) and then passed around as
+typed objects; no dict of settings travels through the code. Paper defaults live in
+``configs/paper.yaml``; the dataclass defaults below are the same values, so a YAML file only
+needs to state what differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where a run writes and what it is called."""
+
+    name: str = "study"
+    output_dir: str = "runs"
+    seed: int = 0
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the site data is and how ROIs are made from it (paper: 224 px, no margin)."""
+
+    root: str = ""
+    schema: str = ""
+    image_size: int = 224
+    margin: float = 0.0
+    normalize: Literal["auto", "imagenet", "custom"] = "auto"
+    mean: float = 0.5
+    std: float = 0.25
+    cache_dir: str = ".cache/cldlr"
+    test_fraction: float = 0.3
+    split_seed: int = 0
+    use_existing_split: bool = True
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone and its initial weights: ``imagenet`` (torchvision cache), a state-dict path or ``none``."""
+
+    backbone: str = "vgg11"
+    weights: str = "imagenet"
+    num_classes: int = 2
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Fine-tuning settings (paper: Adam, lr 0.005, 200 epochs, batch 16, softmax cross-entropy)."""
+
+    epochs: int = 200
+    batch_size: int = 16
+    lr: float = 0.005
+    weight_decay: float = 0.0
+    keep: Literal["last", "best_val"] = "last"
+    val_fraction: float = 0.2
+    device: str = "auto"
+    amp: bool = True
+    checkpoint_every: int = 1
+
+
+@dataclass(frozen=True)
+class ClinicalConfig:
+    """Selection of clinical parameters on the training cohort (paper: P < 0.05)."""
+
+    alpha: float = 0.05
+    normality_alpha: float = 0.05
+
+
+@dataclass(frozen=True)
+class SVMConfig:
+    """The three SVMs and how the CLDLR fusion balances its deep and clinical blocks.
+
+    ``solver: svc`` is scikit-learn's SVC (the paper); ``rff`` is a random-Fourier-feature
+    approximation of the same RBF kernel with a least-squares objective, which is what the
+    federation can fit from secure sums (the single-site pipeline offers it too, so a one-site
+    federation reproduces it exactly).
+    """
+
+    solver: Literal["svc", "rff"] = "svc"
+    kernel: Literal["rbf", "linear"] = "rbf"
+    C: float = 1.0
+    gamma: str = "scale"
+    embedding_pca: int = 16
+    clinical_block_weight: float = 1.0
+    rff_features: int = 512
+    ridge: float = 1.0
+    threshold: float = 0.5
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """How sites are formed and how they train together."""
+
+    mode: Literal["pooled", "local", "federated"] = "federated"
+    sites: tuple[str, ...] = ()
+    partition: Literal["folders", "column", "iid", "dirichlet"] = "folders"
+    partition_column: str = "device"
+    num_sites: int = 3
+    dirichlet_alpha: float = 0.5
+    strategy: Literal["fedavg", "fedprox"] = "fedavg"
+    proximal_mu: float = 0.01
+    rounds: int = 10
+    local_epochs: int = 1
+    min_sites: int = 2
+    transfer_dtype: Literal["float32", "float16"] = "float16"
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Sample-level DP-SGD with Opacus; all three numbers must be set when enabled."""
+
+    enabled: bool = False
+    target_epsilon: float = 0.0
+    delta: float = 0.0
+    max_grad_norm: float = 0.0
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    """SecAgg+ parameters (Flower's legacy ``SecAggPlusWorkflow``)."""
+
+    clipping_range: float = 8.0
+    quantization_range: int = 2**22
+    modulus_range: int = 2**32
+    num_shares: float = 1.0
+    reconstruction_threshold: float = 0.67
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """Metrics settings: histogram bins for secure AUC and the smallest class count a site may expose."""
+
+    histogram_bins: int = 2000
+    min_count: int = 5
+    gradcam_examples: int = 4
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration of one study."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    clinical: ClinicalConfig = field(default_factory=ClinicalConfig)
+    svm: SVMConfig = field(default_factory=SVMConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (for ``report.json`` and YAML round trips)."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **overrides: Any) -> Config:
+        """Return a copy with dotted-key overrides applied, e.g. ``replace(**{"train.epochs": 2})``."""
+        return apply_overrides(self, [f"{k}={_dump_scalar(v)}" for k, v in overrides.items()])
+
+
+def _dump_scalar(value: Any) -> str:
+    return yaml.safe_dump(list(value) if isinstance(value, tuple) else value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check ``value`` against the type ``hint`` and convert where it is lossless."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{where}: {value!r} matches none of the allowed types")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        (item_hint, _) = typing.get_args(hint)
+        return tuple(_coerce(v, item_hint, f"{where}[{i}]") for i, v in enumerate(value))
+    if hint is type(None):
+        if value is not None:
+            raise ConfigError(f"{where}: expected null, got {value!r}")
+        return None
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if hint is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    raise ConfigError(f"{where}: unsupported type {hint!r}")  # pragma: no cover - programming error
+
+
+def _build(cls: Any, data: Any, where: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"valid keys{' of ' + where if where else ''}: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``a.b=value``; the value is parsed as a YAML scalar (``2`` → int, ``true`` → bool)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has no key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    return key, value
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from a nested dict."""
+    config = _build(Config, data, "")
+    validate_config(config)
+    return config
+
+
+def apply_overrides(config: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """Return ``config`` with ``a.b=value`` overrides applied (validated like a file)."""
+    tree = config.to_dict()
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    return config_from_dict(tree)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config file (or defaults when ``path`` is None) and apply overrides.
+
+    Relative ``data.root``/``data.schema`` paths in a file stay as written (relative to the
+    working directory), as a user typing them on the command line would expect.
+    """
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        tree = loaded or {}
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        return config_from_dict(tree)
+    except ConfigError as exc:
+        raise ConfigError(f"{path or 'config'}: {exc}") from None
+
+
+def validate_config(config: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    checks: list[tuple[bool, str]] = [
+        (config.data.image_size >= 32, "data.image_size must be at least 32"),
+        (0.0 < config.data.test_fraction < 1.0, "data.test_fraction must be in (0, 1)"),
+        (config.data.margin >= 0, "data.margin must be >= 0"),
+        (config.data.std > 0, "data.std must be > 0"),
+        (config.train.epochs >= 0, "train.epochs must be >= 0"),
+        (config.train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (config.train.lr > 0, "train.lr must be > 0"),
+        (0.0 < config.train.val_fraction < 1.0, "train.val_fraction must be in (0, 1)"),
+        (config.svm.C > 0, "svm.C must be > 0"),
+        (0.0 <= config.svm.threshold <= 1.0, "svm.threshold must be in [0, 1]"),
+        (config.svm.embedding_pca >= 0, "svm.embedding_pca must be >= 0 (0 = keep all)"),
+        (config.federation.rounds >= 0, "federation.rounds must be >= 0"),
+        (config.federation.min_sites >= 1, "federation.min_sites must be >= 1"),
+        (config.evaluation.histogram_bins >= 10, "evaluation.histogram_bins must be >= 10"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    dp = config.privacy
+    if dp.enabled:
+        missing = [
+            name
+            for name, value in (("target_epsilon", dp.target_epsilon), ("delta", dp.delta), ("max_grad_norm", dp.max_grad_norm))
+            if value <= 0
+        ]
+        if missing:
+            raise ConfigError(
+                "privacy.enabled is true but privacy." + ", privacy.".join(missing)
+                + " is not set (> 0); a partial DP configuration is refused rather than run without DP"
+            )
+        if not dp.delta < 1:
+            raise ConfigError("privacy.delta must be < 1 (typically below 1/number of training images)")
+    elif any(v > 0 for v in (dp.target_epsilon, dp.delta, dp.max_grad_norm)):
+        raise ConfigError(
+            "privacy settings are given but privacy.enabled is false; set privacy.enabled=true "
+            "or remove them, so that nobody believes a non-DP run was private"
+        )
+
+
+def dump_config(config: Config) -> str:
+    """YAML text of the resolved config (written into every run folder)."""
+    def plain(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            return {k: plain(v) for k, v in obj.items()}
+        if isinstance(obj, tuple):
+            return [plain(v) for v in obj]
+        return obj
+
+    return yaml.safe_dump(plain(config.to_dict()), sort_keys=False)

@@ -1,0 +1,1 @@
+"""One-machine wiring: phantom data, multi-site simulation, paper reproduction."""

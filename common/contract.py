@@ -79,10 +79,12 @@ class SiteData:
     root: Path
     schema: Schema
     frame: pd.DataFrame
+    site_name: str = ""
 
     @property
     def name(self) -> str:
-        return self.root.name
+        """The site's name: given explicitly for virtual (partitioned) sites, else the folder name."""
+        return self.site_name or self.root.name
 
     def __len__(self) -> int:
         return len(self.frame)
@@ -92,7 +94,10 @@ class SiteData:
         return self.frame["label"].to_numpy(dtype=np.int64)
 
     def subset(self, mask: np.ndarray | pd.Series) -> SiteData:
-        return SiteData(self.root, self.schema, self.frame[np.asarray(mask)].reset_index(drop=True))
+        return SiteData(self.root, self.schema, self.frame[np.asarray(mask)].reset_index(drop=True), self.site_name)
+
+    def renamed(self, name: str) -> SiteData:
+        return SiteData(self.root, self.schema, self.frame, name)
 
     def split_rows(self, split: str) -> SiteData:
         return self.subset(self.frame["split"] == split)

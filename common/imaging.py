@@ -48,7 +48,8 @@ def _read_itk(path: Path) -> np.ndarray:
     return array
 
 
-def _read_any(path: str | Path) -> np.ndarray:
+def read_raw(path: str | Path) -> np.ndarray:
+    """Decode any supported file to a 2-D array of its raw values (validation inspects masks this way)."""
     path = Path(path)
     ext = file_ext(path)
     if ext not in RASTER_EXTS + ITK_EXTS:
@@ -68,7 +69,7 @@ def _read_any(path: str | Path) -> np.ndarray:
 
 def read_image(path: str | Path) -> np.ndarray:
     """Read a B-mode image as 2-D grayscale, ``uint8`` or ``uint16`` (other depths are rescaled)."""
-    array = _read_any(path)
+    array = read_raw(path)
     if array.dtype in (np.uint8, np.uint16):
         return array
     array = array.astype(np.float64)
@@ -79,12 +80,7 @@ def read_image(path: str | Path) -> np.ndarray:
 
 def read_mask(path: str | Path) -> np.ndarray:
     """Read a lesion mask as 2-D ``bool`` (nonzero = lesion)."""
-    return _read_any(path) != 0
-
-
-def mask_values(path: str | Path) -> np.ndarray:
-    """Distinct raw values of a mask file (validation checks that there are at most two)."""
-    return np.unique(_read_any(path))
+    return read_raw(path) != 0
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

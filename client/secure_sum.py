@@ -1,0 +1,131 @@
+"""Site side of a secure sum: a task registry, the SecAgg+ mod and the legacy FitRes reply it expects.
+
+A site registers one callback per task (``"clinical-stats"``, ``"svm-sums"``, ...) that turns the
+centre's payload into a float vector. ``secure_sum_mod`` runs Flower's ``secaggplus_mod`` only on
+SecAgg+ messages (everything else passes through untouched) and, in the protocol's
+"collect masked vectors" stage, answers from the registry itself, so the app's own ``@app.train()``
+handler never sees secure-sum rounds. The vector leaves the site only masked: the reply's
+ArrayRecord is emptied by ``secaggplus_mod``; the plaintext parts carry just bookkeeping.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp.typing import ClientAppCallable, Mod
+
+from ..common.secure_sum import SPEC_KEY, SecureSumError, SecureSumSpec
+
+logger = logging.getLogger(__name__)
+
+TaskFn = Callable[[Mapping[str, Any], Context], "np.ndarray | Sequence[float]"]
+"""``fn(payload, context) -> vector``: the site's contribution to one secure-sum task."""
+
+SECAGG_CONFIGS_KEY = "secaggplus_configs"  # ConfigRecord Flower's SecAgg+ workflow attaches to every stage
+_FITINS_CONFIG = "fitins.config"
+# RecordDict's typed views share ONE key space: an ArrayRecord and a ConfigRecord need distinct keys.
+_CACHE_VECTOR = "cldlr.secure-sum.cache.vector"
+_CACHE_META = "cldlr.secure-sum.cache.meta"
+
+_REGISTRY: dict[str, TaskFn] = {}
+
+
+def register_task(name: str, fn: TaskFn, *, replace: bool = False) -> None:
+    """Make ``fn`` answer secure-sum requests for ``name`` on this site."""
+    if not name:
+        raise SecureSumError("a secure-sum task needs a non-empty name")
+    if name in _REGISTRY and not replace and _REGISTRY[name] is not fn:
+        raise SecureSumError(f"secure-sum task '{name}' is already registered; pass replace=True to swap it")
+    _REGISTRY[name] = fn
+
+
+def unregister_task(name: str) -> None:
+    """Forget a task (no error if it was not registered)."""
+    _REGISTRY.pop(name, None)
+
+
+def registered_tasks() -> tuple[str, ...]:
+    """Names currently registered, sorted."""
+    return tuple(sorted(_REGISTRY))
+
+
+def is_secure_sum_request(content: RecordDict) -> bool:
+    """True for the legacy FitIns of a secure-sum round (as opposed to SecAgg+ model training)."""
+    config = content.config_records.get(_FITINS_CONFIG)
+    return config is not None and SPEC_KEY in config
+
+
+def _site_vector(spec: SecureSumSpec, context: Context, tasks: Mapping[str, TaskFn]) -> np.ndarray:
+    """Scaled full vector for this call, computed once and cached in the node's local state."""
+    cached = context.state.config_records.get(_CACHE_META)
+    if cached is not None and cached.get("call-id") == spec.call_id and _CACHE_VECTOR in context.state.array_records:
+        return context.state.array_records[_CACHE_VECTOR]["vector"].numpy()
+    fn = tasks.get(spec.task)
+    if fn is None:
+        raise SecureSumError(
+            f"this site has no secure-sum task '{spec.task}' (registered: {', '.join(sorted(tasks)) or 'none'}); "
+            "register it with cldlr.client.secure_sum.register_task"
+        )
+    scaled = spec.plan.scale(fn(spec.payload, context), what=f"secure-sum task '{spec.task}'")
+    if not spec.is_last_round:
+        context.state.array_records[_CACHE_VECTOR] = ArrayRecord({"vector": Array(np.ascontiguousarray(scaled))})
+        context.state.config_records[_CACHE_META] = ConfigRecord({"call-id": spec.call_id})
+    return scaled
+
+
+def build_fitres_content(fitins: RecordDict, context: Context, tasks: Mapping[str, TaskFn] | None = None) -> RecordDict:
+    """Legacy FitRes layout with this site's scaled slice, as ``secaggplus_mod`` expects it.
+
+    ``fitres.num_examples`` is 1 so that SecAgg+ weights every site equally; ``fitres.metrics``
+    echoes the request id so the centre can reject stale replies. Both travel in plaintext.
+    """
+    config = fitins.config_records.get(_FITINS_CONFIG)
+    if config is None or SPEC_KEY not in config:
+        raise SecureSumError(f"not a secure-sum request: '{_FITINS_CONFIG}' lacks '{SPEC_KEY}'")
+    spec = SecureSumSpec.from_json(str(config[SPEC_KEY]))
+    vector = _site_vector(spec, context, _REGISTRY if tasks is None else tasks)
+    piece = vector[spec.offset : spec.offset + spec.count]
+    if spec.is_last_round:
+        context.state.array_records.pop(_CACHE_VECTOR, None)
+        context.state.config_records.pop(_CACHE_META, None)
+    logger.debug("secure-sum '%s': sending slice [%d, %d) masked", spec.task, spec.offset, spec.offset + spec.count)
+    return RecordDict(
+        {
+            "fitres.parameters": ArrayRecord([piece]),
+            "fitres.num_examples": MetricRecord({"num_examples": 1}),
+            "fitres.metrics": ConfigRecord({"task": spec.task, "call-id": spec.call_id, "offset": spec.offset}),
+            "fitres.status": ConfigRecord({"code": 0, "message": "secure-sum slice ready"}),
+        }
+    )
+
+
+def secure_sum_reply(msg: Message, context: Context, tasks: Mapping[str, TaskFn] | None = None) -> Message:
+    """Reply to a secure-sum FitIns with the site's slice (to be masked by ``secaggplus_mod``)."""
+    return Message(build_fitres_content(msg.content, context, tasks), reply_to=msg)
+
+
+def make_secure_sum_mod(tasks: Mapping[str, TaskFn] | None = None) -> Mod:
+    """Mod running SecAgg+ on SecAgg+ messages only; ``tasks`` defaults to the global registry."""
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if msg.metadata.message_type != MessageType.TRAIN or SECAGG_CONFIGS_KEY not in msg.content.config_records:
+            return call_next(msg, context)
+
+        def answer(inner: Message, ctx: Context) -> Message:
+            if is_secure_sum_request(inner.content):
+                return secure_sum_reply(inner, ctx, tasks)
+            return call_next(inner, ctx)  # SecAgg+ over something else (e.g. legacy model training)
+
+        return secaggplus_mod(msg, context, answer)
+
+    return mod
+
+
+secure_sum_mod: Mod = make_secure_sum_mod()
+"""Ready-made mod over the global registry: ``ClientApp(mods=[secure_sum_mod])``."""

@@ -1,0 +1,112 @@
+"""A hospital's side of the study, with no Flower in sight.
+
+:class:`SiteSession` wraps one validated site: its patient-level split, its device-held ROI
+cache and every computation that must happen where the data lives — fine-tuning the backbone,
+embedding ROIs, the local sums of clinical statistics, of the SVM objective and of the score
+histograms. The single-site study, the simulations and the Flower ClientApp all call it, so
+each stage exists once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cldlr.client.training import TrainResult, train_classifier
+from cldlr.common.clinical_features import ClinicalEncoder
+from cldlr.common.clinical_stats import ParameterStatistics, compute_statistics
+from cldlr.common.config import Config
+from cldlr.common.contract import SiteData
+from cldlr.common.models import embed, predict_proba
+from cldlr.common.roi import cache_for
+from cldlr.common.schema import Parameter
+from cldlr.common.splits import with_split
+from cldlr.common.transforms import Normalization, normalization_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Cohort:
+    """The rows of one split of a site, with their ROIs (uint8, [N,1,S,S]) and labels."""
+
+    site: SiteData
+    images: torch.Tensor
+    labels: np.ndarray
+
+    @property
+    def patients(self) -> np.ndarray:
+        return self.site.frame["patient_id"].to_numpy()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class SiteSession:
+    """One site's data prepared once: split, ROI cache, normalization."""
+
+    site: SiteData
+    config: Config
+    train: Cohort = field(init=False)
+    test: Cohort = field(init=False)
+    normalization: Normalization = field(init=False)
+
+    def __post_init__(self) -> None:
+        data = self.config.data
+        self.site = with_split(self.site, test_fraction=data.test_fraction, seed=data.split_seed,
+                               use_existing=data.use_existing_split)
+        cache = cache_for(self.site, data, self.config.model.weights)
+        split = self.site.frame["split"].to_numpy()
+        labels = self.site.labels
+        self.normalization = normalization_for(data, self.config.model.weights)
+        self.train = self._cohort(split == "train", cache.images, labels)
+        self.test = self._cohort(split == "test", cache.images, labels)
+        log.info("site %s: %d train / %d test images", self.name, len(self.train), len(self.test))
+
+    def _cohort(self, rows: np.ndarray, images: torch.Tensor, labels: np.ndarray) -> Cohort:
+        index = torch.from_numpy(np.flatnonzero(rows))
+        return Cohort(self.site.subset(rows), images.index_select(0, index), labels[rows])
+
+    @property
+    def name(self) -> str:
+        return self.site.name
+
+    def cohort(self, split: str) -> Cohort:
+        if split not in ("train", "test"):
+            raise ValueError(f"unknown split {split!r}; expected 'train' or 'test'")
+        return self.train if split == "train" else self.test
+
+    # -- backbone ---------------------------------------------------------------------------
+    def fit_backbone(self, model: torch.nn.Module, *, epochs: int | None = None, seed: int | None = None,
+                     checkpoint: Path | None = None, resume: bool = False, proximal_mu: float = 0.0,
+                     global_params: dict[str, torch.Tensor] | None = None, progress: bool = True) -> TrainResult:
+        """Fine-tune ``model`` in place on this site's training cohort."""
+        return train_classifier(
+            model, self.train.images, self.train.labels, self.config.train, self.normalization,
+            seed=self.config.run.seed if seed is None else seed, epochs=epochs, groups=self.train.patients,
+            checkpoint=checkpoint, resume=resume, proximal_mu=proximal_mu, global_params=global_params,
+            progress=progress,
+        )
+
+    def embeddings(self, model: torch.nn.Module, split: str) -> np.ndarray:
+        """Penultimate-layer features of one cohort (they never leave the site)."""
+        return embed(model, self.cohort(split).images, self.normalization, batch_size=64)
+
+    def cnn_probabilities(self, model: torch.nn.Module, split: str) -> np.ndarray:
+        return predict_proba(model, self.cohort(split).images, self.normalization)
+
+    # -- clinical ---------------------------------------------------------------------------
+    def clinical_statistics(self) -> ParameterStatistics:
+        """Per-class sufficient statistics of the training cohort (the selection's input)."""
+        return compute_statistics(self.train.site.frame, self.train.labels, self.site.schema)
+
+    def clinical_block(self, encoder: ClinicalEncoder, split: str) -> np.ndarray:
+        return encoder.transform(self.cohort(split).site.frame)
+
+    def model_parameters(self, names: list[str]) -> list[Parameter]:
+        return [self.site.schema.get(n) for n in names]

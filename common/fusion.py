@@ -1,0 +1,425 @@
+"""The study's three SVMs (Clinical, DLR, CLDLR): fitted pooled or from secure sums, stored as plain arrays.
+
+Inputs are the clinical block ``[n, c]`` (imputed, ``c`` may be 0) and VGG11 embeddings
+``[n, d]``. All three models see standardized columns (training-cohort mean/SD) weighted per
+block so that each block adds the same share to the expected squared distance between two cases
+(see :func:`cldlr.common.rff.block_weight`); without that, 4096 deep columns drown a handful of
+clinical ones in the RBF kernel. The CLDLR probability is the AI score.
+
+Solvers: ``svc`` is scikit-learn's SVC with Platt scaling on internal cross-validation (the
+paper; optional PCA of the standardized embeddings, ``embedding_pca``); ``rff`` approximates the
+same RBF kernel with random Fourier features and a least-squares SVM, fitted by
+:class:`RffFusionFitter` from summed statistics only, so a federation gets exactly the pooled fit.
+
+When no clinical column is usable (``c == 0`` or all constant) the clinical model is not fitted
+(no ``"clinical"`` key) and CLDLR is the DLR model itself; the reason is logged and kept in ``notes``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+from scipy.special import expit
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.decomposition import PCA
+from sklearn.metrics.pairwise import linear_kernel, rbf_kernel
+from sklearn.model_selection import StratifiedKFold
+from sklearn.svm import SVC
+
+from .config import SVMConfig
+from .errors import CldlrError
+from .rff import (FeatureMap, as_features, as_labels, balanced_map, block_columns, block_weight, loo_decision,
+                  lssvm_sums, map_variance, moment_sums, pack_lssvm, platt_converged, platt_start, platt_step,
+                  platt_sums, platt_targets, resolve_gamma, rff_map, rff_params, solve_lssvm,
+                  standardizer_from_sums, unpack_lssvm)
+
+log = logging.getLogger(__name__)
+
+#: Model name → (uses the clinical block, uses the deep block).
+BLOCKS: dict[str, tuple[bool, bool]] = {"clinical": (True, False), "dlr": (False, True), "cldlr": (True, True)}
+FORMAT = "cldlr-fusion"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class RffModel:
+    """Primal RFF/LS-SVM model: f = θᵀ[z(x), 1], p = 1/(1+exp(A f + B)); linear kernel: z = x."""
+
+    fmap: FeatureMap
+    kernel: str
+    W: np.ndarray | None
+    b: np.ndarray | None
+    theta: np.ndarray | None = None
+    A: float = 0.0
+    B: float = 0.0
+
+    def features(self, X: np.ndarray) -> np.ndarray:
+        Z = self.fmap.transform(X)
+        return Z if self.W is None else rff_map(Z, (self.W, self.b))
+
+    def decision(self, X: np.ndarray) -> np.ndarray:
+        return self.features(X) @ self.theta[:-1] + self.theta[-1]
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        return expit(-(self.A * self.decision(X) + self.B))
+
+
+@dataclass
+class SvcModel:
+    """SVC rebuilt from its dual: f = Σ αᵢ K(svᵢ, x) + b, p = 1/(1+exp(A f + B)) (no pickle needed)."""
+
+    fmap: FeatureMap
+    kernel: str
+    gamma: float
+    support_vectors: np.ndarray
+    dual_coef: np.ndarray
+    intercept: float
+    A: float
+    B: float
+
+    def decision(self, X: np.ndarray) -> np.ndarray:
+        Z = self.fmap.transform(X)
+        if self.kernel == "rbf":
+            K = rbf_kernel(Z, self.support_vectors, gamma=self.gamma)
+        else:
+            K = linear_kernel(Z, self.support_vectors)
+        return K @ self.dual_coef + self.intercept
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        return expit(-(self.A * self.decision(X) + self.B))
+
+
+Model = RffModel | SvcModel
+_MODEL_TYPES: dict[str, type] = {"rff": RffModel, "svc": SvcModel}
+
+
+@dataclass
+class FusionModels:
+    """The fitted Clinical, DLR and CLDLR models (``models["cldlr"] is models["dlr"]`` when c == 0)."""
+
+    models: dict[str, Model]
+    n_clinical: int
+    n_deep: int
+    solver: str
+    notes: tuple[str, ...] = ()
+    rounds: dict[str, int] | None = None
+
+    @classmethod
+    def fit(
+        cls,
+        clinical_train: np.ndarray | None,
+        embeddings_train: np.ndarray,
+        y_train: np.ndarray,
+        cfg: SVMConfig,
+        *,
+        seed: int = 0,
+        balance: bool = True,
+    ) -> FusionModels:
+        """Fit all three models on pooled training data; ``balance=False`` is the unweighted ablation."""
+        X = as_features(clinical_train, embeddings_train)
+        y = as_labels(y_train, X.shape[0])
+        n_clinical = X.shape[1] - np.asarray(embeddings_train).shape[1]
+        if cfg.solver == "rff":
+            fitter = RffFusionFitter(cfg, n_clinical, X.shape[1] - n_clinical, seed=seed, balance=balance)
+            return run_rff_protocol(fitter, [(X[:, :n_clinical], X[:, n_clinical:], y)])
+        return _fit_svc(X, y, n_clinical, cfg, seed, balance)
+
+    def predict_proba(self, clinical: np.ndarray | None, embeddings: np.ndarray) -> dict[str, np.ndarray]:
+        """Probability of malignancy per model: keys ``clinical`` (if fitted), ``dlr``, ``cldlr``."""
+        X = as_features(clinical, embeddings)
+        if X.shape[1] != self.n_clinical + self.n_deep:
+            raise CldlrError(
+                f"models were fitted on {self.n_clinical} clinical + {self.n_deep} deep columns, got "
+                f"{X.shape[1] - np.asarray(embeddings).shape[1]} + {np.asarray(embeddings).shape[1]}; "
+                "use the same clinical selection and backbone as in training"
+            )
+        return {name: model.predict_proba(X) for name, model in self.models.items()}
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able description for reports: solver, models, notes and secure rounds."""
+        return {"solver": self.solver, "models": sorted(self.models), "n_clinical": self.n_clinical,
+                "n_deep": self.n_deep, "notes": list(self.notes), "rounds": self.rounds}
+
+    def to_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Plain arrays (for safetensors/npz) and JSON metadata — nothing that runs code on load."""
+        arrays: dict[str, np.ndarray] = {}
+        entries: dict[str, dict[str, Any]] = {}
+        seen: dict[int, str] = {}
+        for name, model in self.models.items():
+            if id(model) in seen:
+                entries[name] = {"same_as": seen[id(model)]}
+                continue
+            seen[id(model)] = name
+            entry: dict[str, Any] = {"type": "rff" if isinstance(model, RffModel) else "svc"}
+            for key, value in _flatten(model):
+                if isinstance(value, np.ndarray):
+                    arrays[f"{name}.{key}"] = np.ascontiguousarray(value)
+                else:
+                    entry[key] = value
+            entries[name] = entry
+        meta = {"format": FORMAT, "version": FORMAT_VERSION, **self.summary(), "models": entries}
+        return arrays, meta
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> FusionModels:
+        """Rebuild from :meth:`to_arrays` output; errors name the missing or unknown piece."""
+        if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+            raise CldlrError(f"not a {FORMAT} v{FORMAT_VERSION} model (got {meta.get('format')!r} v{meta.get('version')!r})")
+        models: dict[str, Model] = {}
+        entries = meta["models"]
+        for name, entry in entries.items():
+            if "same_as" not in entry:
+                if entry.get("type") not in _MODEL_TYPES:
+                    raise CldlrError(f"model {name!r}: unknown type {entry.get('type')!r}")
+                models[name] = _unflatten(_MODEL_TYPES[entry["type"]], name, entry, arrays)
+        for name, entry in entries.items():
+            if "same_as" in entry:
+                models[name] = models[entry["same_as"]]
+        rounds = meta.get("rounds")
+        return cls(models=models, n_clinical=int(meta["n_clinical"]), n_deep=int(meta["n_deep"]),
+                   solver=str(meta["solver"]), notes=tuple(meta.get("notes", ())), rounds=rounds)
+
+
+def _flatten(model: Model) -> list[tuple[str, Any]]:
+    """(key, value) pairs of a model; the feature map's fields become ``fmap.<field>``."""
+    items: list[tuple[str, Any]] = []
+    for f in dataclasses.fields(model):
+        value = getattr(model, f.name)
+        if isinstance(value, FeatureMap):
+            items += [(f"fmap.{g.name}", getattr(value, g.name)) for g in dataclasses.fields(value)]
+        else:
+            items.append((f.name, float(value) if isinstance(value, np.floating) else value))
+    return items
+
+
+def _unflatten(kind: type, name: str, entry: dict[str, Any], arrays: dict[str, np.ndarray]) -> Model:
+    def get(key: str) -> Any:
+        if f"{name}.{key}" in arrays:
+            return np.asarray(arrays[f"{name}.{key}"])
+        if key in entry:
+            return entry[key]
+        raise CldlrError(f"model {name!r}: stored arrays/metadata lack {name}.{key}; the file is incomplete")
+
+    fmap = FeatureMap(**{g.name: get(f"fmap.{g.name}") for g in dataclasses.fields(FeatureMap)})
+    return kind(fmap=fmap, **{f.name: get(f.name) for f in dataclasses.fields(kind) if f.name != "fmap"})
+
+
+def _no_clinical_note(n_clinical: int) -> str:
+    note = f"no usable clinical column (c={n_clinical}, non-constant 0): clinical model not fitted, CLDLR = DLR"
+    log.warning(note)
+    return note
+
+
+# ---------------------------------------------------------------- svc solver (pooled only)
+
+def _svc_map(X: np.ndarray, std: Any, n_clinical: int, use_clinical: bool, cfg: SVMConfig, balance: bool, seed: int) -> FeatureMap:
+    """Balanced map; with ``embedding_pca`` the standardized deep block is first reduced by PCA.
+
+    The PCA scores are weighted by 1/sqrt(their total variance), the same balance principle.
+    """
+    deep_map = balanced_map(std, n_clinical, clinical=False, deep=True, balance=False)
+    Zd = deep_map.transform(X)
+    k = min(cfg.embedding_pca, Zd.shape[0] - 1, Zd.shape[1])
+    V = PCA(n_components=k, random_state=seed).fit(Zd).components_.T
+    w_deep = 1.0 / np.sqrt((Zd @ V).var(axis=0).sum()) if balance else 1.0
+    if not use_clinical:
+        return dataclasses.replace(deep_map, projection=V * w_deep)
+    clin = balanced_map(std, n_clinical, clinical=True, deep=False,
+                        clinical_weight=cfg.clinical_block_weight, balance=balance)
+    return FeatureMap(cols=np.concatenate([clin.cols, deep_map.cols]), mean=np.concatenate([clin.mean, deep_map.mean]),
+                      scale=np.concatenate([clin.scale, deep_map.scale]),
+                      projection=scipy.linalg.block_diag(np.eye(clin.cols.size), V * w_deep))
+
+
+def _fit_svc(X: np.ndarray, y: np.ndarray, n_clinical: int, cfg: SVMConfig, seed: int, balance: bool) -> FusionModels:
+    """SVC + sigmoid (Platt) calibration on stratified internal CV, refit on all training cases.
+
+    ``CalibratedClassifierCV(SVC(), ensemble=False)`` is scikit-learn's replacement for the
+    deprecated ``SVC(probability=True)``: same Platt model, same targets, CV on training data only.
+    """
+    std = standardizer_from_sums(*moment_sums(X))
+    n_usable = block_columns(std, n_clinical)[0].size
+    min_class = int(min(y.sum(), (1 - y).sum()))
+    if min_class < 2:
+        raise CldlrError(f"each class needs at least 2 training cases for calibrated SVMs, got {min_class}")
+    cv = StratifiedKFold(n_splits=min(5, min_class), shuffle=True, random_state=seed)
+    models: dict[str, Model] = {}
+    for name, (use_clin, use_deep) in BLOCKS.items():
+        if use_clin and n_usable == 0:
+            continue
+        if use_deep and cfg.embedding_pca > 0:
+            fmap = _svc_map(X, std, n_clinical, use_clin, cfg, balance, seed)
+        else:
+            fmap = balanced_map(std, n_clinical, clinical=use_clin, deep=use_deep,
+                                clinical_weight=cfg.clinical_block_weight, balance=balance)
+        Z = fmap.transform(X)
+        gamma = resolve_gamma(cfg.gamma, float(Z.var(axis=0).sum()))
+        svc = SVC(kernel=cfg.kernel, C=cfg.C, gamma=gamma, random_state=seed)
+        fitted = CalibratedClassifierCV(svc, method="sigmoid", cv=cv, ensemble=False).fit(Z, y)
+        final = fitted.calibrated_classifiers_[0]
+        est, sig = final.estimator, final.calibrators[0]
+        models[name] = SvcModel(fmap=fmap, kernel=cfg.kernel, gamma=gamma, support_vectors=est.support_vectors_,
+                                dual_coef=est.dual_coef_[0].copy(), intercept=float(est.intercept_[0]),
+                                A=float(sig.a_), B=float(sig.b_))
+    notes: tuple[str, ...] = ()
+    if n_usable == 0:
+        models["cldlr"] = models["dlr"]
+        notes = (_no_clinical_note(n_clinical),)
+    return FusionModels(models=models, n_clinical=n_clinical, n_deep=X.shape[1] - n_clinical, solver="svc", notes=notes)
+
+
+# ---------------------------------------------------------------- rff solver: the secure-sum protocol
+
+@dataclass
+class RffRequest:
+    """What the server broadcasts for one round; sites answer with :func:`site_sums`."""
+
+    phase: str
+    models: dict[str, RffModel] = field(default_factory=dict)
+    factors: dict[str, np.ndarray] = field(default_factory=dict)
+    counts: tuple[float, float] = (0.0, 0.0)
+
+
+def site_sums(request: RffRequest, clinical: np.ndarray | None, embeddings: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """One site's flat vector of sums for ``request``; the server only needs the element-wise total."""
+    X = as_features(clinical, embeddings)
+    y = as_labels(y, X.shape[0])
+    if request.phase == "moments":
+        n, s1, s2 = moment_sums(X)
+        return np.concatenate([[n, y.sum()], s1, s2])
+    if request.phase == "lssvm":
+        return np.concatenate([pack_lssvm(*lssvm_sums(m.features(X), y)) for m in request.models.values()])
+    if request.phase == "platt":
+        targets = platt_targets(y, *request.counts)
+        return np.concatenate([
+            platt_sums(loo_decision(m.features(X), y, m.theta, request.factors[name]), targets, m.A, m.B)
+            for name, m in request.models.items()
+        ])
+    raise CldlrError(f"unknown request phase {request.phase!r}")
+
+
+class RffFusionFitter:
+    """Server side of the federated fit: ``request()`` → sites' :func:`site_sums` → add → ``receive()``.
+
+    Rounds: moments (1: n, class count, Σx, Σx²) → LS-SVM sums (1: S, t of all models at once) →
+    Platt Newton steps (k, all models in lock-step). γ=scale and the block weights follow from
+    the moments, the RFF map from the shared seed, so no other round is needed.
+    """
+
+    def __init__(self, cfg: SVMConfig, n_clinical: int, n_deep: int, *, seed: int = 0,
+                 balance: bool = True, max_platt_rounds: int = 100) -> None:
+        if cfg.embedding_pca > 0:
+            log.info("svm.embedding_pca=%d applies to the svc solver only; rff uses all columns", cfg.embedding_pca)
+        self.cfg, self.n_clinical, self.n_deep = cfg, n_clinical, n_deep
+        self.seed, self.balance, self.max_platt_rounds = seed, balance, max_platt_rounds
+        self.phase = "moments"
+        self.models: dict[str, RffModel] = {}
+        self.factors: dict[str, np.ndarray] = {}
+        self.counts = (0.0, 0.0)
+        self.notes: tuple[str, ...] = ()
+        self.platt_rounds = 0
+        self._open: set[str] = set()
+
+    @property
+    def done(self) -> bool:
+        return self.phase == "done"
+
+    @property
+    def rounds(self) -> dict[str, int]:
+        """Secure-sum rounds used so far."""
+        moments, lssvm = int(self.phase != "moments"), int(self.phase in ("platt", "done"))
+        return {"moments": moments, "lssvm": lssvm, "platt": self.platt_rounds,
+                "total": moments + lssvm + self.platt_rounds}
+
+    def request(self) -> RffRequest:
+        return RffRequest(phase=self.phase, models=self.models, factors=self.factors, counts=self.counts)
+
+    def _expect(self, summed: np.ndarray, size: int) -> np.ndarray:
+        summed = np.asarray(summed, dtype=np.float64).reshape(-1)
+        if summed.size != size:
+            raise CldlrError(f"{self.phase} round: expected {size} summed numbers, got {summed.size}; "
+                             "do all sites use the same clinical columns, backbone and cldlr version?")
+        return summed
+
+    def receive(self, summed: np.ndarray) -> None:
+        """Advance with the element-wise total of every site's :func:`site_sums`."""
+        getattr(self, f"_receive_{self.phase}")(summed)
+
+    def _receive_moments(self, summed: np.ndarray) -> None:
+        p = self.n_clinical + self.n_deep
+        v = self._expect(summed, 2 + 2 * p)
+        n, n_pos = float(v[0]), float(v[1])
+        if min(n_pos, n - n_pos) < 1:
+            raise CldlrError(f"training data must hold both classes; got {n_pos:.0f} malignant of {n:.0f}")
+        self.counts = (n_pos, n - n_pos)
+        std = standardizer_from_sums(n, v[2: 2 + p], v[2 + p:])
+        n_usable = block_columns(std, self.n_clinical)[0].size
+        for i, (name, (use_clin, use_deep)) in enumerate(BLOCKS.items()):
+            if use_clin and n_usable == 0:
+                continue
+            fmap = balanced_map(std, self.n_clinical, clinical=use_clin, deep=use_deep,
+                                clinical_weight=self.cfg.clinical_block_weight, balance=self.balance)
+            W = b = None
+            if self.cfg.kernel == "rbf":
+                gamma = resolve_gamma(self.cfg.gamma, map_variance(fmap, std))
+                W, b = rff_params(fmap.dim, self.cfg.rff_features, gamma, [self.seed, i])
+            self.models[name] = RffModel(fmap=fmap, kernel=self.cfg.kernel, W=W, b=b)
+        if n_usable == 0:
+            self.notes = (_no_clinical_note(self.n_clinical),)
+        self.phase = "lssvm"
+
+    def _receive_lssvm(self, summed: np.ndarray) -> None:
+        sizes = {name: (W.shape[1] if (W := m.W) is not None else m.fmap.dim) + 1 for name, m in self.models.items()}
+        v = self._expect(summed, sum(p * (p + 1) // 2 + p for p in sizes.values()))
+        start = 0
+        for name, p in sizes.items():
+            stop = start + p * (p + 1) // 2 + p
+            theta, self.factors[name] = solve_lssvm(*unpack_lssvm(v[start:stop], p), self.cfg.ridge)
+            A, B = platt_start(*self.counts)
+            self.models[name] = dataclasses.replace(self.models[name], theta=theta, A=A, B=B)
+            start = stop
+        self._open = set(self.models)
+        self.phase = "platt"
+
+    def _receive_platt(self, summed: np.ndarray) -> None:
+        v = self._expect(summed, 5 * len(self.models)).reshape(-1, 5)
+        self.platt_rounds += 1
+        for row, (name, m) in zip(v, list(self.models.items())):
+            if name in self._open:
+                A, B, step = platt_step(row, m.A, m.B)
+                self.models[name] = dataclasses.replace(m, A=A, B=B)
+                if platt_converged(step, A, B):
+                    self._open.discard(name)
+        if not self._open or self.platt_rounds >= self.max_platt_rounds:
+            if self._open:
+                log.warning("Platt scaling of %s did not converge in %d rounds", sorted(self._open), self.platt_rounds)
+            self.phase = "done"
+
+    def result(self) -> FusionModels:
+        """The fitted models (same as ``FusionModels.fit(..., solver='rff')`` on the pooled data)."""
+        if not self.done:
+            raise CldlrError(f"the rff fit is still in its {self.phase} round")
+        models: dict[str, Model] = dict(self.models)
+        if "cldlr" not in models:
+            models["cldlr"] = models["dlr"]
+        return FusionModels(models=models, n_clinical=self.n_clinical, n_deep=self.n_deep, solver="rff",
+                            notes=self.notes, rounds=self.rounds)
+
+
+def run_rff_protocol(
+    fitter: RffFusionFitter,
+    sites: Sequence[tuple[np.ndarray | None, np.ndarray, np.ndarray]],
+    aggregate: Callable[[list[np.ndarray]], np.ndarray] | None = None,
+) -> FusionModels:
+    """Drive the fitter over in-process sites; ``aggregate`` (default: plain sum) stands in for SecAgg."""
+    while not fitter.done:
+        request = fitter.request()
+        parts = [site_sums(request, *site) for site in sites]
+        fitter.receive(aggregate(parts) if aggregate is not None else np.sum(parts, axis=0))
+    return fitter.result()

@@ -1,0 +1,58 @@
+"""``cldlr simulate``: run a study in pooled, local or federated mode on one machine."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from cldlr.common.config import Config
+from cldlr.server.report import new_run_dir, table2_markdown, write_report
+from cldlr.simulations.sites import load_sites, merge_sites
+from cldlr.simulations.study import run_study
+
+log = logging.getLogger(__name__)
+
+
+def _run_dir(config: Config, resume: Path | None) -> Path:
+    if resume is None:
+        return new_run_dir(config)
+    if not resume.is_dir():
+        raise FileNotFoundError(f"--resume {resume}: no such run folder")
+    return resume
+
+
+def simulate(config: Config, *, compare: bool = False, resume: Path | None = None) -> Path:
+    """Run the configured study and return its run folder (holding ``report.md``/``report.json``)."""
+    sites = load_sites(config)
+    run_dir = _run_dir(config, resume)
+    logging.getLogger("cldlr").info("run folder: %s", run_dir)
+    mode = config.federation.mode
+    if compare:
+        from cldlr.simulations.compare import run_comparison
+
+        return run_comparison(sites, config, run_dir)
+    if mode == "pooled":
+        outcome, _ = run_study(merge_sites(sites), config, run_dir, resume=resume is not None)
+        title = "CLDLR study — single site" if len(sites) == 1 else f"CLDLR study — pooled ({len(sites)} sites)"
+        return write_report(run_dir, outcome, config, title=title)
+    if mode == "local":
+        return _run_local(sites, config, run_dir, resume is not None)
+    from cldlr.simulations.federated import run_federated_simulation
+
+    return run_federated_simulation(sites, config, run_dir, resume=resume is not None)
+
+
+def _run_local(sites: list, config: Config, run_dir: Path, resume: bool) -> Path:
+    """Each site trains alone; one sub-report per site and a summary table."""
+    sections = {}
+    first = None
+    for site in sites:
+        site_dir = run_dir / f"local-{site.name}"
+        site_dir.mkdir(exist_ok=True)
+        outcome, _ = run_study(site, config, site_dir, resume=resume)
+        write_report(site_dir, outcome, config, title=f"CLDLR study — local training at {site.name}")
+        sections[f"Local — {site.name}"] = table2_markdown(outcome.metrics)
+        first = first or outcome
+    assert first is not None
+    first.extra["markdown_sections"] = sections
+    return write_report(run_dir, first, config, title=f"CLDLR study — local training ({len(sites)} sites; main tables: {sites[0].name})")

@@ -1,0 +1,76 @@
+"""Finding the sites of a simulation: site folders, a folder of sites, or one dataset partitioned."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from cldlr.common.config import Config
+from cldlr.common.contract import CLINICAL_CSV, SiteData, read_site
+from cldlr.common.errors import ConfigError
+from cldlr.common.schema import Schema, load_schema
+from cldlr.common.splits import partition, site_table, with_split
+
+log = logging.getLogger(__name__)
+
+
+def resolve_schema(config: Config) -> Schema:
+    """``data.schema`` if given, else the ``schema.yaml`` that importers/phantom write beside the sites."""
+    if config.data.schema:
+        return load_schema(config.data.schema)
+    root = Path(config.data.root)
+    for candidate in (root / "schema.yaml", root.parent / "schema.yaml"):
+        if candidate.is_file():
+            return load_schema(candidate)
+    raise ConfigError("data.schema is not set and no schema.yaml lies beside data.root; "
+                      "pass --set data.schema=configs/schema/<name>.yaml")
+
+
+def site_folders(config: Config) -> list[Path]:
+    """The site folders named by the config: ``federation.sites``, or ``data.root`` itself if it
+    is a site, or every sub-folder of ``data.root`` that holds a ``clinical.csv``."""
+    if config.federation.sites:
+        return [Path(s) for s in config.federation.sites]
+    if not config.data.root:
+        raise ConfigError("data.root is not set: pass --set data.root=PATH (a site folder or a folder of sites)")
+    root = Path(config.data.root)
+    if (root / CLINICAL_CSV).is_file():
+        return [root]
+    found = sorted(p for p in root.iterdir() if (p / CLINICAL_CSV).is_file()) if root.is_dir() else []
+    if not found:
+        raise ConfigError(f"data.root {root} is neither a site folder (no {CLINICAL_CSV}) nor a folder of sites")
+    return found
+
+
+def load_sites(config: Config) -> list[SiteData]:
+    """Read and validate every site, then split each one (patient-level, stratified, seeded).
+
+    With ``federation.partition`` other than ``folders``, the single dataset is cut into
+    patient-disjoint virtual sites first. Splitting inside each site keeps the test sets the
+    same whichever mode (pooled, local, federated) then uses them.
+    """
+    schema = resolve_schema(config)
+    folders = site_folders(config)
+    sites = [read_site(folder, schema) for folder in folders]
+    fed = config.federation
+    if fed.partition != "folders":
+        merged = merge_sites(sites)
+        assignment = partition(merged.frame, by=fed.partition, column=fed.partition_column,
+                               num_sites=fed.num_sites, alpha=fed.dirichlet_alpha, seed=config.run.seed)
+        frame = merged.frame.assign(site=assignment.to_numpy())
+        log.info("partitioned into virtual sites:\n%s", site_table(frame, "site"))
+        sites = [merged.subset(frame["site"] == name).renamed(str(name)) for name in sorted(frame["site"].unique())]
+    data = config.data
+    return [with_split(s, test_fraction=data.test_fraction, seed=data.split_seed, use_existing=data.use_existing_split)
+            for s in sites]
+
+
+def merge_sites(sites: list[SiteData], name: str = "pooled") -> SiteData:
+    """One table of all sites' rows (paths stay absolute per row); a ``site`` column remembers the origin."""
+    if len(sites) == 1:
+        single = sites[0]
+        return SiteData(single.root, single.schema, single.frame.assign(site=single.name), single.name)
+    frames = [s.frame.assign(site=s.name) for s in sites]
+    return SiteData(sites[0].root.parent, sites[0].schema, pd.concat(frames, ignore_index=True), name)

@@ -1,0 +1,106 @@
+"""The seed study on one data holder: fine-tune → embed → select clinical → three SVMs → statistics.
+
+This is the single-site 7:3 study (and the "Pooled" and "Local-i" arms of a comparison). Every
+stage is a call into the site-side or common code that the federation reuses unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cldlr.client.site import SiteSession
+from cldlr.common.clinical_features import ClinicalEncoder
+from cldlr.common.clinical_stats import select_parameters
+from cldlr.common.config import Config
+from cldlr.common.contract import SiteData
+from cldlr.common.fusion import FusionModels
+from cldlr.common.gradcam import grad_cam, overlay
+from cldlr.common.metrics import delong_test, model_metrics
+from cldlr.common.models import build_model
+from cldlr.server.report import COHORTS, MODELS, StudyOutcome
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StudyArtifacts:
+    """What a finished single-holder study keeps besides its outcome (for bundles and reuse)."""
+
+    model: torch.nn.Module
+    encoder: ClinicalEncoder
+    fusion: FusionModels
+    probabilities: dict[str, dict[str, np.ndarray]]
+    labels: dict[str, np.ndarray]
+
+
+def site_summary(session: SiteSession) -> dict[str, object]:
+    return {
+        "name": session.name, "n_train": len(session.train), "n_test": len(session.test),
+        "n_train_malignant": int(session.train.labels.sum()), "n_test_malignant": int(session.test.labels.sum()),
+        "n_patients": int(session.site.frame["patient_id"].nunique()),
+    }
+
+
+def evaluate_predictions(probabilities: dict[str, dict[str, np.ndarray]], labels: dict[str, np.ndarray],
+                         threshold: float) -> tuple[dict, dict, dict]:
+    """Metrics per model and cohort, paired DeLong tests on test, and ROC inputs."""
+    metrics: dict[str, dict[str, dict[str, float]]] = {m: {} for m in probabilities}
+    roc: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {c: {} for c in COHORTS}
+    for model, by_cohort in probabilities.items():
+        for cohort, prob in by_cohort.items():
+            metrics[model][cohort] = model_metrics(labels[cohort], prob, threshold)
+            roc[cohort][model] = (labels[cohort], prob)
+    delong = {}
+    for a, b in combinations([m for m in MODELS if m in probabilities], 2):
+        z, p = delong_test(labels["test"], probabilities[a]["test"], probabilities[b]["test"])
+        delong[f"{a} vs {b}"] = {"z": float(z), "p": float(p)}
+    return metrics, delong, roc
+
+
+def gradcam_examples(model: torch.nn.Module, session: SiteSession, per_class: int) -> list[tuple[np.ndarray, np.ndarray, str]]:
+    """Grad-CAM overlays for the first ``per_class`` benign and malignant test lesions."""
+    examples = []
+    cohort = session.test
+    for label, name in ((0, "benign"), (1, "malignant")):
+        rows = np.flatnonzero(cohort.labels == label)[:per_class]
+        if len(rows) == 0:
+            continue
+        images = cohort.images[torch.from_numpy(rows)]
+        heatmaps = grad_cam(model, images, session.normalization)
+        for row, image, heat in zip(rows, images, heatmaps):
+            roi = image[0].numpy()
+            examples.append((roi, overlay(roi, heat), f"{name} {cohort.site.frame['image_id'].iloc[row]}"))
+    return examples
+
+
+def run_study(site: SiteData, config: Config, run_dir: Path, *, resume: bool = False,
+              progress: bool = True) -> tuple[StudyOutcome, StudyArtifacts]:
+    """Run the whole seed study on one data holder (one site, or several pooled)."""
+    session = SiteSession(site, config)
+    torch.manual_seed(config.run.seed)
+    model = build_model(config.model)
+    result = session.fit_backbone(model, checkpoint=run_dir / "checkpoint.pt", resume=resume, progress=progress)
+
+    selection = select_parameters(session.clinical_statistics(), alpha=config.clinical.alpha,
+                                  normality_alpha=config.clinical.normality_alpha)
+    log.info("selected clinical parameters: %s", ", ".join(selection.selected) or "none")
+    encoder = ClinicalEncoder.fit(session.train.site.frame, session.model_parameters(selection.selected))
+    blocks = {c: session.clinical_block(encoder, c) for c in COHORTS}
+    embeddings = {c: session.embeddings(model, c) for c in COHORTS}
+    labels = {c: session.cohort(c).labels for c in COHORTS}
+    fusion = FusionModels.fit(blocks["train"], embeddings["train"], labels["train"], config.svm, seed=config.run.seed)
+    scores = {c: fusion.predict_proba(blocks[c], embeddings[c]) for c in COHORTS}
+    probabilities = {m: {c: scores[c][m] for c in COHORTS} for m in MODELS if m in scores["train"]}
+    metrics, delong, roc = evaluate_predictions(probabilities, labels, config.svm.threshold)
+    outcome = StudyOutcome(
+        metrics=metrics, delong=delong, roc=roc, selection_table=selection.table, selected=selection.selected,
+        history=result.history, sites=[site_summary(session)],
+        gradcam=gradcam_examples(model, session, config.evaluation.gradcam_examples // 2 or 1),
+    )
+    return outcome, StudyArtifacts(model, encoder, fusion, probabilities, labels)

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import scipy.linalg
 from scipy.special import expit
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.decomposition import PCA
@@ -34,8 +33,9 @@ from sklearn.svm import SVC
 
 from .config import SVMConfig
 from .errors import CldlrError
-from .rff import (FeatureMap, as_features, as_labels, balanced_map, block_columns, block_weight, loo_decision,
-                  lssvm_sums, map_variance, moment_sums, pack_lssvm, platt_converged, platt_start, platt_step,
+from .rff import (FeatureMap, Standardizer, as_features, as_labels, balanced_map, block_columns,
+                  fit_pca_from_sums, loo_decision, lssvm_sums, model_map, moment_sums, pack_lssvm, pca_from_sketch,
+                  pca_refine, pca_rounds, pca_sketch_sums, pca_start, platt_converged, platt_start, platt_step,
                   platt_sums, platt_targets, resolve_gamma, rff_map, rff_params, solve_lssvm,
                   standardizer_from_sums, unpack_lssvm)
 
@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 BLOCKS: dict[str, tuple[bool, bool]] = {"clinical": (True, False), "dlr": (False, True), "cldlr": (True, True)}
 FORMAT = "cldlr-fusion"
 FORMAT_VERSION = 1
+PCA_SEED = 1000  # seed stream of the PCA sketch (the RFF draws use streams 0, 1, 2)
 
 
 @dataclass
@@ -218,23 +219,10 @@ def _no_clinical_note(n_clinical: int) -> str:
 
 # ---------------------------------------------------------------- svc solver (pooled only)
 
-def _svc_map(X: np.ndarray, std: Any, n_clinical: int, use_clinical: bool, cfg: SVMConfig, balance: bool, seed: int) -> FeatureMap:
-    """Balanced map; with ``embedding_pca`` the standardized deep block is first reduced by PCA.
-
-    The PCA scores are weighted by 1/sqrt(their total variance), the same balance principle.
-    """
+def pca_plan(std: Standardizer, n_clinical: int, k: int, n: float) -> tuple[FeatureMap, int]:
+    """The standardizing map PCA works on and the width actually used (capped by cases and columns)."""
     deep_map = balanced_map(std, n_clinical, clinical=False, deep=True, balance=False)
-    Zd = deep_map.transform(X)
-    k = min(cfg.embedding_pca, Zd.shape[0] - 1, Zd.shape[1])
-    V = PCA(n_components=k, random_state=seed).fit(Zd).components_.T
-    w_deep = 1.0 / np.sqrt((Zd @ V).var(axis=0).sum()) if balance else 1.0
-    if not use_clinical:
-        return dataclasses.replace(deep_map, projection=V * w_deep)
-    clin = balanced_map(std, n_clinical, clinical=True, deep=False,
-                        clinical_weight=cfg.clinical_block_weight, balance=balance)
-    return FeatureMap(cols=np.concatenate([clin.cols, deep_map.cols]), mean=np.concatenate([clin.mean, deep_map.mean]),
-                      scale=np.concatenate([clin.scale, deep_map.scale]),
-                      projection=scipy.linalg.block_diag(np.eye(clin.cols.size), V * w_deep))
+    return deep_map, int(min(k, n - 1, deep_map.dim))
 
 
 def _fit_svc(X: np.ndarray, y: np.ndarray, n_clinical: int, cfg: SVMConfig, seed: int, balance: bool) -> FusionModels:
@@ -243,23 +231,26 @@ def _fit_svc(X: np.ndarray, y: np.ndarray, n_clinical: int, cfg: SVMConfig, seed
     ``CalibratedClassifierCV(SVC(), ensemble=False)`` is scikit-learn's replacement for the
     deprecated ``SVC(probability=True)``: same Platt model, same targets, CV on training data only.
     """
+    n = X.shape[0]
     std = standardizer_from_sums(*moment_sums(X))
     n_usable = block_columns(std, n_clinical)[0].size
     min_class = int(min(y.sum(), (1 - y).sum()))
     if min_class < 2:
         raise CldlrError(f"each class needs at least 2 training cases for calibrated SVMs, got {min_class}")
     cv = StratifiedKFold(n_splits=min(5, min_class), shuffle=True, random_state=seed)
+    pca = None
+    if cfg.embedding_pca > 0:
+        deep_map, k = pca_plan(std, n_clinical, cfg.embedding_pca, n)
+        Zd = deep_map.transform(X)
+        pca = fit_pca_from_sums(lambda Q: pca_sketch_sums(Zd, Q), deep_map.dim, k, n, [seed, PCA_SEED])
     models: dict[str, Model] = {}
     for name, (use_clin, use_deep) in BLOCKS.items():
         if use_clin and n_usable == 0:
             continue
-        if use_deep and cfg.embedding_pca > 0:
-            fmap = _svc_map(X, std, n_clinical, use_clin, cfg, balance, seed)
-        else:
-            fmap = balanced_map(std, n_clinical, clinical=use_clin, deep=use_deep,
-                                clinical_weight=cfg.clinical_block_weight, balance=balance)
+        fmap, total_var = model_map(std, n_clinical, clinical=use_clin, deep=use_deep,
+                                    clinical_weight=cfg.clinical_block_weight, balance=balance, pca=pca)
         Z = fmap.transform(X)
-        gamma = resolve_gamma(cfg.gamma, float(Z.var(axis=0).sum()))
+        gamma = resolve_gamma(cfg.gamma, total_var)
         svc = SVC(kernel=cfg.kernel, C=cfg.C, gamma=gamma, random_state=seed)
         fitted = CalibratedClassifierCV(svc, method="sigmoid", cv=cv, ensemble=False).fit(Z, y)
         final = fitted.calibrated_classifiers_[0]
@@ -284,6 +275,8 @@ class RffRequest:
     models: dict[str, RffModel] = field(default_factory=dict)
     factors: dict[str, np.ndarray] = field(default_factory=dict)
     counts: tuple[float, float] = (0.0, 0.0)
+    deep_map: FeatureMap | None = None
+    basis: np.ndarray | None = None
 
 
 def site_sums(request: RffRequest, clinical: np.ndarray | None, embeddings: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -293,6 +286,8 @@ def site_sums(request: RffRequest, clinical: np.ndarray | None, embeddings: np.n
     if request.phase == "moments":
         n, s1, s2 = moment_sums(X)
         return np.concatenate([[n, y.sum()], s1, s2])
+    if request.phase == "pca":
+        return pca_sketch_sums(request.deep_map.transform(X), request.basis).ravel()
     if request.phase == "lssvm":
         return np.concatenate([pack_lssvm(*lssvm_sums(m.features(X), y)) for m in request.models.values()])
     if request.phase == "platt":
@@ -307,15 +302,14 @@ def site_sums(request: RffRequest, clinical: np.ndarray | None, embeddings: np.n
 class RffFusionFitter:
     """Server side of the federated fit: ``request()`` → sites' :func:`site_sums` → add → ``receive()``.
 
-    Rounds: moments (1: n, class count, Σx, Σx²) → LS-SVM sums (1: S, t of all models at once) →
-    Platt Newton steps (k, all models in lock-step). γ=scale and the block weights follow from
-    the moments, the RFF map from the shared seed, so no other round is needed.
+    Secure rounds: moments (1: n, class count, Σx, Σx²) → PCA sketches (``embedding_pca > 0``:
+    :func:`~cldlr.common.rff.pca_rounds`, each Σ ZᵀZQ of width k+10) → LS-SVM (1: S, t of all
+    models at once) → Platt Newton steps (k, all models in lock-step). γ=scale and the block
+    weights follow from the sums, the RFF map from the shared seed; ``rounds`` counts them.
     """
 
     def __init__(self, cfg: SVMConfig, n_clinical: int, n_deep: int, *, seed: int = 0,
                  balance: bool = True, max_platt_rounds: int = 100) -> None:
-        if cfg.embedding_pca > 0:
-            log.info("svm.embedding_pca=%d applies to the svc solver only; rff uses all columns", cfg.embedding_pca)
         self.cfg, self.n_clinical, self.n_deep = cfg, n_clinical, n_deep
         self.seed, self.balance, self.max_platt_rounds = seed, balance, max_platt_rounds
         self.phase = "moments"
@@ -323,8 +317,12 @@ class RffFusionFitter:
         self.factors: dict[str, np.ndarray] = {}
         self.counts = (0.0, 0.0)
         self.notes: tuple[str, ...] = ()
-        self.platt_rounds = 0
+        self._rounds = {"moments": 0, "pca": 0, "lssvm": 0, "platt": 0}
         self._open: set[str] = set()
+        self._std: Standardizer | None = None
+        self._deep_map: FeatureMap | None = None
+        self._basis: np.ndarray | None = None
+        self._pca_k = self._pca_left = 0
 
     @property
     def done(self) -> bool:
@@ -332,13 +330,12 @@ class RffFusionFitter:
 
     @property
     def rounds(self) -> dict[str, int]:
-        """Secure-sum rounds used so far."""
-        moments, lssvm = int(self.phase != "moments"), int(self.phase in ("platt", "done"))
-        return {"moments": moments, "lssvm": lssvm, "platt": self.platt_rounds,
-                "total": moments + lssvm + self.platt_rounds}
+        """Secure-sum rounds used so far, per phase and in total."""
+        return {**self._rounds, "total": sum(self._rounds.values())}
 
     def request(self) -> RffRequest:
-        return RffRequest(phase=self.phase, models=self.models, factors=self.factors, counts=self.counts)
+        return RffRequest(phase=self.phase, models=self.models, factors=self.factors, counts=self.counts,
+                          deep_map=self._deep_map, basis=self._basis)
 
     def _expect(self, summed: np.ndarray, size: int) -> np.ndarray:
         summed = np.asarray(summed, dtype=np.float64).reshape(-1)
@@ -348,7 +345,10 @@ class RffFusionFitter:
         return summed
 
     def receive(self, summed: np.ndarray) -> None:
-        """Advance with the element-wise total of every site's :func:`site_sums`."""
+        """Advance with the element-wise total of every site's :func:`site_sums` for the last request."""
+        if self.done:
+            raise CldlrError("the rff fit is complete; it takes no more sums")
+        self._rounds[self.phase] += 1
         getattr(self, f"_receive_{self.phase}")(summed)
 
     def _receive_moments(self, summed: np.ndarray) -> None:
@@ -358,16 +358,37 @@ class RffFusionFitter:
         if min(n_pos, n - n_pos) < 1:
             raise CldlrError(f"training data must hold both classes; got {n_pos:.0f} malignant of {n:.0f}")
         self.counts = (n_pos, n - n_pos)
-        std = standardizer_from_sums(n, v[2: 2 + p], v[2 + p:])
+        self._std = standardizer_from_sums(n, v[2: 2 + p], v[2 + p:])
+        if self.cfg.embedding_pca > 0:
+            self._deep_map, self._pca_k = pca_plan(self._std, self.n_clinical, self.cfg.embedding_pca, n)
+            self._basis = pca_start(self._deep_map.dim, self._pca_k, [self.seed, PCA_SEED])
+            self._pca_left = pca_rounds(self._deep_map.dim, self._pca_k)
+            self.phase = "pca"
+        else:
+            self._build_models(None)
+
+    def _receive_pca(self, summed: np.ndarray) -> None:
+        Y = self._expect(summed, self._basis.size).reshape(self._basis.shape)
+        self._pca_left -= 1
+        if self._pca_left > 0:
+            self._basis = pca_refine(Y)
+            return
+        pca = pca_from_sketch(self._basis, Y, self._pca_k, sum(self.counts))
+        self._deep_map = self._basis = None
+        self._build_models(pca)
+
+    def _build_models(self, pca: tuple[np.ndarray, np.ndarray] | None) -> None:
+        """Input maps, γ and the shared RFF draw of every model — all known from the sums so far."""
+        std = self._std
         n_usable = block_columns(std, self.n_clinical)[0].size
         for i, (name, (use_clin, use_deep)) in enumerate(BLOCKS.items()):
             if use_clin and n_usable == 0:
                 continue
-            fmap = balanced_map(std, self.n_clinical, clinical=use_clin, deep=use_deep,
-                                clinical_weight=self.cfg.clinical_block_weight, balance=self.balance)
+            fmap, total_var = model_map(std, self.n_clinical, clinical=use_clin, deep=use_deep,
+                                        clinical_weight=self.cfg.clinical_block_weight, balance=self.balance, pca=pca)
             W = b = None
             if self.cfg.kernel == "rbf":
-                gamma = resolve_gamma(self.cfg.gamma, map_variance(fmap, std))
+                gamma = resolve_gamma(self.cfg.gamma, total_var)
                 W, b = rff_params(fmap.dim, self.cfg.rff_features, gamma, [self.seed, i])
             self.models[name] = RffModel(fmap=fmap, kernel=self.cfg.kernel, W=W, b=b)
         if n_usable == 0:
@@ -375,7 +396,7 @@ class RffFusionFitter:
         self.phase = "lssvm"
 
     def _receive_lssvm(self, summed: np.ndarray) -> None:
-        sizes = {name: (W.shape[1] if (W := m.W) is not None else m.fmap.dim) + 1 for name, m in self.models.items()}
+        sizes = {name: (m.W.shape[1] if m.W is not None else m.fmap.dim) + 1 for name, m in self.models.items()}
         v = self._expect(summed, sum(p * (p + 1) // 2 + p for p in sizes.values()))
         start = 0
         for name, p in sizes.items():
@@ -389,20 +410,20 @@ class RffFusionFitter:
 
     def _receive_platt(self, summed: np.ndarray) -> None:
         v = self._expect(summed, 5 * len(self.models)).reshape(-1, 5)
-        self.platt_rounds += 1
         for row, (name, m) in zip(v, list(self.models.items())):
             if name in self._open:
                 A, B, step = platt_step(row, m.A, m.B)
                 self.models[name] = dataclasses.replace(m, A=A, B=B)
                 if platt_converged(step, A, B):
                     self._open.discard(name)
-        if not self._open or self.platt_rounds >= self.max_platt_rounds:
+        if not self._open or self._rounds["platt"] >= self.max_platt_rounds:
             if self._open:
-                log.warning("Platt scaling of %s did not converge in %d rounds", sorted(self._open), self.platt_rounds)
+                log.warning("Platt scaling of %s did not converge in %d rounds", sorted(self._open), self._rounds["platt"])
+            self.factors = {}
             self.phase = "done"
 
     def result(self) -> FusionModels:
-        """The fitted models (same as ``FusionModels.fit(..., solver='rff')`` on the pooled data)."""
+        """The fitted models (the same as ``FusionModels.fit`` with ``solver: rff`` on the pooled data)."""
         if not self.done:
             raise CldlrError(f"the rff fit is still in its {self.phase} round")
         models: dict[str, Model] = dict(self.models)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import scipy.linalg
@@ -123,18 +123,19 @@ def block_columns(std: Standardizer, n_clinical: int) -> tuple[np.ndarray, np.nd
     return idx[idx < n_clinical], idx[idx >= n_clinical]
 
 
-def block_weight(n_cols: int, weight: float, balance: bool) -> float:
-    """``weight / sqrt(n_cols)``: a block of standardized columns then adds ``2·weight²`` to E‖x−y‖².
+def block_weight(block_variance: float, weight: float, balance: bool) -> float:
+    """``weight / sqrt(block variance)``: the block then adds ``2·weight²`` to E‖x−y‖² of two cases.
 
     Each standardized column adds 2 to the expected squared distance between two cases, so a
     block of 4096 deep columns would add 8192 against 2·c for a handful of clinical ones and an
-    RBF kernel would see nothing but the deep block. Dividing each block by the square root of
-    its width gives every block the same share (``clinical_block_weight`` tilts it on purpose).
-    Without ``balance`` (the ablation "plain concatenation") every column weighs 1.
+    RBF kernel would see nothing but the deep block. Dividing a block of standardized columns by
+    sqrt(its width) — by sqrt(Σ variances) for PCA scores — gives every block the same share
+    (``clinical_block_weight`` tilts it on purpose). Without ``balance`` (the ablation "plain
+    concatenation") every column keeps weight 1.
     """
     if not balance:
         return 1.0
-    return float(weight) / np.sqrt(n_cols) if n_cols else 0.0
+    return float(weight) / np.sqrt(block_variance) if block_variance > 0 else 0.0
 
 
 def balanced_map(
@@ -161,6 +162,37 @@ def balanced_map(
     return FeatureMap(cols=col, mean=std.mean[col], scale=np.concatenate(weights) / std.sd[col])
 
 
+def model_map(
+    std: Standardizer,
+    n_clinical: int,
+    *,
+    clinical: bool,
+    deep: bool,
+    clinical_weight: float = 1.0,
+    balance: bool = True,
+    pca: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[FeatureMap, float]:
+    """A model's input map and the total variance of its outputs (for γ=scale), from sums only.
+
+    ``pca = (V, variances)`` replaces the standardized deep block by its principal scores.
+    """
+    if not (deep and pca is not None):
+        fmap = balanced_map(std, n_clinical, clinical=clinical, deep=deep,
+                            clinical_weight=clinical_weight, balance=balance)
+        return fmap, map_variance(fmap, std)
+    V, var = pca
+    deep_map = balanced_map(std, n_clinical, clinical=False, deep=True, balance=False)
+    w_deep = block_weight(float(var.sum()), 1.0, balance)
+    deep_var = w_deep**2 * float(var.sum())
+    if not (clinical and block_columns(std, n_clinical)[0].size):
+        return replace(deep_map, projection=V * w_deep), deep_var
+    clin = balanced_map(std, n_clinical, clinical=True, deep=False, clinical_weight=clinical_weight, balance=balance)
+    fmap = FeatureMap(cols=np.concatenate([clin.cols, deep_map.cols]), mean=np.concatenate([clin.mean, deep_map.mean]),
+                      scale=np.concatenate([clin.scale, deep_map.scale]),
+                      projection=scipy.linalg.block_diag(np.eye(clin.cols.size), V * w_deep))
+    return fmap, map_variance(clin, std) + deep_var
+
+
 def resolve_gamma(spec: str, total_variance: float) -> float:
     """RBF γ: ``scale`` → 1/(d·Var(X)) = 1/Σ column variances (columns are centred); else a number."""
     if spec == "scale":
@@ -179,6 +211,63 @@ def resolve_gamma(spec: str, total_variance: float) -> float:
 def map_variance(fmap: FeatureMap, std: Standardizer) -> float:
     """Total variance of a projection-free map's outputs, from the summed moments (no extra round)."""
     return float(np.sum(fmap.scale**2 * std.var[fmap.cols]))
+
+
+# ---------------------------------------------------------------- PCA of the embeddings (a few rounds)
+
+#: Extra sketch columns and sketch rounds of the randomized range finder (as scikit-learn's randomized SVD).
+PCA_OVERSAMPLE = 10
+PCA_ROUNDS = 4
+
+
+def pca_start(d: int, k: int, seed: int | list[int]) -> np.ndarray:
+    """Orthonormal starting sketch [d, k + oversample] from the shared seed (identity when d is small)."""
+    width = min(d, k + PCA_OVERSAMPLE)
+    if width == d:
+        return np.eye(d)
+    return np.linalg.qr(np.random.default_rng(seed).standard_normal((d, width)))[0]
+
+
+def pca_rounds(d: int, k: int) -> int:
+    """Secure rounds the PCA needs: one when the sketch spans everything, else :data:`PCA_ROUNDS`."""
+    return 1 if min(d, k + PCA_OVERSAMPLE) == d else PCA_ROUNDS
+
+
+def pca_sketch_sums(Z: np.ndarray, Q: np.ndarray) -> np.ndarray:
+    """Local ``ZᵀZ Q`` of standardized (pooled-mean centred) embeddings: [d, width], never d × d."""
+    return Z.T @ (Z @ Q)
+
+
+def pca_refine(Y: np.ndarray) -> np.ndarray:
+    """Next orthonormal sketch from the summed ``ZᵀZ Q`` (one power iteration)."""
+    return np.linalg.qr(Y)[0]
+
+
+def pca_from_sketch(Q: np.ndarray, Y: np.ndarray, k: int, n: float) -> tuple[np.ndarray, np.ndarray]:
+    """Rayleigh–Ritz on span(Q): top-k directions V [d, k] and score variances, signs fixed.
+
+    The sign of each direction is chosen so that its largest loading is positive, so the same
+    sums always give the same V (the RFF map is not invariant to sign flips).
+    """
+    B = Q.T @ Y
+    lam, U = np.linalg.eigh((B + B.T) / 2.0)
+    order = np.argsort(lam)[::-1][:k]
+    V = Q @ U[:, order]
+    V *= np.sign(V[np.argmax(np.abs(V), axis=0), np.arange(V.shape[1])])
+    return V, np.maximum(lam[order], 0.0) / n
+
+
+def fit_pca_from_sums(
+    callback: Callable[[np.ndarray], np.ndarray], d: int, k: int, n: float, seed: int | list[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Randomized PCA where ``callback(Q)`` returns the summed ``ZᵀZ Q`` (one secure round each)."""
+    Q = pca_start(d, k, seed)
+    rounds = pca_rounds(d, k)
+    for i in range(rounds):
+        Y = callback(Q)
+        if i < rounds - 1:
+            Q = pca_refine(Y)
+    return pca_from_sketch(Q, Y, k, n)
 
 
 # ---------------------------------------------------------------- random Fourier features

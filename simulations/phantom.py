@@ -257,7 +257,7 @@ def generate_phantom(out: str | Path, *, sites: int = 3, images_per_site: int = 
     if sites < 1:
         raise CldlrError(f"--sites must be at least 1, got {sites}")
     if images_per_site < 2:
-        raise CldlrError(f"--images-per-site must be at least 2 (one benign, one malignant), got {images_per_site}")
+        raise CldlrError(f"--images-per-site must be at least 2, got {images_per_site}")
     if not 32 <= image_size <= 2048:
         raise CldlrError(f"--image-size must be between 32 and 2048 px, got {image_size}")
     if out.exists() and not force:

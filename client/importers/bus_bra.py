@@ -132,8 +132,8 @@ def assign_sites(frame: pd.DataFrame, sites: str, min_site_patients: int, small_
     for device, count in patients.items():
         if device == largest or count >= min_site_patients:
             continue
-        where = f"into {largest}" if small_sites == "merge" else "dropped"
-        note = f"{device}: {count} patients < --min-site-patients {min_site_patients}, {'merged ' + where if small_sites == 'merge' else where}"
+        fate = f"merged into {largest}" if small_sites == "merge" else "dropped"
+        note = f"{device}: {count} patients < --min-site-patients {min_site_patients}, {fate}"
         log.warning("BUS-BRA site %s", note)
         notes.append(note)
         site[frame["device"] == device] = largest if small_sites == "merge" else ""

@@ -1,0 +1,163 @@
+"""A hospital's part in the federated study, still without Flower.
+
+:class:`FederatedSite` answers the centre's requests in each phase — a round of local training
+from the global weights, and the local sums behind every secure aggregation (clinical
+statistics, the clinical encoder, the SVM objective, the evaluation histograms). Each answer is
+an aggregate over the site's cases: no image, embedding or clinical value leaves through it.
+The Flower ClientApp is a thin adapter over this class; tests call it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from cldlr.client.site import SiteSession
+from cldlr.common import secure_metrics
+from cldlr.common.clinical_features import ClinicalEncoder, encoder_sums
+from cldlr.common.config import Config
+from cldlr.common.federation import (FusionPayload, evaluation_layout, selection_from_payload)
+from cldlr.common.fusion import site_sums
+from cldlr.common.models import build_model
+from cldlr.common.weights import arrays_to_model, arrays_to_tensors, model_to_arrays
+
+log = logging.getLogger(__name__)
+
+
+class PrivacyBudgetExhausted(RuntimeError):
+    """The next round would take this site's ε beyond its target; the site sits the round out."""
+
+
+class FederatedSite:
+    """One site's state across the phases of a federated run."""
+
+    def __init__(self, session: SiteSession, config: Config) -> None:
+        self.session = session
+        self.config = config
+        torch.manual_seed(config.run.seed)
+        self.model = build_model(config.model)
+        self.privacy = None
+        if config.privacy.enabled:
+            from cldlr.client.privacy import SitePrivacy
+
+            self.privacy = SitePrivacy.from_config(
+                config.privacy, n_train=len(session.train), batch_size=config.train.batch_size,
+                total_epochs=config.federation.rounds * config.federation.local_epochs, seed=config.run.seed,
+            )
+        self._embeddings: dict[str, np.ndarray] | None = None
+        self._encoder: ClinicalEncoder | None = None
+        self._fusion_cache: dict[str, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return self.session.name
+
+    # -- phase 1: backbone ------------------------------------------------------------------
+    def train_round(self, global_arrays: Mapping[str, np.ndarray], *, server_round: int,
+                    proximal_mu: float = 0.0) -> tuple[dict[str, np.ndarray], int, dict[str, float]]:
+        """Local epochs from the global weights; returns (weights, number of examples, metrics)."""
+        arrays_to_model(self.model, global_arrays)
+        self._embeddings = None  # the backbone changes: embeddings must be recomputed
+        epochs = self.config.federation.local_epochs
+        extra: dict[str, Any] = {}
+        if self.privacy is not None:
+            if self.privacy.would_exceed(epochs):
+                raise PrivacyBudgetExhausted(
+                    f"site {self.name}: round {server_round} would exceed ε={self.config.privacy.target_epsilon} "
+                    f"(spent {self.privacy.epsilon():.3f}); the site stops training")
+            extra = self.privacy.train_kwargs()
+        result = self.session.fit_backbone(
+            self.model, epochs=epochs, seed=self.config.run.seed + server_round, proximal_mu=proximal_mu,
+            global_params=arrays_to_tensors(global_arrays) if proximal_mu > 0 else None, progress=False, **extra,
+        )
+        last = result.history[-1] if result.history else {}
+        metrics = {"train-loss": float(last.get("loss", float("nan"))),
+                   "train-accuracy": float(last.get("accuracy", float("nan")))}
+        if self.privacy is not None:
+            metrics["epsilon"] = float(self.privacy.epsilon())
+            metrics["delta"] = float(self.config.privacy.delta)
+        return model_to_arrays(self.model, self.config.federation.transfer_dtype), len(self.session.train), metrics
+
+    def set_global_model(self, global_arrays: Mapping[str, np.ndarray]) -> None:
+        """Load the final global backbone (phase 3 and 4 embed with it)."""
+        arrays_to_model(self.model, global_arrays)
+        self._embeddings = None
+
+    def embeddings(self, split: str) -> np.ndarray:
+        if self._embeddings is None:
+            self._embeddings = {s: self.session.embeddings(self.model, s) for s in ("train", "test")}
+        return self._embeddings[split]
+
+    # -- phase 2: clinical selection and encoder ---------------------------------------------
+    def clinical_statistics(self, payload: Mapping[str, Any]) -> np.ndarray:
+        return self.session.clinical_statistics().to_vector()
+
+    def encoder_sums(self, payload: Mapping[str, Any]) -> np.ndarray:
+        selected = selection_from_payload(payload)
+        return encoder_sums(self.session.train.site.frame, self.session.model_parameters(selected))
+
+    def _clinical(self, payload: Mapping[str, Any], split: str) -> np.ndarray:
+        encoder = ClinicalEncoder.from_dict(payload["encoder"])
+        return self.session.clinical_block(encoder, split)
+
+    # -- phase 3: SVM fusion ----------------------------------------------------------------
+    def fusion_sums(self, payload: Mapping[str, Any]) -> np.ndarray:
+        request = FusionPayload.from_payload(payload, self.config, self._fusion_cache)
+        clinical = self._clinical(payload, "train")
+        return site_sums(request, clinical, self.embeddings("train"), self.session.train.labels)
+
+    # -- phase 4: evaluation ----------------------------------------------------------------
+    def _scores(self, payload: Mapping[str, Any], split: str) -> dict[str, np.ndarray]:
+        fusion = FusionPayload.models_from_payload(payload, self.config, self._fusion_cache)
+        return fusion.predict_proba(self._clinical(payload, split), self.embeddings(split))
+
+    def score_histograms(self, payload: Mapping[str, Any]) -> np.ndarray:
+        """Per cohort and model: per-class score histograms (the centre sees only their sum)."""
+        layout = evaluation_layout(payload)
+        parts = []
+        for split in layout.cohorts:
+            scores = self._scores(payload, split)
+            labels = self.session.cohort(split).labels
+            for model in layout.models:
+                parts.append(secure_metrics.score_histograms(labels, scores[model], layout.n_bins).ravel())
+        return np.concatenate(parts).astype(np.float64)
+
+    def placement_sums(self, payload: Mapping[str, Any]) -> np.ndarray:
+        """DeLong placement sums against the global histograms, per cohort (second evaluation round)."""
+        layout = evaluation_layout(payload)
+        global_hists = layout.unpack_histograms(np.asarray(payload["histograms"], dtype=np.float64))
+        parts = []
+        for split in layout.cohorts:
+            scores = self._scores(payload, split)
+            labels = self.session.cohort(split).labels
+            sums = secure_metrics.placement_sums(labels, {m: scores[m] for m in layout.models},
+                                                 global_hists[split], layout.n_bins)
+            parts.append(layout.pack_placements(sums))
+        return np.concatenate(parts)
+
+    def local_metrics(self, payload: Mapping[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+        """The site's own test metrics (kept at the site unless it opts in to share them)."""
+        from cldlr.common.metrics import model_metrics
+
+        out: dict[str, dict[str, dict[str, float]]] = {}
+        for split in ("train", "test"):
+            labels = self.session.cohort(split).labels
+            if not secure_metrics.local_report_allowed(labels, self.config.evaluation.min_count):
+                continue
+            for model, prob in self._scores(payload, split).items():
+                out.setdefault(model, {})[split] = model_metrics(labels, prob, self.config.svm.threshold)
+        return out
+
+    def tasks(self) -> dict[str, Any]:
+        """Secure-sum task name → callable(payload) returning this site's vector."""
+        return {
+            "clinical-stats": self.clinical_statistics,
+            "encoder-sums": self.encoder_sums,
+            "fusion-sums": self.fusion_sums,
+            "score-histograms": self.score_histograms,
+            "placement-sums": self.placement_sums,
+        }

@@ -1,0 +1,404 @@
+"""Certificates and SuperNode keys for a real Flower 1.41 deployment (CA, SuperLink TLS, node auth)."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import ipaddress
+import logging
+import os
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from cldlr.common.errors import CldlrError
+from cldlr.common.io import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY = "ca.crt", "ca.key", "server.crt", "server.key"
+ALWAYS_HOSTS = ("127.0.0.1", "localhost")  # the SuperLink's own SuperExec dials 127.0.0.1
+NODE_CURVE = ec.SECP384R1()  # = `ssh-keygen -t ecdsa -b 384`; Flower accepts NIST curves only, no ed25519
+_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_SITE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_CLOCK_SKEW = dt.timedelta(minutes=5)  # back-date notBefore so a slightly slow peer clock still accepts
+
+
+class PkiError(CldlrError, ValueError):
+    """A CA, certificate, key or host name is missing, unreadable or unusable."""
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Files one command wrote: the certificate, its private key and (server only) the CA copy."""
+
+    cert: Path
+    key: Path
+    ca_cert: Path | None = None
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _write_files(files: list[tuple[Path, bytes, bool]], *, force: bool) -> None:
+    """Write (path, data, secret) triples atomically; refuse to clobber any of them unless ``force``.
+
+    Secrets land 0600 from the start (``mkstemp`` creates 0600 temp files), public files are
+    opened up to 0644 after the rename. If one write fails, files this call created are removed.
+    """
+    existing = [str(p) for p, _, _ in files if p.exists() or p.is_symlink()]
+    if existing and not force:
+        raise FileExistsError(
+            f"refusing to overwrite {', '.join(existing)}: existing keys/certificates may be in use; "
+            "pass --force to replace them (anything issued with the old ones stops working)")
+    created: list[Path] = []
+    try:
+        for path, data, secret in files:
+            fresh = not path.exists()
+            atomic_write_bytes(path, data)
+            if fresh:
+                created.append(path)
+            os.chmod(path, 0o600 if secret else 0o644)
+    except BaseException:
+        for path in created:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def _prepare_dir(out_dir: str | os.PathLike[str]) -> Path:
+    """Create the output folder owner-only (it will hold secrets)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return out
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _pem_cert(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _ski(key: ec.EllipticCurvePrivateKey) -> x509.SubjectKeyIdentifier:
+    return x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+
+
+def create_ca(out_dir: str | os.PathLike[str], *, name: str = "cldlr federation CA", days: int = 3650,
+              force: bool = False) -> Paths:
+    """Create a self-signed federation CA (``ca.crt`` 0644, ``ca.key`` 0600) in ``out_dir``.
+
+    The CA only signs the SuperLink certificate (path length 0), so its key can live offline.
+    """
+    if days < 1:
+        raise PkiError(f"--days must be at least 1, got {days}")
+    out = _prepare_dir(out_dir)
+    key = ec.generate_private_key(ec.SECP384R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = _now()
+    cert = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _CLOCK_SKEW).not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(_ski(key), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA384())
+    )
+    paths = Paths(cert=out / CA_CERT, key=out / CA_KEY)
+    _write_files([(paths.key, _pem_key(key), True), (paths.cert, _pem_cert(cert), False)], force=force)
+    log.info("created CA %r in %s (keep %s offline)", name, out, paths.key)
+    return paths
+
+
+def _load_ca(ca_dir: str | os.PathLike[str]) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey]:
+    """Load and sanity-check ``ca.crt``/``ca.key`` from ``ca_dir``."""
+    cert_path, key_path = Path(ca_dir) / CA_CERT, Path(ca_dir) / CA_KEY
+    for path in (cert_path, key_path):
+        if not path.is_file():
+            raise PkiError(f"{path} not found; create a CA first with `cldlr certs ca {ca_dir}`")
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except ValueError as exc:
+        raise PkiError(f"{cert_path} is not a PEM certificate: {exc}") from exc
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise PkiError(f"{key_path} is not an unencrypted PEM private key: {exc}") from exc
+    if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
+        raise PkiError(f"{key_path}: only EC or RSA CA keys are supported, got {type(key).__name__}")
+    if key.public_key().public_numbers() != cert.public_key().public_numbers():
+        raise PkiError(f"{key_path} does not belong to {cert_path}; use the key created with that certificate")
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        raise PkiError(f"{cert_path} is not a CA certificate (basicConstraints CA:TRUE missing)")
+    if cert.not_valid_after_utc <= _now():
+        raise PkiError(f"{cert_path} expired on {cert.not_valid_after_utc:%Y-%m-%d}; create a new CA")
+    return cert, key
+
+
+def _san_entries(hosts: list[str]) -> list[x509.GeneralName]:
+    """Turn host names / IPs into SAN entries (always adding 127.0.0.1 and localhost), deduplicated."""
+    names: list[x509.GeneralName] = []
+    for raw in [*hosts, *ALWAYS_HOSTS]:
+        host = raw.strip().lower().rstrip(".")
+        try:
+            entry: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host.strip("[]")))
+        except ValueError:
+            if not host or len(host) > 253 or not all(_LABEL.match(label) for label in host.split(".")):
+                raise PkiError(f"--host {raw!r} is neither an IP address nor a valid DNS name "
+                               "(give the bare name or IP, without scheme or :port)") from None
+            entry = x509.DNSName(host)
+        if entry not in names:
+            names.append(entry)
+    return names
+
+
+def create_server_cert(out_dir: str | os.PathLike[str], *, ca_dir: str | os.PathLike[str], hosts: list[str],
+                       days: int = 825, force: bool = False) -> Paths:
+    """Issue the SuperLink TLS certificate, signed by the CA in ``ca_dir``, plus a copy of ``ca.crt``.
+
+    SANs cover every ``hosts`` entry (what SuperNodes and the ``flwr`` CLI dial) and 127.0.0.1 and
+    localhost (what the SuperLink's own SuperExec dials). Validity is capped at the CA's.
+    """
+    if days < 1:
+        raise PkiError(f"--days must be at least 1, got {days}")
+    ca_cert, ca_key = _load_ca(ca_dir)
+    sans = _san_entries(list(hosts))
+    out = _prepare_dir(out_dir)
+    same_dir = out.resolve() == Path(ca_dir).resolve()
+    if same_dir:
+        log.warning("server files are written next to %s; move the CA key offline before deploying",
+                    Path(ca_dir) / CA_KEY)
+    now = _now()
+    not_after = now + dt.timedelta(days=days)
+    if not_after > ca_cert.not_valid_after_utc:
+        log.warning("capping the server certificate at the CA's expiry %s", f"{ca_cert.not_valid_after_utc:%Y-%m-%d}")
+        not_after = ca_cert.not_valid_after_utc
+    key = ec.generate_private_key(ec.SECP384R1())
+    first = sans[0].value
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, str(first))]))
+        .issuer_name(ca_cert.subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _CLOCK_SKEW).not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(_ski(key), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA384() if isinstance(ca_key, ec.EllipticCurvePrivateKey) else hashes.SHA256())
+    )
+    paths = Paths(cert=out / SERVER_CERT, key=out / SERVER_KEY, ca_cert=out / CA_CERT)
+    files = [(paths.key, _pem_key(key), True), (paths.cert, _pem_cert(cert), False)]
+    if not same_dir:
+        files.append((out / CA_CERT, _pem_cert(ca_cert), False))
+    _write_files(files, force=force)
+    log.info("issued %s for %s", paths.cert, ", ".join(str(s.value) for s in sans))
+    return paths
+
+
+def node_key_names(name: str) -> tuple[str, str]:
+    """File names of a site's SuperNode key pair (private, public)."""
+    return f"supernode-{name}.key", f"supernode-{name}.pub"
+
+
+def create_node_keys(out_dir: str | os.PathLike[str], *, name: str, force: bool = False) -> tuple[Path, Path]:
+    """Create a hospital's SuperNode authentication key pair as Flower 1.41 expects it.
+
+    ECDSA P-384; the private key in OpenSSH format (``--auth-supernode-private-key``, 0600), the
+    public key as an OpenSSH line (``flwr supernode register <pub>``, 0644).
+    """
+    if not _SITE.match(name):
+        raise PkiError(f"--name {name!r}: use letters, digits, '.', '_' or '-' (max 64), e.g. hospital-a")
+    out = _prepare_dir(out_dir)
+    key = ec.generate_private_key(NODE_CURVE)
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    priv_name, pub_name = node_key_names(name)
+    priv_path, pub_path = out / priv_name, out / pub_name
+    _write_files([(priv_path, private, True), (pub_path, public + f" cldlr-supernode-{name}\n".encode(), False)],
+                 force=force)
+    log.info("created SuperNode key pair %s / %s", priv_path, pub_path)
+    return priv_path, pub_path
+
+
+
+_ROLES = """\
+Who holds what
+  centre, SuperLink host: ca.crt, server.crt, server.key (SECRET)
+      flower-superlink --ssl-ca-certfile ca.crt --ssl-certfile server.crt --ssl-keyfile server.key \\
+          --enable-supernode-auth
+  centre, offline: ca.key (SECRET) - only to issue/renew server.crt; keep it off the SuperLink host
+  each hospital: ca.crt, its supernode-<site>.key (SECRET)
+      flower-supernode --superlink HOST:PORT --root-certificates ca.crt \\
+          --auth-supernode-private-key supernode-<site>.key
+  registration: the hospital sends supernode-<site>.pub to the centre, which runs
+      flwr supernode register supernode-<site>.pub <connection>
+"""
+_Item = tuple[Path, str, object]  # (file, kind, parsed object or error text)
+
+
+def _classify(path: Path) -> tuple[str, object] | None:
+    """Recognise a file by content: cert, key (PEM), ssh-private, ssh-public; None if neither."""
+    if path.stat().st_size > 1_000_000:
+        return None
+    data = path.read_bytes()
+    try:
+        if b"-----BEGIN OPENSSH PRIVATE KEY-----" in data:
+            return "ssh-private", serialization.load_ssh_private_key(data, password=None)
+        if b"PRIVATE KEY-----" in data:
+            return "key", serialization.load_pem_private_key(data, password=None)
+        if b"-----BEGIN CERTIFICATE-----" in data:
+            return "cert", x509.load_pem_x509_certificates(data)[0]
+        if data.startswith((b"ecdsa-sha2-", b"ssh-")):
+            return "ssh-public", serialization.load_ssh_public_key(data.strip())
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        return "unreadable", f"cannot parse ({exc}); encrypted or corrupt?"
+    return None
+
+
+def _spki(key: object) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER,  # type: ignore[attr-defined]
+                            serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _ssh_fingerprint(public_key: object) -> str:
+    """``SHA256:...`` as ``ssh-keygen -lf`` prints it."""
+    blob = public_key.public_bytes(serialization.Encoding.OpenSSH,  # type: ignore[attr-defined]
+                                   serialization.PublicFormat.OpenSSH).split()[1]
+    digest = hashlib.sha256(base64.b64decode(blob)).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def _key_type(key: object) -> str:
+    if isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)):
+        return f"ECDSA {key.curve.name}"
+    if isinstance(key, (rsa.RSAPrivateKey, rsa.RSAPublicKey)):
+        return f"RSA {key.key_size} bit"
+    return type(key).__name__.lstrip("_")
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _cert_details(cert: x509.Certificate, items: list[_Item]) -> tuple[list[str], list[str]]:
+    now = _now()
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    state = ("EXPIRED" if end <= now else "NOT YET VALID" if start > now else f"{(end - now).days} days left")
+    info = [f"{'CA' if _is_ca(cert) else 'leaf'} certificate, {_key_type(cert.public_key())}",
+            f"subject: {cert.subject.rfc4514_string()}", f"issuer:  {cert.issuer.rfc4514_string()}",
+            f"valid: {start:%Y-%m-%d %H:%M} -> {end:%Y-%m-%d %H:%M} UTC ({state})",
+            "SHA-256 fingerprint: " + cert.fingerprint(hashes.SHA256()).hex(":").upper()]
+    warn = [f"certificate is {state}"] if state in ("EXPIRED", "NOT YET VALID") else []
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        info.append("SANs: " + ", ".join(str(n.value) for n in sans))
+        if not _is_ca(cert) and ipaddress.ip_address("127.0.0.1") not in sans.get_values_for_type(x509.IPAddress):
+            warn.append("SANs lack 127.0.0.1: the SuperLink's own SuperExec will fail TLS verification")
+    except x509.ExtensionNotFound:
+        if not _is_ca(cert):
+            warn.append("no subjectAltName: TLS clients will refuse this certificate")
+    if not _is_ca(cert):
+        issuers = [p.name for p, k, c in items if k == "cert" and _is_ca(c) and _issued_by(cert, c)]  # type: ignore[arg-type]
+        if issuers:
+            info.append("signed by: " + ", ".join(issuers))
+        elif any(k == "cert" and _is_ca(c) for _, k, c in items):  # type: ignore[arg-type]
+            warn.append("not signed by the CA certificate in this folder")
+    return info, warn
+
+
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+        return True
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+
+
+def _pairs(key: object, items: list[_Item], kinds: tuple[str, ...]) -> list[str]:
+    mine = _spki(key.public_key())  # type: ignore[attr-defined]
+    return [p.name for p, k, obj in items
+            if k in kinds and _spki(obj.public_key() if k == "cert" else obj) == mine]  # type: ignore[attr-defined]
+
+
+def describe(directory: str | os.PathLike[str]) -> str:
+    """Explain who must hold which file, then list each certificate/key here with checks.
+
+    Checks: validity, SANs (incl. 127.0.0.1), chain to a CA in the folder, key/cert pairing,
+    Flower's node-key format, and file permissions (secrets must be owner-only).
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a folder; give the folder that holds the certificates/keys")
+    items: list[_Item] = []
+    for path in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
+        found = _classify(path)
+        if found:
+            items.append((path, *found))
+    lines = [_ROLES, f"Files in {root}:"]
+    n_warn = 0
+    for path, kind, obj in items:
+        secret = kind in ("key", "ssh-private") or (kind == "unreadable" and "PRIVATE" in path.read_text(errors="replace"))
+        info: list[str] = []
+        warn: list[str] = []
+        if kind == "cert":
+            info, warn = _cert_details(obj, items)  # type: ignore[arg-type]
+        elif kind == "key":
+            pairs = _pairs(obj, items, ("cert",))
+            info = [f"private key, {_key_type(obj)}", "pairs with: " + (", ".join(pairs) or "no certificate here")]
+        elif kind == "ssh-private":
+            pub = obj.public_key()  # type: ignore[attr-defined]
+            pairs = _pairs(obj, items, ("ssh-public",))
+            info = [f"SuperNode auth private key (OpenSSH), {_key_type(obj)}", f"fingerprint: {_ssh_fingerprint(pub)}",
+                    "pairs with: " + (", ".join(pairs) or "no .pub here")]
+        elif kind == "ssh-public":
+            info = [f"SuperNode public key (register at the centre), {_key_type(obj)}",
+                    f"fingerprint: {_ssh_fingerprint(obj)}"]
+        else:
+            warn = [str(obj)]
+        if kind in ("ssh-private", "ssh-public") and not isinstance(
+                obj, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)):
+            warn.append("Flower 1.41 accepts only EC (NIST curve) node keys; create one with `cldlr certs node`")
+        mode = stat.S_IMODE(path.stat().st_mode)
+        info.append(f"mode {mode:04o}" + (" (SECRET)" if secret else ""))
+        if secret and mode & 0o077:
+            warn.append(f"SECRET file is readable by group/others (mode {mode:04o}); run: chmod 600 {path}")
+        if mode & 0o022:
+            warn.append(f"writable by group/others (mode {mode:04o}); someone could swap it; run: chmod go-w {path}")
+        lines.append(f"  {path.name}")
+        lines += [f"    {line}" for line in info] + [f"    WARNING: {line}" for line in warn]
+        n_warn += len(warn)
+    names = {p.name for p, _, _ in items}
+    if CA_KEY in names and SERVER_KEY in names:
+        lines.append(f"  WARNING: {CA_KEY} sits next to {SERVER_KEY}; keep the CA key offline, not on the SuperLink host")
+        n_warn += 1
+    if not items:
+        lines.append("  (no certificates or keys found)")
+    lines.append(f"{n_warn} warning(s)")
+    return "\n".join(lines)

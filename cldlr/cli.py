@@ -118,6 +118,43 @@ def cmd_compare_backbones(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs_ca(args: argparse.Namespace) -> int:
+    from cldlr.common.pki import create_ca
+
+    paths = create_ca(args.out, name=args.name, days=args.days, force=args.force)
+    print(f"CA certificate: {paths.cert}  (give a copy to the SuperLink host and every hospital)")
+    print(f"CA key:         {paths.key}  (SECRET: keep offline; needed only to issue server certificates)")
+    return 0
+
+
+def cmd_certs_server(args: argparse.Namespace) -> int:
+    from cldlr.common.pki import create_server_cert
+
+    paths = create_server_cert(args.out, ca_dir=args.ca_dir, hosts=args.hosts, days=args.days, force=args.force)
+    print(f"server certificate: {paths.cert}\nserver key:         {paths.key}  (SECRET)")
+    print(f"CA copy:            {paths.ca_cert}")
+    print(f"flower-superlink --ssl-ca-certfile {paths.ca_cert} --ssl-certfile {paths.cert} "
+          f"--ssl-keyfile {paths.key} --enable-supernode-auth")
+    return 0
+
+
+def cmd_certs_node(args: argparse.Namespace) -> int:
+    from cldlr.common.pki import create_node_keys
+
+    private, public = create_node_keys(args.out, name=args.name, force=args.force)
+    print(f"SuperNode private key: {private}  (SECRET: stays at the hospital)")
+    print(f"SuperNode public key:  {public}  (send to the centre: flwr supernode register {public.name} <connection>)")
+    print(f"flower-supernode --root-certificates ca.crt --auth-supernode-private-key {private} ...")
+    return 0
+
+
+def cmd_certs_show(args: argparse.Namespace) -> int:
+    from cldlr.common.pki import describe
+
+    print(describe(args.dir))
+    return 0
+
+
 def _force(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
 
@@ -183,6 +220,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration over labels")
     p.add_argument("--seed", type=int, default=0)
     _force(p)
+
+    p = add("certs", lambda a: a.certs_func(a), "TLS certificates and SuperNode keys for a real deployment")
+    csub = p.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
+    overwrite = "replace existing keys/certificates (anything issued with the old ones stops working)"
+    q = csub.add_parser("ca", help="create the federation CA (ca.crt, ca.key)")
+    q.set_defaults(certs_func=cmd_certs_ca)
+    q.add_argument("out", type=Path, metavar="OUT_DIR")
+    q.add_argument("--name", default="cldlr federation CA", help="CA common name")
+    q.add_argument("--days", type=int, default=3650)
+    q.add_argument("--force", action="store_true", help=overwrite)
+    q = csub.add_parser("server", help="issue the SuperLink TLS certificate (server.crt, server.key, ca.crt copy)")
+    q.set_defaults(certs_func=cmd_certs_server)
+    q.add_argument("out", type=Path, metavar="OUT_DIR")
+    q.add_argument("--ca-dir", type=Path, required=True, help="folder with ca.crt and ca.key")
+    q.add_argument("--host", dest="hosts", action="append", default=[], metavar="NAME_OR_IP",
+                   help="name or IP that SuperNodes and the flwr CLI dial (repeatable; "
+                        "127.0.0.1 and localhost are always added)")
+    q.add_argument("--days", type=int, default=825)
+    q.add_argument("--force", action="store_true", help=overwrite)
+    q = csub.add_parser("node", help="create a hospital's SuperNode authentication key pair (ECDSA P-384, OpenSSH)")
+    q.set_defaults(certs_func=cmd_certs_node)
+    q.add_argument("out", type=Path, metavar="OUT_DIR")
+    q.add_argument("--name", required=True, metavar="SITE", help="site name, used in the file names")
+    q.add_argument("--force", action="store_true", help=overwrite)
+    q = csub.add_parser("show", help="who holds which file, and checks on every certificate/key in a folder")
+    q.set_defaults(certs_func=cmd_certs_show)
+    q.add_argument("dir", type=Path, metavar="DIR")
 
     p = add("cache", cmd_cache, "preprocess a site's ROIs into the cache once")
     p.add_argument("site", type=Path)

@@ -95,6 +95,29 @@ class SvcModel:
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         return expit(-(self.A * self.decision(X) + self.B))
 
+    @classmethod
+    def from_sklearn(cls, fmap: FeatureMap, calibrated: CalibratedClassifierCV) -> SvcModel:
+        """Read the refit SVC and its sigmoid out of ``CalibratedClassifierCV(SVC(), ensemble=False)``."""
+        final = calibrated.calibrated_classifiers_[0]
+        svc, sigmoid = final.estimator, final.calibrators[0]
+        return cls(fmap=fmap, kernel=str(svc.kernel), gamma=float(svc.gamma), support_vectors=svc.support_vectors_.copy(),
+                   dual_coef=svc.dual_coef_[0].copy(), intercept=float(svc.intercept_[0]),
+                   A=float(sigmoid.a_), B=float(sigmoid.b_))
+
+
+def fit_calibrated_svc(Z: np.ndarray, y: np.ndarray, cfg: SVMConfig, gamma: float, seed: int) -> CalibratedClassifierCV:
+    """SVC with Platt scaling fitted on stratified internal CV, then refit on all training cases.
+
+    ``CalibratedClassifierCV(SVC(), ensemble=False)`` is scikit-learn's replacement for the
+    deprecated ``SVC(probability=True)``: the same sigmoid, Platt's targets, CV on training data only.
+    """
+    min_class = int(min(y.sum(), (1 - y).sum()))
+    if min_class < 2:
+        raise CldlrError(f"each class needs at least 2 training cases for calibrated SVMs, got {min_class}")
+    cv = StratifiedKFold(n_splits=min(5, min_class), shuffle=True, random_state=seed)
+    svc = SVC(kernel=cfg.kernel, C=cfg.C, gamma=gamma, random_state=seed)
+    return CalibratedClassifierCV(svc, method="sigmoid", cv=cv, ensemble=False).fit(Z, y)
+
 
 Model = RffModel | SvcModel
 _MODEL_TYPES: dict[str, type] = {"rff": RffModel, "svc": SvcModel}
@@ -144,7 +167,7 @@ class FusionModels:
 
     def summary(self) -> dict[str, Any]:
         """JSON-able description for reports: solver, models, notes and secure rounds."""
-        return {"solver": self.solver, "models": sorted(self.models), "n_clinical": self.n_clinical,
+        return {"solver": self.solver, "fitted": sorted(self.models), "n_clinical": self.n_clinical,
                 "n_deep": self.n_deep, "notes": list(self.notes), "rounds": self.rounds}
 
     def to_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -226,18 +249,10 @@ def pca_plan(std: Standardizer, n_clinical: int, k: int, n: float) -> tuple[Feat
 
 
 def _fit_svc(X: np.ndarray, y: np.ndarray, n_clinical: int, cfg: SVMConfig, seed: int, balance: bool) -> FusionModels:
-    """SVC + sigmoid (Platt) calibration on stratified internal CV, refit on all training cases.
-
-    ``CalibratedClassifierCV(SVC(), ensemble=False)`` is scikit-learn's replacement for the
-    deprecated ``SVC(probability=True)``: same Platt model, same targets, CV on training data only.
-    """
+    """Pooled svc solver: the same sums-based maps and PCA as rff, then scikit-learn's SVC."""
     n = X.shape[0]
     std = standardizer_from_sums(*moment_sums(X))
     n_usable = block_columns(std, n_clinical)[0].size
-    min_class = int(min(y.sum(), (1 - y).sum()))
-    if min_class < 2:
-        raise CldlrError(f"each class needs at least 2 training cases for calibrated SVMs, got {min_class}")
-    cv = StratifiedKFold(n_splits=min(5, min_class), shuffle=True, random_state=seed)
     pca = None
     if cfg.embedding_pca > 0:
         deep_map, k = pca_plan(std, n_clinical, cfg.embedding_pca, n)
@@ -249,15 +264,8 @@ def _fit_svc(X: np.ndarray, y: np.ndarray, n_clinical: int, cfg: SVMConfig, seed
             continue
         fmap, total_var = model_map(std, n_clinical, clinical=use_clin, deep=use_deep,
                                     clinical_weight=cfg.clinical_block_weight, balance=balance, pca=pca)
-        Z = fmap.transform(X)
         gamma = resolve_gamma(cfg.gamma, total_var)
-        svc = SVC(kernel=cfg.kernel, C=cfg.C, gamma=gamma, random_state=seed)
-        fitted = CalibratedClassifierCV(svc, method="sigmoid", cv=cv, ensemble=False).fit(Z, y)
-        final = fitted.calibrated_classifiers_[0]
-        est, sig = final.estimator, final.calibrators[0]
-        models[name] = SvcModel(fmap=fmap, kernel=cfg.kernel, gamma=gamma, support_vectors=est.support_vectors_,
-                                dual_coef=est.dual_coef_[0].copy(), intercept=float(est.intercept_[0]),
-                                A=float(sig.a_), B=float(sig.b_))
+        models[name] = SvcModel.from_sklearn(fmap, fit_calibrated_svc(fmap.transform(X), y, cfg, gamma, seed))
     notes: tuple[str, ...] = ()
     if n_usable == 0:
         models["cldlr"] = models["dlr"]
@@ -310,6 +318,10 @@ class RffFusionFitter:
 
     def __init__(self, cfg: SVMConfig, n_clinical: int, n_deep: int, *, seed: int = 0,
                  balance: bool = True, max_platt_rounds: int = 100) -> None:
+        if cfg.kernel == "rbf" and cfg.embedding_pca == 0 and n_deep > cfg.rff_features:
+            log.warning("rff on %d deep columns without PCA: the RBF kernel varies less than the noise of %d random "
+                        "features there, so DLR/CLDLR lose accuracy; set svm.embedding_pca (e.g. 16)",
+                        n_deep, cfg.rff_features)
         self.cfg, self.n_clinical, self.n_deep = cfg, n_clinical, n_deep
         self.seed, self.balance, self.max_platt_rounds = seed, balance, max_platt_rounds
         self.phase = "moments"

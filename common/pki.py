@@ -12,6 +12,7 @@ import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -90,8 +91,27 @@ def _pem_cert(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def _ski(key: ec.EllipticCurvePrivateKey) -> x509.SubjectKeyIdentifier:
-    return x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+def _skeleton(subject_cn: str, issuer: x509.Name | None, public: Any, issuer_public: Any,
+              not_after: dt.datetime, *, ca: bool) -> x509.CertificateBuilder:
+    """What CA and server certificates share: names, serial, validity, constraints, key ids.
+
+    The strict profile (critical basicConstraints/keyUsage, SKI/AKI) is what OpenSSL's
+    ``-x509_strict`` and cryptography's verifier demand, so Python 3.13+ clients accept it too.
+    """
+    if not 1 <= len(subject_cn) <= 64:
+        raise PkiError(f"certificate name {subject_cn!r} must be 1 to 64 characters long")
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)])
+    usage = dict.fromkeys(("content_commitment", "key_encipherment", "data_encipherment", "key_agreement",
+                           "encipher_only", "decipher_only"), False)
+    return (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(issuer or subject).public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_now() - _CLOCK_SKEW).not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=ca, crl_sign=ca, **usage), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_public), critical=False)
+    )
 
 
 def create_ca(out_dir: str | os.PathLike[str], *, name: str = "cldlr federation CA", days: int = 3650,
@@ -102,22 +122,10 @@ def create_ca(out_dir: str | os.PathLike[str], *, name: str = "cldlr federation 
     """
     if days < 1:
         raise PkiError(f"--days must be at least 1, got {days}")
-    out = _prepare_dir(out_dir)
     key = ec.generate_private_key(ec.SECP384R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = _now()
-    cert = (
-        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _CLOCK_SKEW).not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(_ski(key), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA384())
-    )
+    cert = _skeleton(name, None, key.public_key(), key.public_key(), _now() + dt.timedelta(days=days),
+                     ca=True).sign(key, hashes.SHA384())
+    out = _prepare_dir(out_dir)
     paths = Paths(cert=out / CA_CERT, key=out / CA_KEY)
     _write_files([(paths.key, _pem_key(key), True), (paths.cert, _pem_cert(cert), False)], force=force)
     log.info("created CA %r in %s (keep %s offline)", name, out, paths.key)
@@ -142,11 +150,7 @@ def _load_ca(ca_dir: str | os.PathLike[str]) -> tuple[x509.Certificate, ec.Ellip
         raise PkiError(f"{key_path}: only EC or RSA CA keys are supported, got {type(key).__name__}")
     if key.public_key().public_numbers() != cert.public_key().public_numbers():
         raise PkiError(f"{key_path} does not belong to {cert_path}; use the key created with that certificate")
-    try:
-        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        is_ca = False
-    if not is_ca:
+    if not _is_ca(cert):
         raise PkiError(f"{cert_path} is not a CA certificate (basicConstraints CA:TRUE missing)")
     if cert.not_valid_after_utc <= _now():
         raise PkiError(f"{cert_path} expired on {cert.not_valid_after_utc:%Y-%m-%d}; create a new CA")
@@ -181,32 +185,22 @@ def create_server_cert(out_dir: str | os.PathLike[str], *, ca_dir: str | os.Path
         raise PkiError(f"--days must be at least 1, got {days}")
     ca_cert, ca_key = _load_ca(ca_dir)
     sans = _san_entries(list(hosts))
+    if not hosts:
+        log.warning("no --host given: only SuperNodes on this machine (127.0.0.1/localhost) can verify the SuperLink")
     out = _prepare_dir(out_dir)
     same_dir = out.resolve() == Path(ca_dir).resolve()
     if same_dir:
         log.warning("server files are written next to %s; move the CA key offline before deploying",
                     Path(ca_dir) / CA_KEY)
-    now = _now()
-    not_after = now + dt.timedelta(days=days)
+    not_after = _now() + dt.timedelta(days=days)
     if not_after > ca_cert.not_valid_after_utc:
         log.warning("capping the server certificate at the CA's expiry %s", f"{ca_cert.not_valid_after_utc:%Y-%m-%d}")
         not_after = ca_cert.not_valid_after_utc
     key = ec.generate_private_key(ec.SECP384R1())
-    first = sans[0].value
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, str(first))]))
-        .issuer_name(ca_cert.subject).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _CLOCK_SKEW).not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        _skeleton(str(sans[0].value), ca_cert.subject, key.public_key(), ca_key.public_key(), not_after, ca=False)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(_ski(key), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA384() if isinstance(ca_key, ec.EllipticCurvePrivateKey) else hashes.SHA256())
     )
     paths = Paths(cert=out / SERVER_CERT, key=out / SERVER_KEY, ca_cert=out / CA_CERT)
@@ -244,7 +238,6 @@ def create_node_keys(out_dir: str | os.PathLike[str], *, name: str, force: bool 
     return priv_path, pub_path
 
 
-
 _ROLES = """\
 Who holds what
   centre, SuperLink host: ca.crt, server.crt, server.key (SECRET)
@@ -257,42 +250,56 @@ Who holds what
   registration: the hospital sends supernode-<site>.pub to the centre, which runs
       flwr supernode register supernode-<site>.pub <connection>
 """
-_Item = tuple[Path, str, object]  # (file, kind, parsed object or error text)
 
 
-def _classify(path: Path) -> tuple[str, object] | None:
-    """Recognise a file by content: cert, key (PEM), ssh-private, ssh-public; None if neither."""
-    if path.stat().st_size > 1_000_000:
-        return None
-    data = path.read_bytes()
+@dataclass(frozen=True)
+class _Found:
+    """One recognised file: its kind (cert, key, ssh-private, ssh-public, unreadable) and parsed object."""
+
+    path: Path
+    kind: str
+    obj: Any
+    secret: bool
+
+    @property
+    def spki(self) -> bytes | None:
+        """DER public key, to pair keys with certificates and .pub files."""
+        if self.kind == "unreadable":
+            return None
+        public = self.obj.public_key() if self.kind in ("cert", "key", "ssh-private") else self.obj
+        return public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _classify(path: Path) -> _Found | None:
+    """Recognise a file by its content rather than its name; None if it is neither key nor certificate."""
+    try:
+        if path.stat().st_size > 1_000_000:
+            return None
+        data = path.read_bytes()
+    except OSError as exc:
+        return _Found(path, "unreadable", f"cannot read ({exc})", path.suffix == ".key")
+    secret = b"PRIVATE KEY-----" in data
     try:
         if b"-----BEGIN OPENSSH PRIVATE KEY-----" in data:
-            return "ssh-private", serialization.load_ssh_private_key(data, password=None)
-        if b"PRIVATE KEY-----" in data:
-            return "key", serialization.load_pem_private_key(data, password=None)
+            return _Found(path, "ssh-private", serialization.load_ssh_private_key(data, password=None), True)
+        if secret:
+            return _Found(path, "key", serialization.load_pem_private_key(data, password=None), True)
         if b"-----BEGIN CERTIFICATE-----" in data:
-            return "cert", x509.load_pem_x509_certificates(data)[0]
+            return _Found(path, "cert", x509.load_pem_x509_certificates(data)[0], False)
         if data.startswith((b"ecdsa-sha2-", b"ssh-")):
-            return "ssh-public", serialization.load_ssh_public_key(data.strip())
+            return _Found(path, "ssh-public", serialization.load_ssh_public_key(data.strip()), False)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        return "unreadable", f"cannot parse ({exc}); encrypted or corrupt?"
+        return _Found(path, "unreadable", f"cannot parse ({exc}); encrypted or corrupt?", secret)
     return None
 
 
-def _spki(key: object) -> bytes:
-    return key.public_bytes(serialization.Encoding.DER,  # type: ignore[attr-defined]
-                            serialization.PublicFormat.SubjectPublicKeyInfo)
+def _ssh_fingerprint(public_key: Any) -> str:
+    """``SHA256:...`` exactly as ``ssh-keygen -lf`` prints it, so sites can compare by phone."""
+    blob = public_key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).split()[1]
+    return "SHA256:" + base64.b64encode(hashlib.sha256(base64.b64decode(blob)).digest()).decode().rstrip("=")
 
 
-def _ssh_fingerprint(public_key: object) -> str:
-    """``SHA256:...`` as ``ssh-keygen -lf`` prints it."""
-    blob = public_key.public_bytes(serialization.Encoding.OpenSSH,  # type: ignore[attr-defined]
-                                   serialization.PublicFormat.OpenSSH).split()[1]
-    digest = hashlib.sha256(base64.b64decode(blob)).digest()
-    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
-
-
-def _key_type(key: object) -> str:
+def _key_type(key: Any) -> str:
     if isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)):
         return f"ECDSA {key.curve.name}"
     if isinstance(key, (rsa.RSAPrivateKey, rsa.RSAPublicKey)):
@@ -307,32 +314,6 @@ def _is_ca(cert: x509.Certificate) -> bool:
         return False
 
 
-def _cert_details(cert: x509.Certificate, items: list[_Item]) -> tuple[list[str], list[str]]:
-    now = _now()
-    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-    state = ("EXPIRED" if end <= now else "NOT YET VALID" if start > now else f"{(end - now).days} days left")
-    info = [f"{'CA' if _is_ca(cert) else 'leaf'} certificate, {_key_type(cert.public_key())}",
-            f"subject: {cert.subject.rfc4514_string()}", f"issuer:  {cert.issuer.rfc4514_string()}",
-            f"valid: {start:%Y-%m-%d %H:%M} -> {end:%Y-%m-%d %H:%M} UTC ({state})",
-            "SHA-256 fingerprint: " + cert.fingerprint(hashes.SHA256()).hex(":").upper()]
-    warn = [f"certificate is {state}"] if state in ("EXPIRED", "NOT YET VALID") else []
-    try:
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        info.append("SANs: " + ", ".join(str(n.value) for n in sans))
-        if not _is_ca(cert) and ipaddress.ip_address("127.0.0.1") not in sans.get_values_for_type(x509.IPAddress):
-            warn.append("SANs lack 127.0.0.1: the SuperLink's own SuperExec will fail TLS verification")
-    except x509.ExtensionNotFound:
-        if not _is_ca(cert):
-            warn.append("no subjectAltName: TLS clients will refuse this certificate")
-    if not _is_ca(cert):
-        issuers = [p.name for p, k, c in items if k == "cert" and _is_ca(c) and _issued_by(cert, c)]  # type: ignore[arg-type]
-        if issuers:
-            info.append("signed by: " + ", ".join(issuers))
-        elif any(k == "cert" and _is_ca(c) for _, k, c in items):  # type: ignore[arg-type]
-            warn.append("not signed by the CA certificate in this folder")
-    return info, warn
-
-
 def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     try:
         cert.verify_directly_issued_by(ca)
@@ -341,64 +322,84 @@ def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
         return False
 
 
-def _pairs(key: object, items: list[_Item], kinds: tuple[str, ...]) -> list[str]:
-    mine = _spki(key.public_key())  # type: ignore[attr-defined]
-    return [p.name for p, k, obj in items
-            if k in kinds and _spki(obj.public_key() if k == "cert" else obj) == mine]  # type: ignore[attr-defined]
+def _cert_details(cert: x509.Certificate, cas: list[_Found]) -> tuple[list[str], list[str]]:
+    now, start, end = _now(), cert.not_valid_before_utc, cert.not_valid_after_utc
+    state = "EXPIRED" if end <= now else "NOT YET VALID" if start > now else f"{(end - now).days} days left"
+    leaf = not _is_ca(cert)
+    info = [f"{'leaf' if leaf else 'CA'} certificate, {_key_type(cert.public_key())}",
+            f"subject: {cert.subject.rfc4514_string()}", f"issuer:  {cert.issuer.rfc4514_string()}",
+            f"valid: {start:%Y-%m-%d %H:%M} -> {end:%Y-%m-%d %H:%M} UTC ({state})",
+            "SHA-256 fingerprint: " + cert.fingerprint(hashes.SHA256()).hex(":").upper()]
+    warn = [f"certificate is {state}"] if not state.endswith("left") else []
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        info.append("SANs: " + ", ".join(str(n.value) for n in sans))
+        if leaf and ipaddress.ip_address("127.0.0.1") not in sans.get_values_for_type(x509.IPAddress):
+            warn.append("SANs lack 127.0.0.1: the SuperLink's own SuperExec will fail TLS verification")
+    except x509.ExtensionNotFound:
+        if leaf:
+            warn.append("no subjectAltName: TLS clients will refuse this certificate")
+    if leaf and cas:
+        issuers = [ca.path.name for ca in cas if _issued_by(cert, ca.obj)]
+        if issuers:
+            info.append("signed by: " + ", ".join(issuers))
+        else:
+            warn.append("not signed by the CA certificate in this folder")
+    return info, warn
+
+
+def _file_report(item: _Found, found: list[_Found]) -> tuple[list[str], list[str]]:
+    """What to print about one file: facts, then warnings."""
+    pairs = ", ".join(f.path.name for f in found if f is not item and f.kind in ("cert", "ssh-public")
+                      and item.kind in ("key", "ssh-private") and f.spki == item.spki)
+    info: list[str] = []
+    warn: list[str] = []
+    if item.kind == "cert":
+        info, warn = _cert_details(item.obj, [f for f in found if f.kind == "cert" and _is_ca(f.obj)])
+    elif item.kind == "key":
+        info = [f"private key, {_key_type(item.obj)}", f"pairs with: {pairs or 'no certificate here'}"]
+    elif item.kind == "ssh-private":
+        info = [f"SuperNode auth private key (OpenSSH), {_key_type(item.obj)}",
+                f"fingerprint: {_ssh_fingerprint(item.obj.public_key())}", f"pairs with: {pairs or 'no .pub here'}"]
+    elif item.kind == "ssh-public":
+        info = [f"SuperNode public key (register it at the centre), {_key_type(item.obj)}",
+                f"fingerprint: {_ssh_fingerprint(item.obj)}"]
+    else:
+        warn = [str(item.obj)]
+    ec_types = (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)
+    if item.kind.startswith("ssh-") and not isinstance(item.obj, ec_types):
+        warn.append("Flower 1.41 accepts only EC (NIST curve) node keys; create one with `cldlr certs node`")
+    mode = stat.S_IMODE(item.path.stat().st_mode)
+    info.append(f"mode {mode:04o}" + (" (SECRET)" if item.secret else ""))
+    if item.secret and mode & 0o077:
+        warn.append(f"SECRET file is readable by group/others (mode {mode:04o}); run: chmod 600 {item.path}")
+    if mode & 0o022:
+        warn.append(f"writable by group/others (mode {mode:04o}), so it could be swapped; run: chmod go-w {item.path}")
+    return info, warn
 
 
 def describe(directory: str | os.PathLike[str]) -> str:
-    """Explain who must hold which file, then list each certificate/key here with checks.
+    """Explain who must hold which file, then list each certificate/key in ``directory`` with checks.
 
     Checks: validity, SANs (incl. 127.0.0.1), chain to a CA in the folder, key/cert pairing,
-    Flower's node-key format, and file permissions (secrets must be owner-only).
+    Flower's node-key type, and permissions (secrets must be owner-only, nothing group-writable).
     """
     root = Path(directory)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder; give the folder that holds the certificates/keys")
-    items: list[_Item] = []
-    for path in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
-        found = _classify(path)
-        if found:
-            items.append((path, *found))
-    lines = [_ROLES, f"Files in {root}:"]
-    n_warn = 0
-    for path, kind, obj in items:
-        secret = kind in ("key", "ssh-private") or (kind == "unreadable" and "PRIVATE" in path.read_text(errors="replace"))
-        info: list[str] = []
-        warn: list[str] = []
-        if kind == "cert":
-            info, warn = _cert_details(obj, items)  # type: ignore[arg-type]
-        elif kind == "key":
-            pairs = _pairs(obj, items, ("cert",))
-            info = [f"private key, {_key_type(obj)}", "pairs with: " + (", ".join(pairs) or "no certificate here")]
-        elif kind == "ssh-private":
-            pub = obj.public_key()  # type: ignore[attr-defined]
-            pairs = _pairs(obj, items, ("ssh-public",))
-            info = [f"SuperNode auth private key (OpenSSH), {_key_type(obj)}", f"fingerprint: {_ssh_fingerprint(pub)}",
-                    "pairs with: " + (", ".join(pairs) or "no .pub here")]
-        elif kind == "ssh-public":
-            info = [f"SuperNode public key (register at the centre), {_key_type(obj)}",
-                    f"fingerprint: {_ssh_fingerprint(obj)}"]
-        else:
-            warn = [str(obj)]
-        if kind in ("ssh-private", "ssh-public") and not isinstance(
-                obj, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)):
-            warn.append("Flower 1.41 accepts only EC (NIST curve) node keys; create one with `cldlr certs node`")
-        mode = stat.S_IMODE(path.stat().st_mode)
-        info.append(f"mode {mode:04o}" + (" (SECRET)" if secret else ""))
-        if secret and mode & 0o077:
-            warn.append(f"SECRET file is readable by group/others (mode {mode:04o}); run: chmod 600 {path}")
-        if mode & 0o022:
-            warn.append(f"writable by group/others (mode {mode:04o}); someone could swap it; run: chmod go-w {path}")
-        lines.append(f"  {path.name}")
-        lines += [f"    {line}" for line in info] + [f"    WARNING: {line}" for line in warn]
+    paths = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+    found = [f for f in map(_classify, paths) if f is not None]
+    lines, n_warn = [_ROLES, f"Files in {root}:"], 0
+    for item in found:
+        info, warn = _file_report(item, found)
+        lines += [f"  {item.path.name}"] + [f"    {s}" for s in info] + [f"    WARNING: {s}" for s in warn]
         n_warn += len(warn)
-    names = {p.name for p, _, _ in items}
+    names = {f.path.name for f in found}
     if CA_KEY in names and SERVER_KEY in names:
-        lines.append(f"  WARNING: {CA_KEY} sits next to {SERVER_KEY}; keep the CA key offline, not on the SuperLink host")
+        lines.append(f"  WARNING: {CA_KEY} sits next to {SERVER_KEY}; keep the CA key offline, "
+                     "not on the SuperLink host")
         n_warn += 1
-    if not items:
+    if not found:
         lines.append("  (no certificates or keys found)")
     lines.append(f"{n_warn} warning(s)")
     return "\n".join(lines)

@@ -177,7 +177,9 @@ def _run_round(
     failed = "; ".join(f"node {nid}: {reason}" for nid, reason in sorted(recording.errors.items())) or "none reported"
     where = f"secure sum '{spec.task}' slice [{spec.offset}, {spec.offset + spec.count})"
     if not strategy.called or strategy.mean is None:
-        raise SecureSumError(f"{where}: Flower's SecAgg+ halted (too few sites kept up with the protocol); site errors: {failed}")
+        raise SecureSumError(
+            f"{where}: Flower's SecAgg+ halted (too few sites kept up with the protocol); site errors: {failed}"
+        )
     for reply in strategy.replies:
         if reply.num_examples != 1:
             raise SecureSumError(f"{where}: a site replied with weight {reply.num_examples} instead of 1")
@@ -186,7 +188,9 @@ def _run_round(
     if strategy.mean.size != spec.count:
         raise SecureSumError(f"{where}: got {strategy.mean.size} values, expected {spec.count}")
     if len(strategy.node_ids) < min_sites:
-        raise SecureSumError(f"{where}: only {len(strategy.node_ids)} sites contributed, at least {min_sites} required; site errors: {failed}")
+        raise SecureSumError(
+            f"{where}: only {len(strategy.node_ids)} sites contributed, at least {min_sites} required; site errors: {failed}"
+        )
     if recording.errors:
         logger.warning("%s: sites failed and were left out: %s", where, failed)
     return strategy.mean, strategy.node_ids
@@ -232,17 +236,23 @@ def secure_sum(
     contributors: tuple[int, ...] | None = None
     slices = split_rounds(length, max_elements_per_round)
     for offset, count in slices:
-        spec = SecureSumSpec(task=task, call_id=call_id, plan=plan, offset=offset, count=count, payload=dict(payload_config or {}))
-        mean, node_ids = _run_round(grid, context, spec, num_sites=num_sites_expected, min_sites=min_sites, cfg=cfg, timeout=timeout)
+        spec = SecureSumSpec(task, call_id, plan, offset, count, dict(payload_config or {}))
+        mean, node_ids = _run_round(
+            grid, context, spec, num_sites=num_sites_expected, min_sites=min_sites, cfg=cfg, timeout=timeout
+        )
         if contributors is not None and set(node_ids) != set(contributors):
-            raise SecureSumError(f"secure sum '{task}': sites changed between slices ({sorted(contributors)} -> {sorted(node_ids)})")
+            raise SecureSumError(
+                f"secure sum '{task}': sites changed between slices ({sorted(contributors)} -> {sorted(node_ids)})"
+            )
         contributors = node_ids
         scaled[offset : offset + count] = mean * len(node_ids)
     assert contributors is not None  # split_rounds yields at least one slice
     if len(contributors) == 2:
         logger.warning("secure sum '%s' over 2 sites: each site can subtract its own vector and learn the other's", task)
     elapsed = time.monotonic() - start
-    logger.info("secure sum '%s': %d values over %d sites in %d round(s), %.1f s", task, length, len(contributors), len(slices), elapsed)
+    logger.info(
+        "secure sum '%s': %d values over %d sites in %d round(s), %.1f s", task, length, len(contributors), len(slices), elapsed
+    )
     error_bound = plan.error_bound(len(contributors), cfg.quantization_range)
     values = plan.unscale(scaled)
     if integer:

@@ -1,10 +1,11 @@
 """Test-only Flower app: simulated sites securely sum known vectors for several tasks in a row.
 
-Run as ``python tests/secagg_app.py '<settings JSON>'`` (Flower's simulation engine with Ray), or
-with ``flwr run`` where the same settings come from the run config. Settings: ``output`` (JSON
-file the ServerApp writes), ``sites`` (3), ``long-length`` (0 skips the long task),
-``record-dir`` (where each site dumps everything it sends), ``bad-task`` (also run a task that
-sites answer with the wrong length), ``max-elements-per-round`` (0 = one round).
+Run as ``python tests/secagg_app.py '<settings JSON>'`` (Flower's simulation engine with Ray).
+Settings are read from the run config when it has them, else from ``$CLDLR_SECAGG_DEMO``
+(``run_simulation`` passes no run config): ``output`` (JSON file the ServerApp writes), ``sites``
+(3), ``long-length`` (0 skips the long task), ``record-dir`` (where each site dumps everything it
+sends), ``bad-task`` (also run tasks that sites answer with the wrong length),
+``max-elements-per-round`` (0 = one round).
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ def test_error_bound_grows_with_bound_and_sites() -> None:
     one = quantization_error_bound(1.0, 1, Q)
     assert quantization_error_bound(10.0, 1, Q) == pytest.approx(10 * one)
     assert quantization_error_bound(1.0, 4, Q) == pytest.approx(4 * one)
-    assert one == pytest.approx(2.0 / Q, rel=1e-9)
+    assert one == pytest.approx(2.0 / Q, rel=1e-5)
     with pytest.raises(SecureSumError):
         quantization_error_bound(1.0, 0, Q)
 
@@ -234,7 +234,6 @@ def _plain(task: str, payload: dict[str, Any]) -> np.ndarray:
     return np.sum([site_vector(task, p, payload) for p in range(3)], axis=0)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("task", ["small", "long", "counts"])
 def test_secure_sum_equals_plain_sum(demo: tuple[dict[str, Any], Path], task: str) -> None:
     result = demo[0][task]
@@ -248,7 +247,6 @@ def test_secure_sum_equals_plain_sum(demo: tuple[dict[str, Any], Path], task: st
         assert np.all(np.abs(values - plain) <= limit), np.max(np.abs(values - plain) - limit)
 
 
-@pytest.mark.slow
 def test_failures_are_reported_not_swallowed(demo: tuple[dict[str, Any], Path]) -> None:
     results = demo[0]
     assert results["passthrough"] == {"train": True, "query": True}  # other messages bypass SecAgg+
@@ -270,23 +268,32 @@ def _window_keys(raw: bytes, step: int) -> np.ndarray:
     return np.concatenate(keys)
 
 
-def _leaks(blobs: dict[str, np.ndarray], vector: np.ndarray) -> list[str]:
-    """Blobs holding two consecutive float64 or four consecutive float32 elements of ``vector``."""
-    secrets = np.concatenate(
-        [_window_keys(np.asarray(vector, "<f8").tobytes(), 8), _window_keys(np.asarray(vector, "<f4").tobytes(), 4)]
-    )
-    return [name for name, blob in blobs.items() if np.isin(_window_keys(blob.tobytes(), 1), secrets).any()]
+def _fingerprints(*vectors: np.ndarray) -> np.ndarray:
+    """Sorted keys of every two consecutive float64 and four consecutive float32 elements."""
+    keys = [_window_keys(np.asarray(v, "<f8").tobytes(), 8) for v in vectors]
+    keys += [_window_keys(np.asarray(v, "<f4").tobytes(), 4) for v in vectors]
+    return np.unique(np.concatenate(keys))
+
+
+def _leaks(blobs: dict[str, np.ndarray], fingerprints: np.ndarray) -> list[str]:
+    """Names of the blobs that contain any fingerprinted window, at any byte offset."""
+    found = []
+    for name, blob in blobs.items():
+        keys = _window_keys(blob.tobytes(), 1)
+        pos = np.minimum(np.searchsorted(fingerprints, keys), fingerprints.size - 1)
+        if keys.size and np.any(fingerprints[pos] == keys):
+            found.append(name)
+    return found
 
 
 def test_leak_detector_sees_a_plaintext_vector() -> None:
     v = np.random.default_rng(5).uniform(-3, 3, 50)
     for dtype in (np.float32, np.float64):
         blob = np.frombuffer(b"\x01\x02\x03" + v[10:15].astype(dtype).tobytes() + b"\x04", dtype=np.uint8)
-        assert _leaks({"x": blob}, v) == ["x"]
-    assert _leaks({"x": np.frombuffer(np.random.default_rng(6).bytes(4096), dtype=np.uint8)}, v) == []
+        assert _leaks({"x": blob}, _fingerprints(v)) == ["x"]
+    assert _leaks({"x": np.frombuffer(np.random.default_rng(6).bytes(4096), dtype=np.uint8)}, _fingerprints(v)) == []
 
 
-@pytest.mark.slow
 def test_no_site_vector_leaves_a_site_in_plaintext(demo: tuple[dict[str, Any], Path]) -> None:
     results, sent = demo
     from secagg_app import SMALL_BLOCKS, LONG_BOUND, site_vector
@@ -299,13 +306,13 @@ def test_no_site_vector_leaves_a_site_in_plaintext(demo: tuple[dict[str, Any], P
             "small": (site_vector("small", partition, results["small"]["payload"]), ScalePlan.from_bounds(SMALL_BLOCKS, 6, C)),
             "long": (site_vector("long", partition, results["long"]["payload"]), ScalePlan.from_bounds(LONG_BOUND, LONG, C)),
         }
+        secret = _fingerprints(*[v for vec, plan in vectors.values() for v in (vec, plan.scale(vec))])
         for path in files:
             with np.load(path) as npz:
                 blobs = {k: npz[k] for k in npz.files}
             if "count/fitres.parameters" in blobs:
                 assert blobs["count/fitres.parameters"][0] == 0  # SecAgg+ emptied the plaintext ArrayRecord
-            for task, (vector, plan) in vectors.items():
-                assert not _leaks(blobs, vector) and not _leaks(blobs, plan.scale(vector)), (path.name, task)
+            assert not _leaks(blobs, secret), path.name
             masked = [np.load(io.BytesIO(blobs[k].tobytes())) for k in blobs if "masked_params" in k]
             if masked and masked[-1].size == LONG:
                 masked_seen += 1

@@ -20,7 +20,7 @@ from cldlr.client.site import SiteSession
 from cldlr.common import secure_metrics
 from cldlr.common.clinical_features import ClinicalEncoder, encoder_sums
 from cldlr.common.config import Config
-from cldlr.common.federation import (FusionPayload, evaluation_layout, selection_from_payload)
+from cldlr.common.federation import FusionPayload, evaluation_layout, fusion_models_from_payload, selection_from_payload
 from cldlr.common.fusion import site_sums
 from cldlr.common.models import build_model
 from cldlr.common.weights import arrays_to_model, arrays_to_tensors, model_to_arrays
@@ -106,13 +106,13 @@ class FederatedSite:
 
     # -- phase 3: SVM fusion ----------------------------------------------------------------
     def fusion_sums(self, payload: Mapping[str, Any]) -> np.ndarray:
-        request = FusionPayload.from_payload(payload, self.config, self._fusion_cache)
+        request = FusionPayload.decode(payload, self._fusion_cache)
         clinical = self._clinical(payload, "train")
         return site_sums(request, clinical, self.embeddings("train"), self.session.train.labels)
 
     # -- phase 4: evaluation ----------------------------------------------------------------
     def _scores(self, payload: Mapping[str, Any], split: str) -> dict[str, np.ndarray]:
-        fusion = FusionPayload.models_from_payload(payload, self.config, self._fusion_cache)
+        fusion = fusion_models_from_payload(payload, self._fusion_cache)
         return fusion.predict_proba(self._clinical(payload, split), self.embeddings(split))
 
     def score_histograms(self, payload: Mapping[str, Any]) -> np.ndarray:

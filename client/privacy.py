@@ -16,6 +16,7 @@ conservative (a larger ε) compared with the PRV accountant.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import warnings
 from collections.abc import Iterator
@@ -36,6 +37,8 @@ from cldlr.common.errors import CldlrError
 log = logging.getLogger(__name__)
 
 ACCOUNTANT = "rdp"
+# Opacus's RDP orders plus larger ones: a large ε over few steps is tightest at high orders.
+ALPHAS = [*RDPAccountant.DEFAULT_ALPHAS, *range(64, 257, 8)]
 EPSILON_SLACK = 1e-6  # absolute: a round may end at most this far above target_epsilon
 STATE_FORMAT = 1
 
@@ -112,6 +115,13 @@ class PrivacyPlan:
     accountant: str = ACCOUNTANT
 
 
+@functools.lru_cache(maxsize=64)
+def _noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """Opacus's binary search (seconds of RDP sums), cached: a Flower client is rebuilt every round."""
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                      steps=steps, accountant=ACCOUNTANT, alphas=ALPHAS))
+
+
 def calibrate(cfg: PrivacyConfig, *, n_train: int, batch_size: int, total_epochs: int) -> PrivacyPlan:
     """Choose σ so that ``total_epochs`` of Poisson-sampled steps end at ε ≤ target (at δ).
 
@@ -133,14 +143,12 @@ def calibrate(cfg: PrivacyConfig, *, n_train: int, batch_size: int, total_epochs
     sample_rate = batch_size / n_train
     steps_per_epoch = n_train // batch_size
     try:
-        sigma = get_noise_multiplier(target_epsilon=cfg.target_epsilon, target_delta=cfg.delta,
-                                     sample_rate=sample_rate, steps=total_epochs * steps_per_epoch,
-                                     accountant=ACCOUNTANT)
+        sigma = _noise_multiplier(cfg.target_epsilon, cfg.delta, sample_rate, total_epochs * steps_per_epoch)
     except ValueError as exc:
         raise CldlrError(f"no noise level reaches ε={cfg.target_epsilon} at δ={cfg.delta} over {total_epochs} "
                          f"epochs of {n_train} images ({exc}); raise the budget or train fewer epochs") from exc
     return PrivacyPlan(n_train=n_train, batch_size=batch_size, total_epochs=total_epochs,
-                       steps_per_epoch=steps_per_epoch, sample_rate=sample_rate, noise_multiplier=float(sigma),
+                       steps_per_epoch=steps_per_epoch, sample_rate=sample_rate, noise_multiplier=sigma,
                        max_grad_norm=cfg.max_grad_norm, target_epsilon=cfg.target_epsilon, delta=cfg.delta)
 
 
@@ -179,14 +187,14 @@ class SitePrivacy:
 
     def epsilon(self) -> float:
         """Cumulative ε at the configured δ after every step so far."""
-        return float(self._accountant.get_epsilon(delta=self.plan.delta))
+        return float(self._accountant.get_epsilon(delta=self.plan.delta, alphas=ALPHAS))
 
     def epsilon_after(self, epochs: int) -> float:
         """The cumulative ε if ``epochs`` more local epochs were trained (composed on a copy)."""
         trial = RDPAccountant()
         trial.history = [*self._accountant.history,
                          (self.plan.noise_multiplier, self.plan.sample_rate, epochs * self.plan.steps_per_epoch)]
-        return float(trial.get_epsilon(delta=self.plan.delta))
+        return float(trial.get_epsilon(delta=self.plan.delta, alphas=ALPHAS))
 
     def would_exceed(self, epochs: int) -> bool:
         """Whether training ``epochs`` more would take ε above target (+ :data:`EPSILON_SLACK`)."""

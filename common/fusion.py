@@ -3,13 +3,16 @@
 Inputs are the clinical block ``[n, c]`` (imputed, ``c`` may be 0) and VGG11 embeddings
 ``[n, d]``. All three models see standardized columns (training-cohort mean/SD) weighted per
 block so that each block adds the same share to the expected squared distance between two cases
-(see :func:`cldlr.common.rff.block_weight`); without that, 4096 deep columns drown a handful of
-clinical ones in the RBF kernel. The CLDLR probability is the AI score.
+(see :func:`cldlr.common.rff.block_weight`); without that, 4096 mostly-noise deep columns drown a
+handful of clinical ones in the RBF kernel. The CLDLR probability is the AI score.
 
 Solvers: ``svc`` is scikit-learn's SVC with Platt scaling on internal cross-validation (the
-paper; optional PCA of the standardized embeddings, ``embedding_pca``); ``rff`` approximates the
-same RBF kernel with random Fourier features and a least-squares SVM, fitted by
-:class:`RffFusionFitter` from summed statistics only, so a federation gets exactly the pooled fit.
+paper); ``rff`` approximates the same RBF kernel with random Fourier features and a
+least-squares SVM, fitted by :class:`RffFusionFitter` from summed statistics only, so a
+federation gets exactly the pooled fit. Both share the preprocessing, including the optional
+PCA of the standardized embeddings (``embedding_pca``, computed from sums as well): without it
+the RBF kernel on thousands of columns is so flat that a few hundred random features cannot
+resolve it, so keep it on for ``rff``.
 
 When no clinical column is usable (``c == 0`` or all constant) the clinical model is not fitted
 (no ``"clinical"`` key) and CLDLR is the DLR model itself; the reason is logged and kept in ``notes``.
@@ -26,7 +29,6 @@ from typing import Any
 import numpy as np
 from scipy.special import expit
 from sklearn.calibration import CalibratedClassifierCV
-from sklearn.decomposition import PCA
 from sklearn.metrics.pairwise import linear_kernel, rbf_kernel
 from sklearn.model_selection import StratifiedKFold
 from sklearn.svm import SVC
@@ -61,13 +63,16 @@ class RffModel:
     B: float = 0.0
 
     def features(self, X: np.ndarray) -> np.ndarray:
+        """Primal features of ``[clinical | embeddings]`` rows (what sites sum over)."""
         Z = self.fmap.transform(X)
         return Z if self.W is None else rff_map(Z, (self.W, self.b))
 
     def decision(self, X: np.ndarray) -> np.ndarray:
+        """LS-SVM decision value; positive leans malignant."""
         return self.features(X) @ self.theta[:-1] + self.theta[-1]
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """Platt-calibrated probability of malignancy."""
         return expit(-(self.A * self.decision(X) + self.B))
 
 
@@ -85,6 +90,7 @@ class SvcModel:
     B: float
 
     def decision(self, X: np.ndarray) -> np.ndarray:
+        """The public ``SVC.decision_function`` (positive = malignant), from the stored dual."""
         Z = self.fmap.transform(X)
         if self.kernel == "rbf":
             K = rbf_kernel(Z, self.support_vectors, gamma=self.gamma)
@@ -93,6 +99,7 @@ class SvcModel:
         return K @ self.dual_coef + self.intercept
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """Platt-calibrated probability of malignancy, as ``CalibratedClassifierCV.predict_proba[:, 1]``."""
         return expit(-(self.A * self.decision(X) + self.B))
 
     @classmethod
@@ -172,66 +179,82 @@ class FusionModels:
 
     def to_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Plain arrays (for safetensors/npz) and JSON metadata — nothing that runs code on load."""
-        arrays: dict[str, np.ndarray] = {}
-        entries: dict[str, dict[str, Any]] = {}
-        seen: dict[int, str] = {}
-        for name, model in self.models.items():
-            if id(model) in seen:
-                entries[name] = {"same_as": seen[id(model)]}
-                continue
-            seen[id(model)] = name
-            entry: dict[str, Any] = {"type": "rff" if isinstance(model, RffModel) else "svc"}
-            for key, value in _flatten(model):
-                if isinstance(value, np.ndarray):
-                    arrays[f"{name}.{key}"] = np.ascontiguousarray(value)
-                else:
-                    entry[key] = value
-            entries[name] = entry
-        meta = {"format": FORMAT, "version": FORMAT_VERSION, **self.summary(), "models": entries}
-        return arrays, meta
+        arrays, entries = _models_to_arrays(self.models)
+        return arrays, {"format": FORMAT, "version": FORMAT_VERSION, **self.summary(), "models": entries}
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> FusionModels:
         """Rebuild from :meth:`to_arrays` output; errors name the missing or unknown piece."""
-        if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-            raise CldlrError(f"not a {FORMAT} v{FORMAT_VERSION} model (got {meta.get('format')!r} v{meta.get('version')!r})")
-        models: dict[str, Model] = {}
-        entries = meta["models"]
-        for name, entry in entries.items():
-            if "same_as" not in entry:
-                if entry.get("type") not in _MODEL_TYPES:
-                    raise CldlrError(f"model {name!r}: unknown type {entry.get('type')!r}")
-                models[name] = _unflatten(_MODEL_TYPES[entry["type"]], name, entry, arrays)
-        for name, entry in entries.items():
-            if "same_as" in entry:
-                models[name] = models[entry["same_as"]]
-        rounds = meta.get("rounds")
-        return cls(models=models, n_clinical=int(meta["n_clinical"]), n_deep=int(meta["n_deep"]),
-                   solver=str(meta["solver"]), notes=tuple(meta.get("notes", ())), rounds=rounds)
+        _check_format(meta, ("models", "n_clinical", "n_deep", "solver"))
+        return cls(models=_models_from_arrays(arrays, meta["models"]), n_clinical=int(meta["n_clinical"]),
+                   n_deep=int(meta["n_deep"]), solver=str(meta["solver"]), notes=tuple(meta.get("notes", ())),
+                   rounds=meta.get("rounds"))
 
 
-def _flatten(model: Model) -> list[tuple[str, Any]]:
-    """(key, value) pairs of a model; the feature map's fields become ``fmap.<field>``."""
+def _check_format(meta: dict[str, Any], required: tuple[str, ...]) -> None:
+    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        raise CldlrError(f"not a {FORMAT} v{FORMAT_VERSION} model (got {meta.get('format')!r} v{meta.get('version')!r})")
+    missing = [key for key in required if key not in meta]
+    if missing:
+        raise CldlrError(f"{FORMAT} metadata lacks {', '.join(missing)}; the file or message is incomplete")
+
+
+def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(key, value) pairs of a model or feature map; nested feature maps become ``fmap.<field>``."""
     items: list[tuple[str, Any]] = []
-    for f in dataclasses.fields(model):
-        value = getattr(model, f.name)
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
         if isinstance(value, FeatureMap):
-            items += [(f"fmap.{g.name}", getattr(value, g.name)) for g in dataclasses.fields(value)]
+            items += _flatten(value, f"{prefix}{f.name}.")
         else:
-            items.append((f.name, float(value) if isinstance(value, np.floating) else value))
+            items.append((prefix + f.name, float(value) if isinstance(value, np.floating) else value))
     return items
 
 
-def _unflatten(kind: type, name: str, entry: dict[str, Any], arrays: dict[str, np.ndarray]) -> Model:
+def _unflatten(kind: type, name: str, entry: dict[str, Any], arrays: dict[str, np.ndarray], prefix: str = "") -> Any:
     def get(key: str) -> Any:
         if f"{name}.{key}" in arrays:
             return np.asarray(arrays[f"{name}.{key}"])
         if key in entry:
             return entry[key]
-        raise CldlrError(f"model {name!r}: stored arrays/metadata lack {name}.{key}; the file is incomplete")
+        raise CldlrError(f"{name!r}: stored arrays/metadata lack {name}.{key}; the file or message is incomplete")
 
-    fmap = FeatureMap(**{g.name: get(f"fmap.{g.name}") for g in dataclasses.fields(FeatureMap)})
-    return kind(fmap=fmap, **{f.name: get(f.name) for f in dataclasses.fields(kind) if f.name != "fmap"})
+    return kind(**{f.name: _unflatten(FeatureMap, name, entry, arrays, f"{prefix}{f.name}.") if f.name == "fmap"
+                   else get(prefix + f.name) for f in dataclasses.fields(kind)})
+
+
+def _models_to_arrays(models: dict[str, Model]) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
+    """Arrays keyed ``<model>.<field>`` and JSON entries; a model shared by two names is stored once."""
+    arrays: dict[str, np.ndarray] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    seen: dict[int, str] = {}
+    for name, model in models.items():
+        if id(model) in seen:
+            entries[name] = {"same_as": seen[id(model)]}
+            continue
+        seen[id(model)] = name
+        entries[name] = {"type": "rff" if isinstance(model, RffModel) else "svc"}
+        for key, value in _flatten(model):
+            if isinstance(value, np.ndarray):
+                arrays[f"{name}.{key}"] = np.ascontiguousarray(value)
+            else:
+                entries[name][key] = value
+    return arrays, entries
+
+
+def _models_from_arrays(arrays: dict[str, np.ndarray], entries: dict[str, dict[str, Any]]) -> dict[str, Model]:
+    models: dict[str, Model] = {}
+    for name, entry in entries.items():
+        if "same_as" not in entry:
+            if entry.get("type") not in _MODEL_TYPES:
+                raise CldlrError(f"model {name!r}: unknown type {entry.get('type')!r}")
+            models[name] = _unflatten(_MODEL_TYPES[entry["type"]], name, entry, arrays)
+    for name, entry in entries.items():
+        if "same_as" in entry:
+            if entry["same_as"] not in models:
+                raise CldlrError(f"model {name!r} refers to {entry['same_as']!r}, which is not stored")
+            models[name] = models[entry["same_as"]]
+    return models
 
 
 def _no_clinical_note(n_clinical: int) -> str:
@@ -286,6 +309,29 @@ class RffRequest:
     deep_map: FeatureMap | None = None
     basis: np.ndarray | None = None
 
+    def to_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Arrays + JSON for the wire (no pickle). Between Platt rounds only the models' A, B change."""
+        arrays, entries = _models_to_arrays(self.models)
+        arrays |= {f"factor.{name}": U for name, U in self.factors.items()}
+        if self.basis is not None:
+            arrays["pca.basis"] = self.basis
+        if self.deep_map is not None:
+            arrays |= {f"pca.{key}": v for key, v in _flatten(self.deep_map) if v is not None}
+        meta = {"format": FORMAT, "version": FORMAT_VERSION, "phase": self.phase, "counts": list(self.counts),
+                "models": entries, "factors": sorted(self.factors), "pca": self.deep_map is not None}
+        # C order: safetensors writes the raw buffer, so a Fortran-ordered factor would come back transposed
+        return {key: np.ascontiguousarray(value) for key, value in arrays.items()}, meta
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> RffRequest:
+        """Inverse of :meth:`to_arrays`, on the site."""
+        _check_format(meta, ("phase", "counts", "models", "factors", "pca"))
+        deep_map = _unflatten(FeatureMap, "pca", {"projection": None}, arrays) if meta["pca"] else None
+        return cls(phase=str(meta["phase"]), models=_models_from_arrays(arrays, meta["models"]),
+                   factors={name: np.asarray(arrays[f"factor.{name}"]) for name in meta["factors"]},
+                   counts=(float(meta["counts"][0]), float(meta["counts"][1])), deep_map=deep_map,
+                   basis=np.asarray(arrays["pca.basis"]) if meta["pca"] else None)
+
 
 def site_sums(request: RffRequest, clinical: np.ndarray | None, embeddings: np.ndarray, y: np.ndarray) -> np.ndarray:
     """One site's flat vector of sums for ``request``; the server only needs the element-wise total."""
@@ -314,16 +360,18 @@ class RffFusionFitter:
     :func:`~cldlr.common.rff.pca_rounds`, each Σ ZᵀZQ of width k+10) → LS-SVM (1: S, t of all
     models at once) → Platt Newton steps (k, all models in lock-step). γ=scale and the block
     weights follow from the sums, the RFF map from the shared seed; ``rounds`` counts them.
+    With quantized secure sums (SecAgg+) the Newton steps never shrink below the quantization
+    noise: set ``platt_tol`` to about that noise (e.g. 1e-6) rather than wasting rounds.
     """
 
     def __init__(self, cfg: SVMConfig, n_clinical: int, n_deep: int, *, seed: int = 0,
-                 balance: bool = True, max_platt_rounds: int = 100) -> None:
+                 balance: bool = True, max_platt_rounds: int = 100, platt_tol: float = 1e-10) -> None:
         if cfg.kernel == "rbf" and cfg.embedding_pca == 0 and n_deep > cfg.rff_features:
             log.warning("rff on %d deep columns without PCA: the RBF kernel varies less than the noise of %d random "
                         "features there, so DLR/CLDLR lose accuracy; set svm.embedding_pca (e.g. 16)",
                         n_deep, cfg.rff_features)
         self.cfg, self.n_clinical, self.n_deep = cfg, n_clinical, n_deep
-        self.seed, self.balance, self.max_platt_rounds = seed, balance, max_platt_rounds
+        self.seed, self.balance, self.max_platt_rounds, self.platt_tol = seed, balance, max_platt_rounds, platt_tol
         self.phase = "moments"
         self.models: dict[str, RffModel] = {}
         self.factors: dict[str, np.ndarray] = {}
@@ -338,6 +386,7 @@ class RffFusionFitter:
 
     @property
     def done(self) -> bool:
+        """True once the last Platt round has been received; then call :meth:`result`."""
         return self.phase == "done"
 
     @property
@@ -346,6 +395,7 @@ class RffFusionFitter:
         return {**self._rounds, "total": sum(self._rounds.values())}
 
     def request(self) -> RffRequest:
+        """What to broadcast for the current round (references the fitter's state; do not mutate)."""
         return RffRequest(phase=self.phase, models=self.models, factors=self.factors, counts=self.counts,
                           deep_map=self._deep_map, basis=self._basis)
 
@@ -426,7 +476,7 @@ class RffFusionFitter:
             if name in self._open:
                 A, B, step = platt_step(row, m.A, m.B)
                 self.models[name] = dataclasses.replace(m, A=A, B=B)
-                if platt_converged(step, A, B):
+                if platt_converged(step, A, B, self.platt_tol):
                     self._open.discard(name)
         if not self._open or self._rounds["platt"] >= self.max_platt_rounds:
             if self._open:

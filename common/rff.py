@@ -4,7 +4,7 @@ Every fitting step is a *local* pure function of one site's cases that returns s
 plus a *combine* function that needs nothing but the element-wise total of those sums. A
 federation therefore only has to add vectors (securely); one site calling the same functions on
 its own data gets the pooled fit, which is how the single-site ``rff`` solver is implemented.
-Secure rounds: moments (1) → LS-SVM sums (1) → one round per Platt Newton step (k).
+Secure rounds: moments (1) → PCA sketches (0 or a few) → LS-SVM sums (1) → Platt Newton steps (k).
 """
 
 from __future__ import annotations
@@ -131,7 +131,9 @@ def block_weight(block_variance: float, weight: float, balance: bool) -> float:
     RBF kernel would see nothing but the deep block. Dividing a block of standardized columns by
     sqrt(its width) — by sqrt(Σ variances) for PCA scores — gives every block the same share
     (``clinical_block_weight`` tilts it on purpose). Without ``balance`` (the ablation "plain
-    concatenation") every column keeps weight 1.
+    concatenation") every column keeps weight 1. Equal shares are a prior, not a learnt weight:
+    they rescue a clinical signal next to a mostly-noise deep block, but when the deep block is
+    strongly informative the plain concatenation can score higher — report the ablation.
     """
     if not balance:
         return 1.0

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CldlrError
+from cldlr.common.errors import CldlrError
 
 SPEC_KEY = "cldlr.secure-sum"
 """Key of the JSON spec inside the legacy ``fitins.config`` of a secure-sum round."""

@@ -28,8 +28,8 @@ from flwr.server.strategy import FedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
-from ..common.config import SecAggConfig
-from ..common.secure_sum import (
+from cldlr.common.config import SecAggConfig
+from cldlr.common.secure_sum import (
     SPEC_KEY,
     BoundSpec,
     ScalePlan,
@@ -110,6 +110,7 @@ class _ErrorRecordingGrid:
         self.errors: dict[int, str] = {}
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Forward to the real grid and note each error reply's reason by node."""
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         for reply in replies:
             if reply.has_error():
@@ -118,6 +119,7 @@ class _ErrorRecordingGrid:
         return replies
 
     def __getattr__(self, name: str) -> Any:
+        """Everything else (node ids, run, push/pull) is the real grid's."""
         return getattr(self._grid, name)
 
 

@@ -1,4 +1,7 @@
-"""Test-only Flower app: simulated sites securely sum known vectors for several tasks in a row.
+"""Test-only Flower app: simulated sites securely sum known vectors; every reply they send is recorded.
+
+The same module holds the leak detector (:func:`fingerprints`, :func:`leaks`) that checks those
+recordings for a site's vector in binary (float64/float32, any byte offset) or printed form.
 
 Run as ``python tests/secagg_app.py '<settings JSON>'`` (Flower's simulation engine with Ray).
 Settings are read from the run config when it has them, else from ``$CLDLR_SECAGG_DEMO``
@@ -13,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import sys
 import uuid
 from collections.abc import Mapping
@@ -69,7 +73,7 @@ def _task_fn(task: str, length: int = 0) -> Any:
 
 
 def _blobs(msg: Message) -> dict[str, np.ndarray]:
-    """Everything a reply carries, flattened to arrays (bytes as uint8, numbers as float64)."""
+    """Everything a reply carries: raw bytes as uint8 (``text/`` for strings), numbers as float64 arrays."""
     out: dict[str, np.ndarray] = {}
     if not msg.has_content():
         return out
@@ -81,16 +85,72 @@ def _blobs(msg: Message) -> dict[str, np.ndarray]:
             continue
         assert isinstance(record, (ConfigRecord, MetricRecord))
         for key, value in record.items():
-            values = value if isinstance(value, list) else [value]
-            for i, item in enumerate(values):
-                name = f"record/{rname}/{key}/{i}"
-                if isinstance(item, bytes):
-                    out[name] = np.frombuffer(item, dtype=np.uint8)
-                elif isinstance(item, str):
-                    out[name] = np.frombuffer(item.encode(), dtype=np.uint8)
-                else:
-                    out[name] = np.asarray([float(item)])
+            items = value if isinstance(value, list) else [value]
+            numbers = [float(v) for v in items if isinstance(v, (int, float))]
+            if numbers:
+                out[f"numbers/{rname}/{key}"] = np.asarray(numbers, dtype=np.float64)
+            for i, item in enumerate(items):
+                if isinstance(item, (bytes, str)):
+                    raw = item if isinstance(item, bytes) else item.encode()
+                    out[f"{'bytes' if isinstance(item, bytes) else 'text'}/{rname}/{key}/{i}"] = np.frombuffer(raw, np.uint8)
     return out
+
+
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+_DECIMAL = re.compile(rb"-?\d+\.\d+(?:[eE][-+]?\d+)?")
+
+
+def _words(raw: bytes, shifts: range) -> list[np.ndarray]:
+    """``raw`` read as little-endian uint64 words starting at each byte offset in ``shifts``."""
+    return [np.frombuffer(raw[k : k + (len(raw) - k) // 8 * 8], dtype="<u8") for k in shifts if len(raw) - k >= 8]
+
+
+def _window_keys(raw: bytes, step: int) -> np.ndarray:
+    """A 64-bit key for every 16-byte window of ``raw`` starting at a multiple of ``step``."""
+    keys = [w[:-1] ^ (w[1:] * _MIX) for w in _words(raw, range(0, 8, step)) if w.size >= 2]
+    return np.concatenate(keys) if keys else np.zeros(0, dtype=np.uint64)
+
+
+def _isin_sorted(values: np.ndarray, sorted_ref: np.ndarray) -> bool:
+    if not values.size or not sorted_ref.size:
+        return False
+    pos = np.minimum(np.searchsorted(sorted_ref, values), sorted_ref.size - 1)
+    return bool(np.any(sorted_ref[pos] == values))
+
+
+def fingerprints(*vectors: np.ndarray) -> dict[str, np.ndarray]:
+    """What a plaintext copy of ``vectors`` would look like on the wire, at any byte offset.
+
+    ``pairs``: two consecutive float64 / four consecutive float32 elements; ``singles``: one float64
+    element whose low mantissa bits are not all zero (round numbers like 3.0 are too common);
+    ``values``: all elements, to compare with decimals printed into strings.
+    """
+    as64 = [np.asarray(v, "<f8") for v in vectors]
+    pairs = [_window_keys(v.tobytes(), 8) for v in as64] + [_window_keys(np.asarray(v, "<f4").tobytes(), 4) for v in vectors]
+    singles = np.concatenate([v.view("<u8") for v in as64])
+    return {
+        "pairs": np.unique(np.concatenate(pairs)),
+        "singles": np.unique(singles[(singles & np.uint64(0xFFFF)) != 0]),
+        "values": np.unique(np.concatenate(as64)),
+    }
+
+
+def leaks(blobs: dict[str, np.ndarray], fp: dict[str, np.ndarray]) -> list[str]:
+    """Names of the blobs that carry the fingerprinted vectors in binary or as printed decimals."""
+    found = []
+    for name, blob in blobs.items():
+        raw = blob.tobytes()
+        hit = _isin_sorted(_window_keys(raw, 1), fp["pairs"])
+        hit = hit or any(_isin_sorted(w, fp["singles"]) for w in _words(raw, range(8)))
+        if name.startswith("text/"):
+            printed = np.array([float(m) for m in _DECIMAL.findall(raw)])
+            if printed.size:
+                pos = np.clip(np.searchsorted(fp["values"], printed), 1, fp["values"].size - 1)
+                near = np.minimum(np.abs(fp["values"][pos] - printed), np.abs(fp["values"][pos - 1] - printed))
+                hit = hit or bool(np.any(near <= 1e-5 * np.maximum(np.abs(printed), 1e-3)))
+        if hit:
+            found.append(name)
+    return found
 
 
 def recording_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

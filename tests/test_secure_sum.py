@@ -30,6 +30,7 @@ from cldlr.common.secure_sum import (
     split_rounds,
 )
 from cldlr.server.secure_sum import secure_sum, wait_for_sites
+from secagg_app import LONG_BOUND, SMALL_BLOCKS, fingerprints, leaks, site_vector
 
 TESTS = Path(__file__).resolve().parent
 C, Q = SecAggConfig().clipping_range, SecAggConfig().quantization_range
@@ -229,8 +230,6 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path
 
 
 def _plain(task: str, payload: dict[str, Any]) -> np.ndarray:
-    from secagg_app import site_vector
-
     return np.sum([site_vector(task, p, payload) for p in range(3)], axis=0)
 
 
@@ -254,50 +253,20 @@ def test_failures_are_reported_not_swallowed(demo: tuple[dict[str, Any], Path]) 
     assert "only 2 sites contributed" in results["one-bad"]["error"] and "length 4" in results["one-bad"]["error"]
 
 
-_MIX = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _window_keys(raw: bytes, step: int) -> np.ndarray:
-    """A 64-bit key for every 16-byte window of ``raw`` starting at a multiple of ``step``."""
-    keys = [np.zeros(0, dtype=np.uint64)]
-    for shift in range(0, 8, step):
-        usable = (len(raw) - shift) // 8 * 8
-        words = np.frombuffer(raw[shift : shift + usable], dtype="<u8")
-        if words.size >= 2:
-            keys.append(words[:-1] ^ (words[1:] * _MIX))
-    return np.concatenate(keys)
-
-
-def _fingerprints(*vectors: np.ndarray) -> np.ndarray:
-    """Sorted keys of every two consecutive float64 and four consecutive float32 elements."""
-    keys = [_window_keys(np.asarray(v, "<f8").tobytes(), 8) for v in vectors]
-    keys += [_window_keys(np.asarray(v, "<f4").tobytes(), 4) for v in vectors]
-    return np.unique(np.concatenate(keys))
-
-
-def _leaks(blobs: dict[str, np.ndarray], fingerprints: np.ndarray) -> list[str]:
-    """Names of the blobs that contain any fingerprinted window, at any byte offset."""
-    found = []
-    for name, blob in blobs.items():
-        keys = _window_keys(blob.tobytes(), 1)
-        pos = np.minimum(np.searchsorted(fingerprints, keys), fingerprints.size - 1)
-        if keys.size and np.any(fingerprints[pos] == keys):
-            found.append(name)
-    return found
-
-
 def test_leak_detector_sees_a_plaintext_vector() -> None:
     v = np.random.default_rng(5).uniform(-3, 3, 50)
+    fp = fingerprints(v)
     for dtype in (np.float32, np.float64):
-        blob = np.frombuffer(b"\x01\x02\x03" + v[10:15].astype(dtype).tobytes() + b"\x04", dtype=np.uint8)
-        assert _leaks({"x": blob}, _fingerprints(v)) == ["x"]
-    assert _leaks({"x": np.frombuffer(np.random.default_rng(6).bytes(4096), dtype=np.uint8)}, _fingerprints(v)) == []
+        blob = np.frombuffer(b"\x01\x02\x03" + v[10:14].astype(dtype).tobytes() + b"\x04", dtype=np.uint8)
+        assert leaks({"bytes/x": blob}, fp) == ["bytes/x"]
+    assert leaks({"numbers/x": v[7:8]}, fp) == ["numbers/x"]  # a single element is enough
+    assert leaks({"text/x": np.frombuffer(f"debug {v[3]:.6g}".encode(), np.uint8)}, fp) == ["text/x"]
+    random_bytes = np.frombuffer(np.random.default_rng(6).bytes(4096), dtype=np.uint8)
+    assert leaks({"bytes/x": random_bytes, "text/y": np.frombuffer(b"1.5 call 0.25", np.uint8)}, fp) == []
 
 
 def test_no_site_vector_leaves_a_site_in_plaintext(demo: tuple[dict[str, Any], Path]) -> None:
     results, sent = demo
-    from secagg_app import SMALL_BLOCKS, LONG_BOUND, site_vector
-
     masked_seen = 0
     for partition in range(3):
         files = sorted(sent.glob(f"site{partition}-*.npz"))
@@ -306,13 +275,13 @@ def test_no_site_vector_leaves_a_site_in_plaintext(demo: tuple[dict[str, Any], P
             "small": (site_vector("small", partition, results["small"]["payload"]), ScalePlan.from_bounds(SMALL_BLOCKS, 6, C)),
             "long": (site_vector("long", partition, results["long"]["payload"]), ScalePlan.from_bounds(LONG_BOUND, LONG, C)),
         }
-        secret = _fingerprints(*[v for vec, plan in vectors.values() for v in (vec, plan.scale(vec))])
+        secret = fingerprints(*[v for vec, plan in vectors.values() for v in (vec, plan.scale(vec))])
         for path in files:
             with np.load(path) as npz:
                 blobs = {k: npz[k] for k in npz.files}
             if "count/fitres.parameters" in blobs:
                 assert blobs["count/fitres.parameters"][0] == 0  # SecAgg+ emptied the plaintext ArrayRecord
-            assert not _leaks(blobs, secret), path.name
+            assert not leaks(blobs, secret), path.name
             masked = [np.load(io.BytesIO(blobs[k].tobytes())) for k in blobs if "masked_params" in k]
             if masked and masked[-1].size == LONG:
                 masked_seen += 1

@@ -1,0 +1,144 @@
+"""``cldlr predict``: the AI score and Grad-CAM overlay of one lesion, or of every lesion in a site folder.
+
+The bundle is verified on load (see :mod:`cldlr.common.bundle`); clinical values are parsed with
+the bundle's own schema, so a value the model was never trained on is refused with its valid
+range or levels instead of being scored.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from cldlr.common.bundle import Bundle, Prediction, load_bundle
+from cldlr.common.contract import read_site
+from cldlr.common.errors import CldlrError
+from cldlr.common.imaging import read_image, read_mask
+from cldlr.common.io import atomic_directory, atomic_write_bytes, atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+CSV_COLUMNS = ("image_id", "ai_score", "dlr_score", "clinical_score", "predicted_class", "threshold", "fallback",
+               "overlay")
+
+
+def parse_clinical_args(items: Sequence[str]) -> dict[str, str]:
+    """``["age=54", "side=left"]`` → ``{"age": "54", "side": "left"}``; values are parsed later by the schema."""
+    values: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise CldlrError(f"--clinical {item!r}: expected NAME=VALUE, e.g. --clinical age=54")
+        if name in values:
+            raise CldlrError(f"--clinical {name} is given twice ({values[name]!r} and {value!r})")
+        values[name] = value
+    return values
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """An RGB/gray uint8 array as PNG bytes (no metadata: nothing identifying is embedded)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _as_bundle(model: str | Path | Bundle) -> Bundle:
+    return model if isinstance(model, Bundle) else load_bundle(model)
+
+
+def _model_info(bundle: Bundle) -> dict[str, Any]:
+    return {"bundle": str(bundle.path), "bundle_id": bundle.bundle_id, "backbone": bundle.meta["model"]["backbone"],
+            "selected_clinical_parameters": bundle.selected}
+
+
+def predict_lesion(model: str | Path | Bundle, image: str | Path, mask: str | Path, clinical: Mapping[str, Any], *,
+                   out: str | Path | None = None, overlay: str | Path | None = None,
+                   allow_missing_clinical: bool = False) -> dict[str, Any]:
+    """Score one lesion; writes the overlay PNG (and ``out`` JSON when given) and returns the result dict.
+
+    The overlay goes to ``overlay``, else beside ``out`` (``<out stem>_overlay.png``), else to
+    ``<image stem>_overlay.png`` in the working directory.
+    """
+    bundle = _as_bundle(model)
+    image, mask = Path(image), Path(mask)
+    started = time.perf_counter()
+    prediction = bundle.predict(read_image(image), read_mask(mask), clinical,
+                                allow_missing_clinical=allow_missing_clinical)
+    seconds = time.perf_counter() - started
+    if overlay is None:
+        overlay = Path(out).with_name(Path(out).stem + "_overlay.png") if out else Path.cwd() / f"{image.stem}_overlay.png"
+    atomic_write_bytes(overlay, png_bytes(prediction.overlay()))
+    result = {**{k: v for k, v in prediction.to_dict().items() if k != "id"}, "image": str(image), "mask": str(mask),
+              "overlay": str(overlay), "model": _model_info(bundle), "seconds": round(seconds, 3)}
+    log.info("%s: AI score %.3f (%s at threshold %.2f) in %.2f s", image.name, prediction.ai_score,
+             prediction.predicted_class, prediction.threshold, seconds)
+    if out is not None:
+        atomic_write_json(out, result)
+    return result
+
+
+def _csv_row(prediction: Prediction, overlay: str) -> dict[str, Any]:
+    row = prediction.to_dict()
+    return {"image_id": prediction.id, **{k: row[k] for k in CSV_COLUMNS[1:-1]}, "overlay": overlay}
+
+
+def predict_site(model: str | Path | Bundle, site: str | Path, out_dir: str | Path, *, split: str | None = None,
+                 allow_missing_clinical: bool = False, force: bool = False, batch_size: int = 16) -> Path:
+    """Score every lesion of a site folder: ``out_dir/predictions.csv`` and ``out_dir/overlays/<image_id>.png``.
+
+    The site must follow the data contract with the bundle's schema; ``split`` keeps only the
+    rows of that split. The folder appears only when every lesion was scored.
+    """
+    bundle = _as_bundle(model)
+    data = read_site(site, bundle.schema)
+    if split is not None:
+        data = data.split_rows(split)
+        if len(data) == 0:
+            raise CldlrError(f"site {site} has no rows with split {split!r}")
+    frame, names = data.frame, [p.name for p in bundle.schema.parameters]
+    started, rows, n_fallback = time.perf_counter(), [], 0
+    with atomic_directory(out_dir, overwrite=force) as tmp:
+        (tmp / "overlays").mkdir()
+        starts = range(0, len(frame), batch_size)
+        for start in tqdm(starts, desc=f"predict {data.name}", unit="batch", disable=None):
+            chunk = frame.iloc[start:start + batch_size]
+            predictions = bundle.predict_many(
+                [read_image(p) for p in chunk["image_path"]], [read_mask(p) for p in chunk["mask_path"]],
+                [{n: r[n] for n in names} for _, r in chunk.iterrows()], ids=[str(i) for i in chunk["image_id"]],
+                allow_missing_clinical=allow_missing_clinical, batch_size=batch_size)
+            for prediction in predictions:
+                relative = f"overlays/{prediction.id}.png"
+                (tmp / relative).write_bytes(png_bytes(prediction.overlay()))
+                rows.append(_csv_row(prediction, relative))
+                n_fallback += prediction.fallback is not None
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+        atomic_write_text(tmp / "predictions.csv", text.getvalue())
+        seconds = time.perf_counter() - started
+        atomic_write_json(tmp / "summary.json", {"model": _model_info(bundle), "site": str(site), "split": split,
+                                                 "n": len(rows), "n_dlr_fallback": n_fallback,
+                                                 "seconds": round(seconds, 2)})
+    log.info("%d lesion(s) scored in %.1f s (%.2f s each); %d DLR fallback(s): %s", len(rows), seconds,
+             seconds / max(len(rows), 1), n_fallback, out_dir)
+    return Path(out_dir)
+
+
+def format_result(result: Mapping[str, Any]) -> str:
+    """The single-lesion result as the JSON the CLI prints."""
+    return json.dumps(result, indent=2)
+
+
+__all__ = ["CSV_COLUMNS", "format_result", "parse_clinical_args", "png_bytes", "predict_lesion", "predict_site"]

@@ -1,0 +1,173 @@
+"""The centre's side of phases 2–4, written against one primitive: "sum this vector over sites".
+
+In a deployment ``sum_fn`` is Flower's SecAgg+ (:mod:`cldlr.server.secure_sum`); in tests it is
+a plain in-process sum over :class:`~cldlr.client.federated.FederatedSite` objects, which is how
+"secure fit = pooled fit" is checked. The centre only ever holds totals: selection and Table 1
+come from summed statistics, the encoder from summed moments, the SVMs from summed normal
+equations, and every metric from summed histograms and placement sums.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from cldlr.common import secure_metrics
+from cldlr.common.clinical_features import ClinicalEncoder
+from cldlr.common.clinical_stats import ParameterStatistics, SelectionResult, StatisticsLayout, select_parameters
+from cldlr.common.config import Config
+from cldlr.common.errors import CldlrError
+from cldlr.common.federation import EvaluationLayout, FusionPayload, confusion_from_histogram, fusion_fitter
+from cldlr.common.fusion import FusionModels
+from cldlr.common.metrics import metrics_from_counts
+from cldlr.common.schema import Schema
+
+log = logging.getLogger(__name__)
+
+CLINICAL_BINS = 1000
+
+
+class SumFn(Protocol):
+    def __call__(self, task: str, payload: dict[str, Any], *, length: int, bound: Any,
+                 integer: bool = False) -> np.ndarray: ...
+
+
+@dataclass
+class FederatedFit:
+    """What phases 2 and 3 produced at the centre."""
+
+    selection: SelectionResult
+    encoder: ClinicalEncoder
+    fusion: FusionModels
+    rounds: dict[str, int] = field(default_factory=dict)
+
+
+def clinical_phase(sum_fn: SumFn, schema: Schema, config: Config, max_cases: int) -> tuple[SelectionResult, ClinicalEncoder, int]:
+    """Select parameters from summed statistics, then fit the encoder from summed moments (2 rounds)."""
+    layout = StatisticsLayout.from_schema(schema, n_bins=CLINICAL_BINS)
+    summed = sum_fn("clinical-stats", {}, length=layout.size, bound=float(max_cases))
+    stats = ParameterStatistics.from_vector(summed, layout)
+    selection = select_parameters(stats, alpha=config.clinical.alpha, normality_alpha=config.clinical.normality_alpha)
+    parameters = [schema.get(name) for name in selection.selected]
+    length = len(_encoder_probe(parameters))
+    summed = sum_fn("encoder-sums", {"selected": selection.selected}, length=length, bound=float(max_cases))
+    return selection, ClinicalEncoder.from_sums(summed, parameters), 2
+
+
+def _encoder_probe(parameters: list) -> np.ndarray:
+    """Length of the encoder-sums vector, from an empty frame of the selected parameters."""
+    import pandas as pd
+
+    from cldlr.common.clinical_features import encoder_sums
+
+    return encoder_sums(pd.DataFrame({p.name: pd.Series([], dtype=object) for p in parameters}), parameters)
+
+
+def fusion_phase(sum_fn: SumFn, config: Config, encoder: ClinicalEncoder, n_deep: int, max_cases: int,
+                 feature_bound: float) -> tuple[FusionModels, dict[str, int], dict[str, Any]]:
+    """Fit the three RFF/LS-SVM models and their Platt calibration from secure sums.
+
+    Returns the models, the secure rounds used, and the payload from which a site rebuilds the
+    fitted models for the evaluation phase.
+    """
+    n_clinical = len(encoder.feature_names)
+    fitter = fusion_fitter(config, n_clinical, n_deep)
+    wire = FusionPayload(uuid.uuid4().hex)
+    common = {"encoder": encoder.to_dict(), "n_clinical": n_clinical, "n_deep": n_deep}
+    while not fitter.done:
+        request = fitter.request()
+        length, bound = _fusion_shape(fitter, request, n_clinical, n_deep, max_cases, feature_bound)
+        summed = sum_fn("fusion-sums", {**common, **wire.encode(request)}, length=length, bound=bound)
+        fitter.receive(summed)
+    rounds = dict(fitter.rounds)
+    log.info("secure SVM fit: %s secure rounds", rounds)
+    return fitter.result(), rounds, {**common, **wire.encode(fitter.request())}
+
+
+def _fusion_shape(fitter: Any, request: Any, n_clinical: int, n_deep: int, n: int,
+                  feature_bound: float) -> tuple[int, Any]:
+    """Vector length and per-element bound of one site's answer in the fitter's current phase.
+
+    Clinical columns arrive standardized (a few SD at most: 1e3 is generous); deep ones are
+    bounded by the sites' reported ``feature_bound``. RFF features are at most √(2/D) in size, so
+    the LS-SVM sums are bounded by n; Platt sums by n times a generous decision-value range.
+    """
+    p = n_clinical + n_deep
+    clin = 1e3
+    if fitter.phase == "moments":
+        return 2 + 2 * p, [(2, float(n)), (n_clinical, n * clin), (n_deep, n * feature_bound),
+                           (n_clinical, n * clin ** 2), (n_deep, n * feature_bound ** 2)]
+    if fitter.phase == "pca":
+        width = request.basis.shape[1]
+        return request.deep_map.dim * width, float(n) * 1e3
+    if fitter.phase == "lssvm":
+        sizes = [(m.W.shape[1] if m.W is not None else m.fmap.dim) + 1 for m in fitter.models.values()]
+        return sum(q * (q + 1) // 2 + q for q in sizes), float(n) * (1.0 if fitter.cfg.kernel == "rbf" else clin ** 2)
+    return 5 * len(fitter.models), float(n) * 1e3
+
+
+@dataclass
+class FederatedEvaluation:
+    metrics: dict[str, dict[str, dict[str, float]]]
+    delong: dict[str, dict[str, float]]
+    roc: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
+    histograms: dict[str, dict[str, np.ndarray]]
+
+
+def evaluation_phase(sum_fn: SumFn, config: Config, fit_payload: dict[str, Any], models: tuple[str, ...],
+                     max_cases: int) -> FederatedEvaluation:
+    """Pooled metrics from summed score histograms (round A) and placement sums (round B)."""
+    layout = EvaluationLayout(models=models, n_bins=config.evaluation.histogram_bins)
+    payload = {**fit_payload, "layout": layout.to_payload()}
+    summed = sum_fn("score-histograms", payload, length=layout.histogram_length, bound=float(max_cases), integer=True)
+    hists = layout.unpack_histograms(summed)
+    counts = {c: (int(hists[c][models[0]][0].sum()), int(hists[c][models[0]][1].sum())) for c in layout.cohorts}
+    for cohort, (n0, n1) in counts.items():
+        if min(n0, n1) < max(config.evaluation.min_count, 1):
+            raise CldlrError(f"{cohort} cohort: {n0} benign / {n1} malignant cases in the whole federation; "
+                             f"fewer than evaluation.min_count={config.evaluation.min_count}, nothing is published")
+    payload["histograms"] = np.concatenate([hists[c][m].ravel() for c in layout.cohorts for m in models]).tolist()
+    summed = sum_fn("placement-sums", payload, length=layout.placement_length,
+                    bound=layout.placement_bounds(counts))
+    placements = layout.unpack_placements(summed)
+    metrics: dict[str, dict[str, dict[str, float]]] = {m: {} for m in models}
+    roc: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {c: {} for c in layout.cohorts}
+    delong: dict[str, dict[str, float]] = {}
+    for cohort in layout.cohorts:
+        stats = secure_metrics.delong_from_sums(placements[cohort], names=list(models),
+                                                min_count=config.evaluation.min_count)
+        for model in models:
+            hist = hists[cohort][model]
+            tp, fp, tn, fn = confusion_from_histogram(hist, config.svm.threshold)
+            entry = stats["models"][model]
+            metrics[model][cohort] = {"auc": entry["auc"], "auc_ci_low": entry["ci_low"], "auc_ci_high": entry["ci_high"],
+                                      **metrics_from_counts(tp, fp, tn, fn)}
+            roc[cohort][model] = histogram_as_cases(hist)
+        if cohort == "test":
+            delong = {f"{p['a']} vs {p['b']}": {"z": float(p["z"]), "p": float(p["p"])} for p in stats["pairs"]}
+    return FederatedEvaluation(metrics=metrics, delong=delong, roc=roc, histograms=hists)
+
+
+def histogram_as_cases(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and bin-centre scores reproducing a binned ROC curve (for drawing only)."""
+    n_bins = hist.shape[1]
+    centres = (np.arange(n_bins) + 0.5) / n_bins
+    labels = np.concatenate([np.zeros(int(hist[0].sum())), np.ones(int(hist[1].sum()))])
+    scores = np.concatenate([np.repeat(centres, hist[0]), np.repeat(centres, hist[1])])
+    return labels.astype(np.int64), scores
+
+
+def run_federated_phases(sum_fn: SumFn, config: Config, schema: Schema, *, n_deep: int, max_cases: int,
+                         feature_bound: float) -> tuple[FederatedFit, FederatedEvaluation]:
+    """Phases 2 (clinical), 3 (fusion) and 4 (evaluation) over ``sum_fn``."""
+    selection, encoder, clinical_rounds = clinical_phase(sum_fn, schema, config, max_cases)
+    fusion, fusion_rounds, fit_payload = fusion_phase(sum_fn, config, encoder, n_deep, max_cases, feature_bound)
+    fit = FederatedFit(selection, encoder, fusion, {"clinical": clinical_rounds, **{f"svm_{k}": v for k, v in fusion_rounds.items()}})
+    models = tuple(m for m in ("clinical", "dlr", "cldlr") if m in fusion.models)
+    evaluation = evaluation_phase(sum_fn, config, fit_payload, models, max_cases)
+    fit.rounds["evaluation"] = 2
+    return fit, evaluation

@@ -1,0 +1,240 @@
+"""Model bundle: exact round trip, hash checks on every file, version checks, no pickle, study export."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_schema, write_site
+from safetensors.numpy import load_file as load_numpy
+from torch import nn
+
+from cldlr.common import bundle as bundle_mod
+from cldlr.common.bundle import (BACKBONE_FILE, FUSION_FILE, HASHES_FILE, META_FILE, BundleError,
+                                 ClinicalInputError, export_bundle, export_study_bundle, hashes_text, load_bundle)
+from cldlr.common.clinical_features import ClinicalEncoder
+from cldlr.common.config import Config, DataConfig, ModelConfig, SVMConfig
+from cldlr.common.contract import SiteData, read_site
+from cldlr.common.fusion import FusionModels
+from cldlr.common.gradcam import grad_cam
+from cldlr.common.imaging import read_image, read_mask
+from cldlr.common.models import Backbone, build_model, embed, register_backbone
+from cldlr.common.roi import extract_roi
+from cldlr.common.schema import Schema, load_schema
+from cldlr.common.transforms import Normalization
+from cldlr.server.report import StudyOutcome
+from cldlr.simulations.study import StudyArtifacts
+
+TINY = "tiny_bundle_test"
+
+
+def tiny_cnn(num_classes: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, num_classes),
+    )
+
+
+register_backbone(Backbone(TINY, tiny_cnn), replace=True)
+
+
+@dataclass
+class TinyStudy:
+    """What ``run_study`` would hand over, built without training (untrained backbone, SVMs on its features)."""
+
+    site: SiteData
+    schema: Schema
+    model: nn.Module
+    model_cfg: ModelConfig
+    data_cfg: DataConfig
+    normalization: Normalization
+    encoder: ClinicalEncoder
+    fusion: FusionModels
+    selected: list[str]
+
+    def rois(self) -> torch.Tensor:
+        rows = self.site.frame
+        return torch.from_numpy(np.stack([
+            extract_roi(read_image(i), read_mask(m), self.data_cfg.image_size, self.data_cfg.margin)
+            for i, m in zip(rows["image_path"], rows["mask_path"])])[:, None])
+
+    def direct_scores(self) -> dict[str, np.ndarray]:
+        """The study pipeline called directly, without the bundle code."""
+        emb = embed(self.model, self.rois(), self.normalization, batch_size=16)
+        return self.fusion.predict_proba(self.encoder.transform(self.site.frame), emb)
+
+
+def make_tiny_study(root: Path, *, backbone: str = TINY, size: int = 32, n_patients: int = 12,
+                    selected: tuple[str, ...] = ("age", "palpable", "side"), margin: float = 0.1) -> TinyStudy:
+    site_dir = write_site(root / "site", n_patients=n_patients, size=48, with_split=True)
+    schema = load_schema(write_schema(root / "schema.yaml"))
+    site = read_site(site_dir, schema)
+    model_cfg = ModelConfig(backbone=backbone, weights="none")
+    model = build_model(model_cfg, seed=0).eval()
+    data_cfg = DataConfig(image_size=size, margin=margin)
+    norm = Normalization((0.5,) * 3, (0.25,) * 3)
+    encoder = ClinicalEncoder.fit(site.frame, [schema.get(n) for n in selected])
+    study = TinyStudy(site, schema, model, model_cfg, data_cfg, norm, encoder, None, list(selected))  # type: ignore[arg-type]
+    emb = embed(model, study.rois(), norm)
+    study.fusion = FusionModels.fit(encoder.transform(site.frame), emb, site.labels, SVMConfig(embedding_pca=4), seed=0)
+    return study
+
+
+def export_tiny(study: TinyStudy, out: Path, **card) -> Path:
+    return export_bundle(out, model=study.model, model_config=study.model_cfg, data_config=study.data_cfg,
+                         normalization=study.normalization, schema=study.schema, selected=study.selected,
+                         encoder=study.encoder, fusion=study.fusion, threshold=0.4,
+                         model_card={"sites": ["site"], "metrics": {"auc": float("nan")}, **card})
+
+
+def bundle_inputs(study: TinyStudy) -> tuple[list, list, list, list]:
+    rows = study.site.frame
+    names = [p.name for p in study.schema.parameters]
+    return ([read_image(p) for p in rows["image_path"]], [read_mask(p) for p in rows["mask_path"]],
+            [{n: r[n] for n in names} for _, r in rows.iterrows()], list(rows["image_id"]))
+
+
+@pytest.mark.parametrize(("backbone", "size"), [(TINY, 32), ("alexnet", 64)])
+def test_round_trip_gives_identical_scores_and_heatmaps(tmp_path, backbone, size):
+    study = make_tiny_study(tmp_path, backbone=backbone, size=size)
+    expected = study.direct_scores()
+    expected_cam = grad_cam(study.model, study.rois(), study.normalization)
+    loaded = load_bundle(export_tiny(study, tmp_path / "bundle"))
+    images, masks, clinical, ids = bundle_inputs(study)
+    predictions = loaded.predict_many(images, masks, clinical, ids=ids)
+    assert [p.id for p in predictions] == ids
+    np.testing.assert_array_equal([p.ai_score for p in predictions], expected["cldlr"])
+    np.testing.assert_array_equal([p.dlr_score for p in predictions], expected["dlr"])
+    np.testing.assert_array_equal([p.clinical_score for p in predictions], expected["clinical"])
+    np.testing.assert_allclose(np.stack([p.heatmap for p in predictions]), expected_cam, atol=1e-6)
+    assert [p.predicted_class for p in predictions] == ["malignant" if s >= 0.4 else "benign" for s in expected["cldlr"]]
+    single = loaded.predict(images[3], masks[3], clinical[3])
+    assert single.ai_score == pytest.approx(expected["cldlr"][3], abs=1e-5)  # batch of 1: float noise only
+    assert single.overlay().shape == (size, size, 3)
+
+
+def test_bundle_json_records_everything_needed(tmp_path):
+    study = make_tiny_study(tmp_path)
+    path = export_tiny(study, tmp_path / "bundle")
+    meta = json.loads((path / META_FILE).read_text())
+    assert sorted(p.name for p in path.iterdir()) == sorted([BACKBONE_FILE, FUSION_FILE, META_FILE, HASHES_FILE])
+    assert meta["model"] == {"backbone": TINY, "num_classes": 2}
+    assert meta["roi"] == {"image_size": 32, "margin": 0.1}
+    assert meta["normalization"] == {"mean": [0.5] * 3, "std": [0.25] * 3}
+    assert meta["selected"] == ["age", "palpable", "side"] and meta["threshold"] == 0.4
+    assert meta["schema"] == study.schema.to_dict()
+    assert meta["model_card"]["metrics"]["auc"] is None  # NaN is stored as null: strict JSON
+    assert set(meta["versions"]) >= {"cldlr", "torch", "torchvision"}
+    for name in (BACKBONE_FILE, FUSION_FILE):  # safetensors, never a pickle or a zip of pickles
+        head = (path / name).read_bytes()[:2]
+        assert head not in (b"\x80\x04", b"\x80\x02", b"PK")
+    assert set(load_numpy(str(path / FUSION_FILE))) == set(study.fusion.to_arrays()[0])
+
+
+@pytest.mark.parametrize("name", [BACKBONE_FILE, FUSION_FILE, META_FILE, HASHES_FILE])
+def test_a_flipped_byte_in_any_file_is_refused_naming_it(tmp_path, name):
+    path = export_tiny(make_tiny_study(tmp_path), tmp_path / "bundle")
+    target = path / name
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    target.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=name):
+        load_bundle(path)
+
+
+@pytest.mark.parametrize("name", [BACKBONE_FILE, FUSION_FILE, META_FILE, HASHES_FILE])
+def test_a_missing_file_is_refused_naming_it(tmp_path, name):
+    path = export_tiny(make_tiny_study(tmp_path), tmp_path / "bundle")
+    (path / name).unlink()
+    with pytest.raises(BundleError, match=f"{name}: missing"):
+        load_bundle(path)
+
+
+def _reseal(path: Path, edit) -> None:
+    """Edit bundle.json and rewrite hashes.json as an exporter would (so only the content check can object)."""
+    meta = json.loads((path / META_FILE).read_text())
+    edit(meta)
+    (path / META_FILE).write_text(json.dumps(meta))
+    hashes = {n: bundle_mod._sha256(path / n) for n in bundle_mod.HASHED_FILES}
+    (path / HASHES_FILE).write_text(hashes_text(hashes))
+
+
+def test_format_and_major_version_mismatches_are_errors(tmp_path, monkeypatch, caplog):
+    path = export_tiny(make_tiny_study(tmp_path), tmp_path / "bundle")
+    real = bundle_mod.runtime_versions()
+    monkeypatch.setattr(bundle_mod, "runtime_versions", lambda: {**real, "cldlr": "7.0.0"})
+    with pytest.raises(BundleError, match=r"major versions differ.*install cldlr 0\.x"):
+        load_bundle(path)
+    monkeypatch.setattr(bundle_mod, "runtime_versions", lambda: {**real, "torch": "9.9.9"})
+    with caplog.at_level(logging.WARNING, logger="cldlr.common.bundle"):
+        load_bundle(path)
+    assert "torch" in caplog.text and "9.9.9" in caplog.text
+    monkeypatch.undo()
+    _reseal(path, lambda m: m.update(format_version=99))
+    with pytest.raises(BundleError, match="v99"):
+        load_bundle(path)
+
+
+def test_backbone_that_does_not_fit_its_config_is_refused(tmp_path):
+    path = export_tiny(make_tiny_study(tmp_path), tmp_path / "bundle")
+    _reseal(path, lambda m: m["model"].update(num_classes=3))
+    with pytest.raises(BundleError, match=f"{BACKBONE_FILE}: state dict does not fit"):
+        load_bundle(path)
+
+
+def test_export_refuses_inconsistent_parts_and_existing_folder(tmp_path):
+    study = make_tiny_study(tmp_path)
+    study.selected = ["age"]
+    with pytest.raises(BundleError, match="differ from the encoder"):
+        export_tiny(study, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+    study.selected = ["age", "palpable", "side"]
+    export_tiny(study, tmp_path / "bundle")
+    with pytest.raises(FileExistsError):
+        export_tiny(study, tmp_path / "bundle")
+
+
+def test_missing_and_invalid_clinical_values(tmp_path, caplog):
+    study = make_tiny_study(tmp_path)
+    loaded = load_bundle(export_tiny(study, tmp_path / "bundle"))
+    images, masks, clinical, _ = bundle_inputs(study)
+    with pytest.raises(ClinicalInputError, match=r"'age'.*outside the valid range \[18, 100\].*expected a number"):
+        loaded.predict(images[0], masks[0], {**clinical[0], "age": "140"})
+    with pytest.raises(ClinicalInputError, match="'side'.*one of left, right"):
+        loaded.predict(images[0], masks[0], {**clinical[0], "side": "middle"})
+    with pytest.raises(ClinicalInputError, match="unknown clinical parameter.*agee"):
+        loaded.predict(images[0], masks[0], {**clinical[0], "agee": "50"})
+    with pytest.raises(ClinicalInputError, match=r"missing clinical value\(s\): age \(a number in \[18, 100\] years\)"):
+        loaded.predict(images[0], masks[0], {**clinical[0], "age": ""})
+    with caplog.at_level(logging.WARNING):
+        fallback = loaded.predict(images[0], masks[0], {**clinical[0], "age": None}, allow_missing_clinical=True)
+    full = loaded.predict(images[0], masks[0], clinical[0])
+    assert fallback.fallback == "dlr" and fallback.ai_score == fallback.dlr_score == pytest.approx(full.dlr_score)
+    assert fallback.clinical_score is None and "age" in fallback.warnings[0] and "DLR" in caplog.text
+    assert full.fallback is None and full.to_dict()["predicted_class"] in ("benign", "malignant")
+
+
+def test_export_study_bundle_writes_a_model_card(tmp_path):
+    study = make_tiny_study(tmp_path)
+    config = Config().replace(**{"model.backbone": TINY, "model.weights": "none", "data.image_size": 32,
+                                 "svm.threshold": 0.3, "privacy.enabled": True, "privacy.target_epsilon": 8.0,
+                                 "privacy.delta": 1e-5, "privacy.max_grad_norm": 1.0})
+    sites = [{"name": "site", "n_train": 16, "n_test": 8, "n_train_malignant": 8, "n_test_malignant": 4, "n_patients": 12}]
+    outcome = StudyOutcome(metrics={"cldlr": {"test": {"auc": 0.8, "auc_ci_low": float("nan")}}}, delong={}, roc={},
+                           selection_table=[], selected=study.selected, sites=sites, extra={"privacy": {"epsilon": 7.5}})
+    artifacts = StudyArtifacts(study.model, study.encoder, study.fusion, {}, {})
+    path = export_study_bundle(tmp_path / "run" / "model", outcome, artifacts, config, study.schema)
+    card = json.loads((path / META_FILE).read_text())["model_card"]
+    assert card["cohorts"] == sites and card["sites"] == ["site"]
+    assert card["metrics"]["cldlr"]["test"] == {"auc": 0.8, "auc_ci_low": None}
+    assert card["differential_privacy"]["epsilon"] == 7.5 and card["differential_privacy"]["target_epsilon"] == 8.0
+    assert card["split"]["test_fraction"] == config.data.test_fraction
+    loaded = load_bundle(path)
+    assert loaded.threshold == 0.3 and loaded.image_size == 32 and loaded.normalization.std == (0.25,) * 3
+    export_study_bundle(tmp_path / "run" / "model", outcome, artifacts, config, study.schema)  # a resumed run replaces it

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -28,10 +29,6 @@ from cldlr.common.weights import arrays_to_model, arrays_to_tensors, model_to_ar
 log = logging.getLogger(__name__)
 
 
-class PrivacyBudgetExhausted(RuntimeError):
-    """The next round would take this site's ε beyond its target; the site sits the round out."""
-
-
 class FederatedSite:
     """One site's state across the phases of a federated run."""
 
@@ -42,8 +39,9 @@ class FederatedSite:
         self.model = build_model(config.model)
         self.privacy = None
         if config.privacy.enabled:
-            from cldlr.client.privacy import SitePrivacy
+            from cldlr.client.privacy import SitePrivacy, check_private_compatible
 
+            check_private_compatible(self.model)
             self.privacy = SitePrivacy.from_config(
                 config.privacy, n_train=len(session.train), batch_size=config.train.batch_size,
                 total_epochs=config.federation.rounds * config.federation.local_epochs, seed=config.run.seed,
@@ -63,17 +61,20 @@ class FederatedSite:
         arrays_to_model(self.model, global_arrays)
         self._embeddings = None  # the backbone changes: embeddings must be recomputed
         epochs = self.config.federation.local_epochs
-        extra: dict[str, Any] = {}
-        if self.privacy is not None:
+        train = partial(self.session.fit_backbone, self.model, epochs=epochs, seed=self.config.run.seed + server_round,
+                        proximal_mu=proximal_mu, progress=False,
+                        global_params=arrays_to_tensors(global_arrays) if proximal_mu > 0 else None)
+        if self.privacy is None:
+            result = train()
+        else:
             if self.privacy.would_exceed(epochs):
-                raise PrivacyBudgetExhausted(
+                from cldlr.client.privacy import PrivacyBudgetError
+
+                raise PrivacyBudgetError(
                     f"site {self.name}: round {server_round} would exceed ε={self.config.privacy.target_epsilon} "
                     f"(spent {self.privacy.epsilon():.3f}); the site stops training")
-            extra = self.privacy.train_kwargs()
-        result = self.session.fit_backbone(
-            self.model, epochs=epochs, seed=self.config.run.seed + server_round, proximal_mu=proximal_mu,
-            global_params=arrays_to_tensors(global_arrays) if proximal_mu > 0 else None, progress=False, **extra,
-        )
+            with self.privacy.training() as hooks:  # Opacus hooks are removed again afterwards
+                result = train(**hooks)
         last = result.history[-1] if result.history else {}
         metrics = {"train-loss": float(last.get("loss", float("nan"))),
                    "train-accuracy": float(last.get("accuracy", float("nan")))}

@@ -126,8 +126,8 @@ def calibrate(cfg: PrivacyConfig, *, n_train: int, batch_size: int, total_epochs
     """Choose σ so that ``total_epochs`` of Poisson-sampled steps end at ε ≤ target (at δ).
 
     The sampler draws ``n_train // batch_size`` batches per epoch (as Opacus's Poisson loader
-    does), so σ is calibrated on exactly that many steps; this equals Opacus's ``epochs=`` form
-    when the batch size divides ``n_train`` and is never looser otherwise.
+    does), so σ is calibrated on exactly the steps that will be taken; this equals Opacus's
+    ``epochs=`` form when the batch size divides ``n_train``.
     """
     if not cfg.enabled:
         raise CldlrError("privacy.enabled is false; build SitePrivacy only for a DP run")
@@ -136,7 +136,8 @@ def calibrate(cfg: PrivacyConfig, *, n_train: int, batch_size: int, total_epochs
     if not 1 <= batch_size <= n_train:
         raise CldlrError(f"DP-SGD needs 1 <= train.batch_size <= the {n_train} training images, got {batch_size}")
     if total_epochs < 1:
-        raise CldlrError(f"DP-SGD needs at least one local epoch in the run (rounds × local epochs), got {total_epochs}")
+        raise CldlrError("DP-SGD needs at least one local epoch in the run (rounds × local epochs), "
+                         f"got {total_epochs}")
     if cfg.delta >= 1.0 / n_train:
         warnings.warn(f"privacy.delta={cfg.delta} is not below 1/{n_train} (one over the site's training images); "
                       "such a δ allows leaking a whole record", stacklevel=2)
@@ -160,9 +161,11 @@ class SitePrivacy:
     """
 
     def __init__(self, plan: PrivacyPlan, *, seed: int = 0, max_physical_batch: int | None = None) -> None:
+        if max_physical_batch is not None and max_physical_batch < 1:
+            raise CldlrError(f"max_physical_batch must be >= 1 (or None for the batch size), got {max_physical_batch}")
         self.plan = plan
         self.seed = seed  # recorded in the state; draws and noise use the trainer's seeded generator and RNG
-        self.max_physical_batch = max_physical_batch or plan.batch_size
+        self.max_physical_batch = max_physical_batch if max_physical_batch is not None else plan.batch_size
         self._accountant = RDPAccountant()
         self._module: GradSampleModule | None = None
         self._optimizer: DPOptimizer | None = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,13 +85,17 @@ class SiteSession:
     # -- backbone ---------------------------------------------------------------------------
     def fit_backbone(self, model: torch.nn.Module, *, epochs: int | None = None, seed: int | None = None,
                      checkpoint: Path | None = None, resume: bool = False, proximal_mu: float = 0.0,
-                     global_params: dict[str, torch.Tensor] | None = None, progress: bool = True) -> TrainResult:
-        """Fine-tune ``model`` in place on this site's training cohort."""
+                     global_params: dict[str, torch.Tensor] | None = None, progress: bool = True,
+                     **hooks: Any) -> TrainResult:
+        """Fine-tune ``model`` in place on this site's training cohort.
+
+        ``hooks`` (``batch_sampler``, ``prepare``) come from :mod:`cldlr.client.privacy` for DP-SGD.
+        """
         return train_classifier(
             model, self.train.images, self.train.labels, self.config.train, self.normalization,
             seed=self.config.run.seed if seed is None else seed, epochs=epochs, groups=self.train.patients,
             checkpoint=checkpoint, resume=resume, proximal_mu=proximal_mu, global_params=global_params,
-            progress=progress,
+            progress=progress, **hooks,
         )
 
     def embeddings(self, model: torch.nn.Module, split: str) -> np.ndarray:

@@ -369,5 +369,6 @@ def export_study_bundle(out_dir: str | Path, outcome: Any, artifacts: Any, confi
     )
 
 
-__all__ = ["Bundle", "BundleError", "ClinicalInputError", "Prediction", "expected_values", "FORMAT", "FORMAT_VERSION", "export_bundle", "export_study_bundle", "hashes_text",
-           "jsonable", "load_bundle", "runtime_versions", "verify_bundle"]
+__all__ = ["Bundle", "BundleError", "ClinicalInputError", "FORMAT", "FORMAT_VERSION", "Prediction", "expected_values",
+           "export_bundle", "export_study_bundle", "hashes_text", "jsonable", "load_bundle", "runtime_versions",
+           "verify_bundle"]

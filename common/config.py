@@ -19,6 +19,9 @@ import yaml
 
 from .errors import ConfigError
 
+#: Backbones with BatchNorm layers (no sample-level DP-SGD without replacing them).
+BATCHNORM_BACKBONES = frozenset({"vgg19_bn", "densenet201"})
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -133,7 +136,7 @@ class SecAggConfig:
     """SecAgg+ parameters (Flower's legacy ``SecAggPlusWorkflow``)."""
 
     clipping_range: float = 8.0
-    quantization_range: int = 2**22
+    quantization_range: int = 2**26
     modulus_range: int = 2**32
     num_shares: float = 1.0
     reconstruction_threshold: float = 0.67
@@ -332,8 +335,20 @@ def validate_config(config: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if config.federation.mode == "federated" and config.train.keep != "last":
+        raise ConfigError("train.keep=best_val picks a site's own best epoch; in a federation the global model "
+                          "of the last round is kept: set train.keep=last")
     dp = config.privacy
     if dp.enabled:
+        if config.model.backbone in BATCHNORM_BACKBONES:
+            raise ConfigError(f"DP-SGD needs per-sample gradients, which BatchNorm mixes across samples: "
+                              f"{config.model.backbone} has BatchNorm; use vgg11 or alexnet with privacy.enabled")
+        if config.federation.strategy == "fedprox":
+            raise ConfigError("FedProx's proximal term would be overwritten by DP-SGD's noisy gradient; "
+                              "use federation.strategy=fedavg with privacy.enabled")
+        if config.train.keep != "last":
+            raise ConfigError("train.keep=best_val selects an epoch on validation images outside the DP guarantee; "
+                              "use train.keep=last with privacy.enabled")
         missing = [
             name
             for name, value in (("target_epsilon", dp.target_epsilon), ("delta", dp.delta), ("max_grad_norm", dp.max_grad_norm))

@@ -27,14 +27,18 @@ COHORTS = ("train", "test")
 
 
 def pack_array(array: np.ndarray) -> dict[str, Any]:
-    """A float64 array as base64 bytes in JSON (exact, and a third of the size of a list of decimals)."""
-    array = np.ascontiguousarray(array, dtype=np.float64)
-    return {"shape": list(array.shape), "b64": base64.b64encode(array.tobytes()).decode("ascii")}
+    """An array as base64 bytes in JSON (exact, and a third of the size of a list of decimals)."""
+    array = np.ascontiguousarray(array)
+    if array.dtype.kind not in "fiub":
+        raise CldlrError(f"cannot send an array of dtype {array.dtype}")
+    return {"dtype": array.dtype.str, "shape": list(array.shape), "b64": base64.b64encode(array.tobytes()).decode("ascii")}
 
 
 def unpack_array(entry: Mapping[str, Any]) -> np.ndarray:
-    data = np.frombuffer(base64.b64decode(entry["b64"]), dtype=np.float64)
-    return data.reshape(entry["shape"]).copy()
+    dtype = np.dtype(entry["dtype"])
+    if dtype.kind not in "fiub":
+        raise CldlrError(f"refusing an array of dtype {dtype}")
+    return np.frombuffer(base64.b64decode(entry["b64"]), dtype=dtype).reshape(entry["shape"]).copy()
 
 
 def selection_from_payload(payload: Mapping[str, Any]) -> list[str]:

@@ -38,7 +38,21 @@ class Backbone:
     cam_layer: str | None = None  # module name for Grad-CAM; None = the last Conv2d
 
 
+def tiny_cnn(num_classes: int) -> nn.Module:
+    """A VGG-shaped toy (conv blocks, then FC + ReLU + dropout + head) for tests and smoke runs.
+
+    It trains in milliseconds on a CPU, so federated simulations (where every site is another
+    process) can be exercised end to end; it has no ImageNet weights and no clinical use.
+    """
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(16, 12), nn.ReLU(), nn.Dropout(0.5), nn.Linear(12, num_classes),
+    )
+
+
 BACKBONES: dict[str, Backbone] = {
+    "tiny": Backbone("tiny", tiny_cnn),
     "vgg11": Backbone("vgg11", lambda n: tvm.vgg11(weights=None, num_classes=n), tvm.VGG11_Weights.DEFAULT.url),
     "alexnet": Backbone("alexnet", lambda n: tvm.alexnet(weights=None, num_classes=n), tvm.AlexNet_Weights.DEFAULT.url),
     "vgg19_bn": Backbone("vgg19_bn", lambda n: tvm.vgg19_bn(weights=None, num_classes=n), tvm.VGG19_BN_Weights.DEFAULT.url),

@@ -94,7 +94,9 @@ def _fusion_shape(fitter: Any, request: Any, n_clinical: int, n_deep: int, n: in
 
     Clinical columns arrive standardized (a few SD at most: 1e3 is generous); deep ones are
     bounded by the sites' reported ``feature_bound``. RFF features are at most √(2/D) in size, so
-    the LS-SVM sums are bounded by n; Platt sums by n times a generous decision-value range.
+    the LS-SVM sums are bounded by n; Platt sums by n times a generous decision-value range. A
+    site whose value exceeds its bound fails the round with an error naming the element, rather
+    than being clipped silently by SecAgg+.
     """
     p = n_clinical + n_deep
     clin = 1e3
@@ -103,11 +105,13 @@ def _fusion_shape(fitter: Any, request: Any, n_clinical: int, n_deep: int, n: in
                            (n_clinical, n * clin ** 2), (n_deep, n * feature_bound ** 2)]
     if fitter.phase == "pca":
         width = request.basis.shape[1]
-        return request.deep_map.dim * width, float(n) * 1e3
+        # rows of the standardized, 1/√d-weighted deep block have unit mean squared norm; 100 is generous
+        return request.deep_map.dim * width, float(n) * 100.0
     if fitter.phase == "lssvm":
         sizes = [(m.W.shape[1] if m.W is not None else m.fmap.dim) + 1 for m in fitter.models.values()]
         return sum(q * (q + 1) // 2 + q for q in sizes), float(n) * (1.0 if fitter.cfg.kernel == "rbf" else clin ** 2)
-    return 5 * len(fitter.models), float(n) * 1e3
+    # leave-one-out decision values of a fit to ±1 targets stay well within ±10
+    return 5 * len(fitter.models), float(n) * 100.0
 
 
 @dataclass

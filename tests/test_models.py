@@ -15,6 +15,7 @@ from torch import nn
 from cldlr.common.config import ModelConfig
 from cldlr.common.errors import CldlrError
 from cldlr.common.models import (
+    tiny_cnn,
     BACKBONES, Backbone, build_model, embed, embedding_dim, head_layer, last_conv_layer, load_numpy_state,
     predict_proba, register_backbone, state_dict_to_numpy,
 )
@@ -22,14 +23,6 @@ from cldlr.common.transforms import Normalization
 
 NORM = Normalization((0.5,) * 3, (0.25,) * 3)
 TINY = "tiny_models_test"
-
-
-def tiny_cnn(num_classes: int) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(16, 12), nn.ReLU(), nn.Dropout(0.5), nn.Linear(12, num_classes),
-    )
 
 
 @pytest.fixture

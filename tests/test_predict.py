@@ -21,10 +21,14 @@ def study_bundle(tmp_path):
     return study, export_tiny(study, tmp_path / "bundle")
 
 
-def _lesion_args(study, row: int) -> list[str]:
+def _lesion_args(study, row: int, **override: str | None) -> list[str]:
+    """CLI arguments for one lesion of the tiny site; ``name=None`` leaves that clinical value out."""
     r = study.site.frame.iloc[row]
-    return ["--image", r["image_path"], "--mask", r["mask_path"], "--clinical", f"age={r['age']:g}",
-            "--clinical", f"palpable={int(r['palpable'])}", "--clinical", f"side={r['side']}"]
+    values = {"age": f"{r['age']:g}", "palpable": str(int(r["palpable"])), "side": r["side"], **override}
+    args = ["--image", r["image_path"], "--mask", r["mask_path"]]
+    for name, value in values.items():
+        args += [] if value is None else ["--clinical", f"{name}={value}"]
+    return args
 
 
 def test_single_lesion_json_and_overlay(study_bundle, tmp_path):
@@ -55,8 +59,7 @@ def test_single_lesion_prints_json_and_writes_overlay_in_cwd(study_bundle, tmp_p
 
 def test_missing_clinical_value_is_an_error_or_an_explicit_dlr_fallback(study_bundle, tmp_path, capsys):
     study, bundle = study_bundle
-    args = [a for a in _lesion_args(study, 1) if not a.startswith("age=")]
-    args.remove("--clinical")
+    args = _lesion_args(study, 1, age=None)
     out = tmp_path / "fallback.json"
     assert main(["predict", "--model", str(bundle), *args, "--out", str(out)]) == 2
     err = capsys.readouterr().err
@@ -68,16 +71,15 @@ def test_missing_clinical_value_is_an_error_or_an_explicit_dlr_fallback(study_bu
     assert result["clinical_score"] is None and "age" in result["warnings"][0]
 
 
-@pytest.mark.parametrize(("value", "message"), [("age=abc", "'abc' is not a number"),
-                                                ("side=up", "one of left, right"),
-                                                ("height=170", "unknown clinical parameter(s) height")])
-def test_invalid_clinical_values_name_the_parameter(study_bundle, capsys, value, message):
+@pytest.mark.parametrize(("name", "value", "message"), [
+    ("age", "abc", "clinical parameter 'age': 'abc' is not a number; expected a number in [18, 100] years"),
+    ("side", "up", "clinical parameter 'side': 'up' is not one of the levels left, right"),
+    ("palpable", "maybe", "clinical parameter 'palpable': 'maybe' is not binary"),
+    ("height", "170", "unknown clinical parameter(s) height"),
+])
+def test_invalid_clinical_values_name_the_parameter(study_bundle, capsys, name, value, message):
     study, bundle = study_bundle
-    assert main(["predict", "--model", str(bundle), *_lesion_args(study, 0)[:4], "--clinical", "palpable=1",
-                 "--clinical", "side=left", "--clinical", "age=50", "--clinical", value]
-                if value.startswith("height") else
-                ["predict", "--model", str(bundle), *[a if not a.startswith(value.split("=")[0] + "=") else value
-                                                      for a in _lesion_args(study, 0)]]) == 2
+    assert main(["predict", "--model", str(bundle), *_lesion_args(study, 0, **{name: value})]) == 2
     assert message in capsys.readouterr().err
 
 

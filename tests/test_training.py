@@ -13,20 +13,12 @@ from cldlr.client import training
 from cldlr.client.training import inner_validation_split, train_classifier
 from cldlr.common.config import ModelConfig, TrainConfig
 from cldlr.common.errors import CldlrError
-from cldlr.common.models import BACKBONES, Backbone, build_model, predict_proba
+from cldlr.common.models import BACKBONES, Backbone, build_model, predict_proba, tiny_cnn
 from cldlr.common.transforms import Normalization
 
 NORM = Normalization((0.5,) * 3, (0.25,) * 3)
 CFG = TrainConfig(epochs=2, batch_size=4, lr=0.01, device="cpu", checkpoint_every=1)
 TINY = "tiny_training_test"
-
-
-def tiny_cnn(num_classes: int) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(16, 12), nn.ReLU(), nn.Dropout(0.5), nn.Linear(12, num_classes),
-    )
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,131 @@
+"""Phases 2–4 of the federation over an in-process sum: secure fit ≈ pooled fit, nothing per-case leaves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.common.secure_aggregation.quantization import dequantize, quantize
+
+from cldlr.client.federated import FederatedSite
+from cldlr.client.site import SiteSession
+from cldlr.common.clinical_features import ClinicalEncoder
+from cldlr.common.clinical_stats import compute_statistics, select_parameters
+from cldlr.common.config import Config, load_config
+from cldlr.common.contract import read_site
+from cldlr.common.fusion import FusionModels
+from cldlr.common.metrics import model_metrics
+from cldlr.common.secure_sum import ScalePlan
+from cldlr.server.federated_study import run_federated_phases
+from cldlr.simulations.sites import merge_sites
+from conftest import write_site
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, list[FederatedSite]]:
+    root = tmp_path_factory.mktemp("fed")
+    from conftest import write_schema
+
+    schema_path = write_schema(root / "schema.yaml")
+    for k, n in enumerate((10, 14, 12)):
+        write_site(root / f"site{k}", n_patients=n, images_per_patient=2, size=40, seed=k, with_split=True)
+    config = load_config(None, [
+        f"data.root={root}", f"data.schema={schema_path}", f"data.cache_dir={root / 'cache'}", "data.image_size=32",
+        "model.backbone=tiny", "model.weights=none", "train.epochs=1", "train.batch_size=8",
+        "svm.solver=rff", "svm.embedding_pca=4", "svm.rff_features=32", "federation.local_epochs=1",
+        "evaluation.min_count=1",
+    ])
+    from cldlr.common.schema import load_schema
+
+    schema = load_schema(schema_path)
+    sites = [FederatedSite(SiteSession(read_site(root / f"site{k}", schema), config), config) for k in range(3)]
+    arrays = {k: v.numpy() for k, v in sites[0].model.state_dict().items()}  # one global model everywhere
+    for site in sites:
+        site.set_global_model(arrays)
+    return config, sites
+
+
+def plain_sum(sites: list[FederatedSite], log: list[dict] | None = None):
+    def sum_fn(task: str, payload: dict, *, length: int, bound, integer: bool = False) -> np.ndarray:
+        parts = [np.asarray(site.tasks()[task](payload), dtype=np.float64) for site in sites]
+        assert all(p.shape == (length,) for p in parts), (task, [p.shape for p in parts], length)
+        if log is not None:
+            log.append({"task": task, "length": length, "parts": parts})
+        return np.sum(parts, axis=0)
+    return sum_fn
+
+
+def secagg_sum(sites: list[FederatedSite], config: Config):
+    """SecAgg+'s arithmetic in process: scale by the bound, quantize per site, add integers, unscale."""
+    C, Q = config.secagg.clipping_range, config.secagg.quantization_range
+
+    def sum_fn(task: str, payload: dict, *, length: int, bound, integer: bool = False) -> np.ndarray:
+        plan = ScalePlan.from_bounds(bound, length, C)
+        scaled = [plan.scale(site.tasks()[task](payload)) for site in sites]
+        np.random.seed(0)
+        total = sum(quantize([x], C, Q)[0].astype(np.int64) for x in scaled)
+        mean = (dequantize([total], C, Q)[0] - (len(scaled) - 1) * C) / len(scaled)
+        values = plan.unscale(mean * len(scaled))
+        return np.rint(values) if integer else values
+    return sum_fn
+
+
+def pooled_reference(config: Config, sites: list[FederatedSite]) -> dict[str, dict[str, float]]:
+    """The same objective fitted on pooled data: selection, encoder and RFF SVMs."""
+    merged = merge_sites([s.session.site for s in sites])
+    train = merged.frame[merged.frame["split"] == "train"]
+    y = {c: np.concatenate([s.session.cohort(c).labels for s in sites]) for c in ("train", "test")}
+    stats = compute_statistics(train, train["label"].to_numpy(), merged.schema)
+    selection = select_parameters(stats, alpha=config.clinical.alpha)
+    encoder = ClinicalEncoder.fit(train, [merged.schema.get(n) for n in selection.selected])
+    clin = {c: np.concatenate([s.session.clinical_block(encoder, c) for s in sites]) for c in ("train", "test")}
+    emb = {c: np.concatenate([s.embeddings(c) for s in sites]) for c in ("train", "test")}
+    fusion = FusionModels.fit(clin["train"], emb["train"], y["train"], config.svm, seed=config.run.seed)
+    probs = fusion.predict_proba(clin["test"], emb["test"])
+    return {m: model_metrics(y["test"], p, config.svm.threshold) for m, p in probs.items()}, selection.selected
+
+
+def _run(config, sites, sum_fn):
+    max_cases = max(len(s.session.train) + len(s.session.test) for s in sites)
+    bound = float(max(np.abs(s.embeddings("train")).max() for s in sites)) * 2 + 1
+    return run_federated_phases(sum_fn, config, sites[0].session.site.schema, n_deep=sites[0].embeddings("train").shape[1],
+                                max_cases=max_cases, feature_bound=bound)
+
+
+def test_federated_fit_equals_pooled_fit(federation) -> None:
+    config, sites = federation
+    fit, evaluation = _run(config, sites, plain_sum(sites))
+    reference, selected = pooled_reference(config, sites)
+    assert fit.selection.selected == selected
+    for model, metrics in reference.items():
+        got = evaluation.metrics[model]["test"]
+        assert abs(got["auc"] - metrics["auc"]) <= 1e-3, model
+        assert abs(got["auc_ci_low"] - metrics["auc_ci_low"]) <= 5e-3, model
+        assert (got["tp"], got["fp"], got["tn"], got["fn"]) == (metrics["tp"], metrics["fp"], metrics["tn"], metrics["fn"])
+    assert fit.rounds["svm_total"] >= 3 and fit.rounds["evaluation"] == 2
+
+
+def test_secagg_quantization_keeps_the_fit(federation) -> None:
+    config, sites = federation
+    _, exact = _run(config, sites, plain_sum(sites))
+    _, quantized = _run(config, sites, secagg_sum(sites, config))
+    for model in exact.metrics:
+        assert abs(exact.metrics[model]["test"]["auc"] - quantized.metrics[model]["test"]["auc"]) <= 5e-3, model
+
+
+def test_sites_release_only_aggregates(federation) -> None:
+    """No released vector can be a per-image array: lengths never scale with a site's case count."""
+    config, sites = federation
+    log: list[dict] = []
+    _run(config, sites, plain_sum(sites, log))
+    case_counts = {len(s.session.train) for s in sites} | {len(s.session.test) for s in sites}
+    n_deep = sites[0].embeddings("train").shape[1]
+    for entry in log:
+        lengths = {p.size for p in entry["parts"]}
+        assert len(lengths) == 1, entry["task"]  # every site sends the same length, whatever its size
+        for site in sites:
+            emb = site.embeddings("train")
+            for part in entry["parts"]:
+                assert not np.isin(np.round(emb.ravel(), 6), np.round(part, 6)).all()
+    assert all(e["length"] not in {c * n_deep for c in case_counts} for e in log)

@@ -9,18 +9,23 @@ The Flower ClientApp is a thin adapter over this class; tests call it directly.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.numpy import load_file, save_file
 
 from cldlr.client.site import SiteSession
 from cldlr.common import secure_metrics
 from cldlr.common.clinical_features import ClinicalEncoder, encoder_sums
 from cldlr.common.config import Config
+from cldlr.common.errors import CldlrError
+from cldlr.common.io import atomic_path, atomic_write_json
 from cldlr.common.federation import FusionPayload, evaluation_layout, fusion_models_from_payload, selection_from_payload
 from cldlr.common.fusion import site_sums
 from cldlr.common.models import build_model
@@ -28,13 +33,19 @@ from cldlr.common.weights import arrays_to_model, arrays_to_tensors, model_to_ar
 
 log = logging.getLogger(__name__)
 
+FINAL_MODEL = "final-global.safetensors"
+
 
 class FederatedSite:
     """One site's state across the phases of a federated run."""
 
-    def __init__(self, session: SiteSession, config: Config) -> None:
+    def __init__(self, session: SiteSession, config: Config, state_dir: Path | None = None) -> None:
         self.session = session
         self.config = config
+        # Flower may hand consecutive messages of one site to different processes (Ray actors in
+        # simulation, a fresh ClientApp process per run in deployment): whatever must outlive a
+        # message lives in files under state_dir, on the site's own disk.
+        self.state_dir = state_dir
         torch.manual_seed(config.run.seed)
         self.model = build_model(config.model)
         self.privacy = None
@@ -46,9 +57,17 @@ class FederatedSite:
                 config.privacy, n_train=len(session.train), batch_size=config.train.batch_size,
                 total_epochs=config.federation.rounds * config.federation.local_epochs, seed=config.run.seed,
             )
+            if self._state_file("privacy.json") and self._state_file("privacy.json").is_file():
+                self.privacy.load_state_dict(json.loads(self._state_file("privacy.json").read_text()))
         self._embeddings: dict[str, np.ndarray] | None = None
-        self._encoder: ClinicalEncoder | None = None
         self._fusion_cache: dict[str, Any] = {}
+        self._final_loaded = False
+
+    def _state_file(self, name: str) -> Path | None:
+        if self.state_dir is None:
+            return None
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        return self.state_dir / name
 
     @property
     def name(self) -> str:
@@ -60,6 +79,7 @@ class FederatedSite:
         """Local epochs from the global weights; returns (weights, number of examples, metrics)."""
         arrays_to_model(self.model, global_arrays)
         self._embeddings = None  # the backbone changes: embeddings must be recomputed
+        self._final_loaded = False
         epochs = self.config.federation.local_epochs
         train = partial(self.session.fit_backbone, self.model, epochs=epochs, seed=self.config.run.seed + server_round,
                         proximal_mu=proximal_mu, progress=False,
@@ -75,6 +95,8 @@ class FederatedSite:
                     f"(spent {self.privacy.epsilon():.3f}); the site stops training")
             with self.privacy.training() as hooks:  # Opacus hooks are removed again afterwards
                 result = train(**hooks)
+            if (path := self._state_file("privacy.json")) is not None:
+                atomic_write_json(path, self.privacy.state_dict())
         last = result.history[-1] if result.history else {}
         metrics = {"train-loss": float(last.get("loss", float("nan"))),
                    "train-accuracy": float(last.get("accuracy", float("nan")))}
@@ -84,13 +106,48 @@ class FederatedSite:
         return model_to_arrays(self.model, self.config.federation.transfer_dtype), len(self.session.train), metrics
 
     def set_global_model(self, global_arrays: Mapping[str, np.ndarray]) -> None:
-        """Load the final global backbone (phase 3 and 4 embed with it)."""
+        """Load the final global backbone (phases 3 and 4 embed with it) and keep a copy on disk."""
         arrays_to_model(self.model, global_arrays)
         self._embeddings = None
+        self._final_loaded = True
+        if (path := self._state_file(FINAL_MODEL)) is not None:
+            with atomic_path(path) as tmp:
+                save_file({k: np.ascontiguousarray(v, dtype=np.float32) if np.issubdtype(np.asarray(v).dtype, np.floating)
+                           else np.ascontiguousarray(v) for k, v in global_arrays.items()}, str(tmp))
+            for stale in ("embeddings.npz", "fusion.npz"):
+                self._state_file(stale).unlink(missing_ok=True)
+
+    def _final_model(self) -> None:
+        if self._final_loaded:
+            return
+        path = self._state_file(FINAL_MODEL)
+        if path is None or not path.is_file():
+            raise CldlrError(f"site {self.name} has no final global model yet (phase order broken?)")
+        arrays_to_model(self.model, load_file(str(path)))
+        self._final_loaded = True
+
+    def feature_bound(self) -> float:
+        """The power of two above the largest |embedding value| of the training cohort.
+
+        The centre needs a bound to scale the secure sums of deep features; a power of two tells
+        it the order of magnitude and nothing finer.
+        """
+        largest = float(np.abs(self.embeddings("train")).max(initial=0.0))
+        return float(2.0 ** np.ceil(np.log2(max(largest, 1e-6))))
 
     def embeddings(self, split: str) -> np.ndarray:
+        """Embeddings of the final global backbone (computed once; kept in the site's state folder)."""
         if self._embeddings is None:
-            self._embeddings = {s: self.session.embeddings(self.model, s) for s in ("train", "test")}
+            path = self._state_file("embeddings.npz")
+            if path is not None and path.is_file():
+                with np.load(path) as saved:
+                    self._embeddings = {k: saved[k] for k in ("train", "test")}
+            else:
+                self._final_model()
+                self._embeddings = {s: self.session.embeddings(self.model, s) for s in ("train", "test")}
+                if path is not None:
+                    with atomic_path(path) as tmp:
+                        np.savez(tmp, **self._embeddings)
         return self._embeddings[split]
 
     # -- phase 2: clinical selection and encoder ---------------------------------------------
@@ -106,14 +163,32 @@ class FederatedSite:
         return self.session.clinical_block(encoder, split)
 
     # -- phase 3: SVM fusion ----------------------------------------------------------------
+    def _load_fusion_cache(self) -> dict[str, Any]:
+        # the file is the truth: another process may have answered the previous round of this site
+        path = self._state_file("fusion.npz")
+        if path is not None and path.is_file():
+            self._fusion_cache.clear()
+            with np.load(path) as saved:
+                self._fusion_cache.update({"fit_id": str(saved["fit_id"]),
+                                           "arrays": {k[2:]: saved[k] for k in saved.files if k.startswith("a:")}})
+        return self._fusion_cache
+
+    def _save_fusion_cache(self) -> None:
+        path = self._state_file("fusion.npz")
+        if path is not None and self._fusion_cache:
+            with atomic_path(path) as tmp:
+                np.savez(tmp, fit_id=np.array(self._fusion_cache["fit_id"]),
+                         **{f"a:{k}": v for k, v in self._fusion_cache["arrays"].items()})
+
     def fusion_sums(self, payload: Mapping[str, Any]) -> np.ndarray:
-        request = FusionPayload.decode(payload, self._fusion_cache)
+        request = FusionPayload.decode(payload, self._load_fusion_cache())
+        self._save_fusion_cache()
         clinical = self._clinical(payload, "train")
         return site_sums(request, clinical, self.embeddings("train"), self.session.train.labels)
 
     # -- phase 4: evaluation ----------------------------------------------------------------
     def _scores(self, payload: Mapping[str, Any], split: str) -> dict[str, np.ndarray]:
-        fusion = fusion_models_from_payload(payload, self._fusion_cache)
+        fusion = fusion_models_from_payload(payload, self._load_fusion_cache())
         return fusion.predict_proba(self._clinical(payload, split), self.embeddings(split))
 
     def score_histograms(self, payload: Mapping[str, Any]) -> np.ndarray:

@@ -16,12 +16,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
+from .errors import ConfigError
 from .imaging import IMAGE_EXTS, MASK_EXTS, file_ext
 from .schema import Parameter, Schema
+
+if TYPE_CHECKING:
+    from .config import Config
 
 CLINICAL_CSV = "clinical.csv"
 IMAGES_DIR = "images"
@@ -158,8 +163,24 @@ def encode_clinical(frame: pd.DataFrame, parameters: tuple[Parameter, ...] | lis
     return np.column_stack(columns), names
 
 
+def site_folders(config: Config) -> list[Path]:
+    """The site folders named by the config: ``federation.sites``, or ``data.root`` itself if it
+    is a site, or every sub-folder of ``data.root`` that holds a ``clinical.csv``."""
+    if config.federation.sites:
+        return [Path(s) for s in config.federation.sites]
+    if not config.data.root:
+        raise ConfigError("data.root is not set: pass --set data.root=PATH (a site folder or a folder of sites)")
+    root = Path(config.data.root)
+    if (root / CLINICAL_CSV).is_file():
+        return [root]
+    found = sorted(p for p in root.iterdir() if (p / CLINICAL_CSV).is_file()) if root.is_dir() else []
+    if not found:
+        raise ConfigError(f"data.root {root} is neither a site folder (no {CLINICAL_CSV}) nor a folder of sites")
+    return found
+
+
 __all__ = [
     "CLINICAL_CSV", "IMAGES_DIR", "MASKS_DIR", "REQUIRED_COLUMNS", "LABEL_NAMES", "SPLITS",
     "SiteData", "encode_clinical", "file_ext", "find_files", "image_path", "mask_path",
-    "parse_label", "read_clinical_csv", "read_site",
+    "parse_label", "read_clinical_csv", "read_site", "site_folders",
 ]

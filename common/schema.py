@@ -22,11 +22,14 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
-from .errors import SchemaError
+from .errors import ConfigError, SchemaError
+
+if TYPE_CHECKING:
+    from .config import Config
 
 ParameterType = Literal["numeric", "binary", "categorical"]
 MissingPolicy = Literal["error", "impute"]
@@ -224,3 +227,15 @@ def load_schema(path: str | Path) -> Schema:
     except yaml.YAMLError as exc:
         raise SchemaError(f"{path}: not valid YAML ({exc})") from exc
     return schema_from_dict(data, source=str(path))
+
+
+def resolve_schema(config: Config) -> Schema:
+    """``data.schema`` if given, else the ``schema.yaml`` that importers/phantom write beside the sites."""
+    if config.data.schema:
+        return load_schema(config.data.schema)
+    root = Path(config.data.root)
+    for candidate in (root / "schema.yaml", root.parent / "schema.yaml"):
+        if candidate.is_file():
+            return load_schema(candidate)
+    raise ConfigError("data.schema is not set and no schema.yaml lies beside data.root; "
+                      "pass --set data.schema=configs/schema/<name>.yaml")

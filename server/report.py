@@ -120,6 +120,23 @@ def _table1_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _federation_markdown(fed: dict[str, Any]) -> str:
+    lines = [f"- Strategy: {fed['strategy']}, {fed['rounds']} rounds, weights sent as {fed['transfer_dtype']}",
+             f"- Secure aggregation rounds (SecAgg+): {fed['secure_rounds']}",
+             f"- Wall time (s): {fed['wall_time_s']}"]
+    if fed.get("uplink_bytes_per_site_round"):
+        first = fed["uplink_bytes_per_site_round"][0]
+        sizes = {k: v for k, v in first.items() if k != "round"}
+        lines.append(f"- Uplink bytes per site per round: {sizes}")
+    if fed.get("privacy"):
+        lines.append("- Differential privacy (ε, δ) per site: " + ", ".join(
+            f"{site} ε={v['epsilon']:.2f} (δ={v['delta']:g}, after round {v['after_round']})" for site, v in fed["privacy"].items()))
+    if fed.get("dropped"):
+        lines.append(f"- Sites dropped or rejected: {fed['dropped']}")
+    lines.append("- Every message that left a site is listed in `ledger.jsonl`.")
+    return "\n".join(lines)
+
+
 def _write_figures(run_dir: Path, outcome: StudyOutcome) -> dict[str, str]:
     from cldlr.common import figures
 
@@ -170,8 +187,10 @@ def write_report(run_dir: Path, outcome: StudyOutcome, config: Config, *, title:
     md = [f"# {title}", "", f"Run: `{run_dir}`", ""]
     if outcome.sites:
         md += ["## Sites", "", "| Site | Train images | Test images | Train malignant | Test malignant |", "|---|---|---|---|---|"]
-        md += [f"| {s['name']} | {s['n_train']} | {s['n_test']} | {s['n_train_malignant']} | {s['n_test_malignant']} |"
-               for s in outcome.sites]
+        md += [f"| {s['name']} | {s['n_train']} | {s['n_test']} | {s.get('n_train_malignant', '–')} | "
+               f"{s.get('n_test_malignant', '–')} |" for s in outcome.sites]
+        if not all("n_train_malignant" in s for s in outcome.sites):
+            md += ["", "_Per-site class counts stay at the sites; the federation sees only their sums._"]
         md.append("")
     md += ["## Table 1 — clinical parameters (training cohort)", "", _table1_markdown(outcome.selection_table), "",
            f"Selected (P < {config.clinical.alpha}): {', '.join(outcome.selected) or 'none'}", "",
@@ -181,6 +200,8 @@ def write_report(run_dir: Path, outcome: StudyOutcome, config: Config, *, title:
         md += ["## DeLong tests (test cohort)", "", "| Comparison | z | P |", "|---|---|---|"]
         md += [f"| {k} | {_fmt(v['z'])} | {_p(v['p'])} |" for k, v in outcome.delong.items()]
         md.append("")
+    if "federation" in outcome.extra:
+        md += ["## Federation", "", _federation_markdown(outcome.extra["federation"]), ""]
     for section, text in outcome.extra.get("markdown_sections", {}).items():
         md += [f"## {section}", "", text, ""]
     if figures_written:

@@ -3,45 +3,14 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-
 import pandas as pd
 
 from cldlr.common.config import Config
-from cldlr.common.contract import CLINICAL_CSV, SiteData, read_site
-from cldlr.common.errors import ConfigError
-from cldlr.common.schema import Schema, load_schema
+from cldlr.common.contract import SiteData, read_site, site_folders
+from cldlr.common.schema import resolve_schema
 from cldlr.common.splits import partition, site_table, with_split
 
 log = logging.getLogger(__name__)
-
-
-def resolve_schema(config: Config) -> Schema:
-    """``data.schema`` if given, else the ``schema.yaml`` that importers/phantom write beside the sites."""
-    if config.data.schema:
-        return load_schema(config.data.schema)
-    root = Path(config.data.root)
-    for candidate in (root / "schema.yaml", root.parent / "schema.yaml"):
-        if candidate.is_file():
-            return load_schema(candidate)
-    raise ConfigError("data.schema is not set and no schema.yaml lies beside data.root; "
-                      "pass --set data.schema=configs/schema/<name>.yaml")
-
-
-def site_folders(config: Config) -> list[Path]:
-    """The site folders named by the config: ``federation.sites``, or ``data.root`` itself if it
-    is a site, or every sub-folder of ``data.root`` that holds a ``clinical.csv``."""
-    if config.federation.sites:
-        return [Path(s) for s in config.federation.sites]
-    if not config.data.root:
-        raise ConfigError("data.root is not set: pass --set data.root=PATH (a site folder or a folder of sites)")
-    root = Path(config.data.root)
-    if (root / CLINICAL_CSV).is_file():
-        return [root]
-    found = sorted(p for p in root.iterdir() if (p / CLINICAL_CSV).is_file()) if root.is_dir() else []
-    if not found:
-        raise ConfigError(f"data.root {root} is neither a site folder (no {CLINICAL_CSV}) nor a folder of sites")
-    return found
 
 
 def load_sites(config: Config) -> list[SiteData]:

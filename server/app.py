@@ -1,0 +1,52 @@
+"""The coordinating centre's Flower ServerApp: reads the study config, runs :class:`FederatedRun`.
+
+Flower's run config carries flat scalars only, so it names the study's YAML config and its
+overrides: ``flwr run . --run-config 'config="configs/federated.yaml" overrides="train.epochs=2 ..."'``
+(``run-dir`` and ``resume=true`` continue a stopped run). The programmatic simulation passes the
+same keys through the ``CLDLR_RUN`` environment variable (``run_simulation`` has no run config).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from cldlr.common.config import load_config
+from cldlr.server.orchestrator import FederatedRun
+from cldlr.server.report import new_run_dir
+from cldlr.common.schema import resolve_schema
+
+log = logging.getLogger("cldlr.centre")
+
+ENV_KEY = "CLDLR_RUN"
+
+
+def run_settings(context: Context) -> dict[str, Any]:
+    """``config``, ``overrides``, ``run-dir``, ``resume`` from the run config, else from ``$CLDLR_RUN``."""
+    settings: dict[str, Any] = dict(json.loads(os.environ.get(ENV_KEY, "{}")))
+    settings.update({k: v for k, v in context.run_config.items() if k in ("config", "overrides", "run-dir", "resume")})
+    if "config" not in settings:
+        raise SystemExit("no study config: pass --run-config 'config=\"path/to/study.yaml\"'")
+    return settings
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = run_settings(context)
+    overrides = settings.get("overrides", "")
+    config = load_config(settings["config"], shlex.split(overrides) if isinstance(overrides, str) else list(overrides))
+    run_dir = Path(settings["run-dir"]) if settings.get("run-dir") else new_run_dir(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log.info("federated study %s → %s", config.run.name, run_dir)
+    FederatedRun(grid, context, config, resolve_schema(config), run_dir, resume=bool(settings.get("resume", False))).run()

@@ -1,0 +1,219 @@
+"""The whole federated study at the centre, phase by phase, over a Flower Grid.
+
+0. handshake — every SuperNode validates its site against the federation schema; refusals are
+   logged with the site's reason and the site never joins;
+1. backbone — R rounds of checked FedAvg/FedProx, checkpointed after every round;
+2. clinical selection, 3. SVM fusion, 4. evaluation — secure sums only (SecAgg+);
+then the report, the model bundle and the privacy ledger in ``runs/<name>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid
+
+from cldlr import __version__
+from cldlr.common.config import Config, dump_config
+from cldlr.common.errors import CldlrError
+from cldlr.common.messages import FINALIZE, HANDSHAKE, PLAIN_SUM, arrays_to_record, record_to_arrays
+from cldlr.common.models import build_model
+from cldlr.common.roi import PIPELINE_VERSION
+from cldlr.common.schema import Schema
+from cldlr.common.weights import model_to_arrays
+from cldlr.server.checkpoint import Progress, load_checkpoint, save_checkpoint
+from cldlr.server.federated_study import run_federated_phases
+from cldlr.server.ledger import Ledger, LedgerGrid
+from cldlr.server.report import StudyOutcome, write_report
+from cldlr.server.secure_sum import secure_sum, wait_for_sites
+from cldlr.server.strategy import make_strategy
+
+log = logging.getLogger("cldlr.centre")
+
+
+class FederatedRun:
+    """One study at the centre; ``run()`` goes through every phase and returns the run folder."""
+
+    def __init__(self, grid: Grid, context: Context, config: Config, schema: Schema, run_dir: Path, *,
+                 resume: bool = False, connect_timeout_s: float = 300.0) -> None:
+        self.config, self.schema, self.run_dir, self.resume = config, schema, run_dir, resume
+        self.context = context
+        self.names: dict[int, str] = {}
+        self.ledger = Ledger(run_dir / "ledger.jsonl", self.names)
+        self.grid = LedgerGrid(grid, self.ledger)
+        self.connect_timeout_s = connect_timeout_s
+        self.counts: dict[int, dict[str, int]] = {}
+
+    # -- phase 0 ------------------------------------------------------------------------------
+    def handshake(self) -> list[int]:
+        fed = self.config.federation
+        self.ledger.phase = "handshake"
+        nodes = wait_for_sites(self.grid, fed.num_sites, self.connect_timeout_s)
+        offer = ConfigRecord({"version": __version__, "pipeline": PIPELINE_VERSION,
+                              "config-yaml": dump_config(self.config), "schema-yaml": self.schema.to_yaml()})
+        messages = [Message(RecordDict({"handshake": offer}), dst_node_id=n, message_type=HANDSHAKE) for n in nodes]
+        members = []
+        for reply in self.grid.send_and_receive(messages, timeout=self.connect_timeout_s):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                reason = reply.error.reason.strip().splitlines()[-1][:500]
+                log.error("site on node %d refused to join: %s", node, reason)
+                self.ledger.event("site-refused", node=node, reason=reason)
+                continue
+            self.names[node] = str(reply.content.config_records["site"]["name"])
+            self.counts[node] = {k: int(v) for k, v in reply.content.metric_records["counts"].items()}
+            members.append(node)
+        if len(members) < fed.min_sites:
+            raise CldlrError(f"only {len(members)} site(s) joined ({', '.join(self.names.values()) or 'none'}); "
+                             f"federation.min_sites={fed.min_sites}. See the sites' logs and {self.ledger.path}")
+        self.grid.members = set(members)
+        log.info("sites joined: %s", ", ".join(f"{self.names[n]} ({self.counts[n]['n-train']} train)" for n in members))
+        return members
+
+    # -- phase 1 ------------------------------------------------------------------------------
+    def train_backbone(self) -> tuple[dict[str, np.ndarray], Progress]:
+        cfg, fed = self.config, self.config.federation
+        torch.manual_seed(cfg.run.seed)
+        model = build_model(cfg.model)
+        arrays, progress = model_to_arrays(model), Progress()
+        checkpoints = self.run_dir / "checkpoints"
+        if self.resume and (saved := load_checkpoint(checkpoints)) is not None:
+            arrays, progress = saved
+        remaining = fed.rounds - progress.completed_rounds
+        if remaining <= 0:
+            return arrays, progress
+        strategy = make_strategy(fed.strategy, min_sites=min(fed.min_sites, len(self.grid.members)),
+                                 proximal_mu=fed.proximal_mu)
+        strategy.setup(reference=arrays, min_sites=fed.min_sites, transfer_dtype=fed.transfer_dtype, node_names=self.names)
+        strategy.round_offset = progress.completed_rounds
+        self.ledger.phase = "backbone"
+
+        def checkpoint(server_round: int, record: Any) -> None:
+            self.ledger.round = server_round + 1 + strategy.round_offset
+            if server_round == 0:
+                return None
+            entry = strategy.rounds[-1]
+            progress.completed_rounds = entry.round
+            progress.history.append({"round": entry.round, "sites": {str(n): a for n, a in entry.accepted.items()},
+                                     "rejected": {self.names.get(n, str(n)): r for n, r in entry.rejected.items()}})
+            for node, reason in entry.rejected.items():
+                self.ledger.event("update-rejected", node=node, reason=reason[:300])
+            save_checkpoint(checkpoints, record_to_arrays(record), progress)
+            return None
+
+        self.ledger.round = progress.completed_rounds + 1
+        result = strategy.start(self.grid, arrays_to_record(arrays), num_rounds=remaining,
+                                train_config=ConfigRecord({"local-epochs": fed.local_epochs}), evaluate_fn=checkpoint)
+        return record_to_arrays(result.arrays), progress
+
+    # -- phases 2-4 ---------------------------------------------------------------------------
+    def finalize(self, arrays: dict[str, np.ndarray]) -> float:
+        self.ledger.phase, self.ledger.round = "finalize", 0
+        record = arrays_to_record(arrays, "float32")
+        messages = [Message(RecordDict({"arrays": record}), dst_node_id=n, message_type=FINALIZE) for n in self.grid.members]
+        bounds = []
+        for reply in self.grid.send_and_receive(messages):
+            if reply.has_error():
+                raise CldlrError(f"site {self.names.get(reply.metadata.src_node_id)} failed to load the final model: "
+                                 f"{reply.error.reason[-300:]}")
+            bounds.append(float(reply.content.metric_records["bound"]["feature-bound"]))
+        return max(bounds)
+
+    def sum_fn(self, task: str, payload: dict[str, Any], *, length: int, bound: Any, integer: bool = False) -> np.ndarray:
+        self.ledger.phase = f"secure:{task}"
+        self.ledger.round += 1
+        members = len(self.grid.members)
+        if members == 1:
+            return self._plain_sum(task, payload, length)
+        result = secure_sum(self.grid, self.context, task=task, length=length, bound=bound, num_sites_expected=members,
+                            payload_config=payload, secagg_cfg=self.config.secagg,
+                            min_sites=max(2, min(self.config.federation.min_sites, members)), integer=integer)
+        self.secure_seconds += result.elapsed_s
+        return result.values
+
+    def _plain_sum(self, task: str, payload: dict[str, Any], length: int) -> np.ndarray:
+        """A one-site federation: secure aggregation cannot hide a sum of one, so the site's
+        aggregate vector travels in plaintext (the ledger marks it ``secure: false``)."""
+        (node,) = self.grid.members
+        content = RecordDict({"sum": ConfigRecord({"task": task, "payload": json.dumps(payload)})})
+        (reply,) = self.grid.send_and_receive([Message(content, dst_node_id=node, message_type=PLAIN_SUM)])
+        if reply.has_error():
+            raise CldlrError(f"site {self.names.get(node)} failed task {task}: {reply.error.reason[-300:]}")
+        values = reply.content.array_records["sum"]["vector"].numpy()
+        if values.shape != (length,):
+            raise CldlrError(f"task {task}: the site sent {values.shape[0]} values, {length} expected")
+        return values.astype(np.float64)
+
+    def run(self) -> Path:
+        start = time.monotonic()
+        self.secure_seconds = 0.0
+        members = self.handshake()
+        if len(members) == 1:
+            log.warning("one-site federation: its sums cannot be hidden by secure aggregation and travel in plaintext")
+            self.ledger.event("plaintext-sums", reason="a federation of one site")
+        arrays, progress = self.train_backbone()
+        t_train = time.monotonic() - start
+        bound = self.finalize(arrays)
+        max_cases = max(c["n-train"] + c["n-test"] for n, c in self.counts.items() if n in self.grid.members)
+        n_deep = _embedding_dim(self.config)
+        fit, evaluation = run_federated_phases(self.sum_fn, self.config, self.schema, n_deep=n_deep,
+                                               max_cases=max_cases, feature_bound=bound)
+        outcome = StudyOutcome(
+            metrics=evaluation.metrics, delong=evaluation.delong, roc=evaluation.roc,
+            selection_table=fit.selection.table, selected=fit.selection.selected,
+            history=_training_curves(progress), sites=self._site_rows(),
+            extra={"federation": self._summary(progress, fit.rounds, t_train, time.monotonic() - start)},
+        )
+        write_report(self.run_dir, outcome, self.config, title=f"CLDLR study — federated ({len(members)} sites)")
+        self._export_bundle(arrays, fit, outcome)
+        return self.run_dir
+
+    def _site_rows(self) -> list[dict[str, Any]]:
+        return [{"name": self.names[n], "n_train": c["n-train"], "n_test": c["n-test"]}
+                for n, c in self.counts.items() if n in self.grid.members]
+
+    def _summary(self, progress: Progress, rounds: dict[str, int], t_train: float, t_total: float) -> dict[str, Any]:
+        bytes_per_round = [{"round": h["round"], **{s["site"]: s["bytes"] for s in h["sites"].values()}} for h in progress.history]
+        epsilon = {}
+        for h in progress.history:
+            for s in h["sites"].values():
+                if "epsilon" in s:
+                    epsilon[s["site"]] = {"epsilon": s["epsilon"], "delta": s.get("delta"), "after_round": h["round"]}
+        return {"strategy": self.config.federation.strategy, "rounds": progress.completed_rounds,
+                "transfer_dtype": self.config.federation.transfer_dtype, "uplink_bytes_per_site_round": bytes_per_round,
+                "secure_rounds": rounds, "privacy": epsilon or None,
+                "dropped": {h["round"]: h["rejected"] for h in progress.history if h["rejected"]},
+                "wall_time_s": {"backbone": round(t_train, 1), "secure_sums": round(self.secure_seconds, 1),
+                                "total": round(t_total, 1)}}
+
+    def _export_bundle(self, arrays: dict[str, np.ndarray], fit: Any, outcome: StudyOutcome) -> None:
+        try:
+            from cldlr.common.bundle import export_federated_bundle
+        except ImportError:  # pragma: no cover - bundle module absent in a partial install
+            return
+        export_federated_bundle(self.run_dir / "model", arrays=arrays, fit=fit, outcome=outcome, config=self.config,
+                                schema=self.schema)
+
+
+def _embedding_dim(config: Config) -> int:
+    from cldlr.common.models import embedding_dim
+
+    return embedding_dim(build_model(config.model))
+
+
+def _training_curves(progress: Progress) -> dict[str, list[dict[str, float]]]:
+    """Per site: train loss/accuracy of its last local epoch in each round."""
+    curves: dict[str, list[dict[str, float]]] = {}
+    for h in progress.history:
+        for s in h["sites"].values():
+            curves.setdefault(s["site"], []).append({"epoch": h["round"], "loss": s.get("train-loss"),
+                                                     "accuracy": s.get("train-accuracy")})
+    return curves
+

@@ -81,7 +81,7 @@ class FederatedSite:
         self._embeddings = None  # the backbone changes: embeddings must be recomputed
         self._final_loaded = False
         epochs = self.config.federation.local_epochs
-        train = partial(self.session.fit_backbone, self.model, epochs=epochs, seed=self.config.run.seed + server_round,
+        train = partial(self.session.fit_backbone, self.model, epochs=epochs, seed=self.config.run.seed + server_round - 1,
                         proximal_mu=proximal_mu, progress=False,
                         global_params=arrays_to_tensors(global_arrays) if proximal_mu > 0 else None)
         if self.privacy is None:

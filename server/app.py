@@ -31,7 +31,9 @@ ENV_KEY = "CLDLR_RUN"
 def run_settings(context: Context) -> dict[str, Any]:
     """``config``, ``overrides``, ``run-dir``, ``resume`` from the run config, else from ``$CLDLR_RUN``."""
     settings: dict[str, Any] = dict(json.loads(os.environ.get(ENV_KEY, "{}")))
-    settings.update({k: v for k, v in context.run_config.items() if k in ("config", "overrides", "run-dir", "resume")})
+    # pyproject.toml declares these keys with "" defaults (Flower accepts only declared keys): "" = not given
+    settings.update({k: v for k, v in context.run_config.items()
+                     if k in ("config", "overrides", "run-dir", "resume") and v != ""})
     if "config" not in settings:
         raise SystemExit("no study config: pass --run-config 'config=\"path/to/study.yaml\"'")
     return settings

@@ -26,6 +26,17 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class Reply:
+    """One site's answer in a round: weights and metrics, or why there are none."""
+
+    node: int
+    arrays: dict[str, np.ndarray] | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    nbytes: int = 0
+    error: str | None = None
+
+
+@dataclass
 class RoundLog:
     """What one training round did, per site (node id → details)."""
 
@@ -52,27 +63,41 @@ class CheckedAggregation:
         return super().configure_train(server_round, downlink, config, grid)  # type: ignore[misc]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        entry = RoundLog(round=server_round + self.round_offset)
-        updates = []
+        items: list[Reply] = []
         for msg in replies:
             node = msg.metadata.src_node_id
-            name = self.node_names.get(node, str(node))
             if msg.has_error():
-                entry.rejected[node] = f"error reply: {msg.error.reason}"
-                log.warning("round %d: site %s failed: %s", entry.round, name, msg.error.reason[:300])
+                items.append(Reply(node, error=f"error reply: {msg.error.reason}"))
                 continue
             try:
                 record = next(iter(msg.content.array_records.values()))
-                arrays = record_to_arrays(record)
-                check_arrays(arrays, reference=self.reference)
                 metrics = dict(next(iter(msg.content.metric_records.values())))
-                weight = float(metrics["num-examples"])
-            except (InvalidUpdate, StopIteration, KeyError) as exc:
-                entry.rejected[node] = f"invalid update: {exc}"
-                log.warning("round %d: update of site %s rejected: %s", entry.round, name, exc)
+            except StopIteration:
+                items.append(Reply(node, error="reply lacks its weights or metrics"))
                 continue
-            updates.append((arrays, weight))
-            entry.accepted[node] = {"site": name, "bytes": int(record.count_bytes()), **metrics}
+            items.append(Reply(node, arrays=record_to_arrays(record), metrics=metrics, nbytes=int(record.count_bytes())))
+        average, metrics = self.aggregate_replies(server_round + self.round_offset, items)
+        return arrays_to_record(average), MetricRecord(metrics)
+
+    def aggregate_replies(self, round_number: int, items: list[Reply]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """Screen every reply, then average the valid ones in float64 (the testable core of a round)."""
+        entry = RoundLog(round=round_number)
+        updates = []
+        for item in items:
+            name = self.node_names.get(item.node, str(item.node))
+            reason = item.error
+            if reason is None:
+                try:
+                    check_arrays(item.arrays, reference=self.reference)
+                    weight = float(item.metrics["num-examples"])
+                except (InvalidUpdate, KeyError, TypeError, ValueError) as exc:
+                    reason = f"invalid update: {exc}"
+            if reason is not None:
+                entry.rejected[item.node] = reason
+                log.warning("round %d: update of site %s rejected: %s", entry.round, name, reason[:300])
+                continue
+            updates.append((item.arrays, weight))
+            entry.accepted[item.node] = {"site": name, "bytes": item.nbytes, **item.metrics}
         self.rounds.append(entry)
         if len(updates) < self.min_sites:
             raise CldlrError(
@@ -81,10 +106,10 @@ class CheckedAggregation:
             )
         self.reference = weighted_average(updates)
         total = sum(w for _, w in updates)
-        loss = sum(a["train-loss"] * a["num-examples"] for a in entry.accepted.values()) / total
+        loss = sum(a.get("train-loss", 0.0) * a["num-examples"] for a in entry.accepted.values()) / total
         log.info("round %d: averaged %d site(s), train loss %.4f, %s bytes/site", entry.round, len(updates), loss,
                  sorted(a["bytes"] for a in entry.accepted.values()))
-        return arrays_to_record(self.reference), MetricRecord({"train-loss": float(loss), "num-sites": len(updates)})
+        return self.reference, {"train-loss": float(loss), "num-sites": len(updates)}
 
 
 class CheckedFedAvg(CheckedAggregation, FedAvg):

@@ -1,4 +1,4 @@
-"""``make demo``: phantom data → validate → ROI cache → split → study → report, on CPU in minutes."""
+"""``make demo``: phantom data → validate → 3-site federated study (Flower + SecAgg+) → report."""
 
 from __future__ import annotations
 

@@ -32,6 +32,7 @@ def test_overrides_are_typed(tmp_path: Path) -> None:
         ("train.epoch=3", "unknown config key(s) train.epoch"),
         ("trian.epochs=3", "unknown config key(s) trian"),
         ("train.epochs=three", "train.epochs: expected an integer"),
+        ("train.lr=fast", "train.lr: expected a number"),
         ("train.amp=maybe", "train.amp: expected true/false"),
         ("svm.solver=magic", "svm.solver: 'magic' is not one of"),
         ("train.lr=-1", "train.lr must be > 0"),
@@ -62,3 +63,7 @@ def test_config_is_frozen() -> None:
     config = Config()
     with pytest.raises(AttributeError):
         config.train.epochs = 5  # type: ignore[misc]
+
+
+def test_exponent_notation_is_a_number() -> None:
+    assert load_config(None, ["train.lr=1e-4"]).train.lr == 1e-4

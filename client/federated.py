@@ -27,7 +27,7 @@ from cldlr.common.config import Config
 from cldlr.common.errors import CldlrError
 from cldlr.common.io import atomic_path, atomic_write_json
 from cldlr.common.federation import FusionPayload, evaluation_layout, fusion_models_from_payload, selection_from_payload
-from cldlr.common.fusion import site_sums
+from cldlr.common.fusion_protocol import site_sums
 from cldlr.common.models import build_model
 from cldlr.common.weights import arrays_to_model, arrays_to_tensors, model_to_arrays
 

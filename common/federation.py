@@ -19,7 +19,8 @@ import numpy as np
 
 from .config import Config
 from .errors import CldlrError
-from .fusion import BLOCKS, FusionModels, RffFusionFitter, RffRequest
+from .fusion import BLOCKS, FusionModels
+from .fusion_protocol import RffFusionFitter, RffRequest
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from sklearn.metrics import roc_auc_score
 
 from cldlr.common.config import SVMConfig
 from cldlr.common.errors import CldlrError
-from cldlr.common.fusion import (FusionModels, RffFusionFitter, RffRequest, SvcModel, fit_calibrated_svc,
-                                 run_rff_protocol, site_sums)
+from cldlr.common.fusion import FusionModels, SvcModel, fit_calibrated_svc
+from cldlr.common.fusion_protocol import RffFusionFitter, RffRequest, run_rff_protocol, site_sums
 from cldlr.common.rff import FeatureMap, pca_rounds
 
 

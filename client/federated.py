@@ -57,8 +57,6 @@ class FederatedSite:
                 config.privacy, n_train=len(session.train), batch_size=config.train.batch_size,
                 total_epochs=config.federation.rounds * config.federation.local_epochs, seed=config.run.seed,
             )
-            if self._state_file("privacy.json") and self._state_file("privacy.json").is_file():
-                self.privacy.load_state_dict(json.loads(self._state_file("privacy.json").read_text()))
         self._embeddings: dict[str, np.ndarray] | None = None
         self._fusion_cache: dict[str, Any] = {}
         self._final_loaded = False
@@ -87,6 +85,9 @@ class FederatedSite:
         if self.privacy is None:
             result = train()
         else:
+            saved = self._state_file("privacy.json")
+            if saved is not None and saved.is_file():  # the file is the truth: another process may have trained last
+                self.privacy.load_state_dict(json.loads(saved.read_text()))
             if self.privacy.would_exceed(epochs):
                 from cldlr.client.privacy import PrivacyBudgetError
 

@@ -105,8 +105,9 @@ def read_model_scores(path: str | Path, truth: dict[str, int]) -> tuple[dict[str
                 errors.append(f"{path}:{line}: column 'threshold': {row['threshold']!r} is not a number")
     absent = sorted(set(truth) - set(scores))
     errors += [f"{path}: no AI score for case(s) {', '.join(absent[:20])}"] if absent else []
+    errors += [f"{path}: column 'threshold' holds several values {sorted(thresholds)}"] if len(thresholds) > 1 else []
     _raise(path, errors)
-    return scores, (thresholds.pop() if len(thresholds) == 1 else 0.5)
+    return scores, thresholds.pop()
 
 
 def read_reads(path: str | Path, truth: dict[str, int]) -> pd.DataFrame:

@@ -1,0 +1,205 @@
+"""Figures 2 and 3: wall time of a federated simulation against pooled training; bytes per round by transfer dtype.
+
+Both studies run ``cldlr.simulations.runner.simulate`` on the same phantom sites, config and
+epochs (federated: R rounds × 1 local epoch; pooled: R epochs), differing only in
+``federation.mode`` (and, for figure 3, ``federation.transfer_dtype``). The centre's log lines
+(the ServerApp runs in this process) are timestamped to split the federated wall time into
+engine start-up, site start-up (handshake), FedAvg rounds and SecAgg+ phases.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from cldlr.common.config import Config, load_config
+from cldlr.common.messages import arrays_to_record
+from cldlr.common.weights import model_to_arrays
+
+from harness import Figure, now
+
+log = logging.getLogger("bench")
+
+ROUNDS = 2
+
+
+class _Timeline(logging.Handler):
+    """Wall-clock time of the centre's log lines (which phase ended when)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.events: list[tuple[float, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.events.append((now(), record.getMessage()))
+
+    def first(self, prefix: str) -> float | None:
+        return next((t for t, m in self.events if m.startswith(prefix)), None)
+
+
+def study_config(phantom: Path, work: Path, backbone: str, size: int, *extra: str) -> Config:
+    overrides = [
+        f"data.root={phantom}", f"data.schema={phantom / 'schema.yaml'}", f"data.cache_dir={work / 'cache'}",
+        f"run.output_dir={work / 'runs'}", f"model.backbone={backbone}", "model.weights=none",
+        f"data.image_size={size}", "train.batch_size=16", "train.lr=0.001", "svm.solver=rff", "svm.embedding_pca=8",
+        "svm.rff_features=128", "evaluation.min_count=1", "evaluation.gradcam_examples=2",
+        f"federation.rounds={ROUNDS}", "federation.local_epochs=1", f"train.epochs={ROUNDS}", "federation.min_sites=2",
+    ]
+    return load_config(None, [*overrides, *extra])
+
+
+def _pooled(phantom: Path, work: Path, backbone: str, size: int) -> dict[str, Any]:
+    from cldlr.client import site as site_module
+    from cldlr.simulations.runner import simulate
+
+    spent = {"fit_backbone": 0.0}
+    original = site_module.SiteSession.fit_backbone
+
+    def timed(self: Any, *args: Any, **kwargs: Any) -> Any:
+        start = now()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            spent["fit_backbone"] += now() - start
+
+    site_module.SiteSession.fit_backbone = timed
+    try:
+        start = now()
+        run_dir = simulate(study_config(phantom, work, backbone, size, "federation.mode=pooled", "run.name=pooled"))
+        wall = now() - start
+    finally:
+        site_module.SiteSession.fit_backbone = original
+    report = json.loads((run_dir / "report.json").read_text())
+    return {"wall_s": wall, "train_s": spent["fit_backbone"], "run_dir": str(run_dir), "auc": _aucs(report)}
+
+
+def _federated(phantom: Path, work: Path, backbone: str, size: int, dtype: str) -> dict[str, Any]:
+    from cldlr.simulations.runner import simulate
+
+    timeline = _Timeline()
+    logger = logging.getLogger("cldlr")
+    logger.addHandler(timeline)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        start = now()
+        run_dir = simulate(study_config(phantom, work, backbone, size, "federation.mode=federated",
+                                        f"federation.transfer_dtype={dtype}", f"run.name=federated-{dtype}"))
+        wall = now() - start
+    finally:
+        logger.removeHandler(timeline)
+        logger.setLevel(old_level)
+    report = json.loads((run_dir / "report.json").read_text())
+    fed = report["federation"]
+    marks = {"server_start": timeline.first("federated study"), "sites_joined": timeline.first("sites joined"),
+             **{f"round_{r}": timeline.first(f"round {r}: averaged") for r in range(1, ROUNDS + 1)},
+             "report": timeline.first("report written")}
+    phases: dict[str, float] = {}
+    if all(v is not None for v in marks.values()):
+        phases = {
+            "engine_start (Ray, actors until the ServerApp runs)": marks["server_start"] - start,
+            "handshake (site processes import, read + cache data)": marks["sites_joined"] - marks["server_start"],
+            "round 1 (first local training in each actor)": marks["round_1"] - marks["sites_joined"],
+            **{f"round {r}": marks[f"round_{r}"] - marks[f"round_{r - 1}"] for r in range(2, ROUNDS + 1)},
+            "finalize + SecAgg+ phases 2-4 + report": marks["report"] - marks[f"round_{ROUNDS}"],
+            "engine shutdown": start + wall - marks["report"],
+        }
+    bytes_rounds = fed["uplink_bytes_per_site_round"]
+    per_site = [v for row in bytes_rounds for k, v in row.items() if k != "round"]
+    return {"wall_s": wall, "report_wall_time_s": fed["wall_time_s"], "phases_s": {k: round(v, 2) for k, v in phases.items()},
+            "secure_rounds": fed["secure_rounds"], "bytes_per_site_round": float(np.mean(per_site)),
+            "bytes_rounds": bytes_rounds, "run_dir": str(run_dir), "auc": _aucs(report)}
+
+
+def _aucs(report: dict[str, Any]) -> dict[str, float]:
+    return {m: float(report["metrics"][m]["test"]["auc"]) for m in report["metrics"]}
+
+
+def _roundtrip_auc(model: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, normalization: Any) -> dict[str, float]:
+    """AUC of the CNN's own scores with its fp32 weights, and after an fp16 cast and back."""
+    from cldlr.common.models import load_numpy_state, predict_proba
+
+    p32 = predict_proba(model, images, normalization)
+    arrays = model_to_arrays(model, "float16")
+    twin = __import__("copy").deepcopy(model)
+    load_numpy_state(twin, arrays)
+    p16 = predict_proba(twin, images, normalization)
+    return {"auc_fp32": float(roc_auc_score(labels, p32)), "auc_fp16": float(roc_auc_score(labels, p16)),
+            "max_abs_prob_diff": float(np.max(np.abs(p32 - p16)))}
+
+
+def _test_cohort(config: Config) -> tuple[torch.Tensor, np.ndarray, Any]:
+    from cldlr.client.site import SiteSession
+    from cldlr.simulations.sites import load_sites, merge_sites
+
+    session = SiteSession(merge_sites(load_sites(config)), config)
+    return session.test.images, session.test.labels, session.normalization
+
+
+def run_federation(ctx: Any) -> list[Figure]:
+    """Figure 2 (fp16 federated vs pooled) and figure 3 (fp32 vs fp16 bytes, fp16 round trip)."""
+    from safetensors.numpy import load_file
+
+    from cldlr.common.models import build_model, load_numpy_state
+
+    phantom, work = ctx.phantoms["federation"], ctx.work / "federation"
+    backbone, size = "tiny", 32
+    pooled = _pooled(phantom, work, backbone, size)
+    fed16 = _federated(phantom, work, backbone, size, "float16")
+    fed32 = _federated(phantom, work, backbone, size, "float32")
+    setting = (f"{ctx.fed_sites} phantom sites × {ctx.fed_images} images, tiny backbone at {size} px (VGG11 "
+               f"needs ~4 GB per Ray actor, more than this shared machine can spare), {ROUNDS} rounds × 1 local "
+               f"epoch vs {ROUNDS} pooled epochs, SecAgg+ for every sum")
+    rep = fed16["report_wall_time_s"]
+    breakdown = "; ".join(f"{k} {v:.1f} s" for k, v in fed16["phases_s"].items())
+    figures = [
+        Figure("federated / pooled wall time", fed16["wall_s"], "s", pooled["wall_s"], "pooled", target="≤ 1.15",
+               group="2", note=(f"{setting}. Federated {fed16['wall_s']:.1f} s vs pooled {pooled['wall_s']:.1f} s "
+                                f"(pooled fine-tuning {pooled['train_s']:.1f} s). Report's own split: backbone "
+                                f"{rep['backbone']} s, secure sums {rep['secure_sums']} s, total {rep['total']} s "
+                                f"(Ray start-up outside it: {fed16['wall_s'] - rep['total']:.1f} s). Timeline: {breakdown}. "
+                                f"Secure rounds: {fed16['secure_rounds']}."),
+               details={"pooled": pooled, "federated_float16": fed16}).check(lambda r: r <= 1.15),
+        Figure("federated − pooled (fixed cost)", fed16["wall_s"] - pooled["wall_s"], "s", group="2",
+               note="absolute overhead of the federation at this size; it does not grow with epochs per round"),
+    ]
+    b32, b16 = fed32["bytes_per_site_round"], fed16["bytes_per_site_round"]
+    figures.append(Figure("uplink bytes/site/round, float16 vs float32 (tiny, measured)", b16, "B", b32, "float32",
+                          target="≤ 0.5", group="3",
+                          note=f"Flower record bytes from the reports (count_bytes of each reply), {setting}",
+                          details={"float32": fed32["bytes_rounds"], "float16": fed16["bytes_rounds"]}
+                          ).check(lambda r: r <= 0.5))
+    vgg = build_model(load_config(None, ["model.backbone=vgg11", "model.weights=none"]).model, seed=0)
+    v32 = arrays_to_record(model_to_arrays(vgg, "float32")).count_bytes()
+    v16 = arrays_to_record(model_to_arrays(vgg, "float16")).count_bytes()
+    figures.append(Figure("uplink bytes/site/round, float16 vs float32 (VGG11, record)", float(v16), "B", float(v32),
+                          "float32", target="≤ 0.5", group="3",
+                          note="the reply record a site builds (model_to_arrays → arrays_to_record → count_bytes), "
+                               "in process: the same bytes as on the wire, not sent").check(lambda r: r <= 0.5))
+    # AUC: the fp32 run's global model, cast to fp16 and back, on the pooled test cohort
+    config32 = study_config(phantom, work, backbone, size, "federation.mode=federated")
+    images, labels, normalization = _test_cohort(config32)
+    tiny = build_model(config32.model)
+    load_numpy_state(tiny, load_file(str(Path(fed32["run_dir"]) / "checkpoints" / "global.safetensors")))
+    trip = _roundtrip_auc(tiny, images, labels, normalization)
+    figures.append(Figure("CNN test AUC after fp16 round trip (tiny global model)", trip["auc_fp16"], "AUC",
+                          trip["auc_fp32"], "fp32 weights", target="|Δ| ≤ 0.005", group="3",
+                          note=(f"max |Δp| {trip['max_abs_prob_diff']:.2e} on {len(labels)} test ROIs. Study AUCs "
+                                f"of the two runs (fp16 vs fp32 transfer over {ROUNDS} rounds): "
+                                + ", ".join(f"{m} {fed16['auc'][m]:.4f} vs {fed32['auc'][m]:.4f}" for m in fed16["auc"])))
+                   ).check(lambda r: abs(trip["auc_fp16"] - trip["auc_fp32"]) <= 0.005))
+    if ctx.trained_vgg is not None:
+        model, vimages, vlabels, vnorm = ctx.trained_vgg
+        trip = _roundtrip_auc(model, vimages, vlabels, vnorm)
+        figures.append(Figure("CNN AUC after fp16 round trip (VGG11 from figure 1)", trip["auc_fp16"], "AUC",
+                              trip["auc_fp32"], "fp32 weights", target="|Δ| ≤ 0.005", group="3",
+                              note=f"max |Δp| {trip['max_abs_prob_diff']:.2e} on {len(vlabels)} ROIs "
+                                   "(a briefly trained VGG11: the cast's effect, not a clinical AUC)"
+                              ).check(lambda r: abs(trip["auc_fp16"] - trip["auc_fp32"]) <= 0.005))
+    return figures

@@ -1,0 +1,193 @@
+"""Figure 1: training images/s of cldlr's trainer against a naive file pipeline and the pure-compute bound.
+
+All three variants run the same model, optimizer (Adam, fresh for every timed run, as each
+``train_classifier`` call and each federated round creates one), batch size and number of
+steps; they differ only in how a batch reaches the model:
+
+* **ours** — :func:`cldlr.client.training.train_classifier` on a device-held uint8 ROI tensor
+  (index slices, normalization on the device);
+* **naive** — a torchvision-style ``Dataset`` that opens the PNG and its mask per sample, crops
+  the mask's rectangle, resizes, normalizes, through a ``DataLoader``;
+* **bound** — forward/backward/step on one batch already normalized in memory (no indexing,
+  no normalization): what the model and optimizer alone cost.
+
+The same functions serve the GPU script (``bench/gpu.py``) with ``amp``/``channels_last``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from cldlr.client.training import train_classifier
+from cldlr.common.config import TrainConfig
+from cldlr.common.transforms import Normalization
+
+from harness import best_of, now
+
+
+class RoiFileDataset(Dataset):
+    """The usual per-sample pipeline: open image and mask, crop the lesion rectangle, resize, normalize."""
+
+    def __init__(self, rows: list[tuple[str, str, int]], size: int, normalization: Normalization) -> None:
+        self.rows = rows
+        self.transform = T.Compose([
+            T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+            T.Grayscale(num_output_channels=3), T.ToTensor(),
+            T.Normalize(list(normalization.mean), list(normalization.std)),
+        ])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image_path, mask_path, label = self.rows[index]
+        image = Image.open(image_path).convert("L")
+        mask = np.asarray(Image.open(mask_path).convert("L")) > 0
+        ys, xs = np.nonzero(mask)
+        crop = image.crop((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
+        return self.transform(crop), label
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+          amp: torch.dtype | None) -> None:
+    with torch.autocast(device_type=x.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def time_bound(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], steps: int, lr: float, *,
+               amp: torch.dtype | None = None, fused: bool = False) -> float:
+    """Seconds for ``steps`` steps on one in-memory batch, a fresh Adam included (as in the trainer)."""
+    x, y = batch
+    device = x.device
+    _sync(device)
+    start = now()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, **({"fused": True} if fused else {}))
+    for _ in range(steps):
+        _step(model, optimizer, x, y, amp)
+    _sync(device)
+    return now() - start
+
+
+def time_naive(model: nn.Module, loader: DataLoader, steps: int, lr: float, device: torch.device, *,
+               amp: torch.dtype | None = None) -> float:
+    """Seconds for ``steps`` steps fed by the DataLoader (host decode, host→device copy per batch)."""
+    _sync(device)
+    start = now()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    done = 0
+    while done < steps:
+        for x, y in loader:
+            x = x.to(device, non_blocking=True)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last) if amp is not None else x
+            _step(model, optimizer, x, y.to(device, non_blocking=True), amp)
+            done += 1
+            if done == steps:
+                break
+    _sync(device)
+    return now() - start
+
+
+def time_ours(model: nn.Module, images: torch.Tensor, labels: np.ndarray, cfg: TrainConfig,
+              normalization: Normalization) -> float:
+    """Seconds of one ``train_classifier`` call over ``images`` for one epoch (its whole cost)."""
+    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    _sync(device)
+    start = now()
+    train_classifier(model, images, labels, cfg, normalization, epochs=1, progress=False)
+    _sync(device)
+    return now() - start
+
+
+@dataclasses.dataclass
+class ThroughputSetup:
+    """Everything the variants share: one initial model, the ROIs, their files and the settings."""
+
+    model: nn.Module
+    images: torch.Tensor  # [steps*batch, 1, S, S] uint8, on the host
+    labels: np.ndarray
+    rows: list[tuple[str, str, int]]  # (image path, mask path, label) of the same cases
+    normalization: Normalization
+    cfg: TrainConfig
+    steps: int
+    workers: int = 0
+
+
+def measure(setup: ThroughputSetup, *, rounds: int, variants: dict[str, dict[str, Any]] | None = None,
+            on_round: Callable[[int, dict[str, float]], None] | None = None,
+            ) -> tuple[dict[str, dict[str, Any]], dict[str, nn.Module]]:
+    """Warm every variant up, then time ``rounds`` interleaved repeats; images/s from the best repeat.
+
+    ``variants`` maps a name to ``{"kind": "ours"|"naive"|"bound", "amp": dtype|None, "fused": bool}``.
+    Returns the statistics per variant and each variant's (trained) copy of the model.
+    """
+    cfg = setup.cfg
+    device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    amp_default = torch.bfloat16 if device.type == "cuda" and cfg.amp else None
+    variants = variants or {"ours": {"kind": "ours"}, "naive": {"kind": "naive", "amp": amp_default},
+                            "bound": {"kind": "bound", "amp": amp_default}}
+    batch = cfg.batch_size
+    n = setup.steps * batch
+    if len(setup.images) < n:
+        raise ValueError(f"{len(setup.images)} ROIs given, {n} needed for {setup.steps} steps of {batch}")
+    images, labels = setup.images[:n], setup.labels[:n]
+    models = {name: copy.deepcopy(setup.model).to(device) for name in variants}
+    if device.type == "cuda":
+        for name, v in variants.items():
+            if v["kind"] != "ours" and v.get("amp") is not None:
+                models[name].to(memory_format=torch.channels_last)
+    x = setup.normalization.apply(images[:batch].to(device))
+    if device.type == "cuda" and amp_default is not None:
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+    else:
+        x_cl = x
+    y = torch.as_tensor(labels[:batch], device=device)
+    loader = DataLoader(RoiFileDataset(setup.rows[:n], images.shape[-1], setup.normalization), batch_size=batch,
+                        shuffle=True, num_workers=setup.workers, pin_memory=device.type == "cuda",
+                        persistent_workers=setup.workers > 0, generator=torch.Generator().manual_seed(0), drop_last=True)
+    warm_cfg = dataclasses.replace(cfg, epochs=1, keep="last", checkpoint_every=0)
+
+    def run(name: str, steps: int) -> float:
+        v, model = variants[name], models[name]
+        if v["kind"] == "ours":
+            return time_ours(model, images[: steps * batch], labels[: steps * batch], warm_cfg, setup.normalization)
+        if v["kind"] == "naive":
+            return time_naive(model, loader, steps, cfg.lr, device, amp=v.get("amp"))
+        inputs = x_cl if v.get("amp") is not None else x
+        return time_bound(model, (inputs, y), steps, cfg.lr, amp=v.get("amp"), fused=bool(v.get("fused")))
+
+    torch.manual_seed(0)
+    for name in variants:  # warm-up: allocator, kernels, first Adam state; not timed
+        run(name, 1)
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(rounds):
+        for name in variants:
+            samples[name].append(run(name, setup.steps))
+        if on_round is not None:
+            on_round(r, {k: v[-1] for k, v in samples.items()})
+    out = {}
+    for name, times in samples.items():
+        t = best_of(times)
+        out[name] = {"seconds": t, "images_per_s": n / t, "steps": setup.steps, "batch": batch,
+                     "repeats": [round(s, 4) for s in times]}
+    return out

@@ -1,0 +1,103 @@
+"""Hospital side of a real deployment: check the site, then the ``flower-supernode`` command that joins it.
+
+The SuperNode only dials out (HTTPS to the SuperLink); its local Runtime API listens on
+127.0.0.1. Before anything starts, the site folder is validated exactly as the federation will
+validate it, so a broken site is fixed here, with the full report, instead of failing the study.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+from cldlr.common.errors import ContractError, CldlrError
+from cldlr.common.launch import Command, check_address, existing_file, flower_command, key_values
+from cldlr.common.schema import Schema, load_schema
+from cldlr.common.validation import ValidationReport, validate_site
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 9094
+CONTRACT_ONLY = Schema(name="data contract only", version=1, parameters=())
+
+
+def find_schema(data_path: Path, schema: str | os.PathLike[str] | None) -> Path | None:
+    """``--schema`` if given, else a ``schema.yaml`` in or beside the site (importers put it there)."""
+    if schema is not None:
+        return existing_file(schema, "schema", "use the federation schema file the centre sent")
+    for candidate in (data_path / "schema.yaml", data_path.parent / "schema.yaml"):
+        if candidate.is_file():
+            return candidate.resolve()
+    return None
+
+
+def check_site(data_path: str | os.PathLike[str], schema: str | os.PathLike[str] | None = None) -> ValidationReport:
+    """Validate the site; raise :class:`ContractError` carrying the full report when it fails.
+
+    Without a schema only the data contract (ids, labels, images, masks) is checked here; the
+    clinical columns are then checked against the centre's schema during the handshake.
+    """
+    folder = Path(data_path).expanduser().resolve()
+    if not folder.is_dir():
+        raise CldlrError(f"--data-path {data_path}: no such folder (the site folder with clinical.csv, images/, masks/)")
+    schema_path = find_schema(folder, schema)
+    if schema_path is None:
+        log.warning("no schema given or found beside %s: checking the data contract only; the clinical columns "
+                    "are checked against the centre's schema when the study starts (pass --schema to check now)", folder)
+    report = validate_site(folder, load_schema(schema_path) if schema_path else CONTRACT_ONLY)
+    if not report.ok:
+        raise ContractError(f"site {folder} fails validation ({report.summary()}); fix it before joining — "
+                            "no SuperNode was started", report)
+    return report
+
+
+def _check_key(key: str | os.PathLike[str]) -> Path:
+    path = existing_file(key, "SuperNode key", "create it with `cldlr certs node OUT --name SITE`")
+    try:
+        private = load_ssh_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise CldlrError(f"{path} is not an unencrypted OpenSSH private key ({exc}); Flower 1.41 needs the "
+                         "supernode-<site>.key that `cldlr certs node` writes") from exc
+    if not isinstance(private, ec.EllipticCurvePrivateKey):
+        raise CldlrError(f"{path}: Flower 1.41 accepts only ECDSA (NIST curve) SuperNode keys; "
+                         "recreate it with `cldlr certs node`")
+    if path.stat().st_mode & 0o077:
+        log.warning("%s is readable by other users: chmod 600 it (it is this hospital's identity)", path)
+    return path
+
+
+def supernode_command(superlink: str, ca: str | os.PathLike[str], key: str | os.PathLike[str],
+                      data_path: str | os.PathLike[str], *, port: int = DEFAULT_PORT, site_name: str | None = None,
+                      schema: str | os.PathLike[str] | None = None, state_dir: str | os.PathLike[str] | None = None,
+                      validate: bool = True) -> Command:
+    """``flower-supernode`` over TLS with the hospital's key; the site is validated first.
+
+    The node config hands the ClientApp its site folder (``data-path``), optionally its display
+    name, the local copy of the schema (the handshake refuses a centre with another schema) and
+    where run state goes. ``port`` is the local Runtime API (127.0.0.1 only; one per SuperNode).
+    """
+    check_address(superlink, "--superlink")
+    ca_path = existing_file(ca, "CA certificate", "copy the federation's ca.crt from the centre")
+    key_path = _check_key(key)
+    folder = Path(data_path).expanduser().resolve()
+    schema_path = find_schema(folder, schema) if folder.is_dir() else None
+    if validate:
+        report = check_site(folder, schema_path)
+        log.info("site check: %s", report.summary())
+    node_config: dict[str, str] = {"data-path": str(folder)}
+    if site_name:
+        node_config["site-name"] = site_name
+    if schema_path is not None:
+        node_config["schema-path"] = str(schema_path)
+    if state_dir is not None:
+        node_config["state-dir"] = str(Path(state_dir).expanduser().resolve())
+    args = ["--superlink", superlink, "--root-certificates", str(ca_path), "--auth-supernode-private-key", str(key_path),
+            "--port", str(port), "--node-config", key_values(node_config)]
+    return flower_command("flower-supernode", args)
+
+
+__all__ = ["DEFAULT_PORT", "check_site", "find_schema", "supernode_command"]

@@ -1,0 +1,76 @@
+"""The single-site study end to end through the CLI: report.json, report.md, figures, Table S2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cldlr.cli import main
+from cldlr.simulations.phantom import generate_phantom
+
+KEYS = {"auc", "auc_ci_low", "auc_ci_high", "accuracy", "sensitivity", "specificity", "ppv", "npv", "n", "n_malignant"}
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("phantom") / "data"
+    generate_phantom(root, sites=1, images_per_site=40, seed=3, image_size=96)
+    return root
+
+
+def args(site: Path, out: Path, *extra: str) -> list[str]:
+    sets = [f"data.root={site / 'site-1'}", f"data.schema={site / 'schema.yaml'}", f"data.cache_dir={out / 'cache'}",
+            f"run.output_dir={out}", "data.image_size=32", "model.backbone=tiny", "model.weights=none",
+            "train.epochs=2", "train.batch_size=8", "svm.embedding_pca=4", "evaluation.min_count=1", *extra]
+    return [x for s in sets for x in ("--set", s)]
+
+
+def test_single_site_study_writes_the_paper_report(site: Path, tmp_path: Path, capsys) -> None:
+    assert main(["simulate", "configs/paper.yaml", *args(site, tmp_path, "run.name=one")]) == 0
+    run = tmp_path / "one"
+    report = json.loads((run / "report.json").read_text())
+    for model in ("clinical", "dlr", "cldlr"):
+        for cohort in ("train", "test"):
+            assert KEYS <= set(report["metrics"][model][cohort])
+    assert set(report["delong"]) == {"clinical vs dlr", "clinical vs cldlr", "dlr vs cldlr"}
+    assert report["config"]["train"]["lr"] == 0.005 and report["versions"]["torch"]
+    assert isinstance(report["selected_clinical_parameters"], list) and report["clinical_table"]
+    text = (run / "report.md").read_text()
+    assert "Table 2" in text and "| CLDLR | test |" in text
+    for figure in ("roc.png", "confusion_test.png", "training.png", "gradcam.png"):
+        assert (run / "figures" / figure).stat().st_size > 1000, figure
+    # a second run never reuses the first one's folder
+    assert main(["simulate", "configs/paper.yaml", *args(site, tmp_path, "run.name=one")]) == 0
+    assert (tmp_path / "one-2" / "report.json").is_file()
+
+
+def test_resume_continues_from_the_checkpoint(site: Path, tmp_path: Path) -> None:
+    assert main(["simulate", "configs/paper.yaml", *args(site, tmp_path, "run.name=r", "train.epochs=1")]) == 0
+    assert main(["simulate", "configs/paper.yaml", *args(site, tmp_path, "run.name=r"), "--resume", str(tmp_path / "r")]) == 0
+    history = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert history["metrics"]["dlr"]["test"]["n"] > 0
+    assert not (tmp_path / "r-2").exists()
+
+
+def test_invalid_site_stops_before_any_work(tmp_path: Path, capsys) -> None:
+    from conftest import write_schema, write_site
+
+    bad = write_site(tmp_path / "bad")
+    (bad / "masks" / "p000_0.png").unlink()
+    schema = write_schema(tmp_path / "schema.yaml")
+    code = main(["simulate", "configs/paper.yaml", "--set", f"data.root={bad}", "--set", f"data.schema={schema}",
+                 "--set", f"run.output_dir={tmp_path / 'runs'}"])
+    assert code == 2
+    assert "mask-missing" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.slow
+def test_compare_backbones_writes_table_s2(site: Path, tmp_path: Path) -> None:
+    assert main(["compare-backbones", "configs/paper.yaml", *args(site, tmp_path, "run.name=bb", "train.epochs=1"),
+                 "--backbones", "tiny"]) == 0
+    rows = json.loads((tmp_path / "bb-backbones" / "table_s2.json").read_text())
+    assert list(rows) == ["vgg11", "tiny"]
+    assert "p_vs_vgg11" in rows["tiny"]["dlr"] and "p_vs_vgg11" not in rows["vgg11"]["cnn"]

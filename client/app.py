@@ -155,6 +155,16 @@ def plain_sum(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"sum": ArrayRecord({"vector": Array(np.asarray(vector, dtype=np.float64))})}), reply_to=msg)
 
 
+@app.query("local-metrics")
+def local_metrics(msg: Message, context: Context) -> Message:
+    """Score the final models on this site's cohorts; share them only if the site opted in."""
+    site = _site(context)
+    metrics = site.local_metrics(json.loads(str(msg.content.config_records["fit"]["payload"])))
+    share = str(context.node_config.get("share-local-metrics", "false")).lower() in ("true", "1", "yes")
+    body = json.dumps(metrics) if share else ""
+    return Message(RecordDict({"local": ConfigRecord({"shared": share, "metrics": body})}), reply_to=msg)
+
+
 @app.query("finalize")
 def finalize(msg: Message, context: Context) -> Message:
     """Load the final global backbone; report the power of two bounding its embedding values."""

@@ -217,7 +217,12 @@ class FederatedSite:
         return np.concatenate(parts)
 
     def local_metrics(self, payload: Mapping[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
-        """The site's own test metrics (kept at the site unless it opts in to share them)."""
+        """The federation's models scored on this site's own cohorts, written to its state folder.
+
+        The file stays at the site; the ClientApp shares it only when the site opts in. A cohort
+        with fewer than ``evaluation.min_count`` cases of a class is left out (too few patients
+        to publish anything about them).
+        """
         from cldlr.common.metrics import model_metrics
 
         out: dict[str, dict[str, dict[str, float]]] = {}
@@ -227,6 +232,9 @@ class FederatedSite:
                 continue
             for model, prob in self._scores(payload, split).items():
                 out.setdefault(model, {})[split] = model_metrics(labels, prob, self.config.svm.threshold)
+        if (path := self._state_file("local-report.json")) is not None:
+            atomic_write_json(path, {"site": self.name, "metrics": out})
+            log.info("site %s: its own metrics are in %s", self.name, path)
         return out
 
     def tasks(self) -> dict[str, Any]:

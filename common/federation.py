@@ -19,7 +19,7 @@ import numpy as np
 
 from .config import Config
 from .errors import CldlrError
-from .fusion import BLOCKS, FusionModels
+from .fusion import FusionModels
 from .fusion_protocol import RffFusionFitter, RffRequest
 
 log = logging.getLogger(__name__)

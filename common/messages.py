@@ -7,6 +7,7 @@ from flwr.app import Array, ArrayRecord
 
 HANDSHAKE = "query.handshake"
 FINALIZE = "query.finalize"
+LOCAL_METRICS = "query.local-metrics"
 PLAIN_SUM = "query.sum"  # one-site federations only (nothing to hide a sum of one among)
 
 

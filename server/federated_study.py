@@ -44,6 +44,7 @@ class FederatedFit:
     encoder: ClinicalEncoder
     fusion: FusionModels
     rounds: dict[str, int] = field(default_factory=dict)
+    payload: dict[str, Any] = field(default_factory=dict)  # lets a site rebuild the fitted models
 
 
 def clinical_phase(sum_fn: SumFn, schema: Schema, config: Config, max_cases: int) -> tuple[SelectionResult, ClinicalEncoder, int]:
@@ -170,7 +171,8 @@ def run_federated_phases(sum_fn: SumFn, config: Config, schema: Schema, *, n_dee
     """Phases 2 (clinical), 3 (fusion) and 4 (evaluation) over ``sum_fn``."""
     selection, encoder, clinical_rounds = clinical_phase(sum_fn, schema, config, max_cases)
     fusion, fusion_rounds, fit_payload = fusion_phase(sum_fn, config, encoder, n_deep, max_cases, feature_bound)
-    fit = FederatedFit(selection, encoder, fusion, {"clinical": clinical_rounds, **{f"svm_{k}": v for k, v in fusion_rounds.items()}})
+    fit = FederatedFit(selection, encoder, fusion, {"clinical": clinical_rounds, **{f"svm_{k}": v for k, v in fusion_rounds.items()}},
+                       fit_payload)
     models = tuple(m for m in ("clinical", "dlr", "cldlr") if m in fusion.models)
     evaluation = evaluation_phase(sum_fn, config, fit_payload, models, max_cases)
     fit.rounds["evaluation"] = 2

@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from cldlr import __version__
 from cldlr.common.config import Config, dump_config
 from cldlr.common.errors import CldlrError
-from cldlr.common.messages import FINALIZE, HANDSHAKE, PLAIN_SUM, arrays_to_record, record_to_arrays
+from cldlr.common.messages import FINALIZE, HANDSHAKE, LOCAL_METRICS, PLAIN_SUM, arrays_to_record, record_to_arrays
 from cldlr.common.models import build_model
 from cldlr.common.roi import PIPELINE_VERSION
 from cldlr.common.schema import Schema
@@ -165,15 +165,32 @@ class FederatedRun:
         n_deep = _embedding_dim(self.config)
         fit, evaluation = run_federated_phases(self.sum_fn, self.config, self.schema, n_deep=n_deep,
                                                max_cases=max_cases, feature_bound=bound)
+        local = self.local_metrics(fit.payload)
         outcome = StudyOutcome(
             metrics=evaluation.metrics, delong=evaluation.delong, roc=evaluation.roc,
             selection_table=fit.selection.table, selected=fit.selection.selected,
             history=_training_curves(progress), sites=self._site_rows(),
-            extra={"federation": self._summary(progress, fit.rounds, t_train, time.monotonic() - start)},
+            extra={"federation": self._summary(progress, fit.rounds, t_train, time.monotonic() - start),
+                   "site_metrics": local},
         )
         write_report(self.run_dir, outcome, self.config, title=f"CLDLR study — federated ({len(members)} sites)")
         self._export_bundle(arrays, fit, outcome)
         return self.run_dir
+
+    def local_metrics(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Each site scores the final models on its own cohorts; only opted-in sites share the numbers."""
+        self.ledger.phase, self.ledger.round = "local-metrics", 0
+        record = ConfigRecord({"payload": json.dumps(payload)})
+        messages = [Message(RecordDict({"fit": record}), dst_node_id=n, message_type=LOCAL_METRICS) for n in self.grid.members]
+        out: dict[str, Any] = {}
+        for reply in self.grid.send_and_receive(messages):
+            name = self.names.get(reply.metadata.src_node_id, str(reply.metadata.src_node_id))
+            if reply.has_error():
+                out[name] = f"failed: {reply.error.reason.strip().splitlines()[-1][:200]}"
+                continue
+            local = reply.content.config_records["local"]
+            out[name] = json.loads(str(local["metrics"])) if local["shared"] else "kept at the site"
+        return out
 
     def _site_rows(self) -> list[dict[str, Any]]:
         return [{"name": self.names[n], "n_train": c["n-train"], "n_test": c["n-test"]}

@@ -65,7 +65,6 @@ def new_run_dir(config: Config) -> Path:
 
 
 def software_versions() -> dict[str, str]:
-    import flwr  # noqa: F401  (version lookup only)
     import sklearn
     import torch
     import torchvision

@@ -55,6 +55,10 @@ def test_report_has_every_model_and_cohort(federated_run: Path) -> None:
     assert {"clinical vs dlr", "clinical vs cldlr", "dlr vs cldlr"} == set(report["delong"])
     assert report["federation"]["rounds"] == 2 and report["federation"]["secure_rounds"]["svm_total"] >= 3
     assert (federated_run / "figures" / "roc.png").is_file()
+    # sites score the models on their own cohorts, but keep the numbers unless they opt in
+    assert report["site_metrics"] == {name: "kept at the site" for name in ("site-1", "site-2", "site-3")}
+    local = list((federated_run.parent / "cache" / "state").glob("run-*/node-*/local-report.json"))
+    assert len(local) == 3 and all("metrics" in json.loads(p.read_text()) for p in local)
 
 
 def test_ledger_shows_no_per_case_array_or_clinical_value(federated_run: Path, phantom: Path) -> None:

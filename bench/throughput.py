@@ -161,7 +161,7 @@ def measure(setup: ThroughputSetup, *, rounds: int, variants: dict[str, dict[str
         x_cl = x.contiguous(memory_format=torch.channels_last)
     else:
         x_cl = x
-    y = torch.as_tensor(labels[:batch], device=device)
+    y = torch.as_tensor(np.array(labels[:batch], dtype=np.int64), device=device)
     loader = DataLoader(RoiFileDataset(setup.rows[:n], images.shape[-1], setup.normalization), batch_size=batch,
                         shuffle=True, num_workers=setup.workers, pin_memory=device.type == "cuda",
                         persistent_workers=setup.workers > 0, generator=torch.Generator().manual_seed(0), drop_last=True)
@@ -190,4 +190,4 @@ def measure(setup: ThroughputSetup, *, rounds: int, variants: dict[str, dict[str
         t = best_of(times)
         out[name] = {"seconds": t, "images_per_s": n / t, "steps": setup.steps, "batch": batch,
                      "repeats": [round(s, 4) for s in times]}
-    return out
+    return out, models

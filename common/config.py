@@ -98,6 +98,7 @@ class SVMConfig:
     gamma: str = "scale"
     embedding_pca: int = 16
     clinical_block_weight: float = 1.0
+    balance_blocks: bool = True
     rff_features: int = 512
     ridge: float = 1.0
     threshold: float = 0.5
@@ -331,6 +332,8 @@ def validate_config(config: Config) -> None:
         (config.train.lr > 0, "train.lr must be > 0"),
         (0.0 < config.train.val_fraction < 1.0, "train.val_fraction must be in (0, 1)"),
         (config.svm.C > 0, "svm.C must be > 0"),
+        (config.svm.ridge > 0, "svm.ridge must be > 0"),
+        (config.svm.rff_features >= 1, "svm.rff_features must be >= 1"),
         (0.0 <= config.svm.threshold <= 1.0, "svm.threshold must be in [0, 1]"),
         (config.svm.embedding_pca >= 0, "svm.embedding_pca must be >= 0 (0 = keep all)"),
         (config.federation.rounds >= 0, "federation.rounds must be >= 0"),

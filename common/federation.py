@@ -142,7 +142,8 @@ def fusion_fitter(config: Config, n_clinical: int, n_deep: int) -> RffFusionFitt
     if config.svm.solver != "rff":
         raise CldlrError("a federation fits its SVMs from secure sums: set svm.solver=rff "
                          "(the exact SVC needs every support vector at the centre)")
-    return RffFusionFitter(config.svm, n_clinical, n_deep, seed=config.run.seed, platt_tol=1e-6, max_platt_rounds=25)
+    return RffFusionFitter(config.svm, n_clinical, n_deep, seed=config.run.seed, balance=config.svm.balance_blocks,
+                           platt_tol=1e-6, max_platt_rounds=25)
 
 
 class FusionPayload:

@@ -145,9 +145,10 @@ class FusionModels:
         cfg: SVMConfig,
         *,
         seed: int = 0,
-        balance: bool = True,
+        balance: bool | None = None,
     ) -> FusionModels:
         """Fit all three models on pooled training data; ``balance=False`` is the unweighted ablation."""
+        balance = cfg.balance_blocks if balance is None else balance
         X = as_features(clinical_train, embeddings_train)
         y = as_labels(y_train, X.shape[0])
         n_clinical = X.shape[1] - np.asarray(embeddings_train).shape[1]

@@ -176,6 +176,7 @@ def write_report(run_dir: Path, outcome: StudyOutcome, config: Config, *, title:
         "selected_clinical_parameters": outcome.selected,
         "clinical_table": outcome.selection_table,
         "sites": outcome.sites,
+        "training_history": outcome.history,
         "figures": figures_written,
         **outcome.extra,
         "config": config.to_dict(),

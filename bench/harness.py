@@ -154,13 +154,17 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
 def table(figures: list[Figure]) -> str:
     """The markdown table of every figure (what `make bench` prints at the end)."""
     rows = ["| # | figure | value | unit | baseline | ratio | target | met |", "|---|---|---|---|---|---|---|---|"]
     for f in figures:
         base = f"{_fmt(f.baseline)} ({f.baseline_name})" if f.baseline_name else _fmt(f.baseline)
-        rows.append(f"| {f.group} | {f.name} | {_fmt(f.value)} | {f.unit} | {base} | {_fmt(f.ratio)} | "
-                    f"{f.target or '—'} | {_fmt(f.met)} |")
+        cells = [f.group, f.name, _fmt(f.value), f.unit, base, _fmt(f.ratio), f.target or "—", _fmt(f.met)]
+        rows.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(rows)
 
 

@@ -155,7 +155,7 @@ def plain_sum(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"sum": ArrayRecord({"vector": Array(np.asarray(vector, dtype=np.float64))})}), reply_to=msg)
 
 
-@app.query("local-metrics")
+@app.query("local_metrics")
 def local_metrics(msg: Message, context: Context) -> Message:
     """Score the final models on this site's cohorts; share them only if the site opted in."""
     site = _site(context)

@@ -341,21 +341,29 @@ def load_bundle(path: str | Path) -> Bundle:
 
 
 def export_study_bundle(out_dir: str | Path, outcome: Any, artifacts: Any, config: Any, schema: Schema) -> Path:
-    """Bundle a finished study (``run_study``'s outcome and artifacts) with its model card; replaces ``out_dir``."""
+    """Bundle a finished study (``run_study``'s outcome and artifacts) with its model card; replaces ``out_dir``.
+
+    The model card holds aggregate facts only: cohort sizes, sites, split, Table 2 metrics, DeLong
+    tests, SVM solver and the DP budget (config targets plus ``outcome.extra["privacy"]`` or
+    ``outcome.extra["federation"]["privacy"]`` when a run records the ε it spent).
+    """
     from .transforms import normalization_for
 
-    privacy = dict(outcome.extra.get("privacy", {})) if isinstance(outcome.extra.get("privacy"), Mapping) else {}
+    spent = outcome.extra.get("privacy") or (outcome.extra.get("federation") or {}).get("privacy")
+    privacy = {"spent": spent} if spent else {}
     if config.privacy.enabled:
-        privacy = {"target_epsilon": config.privacy.target_epsilon, "delta": config.privacy.delta,
-                   "max_grad_norm": config.privacy.max_grad_norm, **privacy}
+        privacy |= {"target_epsilon": config.privacy.target_epsilon, "delta": config.privacy.delta,
+                    "max_grad_norm": config.privacy.max_grad_norm}
+    federation = outcome.extra.get("federation") or {}
     card = {
         "intended_use": "research use: probability of malignancy of a BI-RADS 4 breast-ultrasound lesion; "
                         "not a medical device, not for diagnosis on its own",
         "study": config.run.name, "mode": config.federation.mode, "backbone": config.model.backbone,
         "initial_weights": config.model.weights, "sites": [s.get("name") for s in outcome.sites],
-        "cohorts": outcome.sites,
-        "split": {"test_fraction": config.data.test_fraction, "split_seed": config.data.split_seed,
-                  "use_existing_split": config.data.use_existing_split, "unit": "patient"},
+        "cohorts": outcome.sites, "split": {"test_fraction": config.data.test_fraction, "unit": "patient",
+                                            "split_seed": config.data.split_seed,
+                                            "use_existing_split": config.data.use_existing_split},
+        "federation": {k: federation[k] for k in ("strategy", "rounds", "secure_rounds") if k in federation} or None,
         "selected_clinical_parameters": list(outcome.selected), "metrics": outcome.metrics,
         "delong": outcome.delong, "svm": {"solver": artifacts.fusion.solver, "kernel": config.svm.kernel,
                                           "notes": list(artifacts.fusion.notes)},
@@ -369,6 +377,19 @@ def export_study_bundle(out_dir: str | Path, outcome: Any, artifacts: Any, confi
     )
 
 
+def export_federated_bundle(out_dir: str | Path, *, arrays: Mapping[str, np.ndarray], fit: Any, outcome: Any,
+                            config: Any, schema: Schema) -> Path:
+    """The federated run's bundle: the global backbone ``arrays`` plus ``fit``'s encoder and SVMs."""
+    from types import SimpleNamespace
+
+    from .weights import arrays_to_model
+
+    model = build_model(ModelConfig(backbone=config.model.backbone, weights="none", num_classes=config.model.num_classes))
+    arrays_to_model(model, arrays)
+    parts = SimpleNamespace(model=model.eval(), encoder=fit.encoder, fusion=fit.fusion)
+    return export_study_bundle(out_dir, outcome, parts, config, schema)
+
+
 __all__ = ["Bundle", "BundleError", "ClinicalInputError", "FORMAT", "FORMAT_VERSION", "Prediction", "expected_values",
-           "export_bundle", "export_study_bundle", "hashes_text", "jsonable", "load_bundle", "runtime_versions",
+           "export_bundle", "export_federated_bundle", "export_study_bundle", "hashes_text", "jsonable", "load_bundle", "runtime_versions",
            "verify_bundle"]

@@ -7,7 +7,7 @@ from flwr.app import Array, ArrayRecord
 
 HANDSHAKE = "query.handshake"
 FINALIZE = "query.finalize"
-LOCAL_METRICS = "query.local-metrics"
+LOCAL_METRICS = "query.local_metrics"  # Flower: the action after "query." must be a Python identifier
 PLAIN_SUM = "query.sum"  # one-site federations only (nothing to hide a sum of one among)
 
 

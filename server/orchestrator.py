@@ -114,7 +114,20 @@ class FederatedRun:
         return record_to_arrays(result.arrays), progress
 
     # -- phases 2-4 ---------------------------------------------------------------------------
+    def drop_departed(self) -> None:
+        """Forget members the SuperLink no longer lists (crashed or stopped SuperNodes): later phases
+        go on with the others, since waiting for a dead site would stall every secure sum."""
+        connected = set(self.grid.get_node_ids())  # the SuperLink lists only nodes with live heartbeats
+        for node in sorted(self.grid.members - connected):
+            log.warning("site %s is gone (no heartbeat); the study goes on without it", self.names.get(node, node))
+            self.ledger.event("site-dropped", node=node, reason="SuperNode disconnected (missed heartbeats or stopped)")
+        self.grid.members &= connected
+        if len(self.grid.members) < self.config.federation.min_sites:
+            raise CldlrError(f"only {len(self.grid.members)} site(s) still connected; federation.min_sites="
+                             f"{self.config.federation.min_sites}. See {self.ledger.path}")
+
     def finalize(self, arrays: dict[str, np.ndarray]) -> float:
+        self.drop_departed()
         self.ledger.phase, self.ledger.round = "finalize", 0
         record = arrays_to_record(arrays, "float32")
         messages = [Message(RecordDict({"arrays": record}), dst_node_id=n, message_type=FINALIZE) for n in self.grid.members]
@@ -129,6 +142,7 @@ class FederatedRun:
     def sum_fn(self, task: str, payload: dict[str, Any], *, length: int, bound: Any, integer: bool = False) -> np.ndarray:
         self.ledger.phase = f"secure:{task}"
         self.ledger.round += 1
+        self.drop_departed()
         members = len(self.grid.members)
         if members == 1:
             return self._plain_sum(task, payload, length)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from cldlr.common.bundle import export_study_bundle
 from cldlr.common.config import Config
 from cldlr.server.report import new_run_dir, table2_markdown, write_report
 from cldlr.simulations.sites import load_sites, merge_sites
@@ -32,7 +33,9 @@ def simulate(config: Config, *, compare: bool = False, resume: Path | None = Non
 
         return run_comparison(sites, config, run_dir)
     if mode == "pooled":
-        outcome, _ = run_study(merge_sites(sites), config, run_dir, resume=resume is not None)
+        site = merge_sites(sites)
+        outcome, artifacts = run_study(site, config, run_dir, resume=resume is not None)
+        export_study_bundle(run_dir / "model", outcome, artifacts, config, site.schema)
         title = "CLDLR study — single site" if len(sites) == 1 else f"CLDLR study — pooled ({len(sites)} sites)"
         return write_report(run_dir, outcome, config, title=title)
     if mode == "local":
@@ -49,7 +52,8 @@ def _run_local(sites: list, config: Config, run_dir: Path, resume: bool) -> Path
     for site in sites:
         site_dir = run_dir / f"local-{site.name}"
         site_dir.mkdir(exist_ok=True)
-        outcome, _ = run_study(site, config, site_dir, resume=resume)
+        outcome, artifacts = run_study(site, config, site_dir, resume=resume)
+        export_study_bundle(site_dir / "model", outcome, artifacts, config, site.schema)
         write_report(site_dir, outcome, config, title=f"CLDLR study — local training at {site.name}")
         sections[f"Local — {site.name}"] = table2_markdown(outcome.metrics)
         first = first or outcome

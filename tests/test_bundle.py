@@ -6,6 +6,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,7 +17,8 @@ from torch import nn
 
 from cldlr.common import bundle as bundle_mod
 from cldlr.common.bundle import (BACKBONE_FILE, FUSION_FILE, HASHES_FILE, META_FILE, BundleError,
-                                 ClinicalInputError, export_bundle, export_study_bundle, hashes_text, load_bundle)
+                                 ClinicalInputError, export_bundle, export_federated_bundle, export_study_bundle,
+                                 hashes_text, load_bundle)
 from cldlr.common.clinical_features import ClinicalEncoder
 from cldlr.common.config import Config, DataConfig, ModelConfig, SVMConfig
 from cldlr.common.contract import SiteData, read_site
@@ -27,6 +29,7 @@ from cldlr.common.models import Backbone, build_model, embed, register_backbone
 from cldlr.common.roi import extract_roi
 from cldlr.common.schema import Schema, load_schema
 from cldlr.common.transforms import Normalization
+from cldlr.common.weights import model_to_arrays
 from cldlr.server.report import StudyOutcome
 from cldlr.simulations.study import StudyArtifacts
 
@@ -235,7 +238,7 @@ def test_export_study_bundle_writes_a_model_card(tmp_path):
     card = json.loads((path / META_FILE).read_text())["model_card"]
     assert card["cohorts"] == sites and card["sites"] == ["site"]
     assert card["metrics"]["cldlr"]["test"] == {"auc": 0.8, "auc_ci_low": None}
-    assert card["differential_privacy"]["epsilon"] == 7.5 and card["differential_privacy"]["target_epsilon"] == 8.0
+    assert card["differential_privacy"]["spent"] == {"epsilon": 7.5} and card["differential_privacy"]["target_epsilon"] == 8.0
     assert card["split"]["test_fraction"] == config.data.test_fraction
     loaded = load_bundle(path)
     assert loaded.threshold == 0.3 and loaded.image_size == 32 and loaded.normalization.std == (0.25,) * 3
@@ -250,3 +253,22 @@ def test_no_selected_clinical_parameter_means_cldlr_is_dlr(tmp_path):
     assert loaded.selected == [] and prediction.clinical_score is None and prediction.fallback is None
     assert prediction.ai_score == prediction.dlr_score
     assert loaded.predict(images[0], masks[0], clinical[0]).ai_score == prediction.ai_score  # unused values ignored
+
+
+def test_export_federated_bundle_from_global_arrays(tmp_path):
+    study = make_tiny_study(tmp_path)
+    expected = study.direct_scores()
+    config = Config().replace(**{"model.backbone": TINY, "model.weights": "none", "data.image_size": 32,
+                                 "data.margin": 0.1, "data.normalize": "custom", "federation.mode": "federated"})
+    outcome = StudyOutcome(metrics={}, delong={}, roc={}, selection_table=[], selected=study.selected,
+                           sites=[{"name": "a", "n_train": 8, "n_test": 4}, {"name": "b", "n_train": 8, "n_test": 4}],
+                           extra={"federation": {"strategy": "fedavg", "rounds": 3, "privacy": {"a": {"epsilon": 2.0}}}})
+    fit = SimpleNamespace(encoder=study.encoder, fusion=study.fusion, selection=None)
+    path = export_federated_bundle(tmp_path / "model", arrays=model_to_arrays(study.model), fit=fit, outcome=outcome,
+                                   config=config, schema=study.schema)
+    card = json.loads((path / META_FILE).read_text())["model_card"]
+    assert card["sites"] == ["a", "b"] and card["federation"] == {"strategy": "fedavg", "rounds": 3}
+    assert card["differential_privacy"] == {"spent": {"a": {"epsilon": 2.0}}}
+    images, masks, clinical, ids = bundle_inputs(study)
+    scores = [p.ai_score for p in load_bundle(path).predict_many(images, masks, clinical, ids=ids)]
+    np.testing.assert_array_equal(scores, expected["cldlr"])

@@ -167,11 +167,17 @@ def test_node_keys_load_with_flowers_own_loaders(tmp_path: Path) -> None:
 
 
 def test_flower_rejects_a_pem_key_so_the_format_matters(pki: dict[str, Path]) -> None:
-    from flwr.supernode.cli.flower_supernode import _try_setup_client_authentication
+    """Run in a subprocess: Flower's exit path starts a thread that calls os._exit() seconds later."""
+    import subprocess
+    import sys
 
-    with pytest.raises(SystemExit):
-        _try_setup_client_authentication(
-            argparse.Namespace(auth_supernode_private_key=str(pki["key"]), auth_supernode_public_key=None))
+    code = ("import argparse, sys\n"
+            "from flwr.supernode.cli.flower_supernode import _try_setup_client_authentication\n"
+            f"_try_setup_client_authentication(argparse.Namespace(auth_supernode_private_key={str(pki['key'])!r}, "
+            "auth_supernode_public_key=None))\n"
+            "sys.exit(0)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0, done.stdout + done.stderr
 
 
 def test_invalid_site_name(tmp_path: Path) -> None:

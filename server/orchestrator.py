@@ -21,6 +21,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid
 
 from cldlr import __version__
+from cldlr.common.bundle import export_federated_bundle
 from cldlr.common.config import Config, dump_config
 from cldlr.common.errors import CldlrError
 from cldlr.common.messages import FINALIZE, HANDSHAKE, LOCAL_METRICS, PLAIN_SUM, arrays_to_record, record_to_arrays
@@ -225,10 +226,6 @@ class FederatedRun:
                                 "total": round(t_total, 1)}}
 
     def _export_bundle(self, arrays: dict[str, np.ndarray], fit: Any, outcome: StudyOutcome) -> None:
-        try:
-            from cldlr.common.bundle import export_federated_bundle
-        except ImportError:  # pragma: no cover - bundle module absent in a partial install
-            return
         export_federated_bundle(self.run_dir / "model", arrays=arrays, fit=fit, outcome=outcome, config=self.config,
                                 schema=self.schema)
 

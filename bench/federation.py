@@ -192,8 +192,8 @@ def run_federation(ctx: Any) -> list[Figure]:
                           trip["auc_fp32"], "fp32 weights", target="|Δ| ≤ 0.005", group="3",
                           note=(f"max |Δp| {trip['max_abs_prob_diff']:.2e} on {len(labels)} test ROIs. Study AUCs "
                                 f"of the two runs (fp16 vs fp32 transfer over {ROUNDS} rounds): "
-                                + ", ".join(f"{m} {fed16['auc'][m]:.4f} vs {fed32['auc'][m]:.4f}" for m in fed16["auc"])))
-                   ).check(lambda r: abs(trip["auc_fp16"] - trip["auc_fp32"]) <= 0.005))
+                                + ", ".join(f"{m} {fed16['auc'][m]:.4f} vs {fed32['auc'][m]:.4f}" for m in fed16["auc"]))
+                          ).check(lambda r: abs(trip["auc_fp16"] - trip["auc_fp32"]) <= 0.005))
     if ctx.trained_vgg is not None:
         model, vimages, vlabels, vnorm = ctx.trained_vgg
         trip = _roundtrip_auc(model, vimages, vlabels, vnorm)

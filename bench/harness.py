@@ -75,21 +75,23 @@ def peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def child_env(threads: int) -> dict[str, str]:
-    """Environment for a measuring subprocess: the repository importable and the thread count fixed."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+def child_env(threads: int, blas_threads: int | None = None) -> dict[str, str]:
+    """Environment for a measuring subprocess: the repository importable and the thread counts fixed."""
+    blas = str(blas_threads or threads)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": blas, "OPENBLAS_NUM_THREADS": blas,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "bench"), os.environ.get("PYTHONPATH", "")]))}
     return env
 
 
-def run_child(module: str, args: list[str], *, threads: int, timeout: float = 900) -> dict[str, Any]:
+def run_child(module: str, args: list[str], *, threads: int, blas_threads: int | None = None,
+              timeout: float = 900) -> dict[str, Any]:
     """Run ``python bench/<module>.py ARGS`` in a fresh process and parse the JSON line it prints last.
 
     A fresh process is the only way to read one configuration's peak memory: ``ru_maxrss`` never
     goes down within a process.
     """
     cmd = [sys.executable, str(REPO / "bench" / f"{module}.py"), *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=child_env(threads), timeout=timeout, cwd=REPO)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=child_env(threads, blas_threads), timeout=timeout, cwd=REPO)
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[1:])} exited {out.returncode}: {out.stderr.strip()[-2000:]}")
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]

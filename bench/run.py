@@ -37,7 +37,7 @@ class Context:
     rounds: int = 2  # interleaved repeats (figure 1)
     fed_sites: int = 3
     fed_images: int = 32
-    svm_images: int = 100
+    svm_images: int = 128
     phantoms: dict[str, Path] = field(default_factory=dict)
     trained_vgg: Any = None
 
@@ -50,7 +50,7 @@ def make_phantoms(ctx: Context, groups: set[str]) -> None:
         "throughput": ({"1", "3"}, dict(sites=1, images_per_site=max(ctx.steps * 16, 32), image_size=160)),
         "federation": ({"2", "3"}, dict(sites=ctx.fed_sites, images_per_site=ctx.fed_images, image_size=96)),
         "svm": ({"4", "6"}, dict(sites=3, images_per_site=ctx.svm_images, image_size=64)),
-        "scaling": ({"6"}, dict(sites=8, images_per_site=24, image_size=64)),
+        "scaling": ({"6"}, dict(sites=8, images_per_site=32, image_size=64)),
     }
     for name, (users, kwargs) in specs.items():
         if users & groups:

@@ -61,14 +61,17 @@ def structured_embeddings(labels: np.ndarray, site: int, split: str, seed: int =
     return np.maximum(latent @ mixing + bias + noise, 0.0).astype(np.float32)
 
 
-def federated_sites(sites: list[SiteData], config: Config, seed: int = 0) -> list[FederatedSite]:
-    """FederatedSites over phantom data with structured embeddings in place of the backbone's."""
-    out = []
-    for k, data in enumerate(sites):
-        site = FederatedSite(SiteSession(data, config), config)
+def inject_embeddings(sites: list[FederatedSite], seed: int = 0) -> None:
+    """Put structured embeddings where each site keeps its backbone's (after the final model is set)."""
+    for k, site in enumerate(sites):
         site._embeddings = {split: structured_embeddings(site.session.cohort(split).labels, k, split, seed)
                             for split in ("train", "test")}
-        out.append(site)
+
+
+def federated_sites(sites: list[SiteData], config: Config, seed: int = 0) -> list[FederatedSite]:
+    """FederatedSites over phantom data with structured embeddings in place of the backbone's."""
+    out = [FederatedSite(SiteSession(data, config), config) for data in sites]
+    inject_embeddings(out, seed)
     return out
 
 

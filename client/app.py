@@ -25,7 +25,7 @@ from cldlr.client.secure_sum import make_secure_sum_mod
 from cldlr.client.site import SiteSession
 from cldlr.common.config import Config, config_from_dict
 from cldlr.common.contract import read_site, site_folders
-from cldlr.common.errors import CldlrError
+from cldlr.common.errors import CldlrError, ContractError
 from cldlr.common.roi import PIPELINE_VERSION
 from cldlr.common.schema import Schema, load_schema, schema_from_dict
 from cldlr.common.messages import arrays_to_record, record_to_arrays
@@ -69,7 +69,12 @@ def _handshake(msg: Message, context: Context) -> Message:
             log.error("handshake refused: %s", p)
         raise CldlrError("site refuses the federation: " + "; ".join(problems))
     folder = site_folder(context, config)
-    federated = _build_site(context, config, schema, folder)
+    try:
+        federated = _build_site(context, config, schema, folder)
+    except ContractError as exc:  # the SuperNode operator must see every problem, not just the count
+        report = getattr(exc, "report", None)
+        log.error("this site cannot join: %s\n%s", exc, report.format_text() if report is not None else "")
+        raise
     context.state.config_records[STATE_KEY] = ConfigRecord({
         "config-yaml": str(offer["config-yaml"]), "schema-yaml": str(offer["schema-yaml"]), "folder": str(folder)})
     log.info("site %s joined run %s: %d train / %d test images", federated.name, context.run_id,

@@ -153,7 +153,8 @@ class FederatedSite:
 
     # -- phase 2: clinical selection and encoder ---------------------------------------------
     def clinical_statistics(self, payload: Mapping[str, Any]) -> np.ndarray:
-        return self.session.clinical_statistics().to_vector()
+        ranges = {k: (float(v[0]), float(v[1])) for k, v in payload.get("histogram_ranges", {}).items()}
+        return self.session.clinical_statistics(ranges or None).to_vector()
 
     def encoder_sums(self, payload: Mapping[str, Any]) -> np.ndarray:
         selected = selection_from_payload(payload)

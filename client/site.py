@@ -106,9 +106,10 @@ class SiteSession:
         return predict_proba(model, self.cohort(split).images, self.normalization)
 
     # -- clinical ---------------------------------------------------------------------------
-    def clinical_statistics(self) -> ParameterStatistics:
+    def clinical_statistics(self, histogram_ranges: dict[str, tuple[float, float]] | None = None) -> ParameterStatistics:
         """Per-class sufficient statistics of the training cohort (the selection's input)."""
-        return compute_statistics(self.train.site.frame, self.train.labels, self.site.schema)
+        return compute_statistics(self.train.site.frame, self.train.labels, self.site.schema,
+                                  histogram_ranges=histogram_ranges)
 
     def clinical_block(self, encoder: ClinicalEncoder, split: str) -> np.ndarray:
         return encoder.transform(self.cohort(split).site.frame)

@@ -75,6 +75,20 @@ class StatisticsLayout:
 
     parameters: tuple[Parameter, ...]
     n_bins: int = 1000
+    #: (name, low, high) of numeric histograms that use a refined range instead of the schema's
+    histogram_ranges: tuple[tuple[str, float, float], ...] = ()
+
+    def histogram_range(self, parameter: Parameter) -> tuple[float, float]:
+        for name, low, high in self.histogram_ranges:
+            if name == parameter.name:
+                return low, high
+        return parameter.range  # type: ignore[return-value]
+
+    def with_histogram_ranges(self, ranges: dict[str, tuple[float, float]] | None) -> StatisticsLayout:
+        if not ranges:
+            return self
+        return dataclasses.replace(self, histogram_ranges=tuple(
+            (name, float(low), float(high)) for name, (low, high) in sorted(ranges.items())))
 
     @classmethod
     def from_schema(cls, schema: Schema, n_bins: int = 1000) -> StatisticsLayout:
@@ -186,7 +200,7 @@ def _column_codes(series: pd.Series, p: Parameter) -> np.ndarray:
     return values
 
 
-def _class_statistics(values: np.ndarray, p: Parameter, n_bins: int) -> ClassStatistics:
+def _class_statistics(values: np.ndarray, p: Parameter, n_bins: int, hist_range: tuple[float, float] | None = None) -> ClassStatistics:
     present = values[~np.isnan(values)]
     n_missing = float(values.size - present.size)
     if p.type != "numeric":
@@ -194,13 +208,17 @@ def _class_statistics(values: np.ndarray, p: Parameter, n_bins: int) -> ClassSta
     centre, half = _scale(p)
     z = (present - centre) / half
     moments = np.array([np.sum(z**k) for k in range(N_MOMENTS)], dtype=np.float64)
-    counts = np.bincount(bin_index(present, p.range, n_bins), minlength=n_bins).astype(np.float64)  # type: ignore[arg-type]
+    counts = np.bincount(bin_index(present, hist_range or p.range, n_bins), minlength=n_bins).astype(np.float64)  # type: ignore[arg-type]
     return ClassStatistics(n_missing, counts, moments)
 
 
 def compute_statistics(frame: pd.DataFrame, labels: np.ndarray, schema: Schema, n_bins: int = 1000,
-                       *, local_ranges: bool = False) -> ParameterStatistics:
+                       *, local_ranges: bool = False,
+                       histogram_ranges: dict[str, tuple[float, float]] | None = None) -> ParameterStatistics:
     """Local per-class sums of every model parameter (columns as in ``SiteData.frame``).
+
+    ``histogram_ranges`` (from :func:`refined_histogram_ranges` of a first pass) narrows the
+    numeric histograms to where the data lie; values outside fall into the edge bins.
 
     ``local_ranges=True`` lets a single-site run bin a numeric parameter that has no schema range
     over the site's own min/max; federated runs must leave it off so every site bins alike.
@@ -219,8 +237,10 @@ def compute_statistics(frame: pd.DataFrame, labels: np.ndarray, schema: Schema, 
                 seen = codes[p.name][~np.isnan(codes[p.name])]
                 params[i] = dataclasses.replace(p, range=(float(seen.min()), float(seen.max())) if seen.size else (0.0, 1.0))
     layout = StatisticsLayout.from_schema(dataclasses.replace(schema, parameters=tuple(params)), n_bins)
-    by = {p.name: (_class_statistics(codes[p.name][labels == 0], p, n_bins),
-                   _class_statistics(codes[p.name][labels == 1], p, n_bins)) for p in layout.parameters}
+    layout = layout.with_histogram_ranges(histogram_ranges)
+    by = {p.name: (_class_statistics(codes[p.name][labels == 0], p, n_bins, layout.histogram_range(p)),
+                   _class_statistics(codes[p.name][labels == 1], p, n_bins, layout.histogram_range(p)))
+          for p in layout.parameters}
     sizes = np.array([np.sum(labels == 0), np.sum(labels == 1)], dtype=np.float64)
     return ParameterStatistics(layout, sizes, by)
 
@@ -260,6 +280,36 @@ def normaltest_from_moments(moments: np.ndarray) -> tuple[float, float]:
     z_kurt = (1 - 2 / (9.0 * a) - term2) / math.sqrt(2 / (9.0 * a))
     k2 = z_skew**2 + z_kurt**2
     return k2, float(sps.chi2.sf(k2, 2))
+
+
+def refined_histogram_ranges(stats: ParameterStatistics, width_sd: float = 5.0) -> dict[str, tuple[float, float]]:
+    """Per numeric parameter: pooled mean ± ``width_sd`` SD, inside the schema range.
+
+    The first pass bins over the schema's physical range, which can be far wider than the data
+    (an area range of 0–4·10⁶ px² for lesions of 10⁴ px²), so all values could share a few bins
+    and Mann–Whitney would see only ties. The second pass bins where the data lie; every site
+    gets the same refined bins from the centre, so the test stays identical to a pooled run.
+    """
+    ranges = {}
+    for p in stats.layout.parameters:
+        if p.type != "numeric":
+            continue
+        b, m = stats.by_parameter[p.name]
+        total = b + m
+        mean, sd = _mean_sd(total, p)
+        if not (math.isfinite(mean) and math.isfinite(sd) and sd > 0):
+            continue
+        low, high = p.range  # type: ignore[misc]
+        ranges[p.name] = (max(low, mean - width_sd * sd), min(high, mean + width_sd * sd))
+    return ranges
+
+
+def select_clinical(frame: pd.DataFrame, labels: np.ndarray, schema: Schema, *, alpha: float = 0.05,
+                    normality_alpha: float = 0.05, n_bins: int = 1000) -> SelectionResult:
+    """The single-site path: the same two passes a federation makes (schema bins, then refined bins)."""
+    first = compute_statistics(frame, labels, schema, n_bins)
+    second = compute_statistics(frame, labels, schema, n_bins, histogram_ranges=refined_histogram_ranges(first))
+    return select_parameters(second, alpha=alpha, normality_alpha=normality_alpha)
 
 
 def _counts(values: np.ndarray) -> np.ndarray:

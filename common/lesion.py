@@ -111,16 +111,20 @@ def lesion_descriptors(mask: np.ndarray) -> dict[str, float]:
     }
 
 
-def descriptor_parameters(max_px: int = 10_000) -> list[dict[str, Any]]:
+def descriptor_parameters(max_px: int = 2048) -> list[dict[str, Any]]:
     """Schema entries (``configs/schema/*.yaml`` form) for the descriptors, ranges wide enough
-    for any image up to ``max_px`` pixels a side (the importers' schemas embed these)."""
+    for any image up to ``max_px`` pixels a side (the importers' schemas embed these).
+
+    Ranges are physical bounds, not loose guesses: federated statistics scale their sums by
+    the range, so a range far wider than the data costs precision under secure aggregation.
+    """
     side = [0, max_px]
     return [
         {"name": "width_px", "type": "numeric", "unit": "px", "range": side, "missing": "error",
          "description": "lesion bounding-box width"},
         {"name": "height_px", "type": "numeric", "unit": "px", "range": side, "missing": "error",
          "description": "lesion bounding-box height"},
-        {"name": "ttw_ratio", "type": "numeric", "range": side, "missing": "error",
+        {"name": "ttw_ratio", "type": "numeric", "range": [0, 20], "missing": "error",
          "description": "height / width; above 1 = taller than wide"},
         {"name": "area_px", "type": "numeric", "unit": "px^2", "range": [0, max_px * max_px], "missing": "error",
          "description": "lesion area in pixels"},

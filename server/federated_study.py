@@ -18,7 +18,8 @@ import numpy as np
 
 from cldlr.common import secure_metrics
 from cldlr.common.clinical_features import ClinicalEncoder
-from cldlr.common.clinical_stats import ParameterStatistics, SelectionResult, StatisticsLayout, select_parameters
+from cldlr.common.clinical_stats import (ParameterStatistics, SelectionResult, StatisticsLayout, refined_histogram_ranges,
+                                         select_parameters)
 from cldlr.common.config import Config
 from cldlr.common.errors import CldlrError
 from cldlr.common.federation import EvaluationLayout, FusionPayload, confusion_from_histogram, fusion_fitter
@@ -48,15 +49,19 @@ class FederatedFit:
 
 
 def clinical_phase(sum_fn: SumFn, schema: Schema, config: Config, max_cases: int) -> tuple[SelectionResult, ClinicalEncoder, int]:
-    """Select parameters from summed statistics, then fit the encoder from summed moments (2 rounds)."""
+    """Select parameters from summed statistics (2 rounds: schema bins, then bins where the data
+    lie), then fit the encoder from summed moments (1 round) — as :func:`select_clinical` does."""
     layout = StatisticsLayout.from_schema(schema, n_bins=CLINICAL_BINS)
     summed = sum_fn("clinical-stats", {}, length=layout.size, bound=float(max_cases))
-    stats = ParameterStatistics.from_vector(summed, layout)
+    ranges = refined_histogram_ranges(ParameterStatistics.from_vector(summed, layout))
+    summed = sum_fn("clinical-stats", {"histogram_ranges": {k: list(v) for k, v in ranges.items()}},
+                    length=layout.size, bound=float(max_cases))
+    stats = ParameterStatistics.from_vector(summed, layout.with_histogram_ranges(ranges))
     selection = select_parameters(stats, alpha=config.clinical.alpha, normality_alpha=config.clinical.normality_alpha)
     parameters = [schema.get(name) for name in selection.selected]
     length = len(_encoder_probe(parameters))
     summed = sum_fn("encoder-sums", {"selected": selection.selected}, length=length, bound=float(max_cases))
-    return selection, ClinicalEncoder.from_sums(summed, parameters), 2
+    return selection, ClinicalEncoder.from_sums(summed, parameters), 3
 
 
 def _encoder_probe(parameters: list) -> np.ndarray:

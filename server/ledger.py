@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Message
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 
 SECAGG_KEY = "secaggplus_configs"
@@ -85,6 +86,18 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def _name_dead_senders(sent: list[Message], replies: list[Message]) -> None:
+    """Flower 1.41 answers for a SuperNode that stopped heartbeating with an error whose sender is
+    the SuperLink itself (node 1); put back the node the message was for, so the strategy, the
+    secure sums and the ledger say which site dropped. (No public setter: set like Flower does.)"""
+    destination = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+    for reply in replies:
+        if reply.has_error() and reply.metadata.src_node_id == SUPERLINK_NODE_ID:
+            node = destination.get(reply.metadata.reply_to_message_id)
+            if node is not None:
+                reply.metadata.__dict__["_src_node_id"] = node
+
+
 class LedgerGrid(Grid):
     """A Grid that records every reply it hands to the ServerApp (delegates everything else)."""
 
@@ -121,7 +134,9 @@ class LedgerGrid(Grid):
         return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        replies = list(self._inner.send_and_receive(messages, timeout=timeout))
+        sent = list(messages)
+        replies = list(self._inner.send_and_receive(sent, timeout=timeout))
+        _name_dead_senders(sent, replies)
         for msg in replies:
             self.ledger.record(describe_message(msg))
         return replies

@@ -16,7 +16,7 @@ import torch
 
 from cldlr.client.site import SiteSession
 from cldlr.common.clinical_features import ClinicalEncoder
-from cldlr.common.clinical_stats import select_parameters
+from cldlr.common.clinical_stats import select_clinical
 from cldlr.common.config import Config
 from cldlr.common.contract import SiteData
 from cldlr.common.fusion import FusionModels
@@ -87,8 +87,8 @@ def run_study(site: SiteData, config: Config, run_dir: Path, *, resume: bool = F
     model = build_model(config.model)
     result = session.fit_backbone(model, checkpoint=run_dir / "checkpoint.pt", resume=resume, progress=progress)
 
-    selection = select_parameters(session.clinical_statistics(), alpha=config.clinical.alpha,
-                                  normality_alpha=config.clinical.normality_alpha)
+    selection = select_clinical(session.train.site.frame, session.train.labels, site.schema,
+                                alpha=config.clinical.alpha, normality_alpha=config.clinical.normality_alpha)
     log.info("selected clinical parameters: %s", ", ".join(selection.selected) or "none")
     encoder = ClinicalEncoder.fit(session.train.site.frame, session.model_parameters(selection.selected))
     blocks = {c: session.clinical_block(encoder, c) for c in COHORTS}

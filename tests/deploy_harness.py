@@ -93,7 +93,9 @@ class Proc:
         return self.popen.poll() is None
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Signal the whole tree (children first collected, then all at once), then reap."""
+        """Signal the whole tree (children first collected, then all at once), then reap; idempotent."""
+        if self._log.closed:
+            return
         pids = [self.pid, *descendants(self.pid)]
         for pid in pids:
             try:

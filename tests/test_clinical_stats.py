@@ -236,3 +236,25 @@ def test_table_one_markdown(tiny_schema: Schema) -> None:
     assert row_of(result, "age")["benign"] in text
     assert "P < 0.01" in text
     assert result.to_dict()["selected"] == result.selected
+
+
+def test_refined_bins_separate_values_that_share_one_schema_bin() -> None:
+    """A schema range far wider than the data puts every value in one bin; the second pass fixes it."""
+    import pandas as pd
+
+    from cldlr.common.clinical_stats import refined_histogram_ranges, select_clinical
+    from cldlr.common.schema import schema_from_dict
+
+    schema = schema_from_dict({"name": "wide", "version": 1, "parameters": [
+        {"name": "area", "type": "numeric", "range": [0, 1e8]}]})
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 60)
+    frame = pd.DataFrame({"area": np.concatenate([rng.lognormal(9, 0.5, 60), rng.lognormal(9.6, 0.5, 60)])})
+    first = compute_statistics(frame, labels, schema)
+    assert np.count_nonzero(first.by_parameter["area"][0].counts) == 1  # all in bin 0
+    low, high = refined_histogram_ranges(first)["area"]
+    assert 0 <= low < frame["area"].min() * 2 and frame["area"].max() / 2 < high < 1e8
+    row = select_clinical(frame, labels, schema).table[0]
+    assert row["test"] == "Mann-Whitney U" and row["p"] < 1e-3
+    raw = sps.mannwhitneyu(frame["area"][labels == 0], frame["area"][labels == 1], method="asymptotic")
+    assert abs(row["p"] - raw.pvalue) < 1e-3

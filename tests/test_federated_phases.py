@@ -11,7 +11,7 @@ from flwr.common.secure_aggregation.quantization import dequantize, quantize
 from cldlr.client.federated import FederatedSite
 from cldlr.client.site import SiteSession
 from cldlr.common.clinical_features import ClinicalEncoder
-from cldlr.common.clinical_stats import compute_statistics, select_parameters
+from cldlr.common.clinical_stats import select_clinical
 from cldlr.common.config import Config, load_config
 from cldlr.common.contract import read_site
 from cldlr.common.fusion import FusionModels
@@ -76,14 +76,13 @@ def pooled_reference(config: Config, sites: list[FederatedSite]) -> dict[str, di
     merged = merge_sites([s.session.site for s in sites])
     train = merged.frame[merged.frame["split"] == "train"]
     y = {c: np.concatenate([s.session.cohort(c).labels for s in sites]) for c in ("train", "test")}
-    stats = compute_statistics(train, train["label"].to_numpy(), merged.schema)
-    selection = select_parameters(stats, alpha=config.clinical.alpha)
+    selection = select_clinical(train, train["label"].to_numpy(), merged.schema, alpha=config.clinical.alpha)
     encoder = ClinicalEncoder.fit(train, [merged.schema.get(n) for n in selection.selected])
     clin = {c: np.concatenate([s.session.clinical_block(encoder, c) for s in sites]) for c in ("train", "test")}
     emb = {c: np.concatenate([s.embeddings(c) for s in sites]) for c in ("train", "test")}
     fusion = FusionModels.fit(clin["train"], emb["train"], y["train"], config.svm, seed=config.run.seed)
     probs = fusion.predict_proba(clin["test"], emb["test"])
-    return {m: model_metrics(y["test"], p, config.svm.threshold) for m, p in probs.items()}, selection.selected
+    return {m: model_metrics(y["test"], p, config.svm.threshold) for m, p in probs.items()}, selection.selected, selection.table
 
 
 def _run(config, sites, sum_fn):
@@ -96,8 +95,11 @@ def _run(config, sites, sum_fn):
 def test_federated_fit_equals_pooled_fit(federation) -> None:
     config, sites = federation
     fit, evaluation = _run(config, sites, plain_sum(sites))
-    reference, selected = pooled_reference(config, sites)
+    reference, selected, pooled_table = pooled_reference(config, sites)
     assert fit.selection.selected == selected
+    for got, want in zip(fit.selection.table, pooled_table, strict=True):
+        assert (got["parameter"], got["test"], got["selected"]) == (want["parameter"], want["test"], want["selected"])
+        assert got["p"] == pytest.approx(want["p"], rel=1e-9, abs=1e-12)
     for model, metrics in reference.items():
         got = evaluation.metrics[model]["test"]
         assert abs(got["auc"] - metrics["auc"]) <= 1e-3, model

@@ -1,0 +1,331 @@
+"""A real deployment on 127.0.0.1: SuperLink (TLS + SuperNode auth), SuperNodes, ``flwr run``, and its faults.
+
+Everything runs as real Flower 1.41 processes started from the commands ``cldlr deploy`` prints,
+each with its own ``FLWR_HOME`` and a free loopback port, all killed in teardown. One scenario
+(module fixture) carries the study and its in-run faults; its tests read what it observed:
+
+* site-4's data fails validation — it connects, refuses the handshake, its log says why (e);
+* site-2 sends NaN weights in round 1 — excluded from that round (f) (test-only fault injection
+  through ``tests/deploy_faults/sitecustomize.py`` on that SuperNode's PYTHONPATH: the real FAB
+  and the real cldlr code run, only its reply is corrupted);
+* after round 1 the SuperLink is killed with its ServerApp, restarted on the same database and
+  the study resubmitted with ``resume=true`` — round 1 is kept, not redone (b);
+* site-3 is killed (SIGKILL) in round 2 — the round completes with sites 1 and 2, the ledger
+  names the dropped site and the secure phases go on with the survivors (a).
+
+A deployed run of even the tiny study takes 10-20 min on 2 cores (a fresh process per message,
+Flower's 3-s polling, ~17 SecAgg+ sums of 4 stages), so by default the scenario stops once the
+first secure sum over the survivors is done; ``CLDLR_DEPLOY_FULL=1`` waits for the report.
+Connection refusals (c, d) run against a SuperLink of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deploy_harness import FAULTS_DIR, Proc, descendants, flwr_json, free_port, ledger, progress, run_cli, wait_for
+from cldlr.client.deploy import supernode_command
+from cldlr.common.launch import Command, flower_command
+from cldlr.common.pki import create_ca, create_node_keys, create_server_cert
+from cldlr.server.deploy import register_command, run_command, superlink_command, write_connection
+from cldlr.simulations.phantom import generate_phantom
+
+FULL = os.environ.get("CLDLR_DEPLOY_FULL") == "1"
+# the first test of the scenario carries its setup: bound it explicitly (waits inside are bounded too)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600 if FULL else 900)]
+SITES = ("site-1", "site-2", "site-3", "site-4")
+CONNECTION = "test-link"
+STUDY = """\
+run: {{name: deployed, output_dir: {root}/runs}}
+data: {{root: {root}/data, schema: {root}/data/schema.yaml, image_size: 32, cache_dir: {root}/cache}}
+model: {{backbone: tiny, weights: none}}
+train: {{epochs: 1, batch_size: 8}}
+svm: {{solver: rff, embedding_pca: 4, rff_features: 32}}
+federation: {{num_sites: 4, min_sites: 2, rounds: 2, local_epochs: 1}}
+evaluation: {{min_count: 1}}
+"""
+
+
+@dataclass
+class Federation:
+    """Certificates, data and the processes of one test federation (all under ``root``)."""
+
+    root: Path
+    port: int = field(default_factory=free_port)
+    procs: dict[str, Proc] = field(default_factory=dict)
+
+    @property
+    def cli_home(self) -> Path:
+        return self.root / "home-cli"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def make_pki(self, sites: tuple[str, ...]) -> None:
+        create_ca(self.root / "ca")
+        create_server_cert(self.root / "superlink", ca_dir=self.root / "ca", hosts=[])
+        for site in sites:
+            create_node_keys(self.root / "keys", name=site)
+        write_connection(CONNECTION, self.address, self.root / "ca" / "ca.crt", home=self.cli_home)
+
+    def start(self, name: str, command: Command, env: dict[str, str] | None = None) -> Proc:
+        proc = Proc(name, command, workdir=self.root, home=self.root / f"home-{name}", extra_env=env)
+        self.procs[name] = proc
+        return proc
+
+    def start_superlink(self, name: str = "superlink") -> Proc:
+        command = superlink_command(self.root / "superlink", host="127.0.0.1", port=self.port,
+                                    database=self.root / "superlink.db")
+        link = self.start(name, command)
+        wait_for(lambda: "Uvicorn running" in link.log() or not link.alive(), 60, "the SuperLink to listen")
+        assert link.alive(), link.log()
+        return link
+
+    def register(self, site: str) -> None:
+        result = run_cli(register_command(self.root / "keys" / f"supernode-{site}.pub", CONNECTION), home=self.cli_home)
+        assert result.returncode == 0 and "registered successfully" in result.stdout, result.stdout + result.stderr
+
+    def node_key(self, site: str) -> Path:
+        return self.root / "keys" / f"supernode-{site}.key"
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return list(flwr_json(["supernode", "list", CONNECTION], command=flower_command, home=self.cli_home)["nodes"])
+
+    def online(self) -> int:
+        return sum(n["status"] == "online" for n in self.nodes())
+
+    def flwr(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return run_cli(flower_command("flwr", list(args)), home=self.cli_home)
+
+    def close(self) -> None:
+        for proc in reversed(list(self.procs.values())):
+            proc.kill()
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _gone(pids: list[int]) -> bool:
+    """True once none of ``pids`` runs any more (zombies waiting for their reaper count as gone)."""
+    try:
+        return wait_for(lambda: not any(_running(p) for p in pids), 15, "the killed processes to exit")
+    except TimeoutError:
+        return False
+
+
+def _submit(fed: Federation, study: Path, run_dir: Path, *, resume: bool = False) -> str:
+    result = run_cli(run_command(CONNECTION, study, run_dir=run_dir, resume=resume, stream=False),
+                     home=fed.cli_home, cwd=fed.root)
+    match = re.search(r"started run (\d+)", result.stdout)
+    assert result.returncode == 0 and match, result.stdout + result.stderr
+    return match.group(1)
+
+
+def _train_messages(node: Proc) -> int:
+    return node.log().count("Receiving: train message")
+
+
+@dataclass
+class Observed:
+    """What the scenario saw, for the tests to check."""
+
+    fed: Federation
+    run_dir: Path
+    after_round_1: dict[str, Any] = field(default_factory=dict)
+    stopped_cleanly: bool = False
+    run2_start: float = 0.0
+    killed_at: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
+    root = tmp_path_factory.mktemp("deploy")
+    fed = Federation(root)
+    t0 = time.monotonic()
+    try:
+        generate_phantom(root / "data", sites=4, images_per_site=24, image_size=96, seed=0)
+        clinical = root / "data" / "site-4" / "clinical.csv"
+        lines = clinical.read_text().splitlines()
+        header = lines[0].split(",")
+        row = lines[1].split(",")
+        row[header.index("label")] = "maybe"  # an unknown label: the site fails validation
+        clinical.write_text("\n".join([lines[0], ",".join(row), *lines[2:]]) + "\n")
+        (root / "study.yaml").write_text(STUDY.format(root=root))
+        fed.make_pki(SITES)
+        fed.start_superlink()
+        for site in SITES:
+            fed.register(site)
+        faults = {"site-2": {"CLDLR_TEST_FAULT": "nan@1"}, "site-3": {"CLDLR_TEST_HEARTBEAT_S": "10"}}
+        for site in SITES:
+            command = supernode_command(fed.address, root / "ca" / "ca.crt", fed.node_key(site), root / "data" / site,
+                                        port=free_port(), state_dir=root / f"state-{site}", validate=site != "site-4")
+            env = {"PYTHONPATH": str(FAULTS_DIR), **faults[site]} if site in faults else None
+            fed.start(site, command, env)
+        wait_for(lambda: fed.online() == 4, 90, "4 SuperNodes online")
+        obs = Observed(fed, root / "runs" / "study")
+        obs.timings["setup"] = time.monotonic() - t0
+
+        # run 1: handshake (site-4 refuses), round 1 (site-2's NaN rejected); then the SuperLink dies
+        _submit(fed, root / "study.yaml", obs.run_dir)
+        wait_for(lambda: progress(obs.run_dir).get("completed_rounds", 0) >= 1, 300, "round 1 checkpoint", poll=1)
+        obs.after_round_1 = progress(obs.run_dir)
+        obs.timings["run1-round1"] = time.monotonic() - t0
+        link = fed.procs["superlink"]
+        tree = [link.pid, *descendants(link.pid)]  # SuperExec and the running ServerApp (detached sessions)
+        link.kill()
+        obs.stopped_cleanly = _gone(tree)
+
+        # restart on the same database; the SuperNodes reconnect; resubmit with resume
+        fed.start_superlink("superlink-2")
+        wait_for(lambda: fed.online() == 4, 90, "SuperNodes back online after the restart")
+        trains_before = _train_messages(fed.procs["site-3"])
+        obs.run2_start = time.time()
+        run_id = _submit(fed, root / "study.yaml", obs.run_dir, resume=True)
+        wait_for(lambda: _train_messages(fed.procs["site-3"]) > trains_before, 240, "site-3 to receive round 2", poll=0.2)
+        fed.procs["site-3"].kill()  # SIGKILL mid-round: no goodbye to the SuperLink
+        obs.killed_at = time.time()
+        wait_for(lambda: progress(obs.run_dir).get("completed_rounds", 0) >= 2, 180, "round 2 checkpoint", poll=1)
+        obs.timings["run2-round2"] = time.monotonic() - t0
+        if FULL:
+            wait_for(lambda: (obs.run_dir / "report.json").is_file(), 2400, "the report", poll=5)
+        else:
+            wait_for(lambda: _secure_done(obs.run_dir, "clinical-stats", obs.run2_start), 300,
+                     "the first secure sum over the surviving sites", poll=2)
+            fed.flwr("stop", run_id, CONNECTION)
+        obs.timings["end"] = time.monotonic() - t0
+        yield obs
+    finally:
+        fed.close()
+
+
+def _secure_done(run_dir: Path, task: str, since: float) -> bool:
+    """All four SecAgg+ stages of ``task`` answered (2 sites x 4 stages) in the resumed run."""
+    replies = [e for e in ledger(run_dir) if e["time"] >= since and e["phase"] == f"secure:{task}" and "event" not in e]
+    return len(replies) >= 8
+
+
+def _round(history: dict[str, Any], number: int) -> dict[str, Any]:
+    return next(h for h in history["history"] if h["round"] == number)
+
+
+def test_invalid_site_never_joins_and_its_log_says_why(scenario: Observed) -> None:
+    refused = [e for e in ledger(scenario.run_dir) if e.get("event") == "site-refused"]
+    assert refused, "the centre recorded no refused site"
+    log4 = scenario.fed.procs["site-4"].log()
+    assert "this site cannot join" in log4 and "maybe" in log4 and "clinical.csv" in log4, log4[-3000:]
+    sites_seen = {s["site"] for h in progress(scenario.run_dir)["history"] for s in h["sites"].values()}
+    assert "site-4" not in sites_seen
+
+
+def test_corrupt_update_is_excluded_from_its_round(scenario: Observed) -> None:
+    round1 = _round(scenario.after_round_1, 1)
+    assert {s["site"] for s in round1["sites"].values()} == {"site-1", "site-3"}
+    assert "invalid update" in round1["rejected"]["site-2"]
+    assert "CLDLR TEST FAULT: round 1" in scenario.fed.procs["site-2"].log()
+    round2 = _round(progress(scenario.run_dir), 2)
+    assert "site-2" in {s["site"] for s in round2["sites"].values()}, "a site's bad round must not ban it"
+
+
+def test_restart_resumes_from_the_checkpoint(scenario: Observed) -> None:
+    assert scenario.stopped_cleanly, "the killed SuperLink left processes (SuperExec, ServerApp) behind"
+    final = progress(scenario.run_dir)
+    assert _round(final, 1) == _round(scenario.after_round_1, 1), "round 1 was redone or changed"
+    resumed = [e for e in ledger(scenario.run_dir) if e["time"] >= scenario.run2_start]
+    assert resumed and not [e for e in resumed if e["phase"] == "backbone" and e["round"] == 1]
+    assert [e for e in resumed if e["phase"] == "backbone" and e["round"] == 2]
+
+
+def test_killed_supernode_is_dropped_and_the_study_goes_on(scenario: Observed) -> None:
+    round2 = _round(progress(scenario.run_dir), 2)
+    assert {s["site"] for s in round2["sites"].values()} == {"site-1", "site-2"}
+    assert "site-3" in round2["rejected"]
+    events = ledger(scenario.run_dir)
+    assert [e for e in events if e.get("event") == "site-dropped" and e.get("site") == "site-3"]
+    secure = [e for e in events if e["time"] >= scenario.killed_at and str(e["phase"]).startswith("secure:")]
+    assert secure and {e["site"] for e in secure} == {"site-1", "site-2"}
+    if FULL:
+        report = json.loads((scenario.run_dir / "report.json").read_text())
+        assert (scenario.run_dir / "report.md").is_file() and report
+
+
+# -- connection refusals, against a SuperLink of their own -------------------------------------------
+@pytest.fixture(scope="module")
+def bare_link(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+    fed = Federation(tmp_path_factory.mktemp("refusals"))
+    try:
+        fed.make_pki(("known", "stranger"))
+        create_ca(fed.root / "other-ca")
+        generate_phantom(fed.root / "data", sites=1, images_per_site=6, image_size=48, seed=1)
+        fed.start_superlink()
+        fed.register("known")
+        yield fed
+    finally:
+        fed.close()
+
+
+def _refused(fed: Federation, name: str, command: Command, expected: str) -> str:
+    node = fed.start(name, command)
+    try:
+        node.popen.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{name} was not refused within 90 s:\n{node.log()[-2000:]}")
+    assert node.popen.returncode != 0
+    log = node.log()
+    assert expected in log, log[-2000:]
+    return log
+
+
+def test_supernode_without_tls_or_with_a_foreign_ca_is_refused(bare_link: Federation) -> None:
+    fed = bare_link
+    plain = flower_command("flower-supernode", ["--superlink", fed.address, "--insecure", "--max-retries", "1",
+                                                "--port", str(free_port())])
+    _refused(fed, "no-tls", plain, "could not establish a connection")
+    foreign = supernode_command(fed.address, fed.root / "other-ca" / "ca.crt", fed.node_key("known"),
+                                fed.root / "data" / "site-1", port=free_port(), validate=False)
+    foreign = Command((*foreign.argv, "--max-retries", "1"), foreign.env)
+    _refused(fed, "foreign-ca", foreign, "certificate verify failed")
+    assert fed.online() == 0
+
+
+def test_supernode_with_an_unregistered_key_is_refused(bare_link: Federation) -> None:
+    fed = bare_link
+    stranger = supernode_command(fed.address, fed.root / "ca" / "ca.crt", fed.node_key("stranger"),
+                                 fed.root / "data" / "site-1", port=free_port(), validate=False)
+    _refused(fed, "stranger", stranger, "Failed to activate SuperNode")
+    known = fed.start("known", supernode_command(fed.address, fed.root / "ca" / "ca.crt", fed.node_key("known"),
+                                                 fed.root / "data" / "site-1", port=free_port(), validate=False))
+    wait_for(lambda: fed.online() == 1, 60, "the registered SuperNode online")
+    assert known.alive() and len(fed.nodes()) == 1
+
+
+def test_deploy_supernode_refuses_an_invalid_site_with_the_report(bare_link: Federation) -> None:
+    site = bare_link.root / "broken"
+    shutil.copytree(bare_link.root / "data" / "site-1", site)
+    image = sorted((site / "images").iterdir())[0]
+    image.unlink()
+    result = subprocess.run(
+        [sys.executable, "-m", "cldlr.cli", "deploy", "supernode", "--superlink", bare_link.address,
+         "--ca", str(bare_link.root / "ca" / "ca.crt"), "--key", str(bare_link.node_key("known")),
+         "--data-path", str(site), "--schema", str(bare_link.root / "data" / "schema.yaml"), "--run"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "FLWR_HOME": str(bare_link.root / "home-x")})
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "fails validation" in result.stderr and image.stem in result.stderr, result.stderr
+    assert "flower-supernode" not in result.stdout

@@ -33,8 +33,8 @@ class Context:
     work: Path
     quick: bool
     threads: int
-    steps: int = 4  # training steps per timed run (figure 1)
-    rounds: int = 2  # interleaved repeats (figure 1)
+    steps: int = 3  # training steps per timed run (figure 1)
+    rounds: int = 3  # rounds of every variant (figure 1)
     fed_sites: int = 3
     fed_images: int = 32
     svm_images: int = 128

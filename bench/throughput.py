@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -136,7 +137,10 @@ class ThroughputSetup:
 def measure(setup: ThroughputSetup, *, rounds: int, variants: dict[str, dict[str, Any]] | None = None,
             on_round: Callable[[int, dict[str, float]], None] | None = None,
             ) -> tuple[dict[str, dict[str, Any]], dict[str, nn.Module]]:
-    """Warm every variant up, then time ``rounds`` interleaved repeats; images/s from the best repeat.
+    """Warm every variant up, then time ``rounds`` rounds of every variant; images/s from the median.
+
+    On a shared CPU the load changes by the minute, so ratios come from :func:`paired_ratio`
+    (variants of one round ran back to back, in a shuffled order), not from separate medians.
 
     ``variants`` maps a name to ``{"kind": "ours"|"naive"|"bound", "amp": dtype|None, "fused": bool}``.
     Returns the statistics per variant and each variant's (trained) copy of the model.
@@ -180,14 +184,26 @@ def measure(setup: ThroughputSetup, *, rounds: int, variants: dict[str, dict[str
     for name in variants:  # warm-up: allocator, kernels, first Adam state; not timed
         run(name, 1)
     samples: dict[str, list[float]] = {name: [] for name in variants}
-    for r in range(rounds):
-        for name in variants:
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
+    order = list(variants)
+    shuffle = np.random.default_rng(0)
+    for r in range(rounds):  # each round runs every variant once, in a fresh order: paired under the same load
+        for name in shuffle.permutation(order):
+            start_cpu = time.process_time()
             samples[name].append(run(name, setup.steps))
+            cpu[name].append(time.process_time() - start_cpu)
         if on_round is not None:
             on_round(r, {k: v[-1] for k, v in samples.items()})
     out = {}
     for name, times in samples.items():
-        t = best_of(times)
-        out[name] = {"seconds": t, "images_per_s": n / t, "steps": setup.steps, "batch": batch,
-                     "repeats": [round(s, 4) for s in times]}
+        med = float(np.median(times))
+        out[name] = {"seconds_median": med, "seconds_best": best_of(times), "images_per_s": n / med,
+                     "images_per_s_best": n / best_of(times), "steps": setup.steps, "batch": batch,
+                     "repeats_s": [round(t, 4) for t in times], "cpu_s": [round(t, 3) for t in cpu[name]]}
     return out, models
+
+
+def paired_ratio(result: dict[str, Any], variant: str, baseline: str) -> float:
+    """Median over rounds of the throughput ratio of two variants timed in the same round (same load)."""
+    pairs = zip(result[variant]["repeats_s"], result[baseline]["repeats_s"], strict=True)
+    return float(np.median([b / a for a, b in pairs]))

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from .errors import ConfigError
+from .io import read_yaml
 
 #: Backbones with BatchNorm layers (no sample-level DP-SGD without replacing them).
 BATCHNORM_BACKBONES = frozenset({"vgg19_bn", "densenet201"})
@@ -301,13 +302,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """
     tree: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        loaded = read_yaml(path, ConfigError, "pass a config file, e.g. configs/paper.yaml")
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         tree = loaded or {}

@@ -76,3 +76,16 @@ def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = False) -
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_yaml(path: str | os.PathLike[str], error: type[Exception], hint: str = "") -> Any:
+    """Parse a YAML file, raising ``error`` that names the file when it is missing or malformed."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path} does not exist{'; ' + hint if hint else ''}")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: not valid YAML ({exc})") from exc

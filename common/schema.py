@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 
 from .errors import ConfigError, SchemaError
+from .io import read_yaml
 
 if TYPE_CHECKING:
     from .config import Config
@@ -219,13 +220,7 @@ def schema_from_dict(data: Any, source: str = "") -> Schema:
 
 def load_schema(path: str | Path) -> Schema:
     """Read a schema YAML file."""
-    path = Path(path)
-    if not path.is_file():
-        raise SchemaError(f"schema file {path} does not exist; pass --schema configs/schema/<name>.yaml")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise SchemaError(f"{path}: not valid YAML ({exc})") from exc
+    data = read_yaml(path, SchemaError, "pass --schema configs/schema/<name>.yaml")
     return schema_from_dict(data, source=str(path))
 
 

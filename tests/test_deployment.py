@@ -13,8 +13,8 @@ each with its own ``FLWR_HOME`` and a free loopback port, all killed in teardown
 * site-3 is killed (SIGKILL) in round 2 — the round completes with sites 1 and 2, the ledger
   names the dropped site and the secure phases go on with the survivors (a).
 
-A deployed run of even the tiny study takes 10-20 min on 2 cores (a fresh process per message,
-Flower's 3-s polling, ~17 SecAgg+ sums of 4 stages), so by default the scenario stops once the
+A deployed run of even the tiny study takes 30-60 min on 2 cores (a fresh process per message,
+Flower's 3-s polling, ~30 SecAgg+ sums of 4 stages), so by default the scenario stops once the
 first secure sum over the survivors is done; ``CLDLR_DEPLOY_FULL=1`` waits for the report.
 Connection refusals (c, d) run against a SuperLink of their own.
 """
@@ -44,7 +44,7 @@ from cldlr.simulations.phantom import generate_phantom
 
 FULL = os.environ.get("CLDLR_DEPLOY_FULL") == "1"
 # the first test of the scenario carries its setup: bound it explicitly (waits inside are bounded too)
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600 if FULL else 900)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(7200 if FULL else 900)]
 SITES = ("site-1", "site-2", "site-3", "site-4")
 CONNECTION = "test-link"
 STUDY = """\
@@ -205,9 +205,9 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
         wait_for(lambda: progress(obs.run_dir).get("completed_rounds", 0) >= 2, 180, "round 2 checkpoint", poll=1)
         obs.timings["run2-round2"] = time.monotonic() - t0
         if FULL:
-            wait_for(lambda: (obs.run_dir / "report.json").is_file(), 2400, "the report", poll=5)
+            wait_for(lambda: (obs.run_dir / "report.json").is_file(), 6000, "the report", poll=5)
         else:
-            wait_for(lambda: _secure_done(obs.run_dir, "clinical-stats", obs.run2_start), 300,
+            wait_for(lambda: _secure_done(obs.run_dir, obs.run2_start), 300,
                      "the first secure sum over the surviving sites", poll=2)
             fed.flwr("stop", run_id, CONNECTION)
         obs.timings["end"] = time.monotonic() - t0
@@ -216,9 +216,10 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
         fed.close()
 
 
-def _secure_done(run_dir: Path, task: str, since: float) -> bool:
-    """All four SecAgg+ stages of ``task`` answered (2 sites x 4 stages) in the resumed run."""
-    replies = [e for e in ledger(run_dir) if e["time"] >= since and e["phase"] == f"secure:{task}" and "event" not in e]
+def _secure_done(run_dir: Path, since: float) -> bool:
+    """The first secure sum of the resumed run is through: 2 surviving sites x 4 SecAgg+ stages."""
+    replies = [e for e in ledger(run_dir) if e["time"] >= since and str(e["phase"]).startswith("secure:")
+               and "event" not in e and not e.get("error")]
     return len(replies) >= 8
 
 

@@ -12,7 +12,7 @@ import json
 import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
@@ -20,15 +20,15 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from cldlr import __version__
-from cldlr.client.federated import FederatedSite
 from cldlr.client.secure_sum import make_secure_sum_mod
-from cldlr.client.site import SiteSession
 from cldlr.common.config import Config, config_from_dict
 from cldlr.common.contract import read_site, site_folders
 from cldlr.common.errors import CldlrError, ContractError
-from cldlr.common.roi import PIPELINE_VERSION
 from cldlr.common.schema import Schema, load_schema, schema_from_dict
 from cldlr.common.messages import arrays_to_record, record_to_arrays
+
+if TYPE_CHECKING:  # torch-heavy: imported only by the messages that need a site (every message is a new process)
+    from cldlr.client.federated import FederatedSite
 
 log = logging.getLogger("cldlr.site")
 
@@ -57,6 +57,8 @@ def _handshake(msg: Message, context: Context) -> Message:
     problems = []
     if offer["version"] != __version__:
         problems.append(f"cldlr version: centre {offer['version']}, site {__version__} — install the same release")
+    from cldlr.common.roi import PIPELINE_VERSION
+
     if str(offer["pipeline"]) != str(PIPELINE_VERSION):
         problems.append(f"ROI pipeline version: centre {offer['pipeline']}, site {PIPELINE_VERSION}")
     config = config_from_dict(yaml.safe_load(str(offer["config-yaml"])))
@@ -86,6 +88,9 @@ def _handshake(msg: Message, context: Context) -> Message:
 
 
 def _build_site(context: Context, config: Config, schema: Schema, folder: Path) -> FederatedSite:
+    from cldlr.client.federated import FederatedSite
+    from cldlr.client.site import SiteSession
+
     site = read_site(folder, schema)  # validates; an invalid site raises with the full report
     name = str(context.node_config.get("site-name", site.name))
     state_dir = Path(str(context.node_config.get("state-dir", Path(config.data.cache_dir) / "state")))

@@ -121,6 +121,10 @@ class FederationConfig:
     local_epochs: int = 1
     min_sites: int = 2
     transfer_dtype: Literal["float32", "float16"] = "float16"
+    # simulation only: an existing Ray cluster ("ray://host:10001" or "auto"), and what each virtual site gets
+    ray_address: str = ""
+    client_cpus: float = 1.0
+    client_gpus: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -137,13 +137,20 @@ def confusion_from_histogram(hist: np.ndarray, threshold: float) -> tuple[int, i
 
 
 # ----------------------------------------------------------------------------- fusion
+#: Platt's Newton steps stop once (A, B) move by < 1e-4 relative: far below what calibration
+#: needs, and above the noise SecAgg+ quantization puts on the summed gradients (a tolerance
+#: below that noise would never be met and would cost a secure round per step until the cap).
+PLATT_TOLERANCE = 1e-4
+PLATT_MAX_ROUNDS = 12
+
+
 def fusion_fitter(config: Config, n_clinical: int, n_deep: int) -> RffFusionFitter:
     """The one place the centre builds the fitter of a federated SVM fit."""
     if config.svm.solver != "rff":
         raise CldlrError("a federation fits its SVMs from secure sums: set svm.solver=rff "
                          "(the exact SVC needs every support vector at the centre)")
     return RffFusionFitter(config.svm, n_clinical, n_deep, seed=config.run.seed, balance=config.svm.balance_blocks,
-                           platt_tol=1e-6, max_platt_rounds=25)
+                           platt_tol=PLATT_TOLERANCE, max_platt_rounds=PLATT_MAX_ROUNDS)
 
 
 class FusionPayload:

@@ -68,6 +68,24 @@ def simulation_config(config: Config, site_paths: list[Path], run_dir: Path) -> 
     return path
 
 
+def ray_backend_config(config: Config, num_sites: int) -> dict:
+    """Flower's Ray backend settings: this machine by default, or an existing cluster.
+
+    On one machine each virtual site gets ``federation.client_cpus`` (all cores under DP-SGD,
+    whose per-sample gradients take ≈16 GiB for VGG11 at batch 16: one site at a time). With
+    ``federation.ray_address`` Ray joins that cluster, which owns its resources (``ray.init``
+    refuses ``num_cpus`` then); ``client_cpus``/``client_gpus`` size each site's actor there.
+    """
+    fed = config.federation
+    resources = {"num_cpus": fed.client_cpus, "num_gpus": fed.client_gpus}
+    if fed.ray_address:
+        return {"client_resources": resources, "init_args": {"address": fed.ray_address}}
+    cpus = max(1, min(num_sites, os.cpu_count() or 1))
+    if config.privacy.enabled:
+        resources["num_cpus"] = cpus
+    return {"client_resources": resources, "init_args": {"num_cpus": cpus}}
+
+
 def run_federated_simulation(sites: list[SiteData], config: Config, run_dir: Path, *, resume: bool = False) -> Path:
     """Start Flower's simulation engine with one virtual SuperNode per site and wait for the report."""
     from flwr.simulation import run_simulation
@@ -86,13 +104,8 @@ def run_federated_simulation(sites: list[SiteData], config: Config, run_dir: Pat
     os.environ[ENV_KEY] = json.dumps({"config": str(config_path), "run-dir": str(run_dir.resolve()), "resume": resume})
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per virtual site: they share the machine's cores
     log.info("simulating %d sites with Flower's Ray engine", len(paths))
-    cpus = max(1, min(len(paths), os.cpu_count() or 1))
-    # DP-SGD keeps per-sample gradients (≈16 GiB for VGG11 at batch 16): one site at a time then
-    per_site = cpus if config.privacy.enabled else 1
-    run_simulation(
-        server_app=server_app, client_app=client_app, num_supernodes=len(paths),
-        backend_config={"client_resources": {"num_cpus": per_site, "num_gpus": 0.0}, "init_args": {"num_cpus": cpus}},
-    )
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(paths),
+                   backend_config=ray_backend_config(config, len(paths)))
     if not (run_dir / "report.json").is_file():
         raise CldlrError(f"the federated simulation ended without a report in {run_dir}; see the log above")
     return run_dir

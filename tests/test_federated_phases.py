@@ -131,3 +131,12 @@ def test_sites_release_only_aggregates(federation) -> None:
             for part in entry["parts"]:
                 assert not np.isin(np.round(emb.ravel(), 6), np.round(part, 6)).all()
     assert all(e["length"] not in {c * n_deep for c in case_counts} for e in log)
+
+
+def test_ray_backend_config_local_and_cluster() -> None:
+    from cldlr.simulations.federated import ray_backend_config
+
+    local = ray_backend_config(load_config(None, []), 3)
+    assert local["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.0} and "num_cpus" in local["init_args"]
+    cluster = ray_backend_config(load_config(None, ["federation.ray_address=auto", "federation.client_gpus=0.25"]), 50)
+    assert cluster["init_args"] == {"address": "auto"} and cluster["client_resources"]["num_gpus"] == 0.25

@@ -46,8 +46,12 @@ def _score_on(artifacts: StudyArtifacts, pooled: SiteSession, threshold: float) 
     return {m: metrics[m]["test"] for m in metrics}
 
 
-def run_comparison(sites: list[SiteData], config: Config, run_dir: Path) -> Path:
-    """Run every arm into ``run_dir/<arm>`` and write the comparison into ``run_dir/report.md``."""
+def run_comparison(sites: list[SiteData], config: Config, run_dir: Path, *, resume: bool = False) -> Path:
+    """Run every arm into ``run_dir/<arm>`` and write the comparison into ``run_dir/report.md``.
+
+    With ``resume`` a stopped comparison continues: finished training is reloaded from each arm's
+    checkpoint and a federated arm with a report is not run again.
+    """
     fed = config.federation
     centralized = config.replace(**{"train.epochs": fed.rounds * fed.local_epochs, "federation.mode": "pooled"})
     pooled_site = merge_sites(sites)
@@ -56,7 +60,7 @@ def run_comparison(sites: list[SiteData], config: Config, run_dir: Path) -> Path
 
     arm_dir = run_dir / "pooled"
     arm_dir.mkdir(exist_ok=True)
-    outcome, artifacts = run_study(pooled_site, centralized, arm_dir, progress=False)
+    outcome, artifacts = run_study(pooled_site, centralized, arm_dir, resume=resume, progress=False)
     write_report(arm_dir, outcome, centralized, title="Pooled (all data at one place)")
     rows["Pooled"] = {m: outcome.metrics[m]["test"] for m in outcome.metrics}
     main_outcome = outcome
@@ -64,7 +68,7 @@ def run_comparison(sites: list[SiteData], config: Config, run_dir: Path) -> Path
     for site in sites:
         arm_dir = run_dir / f"local-{site.name}"
         arm_dir.mkdir(exist_ok=True)
-        outcome, artifacts = run_study(site, centralized, arm_dir, progress=False)
+        outcome, artifacts = run_study(site, centralized, arm_dir, resume=resume, progress=False)
         write_report(arm_dir, outcome, centralized, title=f"Local training at {site.name}")
         rows[f"Local-{site.name}"] = _score_on(artifacts, pooled, config.svm.threshold)
 
@@ -72,7 +76,8 @@ def run_comparison(sites: list[SiteData], config: Config, run_dir: Path) -> Path
         arm_dir = run_dir / strategy
         arm_dir.mkdir(exist_ok=True)
         arm = config.replace(**{"federation.strategy": strategy, "federation.mode": "federated"})
-        run_federated_simulation(sites, arm, arm_dir)
+        if not (resume and (arm_dir / "report.json").is_file()):
+            run_federated_simulation(sites, arm, arm_dir, resume=resume)
         report = json.loads((arm_dir / "report.json").read_text())
         rows["FedAvg" if strategy == "fedavg" else f"FedProx (μ={fed.proximal_mu:g})"] = {
             m: report["metrics"][m]["test"] for m in report["metrics"]}

@@ -31,7 +31,7 @@ def simulate(config: Config, *, compare: bool = False, resume: Path | None = Non
     if compare:
         from cldlr.simulations.compare import run_comparison
 
-        return run_comparison(sites, config, run_dir)
+        return run_comparison(sites, config, run_dir, resume=resume is not None)
     if mode == "pooled":
         site = merge_sites(sites)
         outcome, artifacts = run_study(site, config, run_dir, resume=resume is not None)

@@ -1,0 +1,177 @@
+"""``cldlr certs`` and ``cldlr deploy``: the certificates and Flower commands of a real deployment."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .cli_args import Add
+from .cli_args import config_args as _config_args
+
+def cmd_certs_ca(args: argparse.Namespace) -> int:
+    from cldlr.common.pki import create_ca
+
+    paths = create_ca(args.out, name=args.name, days=args.days, force=args.force)
+    print(f"CA certificate: {paths.cert}  (give a copy to the SuperLink host and every hospital)")
+    print(f"CA key:         {paths.key}  (SECRET: keep offline; needed only to issue server certificates)")
+    return 0
+
+
+def cmd_certs_server(args: argparse.Namespace) -> int:
+    from cldlr.common.pki import create_server_cert
+
+    paths = create_server_cert(args.out, ca_dir=args.ca_dir, hosts=args.hosts, days=args.days, force=args.force)
+    print(f"server certificate: {paths.cert}\nserver key:         {paths.key}  (SECRET)")
+    print(f"CA copy:            {paths.ca_cert}")
+    print(f"flower-superlink --ssl-ca-certfile {paths.ca_cert} --ssl-certfile {paths.cert} "
+          f"--ssl-keyfile {paths.key} --enable-supernode-auth")
+    return 0
+
+
+def cmd_certs_node(args: argparse.Namespace) -> int:
+    from cldlr.common.pki import create_node_keys
+
+    private, public = create_node_keys(args.out, name=args.name, force=args.force)
+    print(f"SuperNode private key: {private}  (SECRET: stays at the hospital)")
+    print(f"SuperNode public key:  {public}  (send to the centre: flwr supernode register {public.name} <connection>)")
+    print(f"flower-supernode --root-certificates ca.crt --auth-supernode-private-key {private} ...")
+    return 0
+
+
+def cmd_certs_show(args: argparse.Namespace) -> int:
+    from cldlr.common.pki import describe
+
+    print(describe(args.dir))
+    return 0
+
+
+def cmd_deploy_superlink(args: argparse.Namespace) -> int:
+    from cldlr.common.launch import emit
+    from cldlr.server.deploy import CONTROL_API_NOTE, superlink_command
+
+    command = superlink_command(args.certs, host=args.host, port=args.port, database=args.database,
+                                log_file=args.log_file)
+    print(emit(command, run=args.run, notes=[CONTROL_API_NOTE]))
+    return 0
+
+
+def cmd_deploy_register(args: argparse.Namespace) -> int:
+    from cldlr.common.launch import emit
+    from cldlr.server.deploy import register_command, write_connection
+
+    if args.certs is not None:
+        write_connection(args.connection, args.address, args.certs / "ca.crt")
+    print(emit(register_command(args.pub, args.connection, name=args.name), run=args.run))
+    return 0
+
+
+def cmd_deploy_supernode(args: argparse.Namespace) -> int:
+    from cldlr.client.deploy import supernode_command
+    from cldlr.common.launch import emit
+
+    command = supernode_command(args.superlink, args.ca, args.key, args.data_path, port=args.port,
+                                site_name=args.site_name, schema=args.schema, state_dir=args.state_dir)
+    print(emit(command, run=args.run))
+    return 0
+
+
+def cmd_deploy_connection(args: argparse.Namespace) -> int:
+    from cldlr.server.deploy import write_connection
+
+    path = write_connection(args.name, args.address, args.ca, make_default=args.default, force=args.force)
+    print(f"connection {args.name!r} → {args.address} in {path}\n"
+          f"check it with: flwr supernode list {args.name}")
+    return 0
+
+
+def cmd_deploy_run(args: argparse.Namespace) -> int:
+    from cldlr.common.launch import emit
+    from cldlr.server.deploy import run_command
+
+    command = run_command(args.connection, args.config, overrides=args.overrides, run_dir=args.run_dir,
+                          resume=args.resume, stream=not args.detach, app=args.app)
+    print(emit(command, run=args.run))
+    return 0
+
+
+def _deploy_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``cldlr deploy ...``: print (``--run``: execute) the Flower commands of a real deployment."""
+    text = "print (or --run) the Flower commands of a real deployment: SuperLink, SuperNodes, runs"
+    p = sub.add_parser("deploy", help=text, description=text + ". See docs/DEPLOY.md.")
+    dsub = p.add_subparsers(dest="deploy_command", required=True, metavar="ACTION")
+
+    def action(name: str, func: Callable[[argparse.Namespace], int], help_text: str, *, runs: bool = True) -> argparse.ArgumentParser:
+        q = dsub.add_parser(name, help=help_text, description=help_text)
+        q.set_defaults(func=func)
+        if runs:
+            q.add_argument("--run", action="store_true", help="execute the printed command (this process becomes it)")
+        return q
+
+    q = action("superlink", cmd_deploy_superlink, "centre: flower-superlink with TLS, SuperNode auth, no runtime installs")
+    q.add_argument("--certs", type=Path, required=True, metavar="DIR", help="ca.crt, server.crt, server.key (cldlr certs server)")
+    q.add_argument("--host", default="0.0.0.0", help="bind address (default 0.0.0.0; firewall the port, see docs/DEPLOY.md)")
+    q.add_argument("--port", type=int, default=9092, help="the single HTTPS port (Fleet + Control API; default 9092)")
+    q.add_argument("--database", type=Path, help="SQLite file: registered nodes and runs survive a restart")
+    q.add_argument("--log-file", type=Path, help="rotating SuperLink log file")
+    q = action("register", cmd_deploy_register, "centre: register a hospital's SuperNode public key (flwr supernode register)")
+    q.add_argument("--pub", type=Path, required=True, metavar="NODE.pub", help="the hospital's supernode-<site>.pub")
+    q.add_argument("--connection", default="cldlr", help="flwr connection name (default cldlr)")
+    q.add_argument("--certs", type=Path, metavar="DIR", help="also write the connection, with DIR/ca.crt, to $FLWR_HOME")
+    q.add_argument("--address", default="127.0.0.1:9092", help="with --certs: the SuperLink address (default 127.0.0.1:9092)")
+    q.add_argument("--name", help="display name (default: the site in supernode-<site>.pub)")
+    q = action("supernode", cmd_deploy_supernode, "hospital: validate the site, then flower-supernode over TLS with its key")
+    q.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the centre's SuperLink (no https://)")
+    q.add_argument("--ca", type=Path, required=True, metavar="ca.crt", help="the federation CA certificate")
+    q.add_argument("--key", type=Path, required=True, metavar="NODE.key", help="this hospital's supernode-<site>.key")
+    q.add_argument("--data-path", type=Path, required=True, metavar="SITE", help="the site folder")
+    q.add_argument("--schema", type=Path, help="federation schema (default: schema.yaml in/beside the site)")
+    q.add_argument("--port", type=int, default=9094, help="local Runtime API port on 127.0.0.1 (default 9094)")
+    q.add_argument("--site-name", help="name shown in reports (default: the site folder's name)")
+    q.add_argument("--state-dir", type=Path, help="where per-run state and caches go")
+    q = action("connection", cmd_deploy_connection, "write a SuperLink connection into $FLWR_HOME/config.toml", runs=False)
+    q.add_argument("--name", required=True)
+    q.add_argument("--address", required=True, metavar="HOST:PORT")
+    q.add_argument("--ca", type=Path, required=True, metavar="ca.crt")
+    q.add_argument("--default", action="store_true", help="make it flwr's default connection")
+    q.add_argument("--force", action="store_true", help="replace a different connection of that name")
+    q = action("run", cmd_deploy_run, "centre: submit the study to the SuperLink (flwr run)")
+    q.add_argument("--connection", required=True)
+    _config_args(q)
+    q.add_argument("--run-dir", type=Path, help="run folder on the SuperLink host (needed to --resume)")
+    q.add_argument("--resume", action="store_true", help="continue --run-dir from its last checkpoint")
+    q.add_argument("--detach", action="store_true", help="submit and return (default: stream the logs)")
+    q.add_argument("--app", type=Path, help="cldlr checkout holding [tool.flwr.app] (default: the installed one)")
+
+
+def add_deploy_commands(sub: Any, add: Add) -> None:
+    """Register ``certs`` and ``deploy``."""
+    p = add("certs", lambda a: a.certs_func(a), "TLS certificates and SuperNode keys for a real deployment")
+    csub = p.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
+    overwrite = "replace existing keys/certificates (anything issued with the old ones stops working)"
+    q = csub.add_parser("ca", help="create the federation CA (ca.crt, ca.key)")
+    q.set_defaults(certs_func=cmd_certs_ca)
+    q.add_argument("out", type=Path, metavar="OUT_DIR")
+    q.add_argument("--name", default="cldlr federation CA", help="CA common name")
+    q.add_argument("--days", type=int, default=3650)
+    q.add_argument("--force", action="store_true", help=overwrite)
+    q = csub.add_parser("server", help="issue the SuperLink TLS certificate (server.crt, server.key, ca.crt copy)")
+    q.set_defaults(certs_func=cmd_certs_server)
+    q.add_argument("out", type=Path, metavar="OUT_DIR")
+    q.add_argument("--ca-dir", type=Path, required=True, help="folder with ca.crt and ca.key")
+    q.add_argument("--host", dest="hosts", action="append", default=[], metavar="NAME_OR_IP",
+                   help="name or IP that SuperNodes and the flwr CLI dial (repeatable; "
+                        "127.0.0.1 and localhost are always added)")
+    q.add_argument("--days", type=int, default=825)
+    q.add_argument("--force", action="store_true", help=overwrite)
+    q = csub.add_parser("node", help="create a hospital's SuperNode authentication key pair (ECDSA P-384, OpenSSH)")
+    q.set_defaults(certs_func=cmd_certs_node)
+    q.add_argument("out", type=Path, metavar="OUT_DIR")
+    q.add_argument("--name", required=True, metavar="SITE", help="site name, used in the file names")
+    q.add_argument("--force", action="store_true", help=overwrite)
+    q = csub.add_parser("show", help="who holds which file, and checks on every certificate/key in a folder")
+    q.set_defaults(certs_func=cmd_certs_show)
+    q.add_argument("dir", type=Path, metavar="DIR")
+
+    _deploy_parser(sub)

@@ -44,7 +44,10 @@ def _privacy(n: int, batch: int, chunk: int) -> Any:
 
 
 def child(mode: str, chunk: int, n_images: int) -> dict[str, Any]:
-    """The measured process: build, warm up on a few images, time one epoch, report memory and ε."""
+    """The measured process: build, warm up on a few images, time one epoch, report memory and ε.
+
+    ``n_images == 0`` stops after the warm-up step: enough for the peak memory of that physical batch.
+    """
     import dataclasses
 
     import torch
@@ -84,6 +87,8 @@ def child(mode: str, chunk: int, n_images: int) -> dict[str, Any]:
 
     warm_n = chunk if mode == "dp" else BATCH  # one step at the physical batch size: hooks, allocator, Adam state
     warm_s = epoch(warm_n, warm_n)
+    if n_images == 0:
+        return {"mode": mode, "chunk": chunk, "warmup_s": warm_s, "peak_rss": peak_rss_bytes()}
     timed_s = epoch(n_images, BATCH)
     out = {"mode": mode, "chunk": chunk, "warmup_s": warm_s, "epoch_s": timed_s, "images": seen[-1],
            "peak_rss": peak_rss_bytes(), "threads": torch.get_num_threads()}
@@ -96,7 +101,9 @@ def run_dp(ctx: Any) -> list[Figure]:
     chunks = [2] if ctx.quick else [2, 4]
     n = 16 if ctx.quick else N_IMAGES
     plain = run_child("dp_cost", ["--child", "plain", str(BATCH), str(n)], threads=ctx.threads)
-    dp = {c: run_child("dp_cost", ["--child", "dp", str(c), str(n)], threads=ctx.threads) for c in chunks}
+    # timed at the largest physical batch; the smaller one only for its memory (one step)
+    dp = {c: run_child("dp_cost", ["--child", "dp", str(c), str(n if c == max(chunks) else 0)], threads=ctx.threads)
+          for c in chunks}
     main = dp[max(chunks)]
     # images/s of the timed epoch: Poisson batches draw a random number of images
     rate = lambda r: r["images"] / r["epoch_s"]  # noqa: E731

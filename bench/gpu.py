@@ -174,6 +174,7 @@ def paper_run(train: tuple[torch.Tensor, np.ndarray], test: tuple[torch.Tensor, 
 
 def main(out: Path) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("cldlr").setLevel(logging.WARNING)
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     info: dict[str, Any] = machine()
@@ -208,7 +209,7 @@ def main(out: Path) -> int:
             f.note = "CPU FALLBACK, NOT A GPU MEASUREMENT. " + f.note
     info["total_seconds"] = round(now() - started, 1)
     out.mkdir(parents=True, exist_ok=True)
-    write_results(out, figures, info)
+    write_results(out, figures, info, title="cldlr GPU benchmark results (figure 7)")
     print(table(figures))
     print(f"results in {out} ({info['total_seconds']} s)")
     return 0 if all(f.value is not None for f in figures) else 1

@@ -71,7 +71,18 @@ def now() -> float:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident memory (Linux reports kibibytes)."""
+    """This process's peak resident memory since it started its program.
+
+    Linux's ``ru_maxrss`` survives ``fork`` + ``exec``: a child of a 7 GB parent reports 7 GB even
+    if it never used more than 1 GB. ``VmHWM`` belongs to the process's own address space, so it
+    is read first; ``ru_maxrss`` (kibibytes on Linux) is the fallback elsewhere.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
@@ -87,8 +98,8 @@ def run_child(module: str, args: list[str], *, threads: int, blas_threads: int |
               timeout: float = 900) -> dict[str, Any]:
     """Run ``python bench/<module>.py ARGS`` in a fresh process and parse the JSON line it prints last.
 
-    A fresh process is the only way to read one configuration's peak memory: ``ru_maxrss`` never
-    goes down within a process.
+    A fresh process is the only way to read one configuration's peak memory: the high-water mark
+    never goes down within a process.
     """
     cmd = [sys.executable, str(REPO / "bench" / f"{module}.py"), *args]
     out = subprocess.run(cmd, capture_output=True, text=True, env=child_env(threads, blas_threads), timeout=timeout, cwd=REPO)
@@ -175,14 +186,15 @@ def notes(figures: list[Figure]) -> str:
     return "\n".join(f"- **{f.group} {f.name}**: {f.note}" for f in figures if f.note)
 
 
-def write_results(folder: Path, figures: list[Figure], info: dict[str, Any]) -> tuple[Path, Path]:
+def write_results(folder: Path, figures: list[Figure], info: dict[str, Any],
+                  title: str = "cldlr benchmark results") -> tuple[Path, Path]:
     """``results.json`` (one entry per figure) and ``results.md`` (machine, table, notes), atomically."""
     from cldlr.common.io import atomic_write_json, atomic_write_text
 
     entries = [asdict(f) for f in figures]
     json_path, md_path = folder / "results.json", folder / "results.md"
     atomic_write_json(json_path, {"machine": info, "figures": entries})
-    lines = ["# cldlr benchmark results", "",
+    lines = [f"# {title}", "",
              "Every ratio is value / baseline, both measured in this run on this machine.", "",
              "## Machine", ""]
     lines += [f"- {k}: {v}" for k, v in info.items() if k != "figures_seconds"]

@@ -38,6 +38,7 @@ class Context:
     fed_sites: int = 3
     fed_images: int = 32
     svm_images: int = 128
+    scale_images: int = 64  # per site at ×1 (figure 6: sites 2/4/8 × this; 2 sites × this·1/2/4)
     phantoms: dict[str, Path] = field(default_factory=dict)
     trained_vgg: Any = None
 
@@ -49,8 +50,9 @@ def make_phantoms(ctx: Context, groups: set[str]) -> None:
     specs = {
         "throughput": ({"1", "3"}, dict(sites=1, images_per_site=max(ctx.steps * 16, 32), image_size=160)),
         "federation": ({"2", "3"}, dict(sites=ctx.fed_sites, images_per_site=ctx.fed_images, image_size=96)),
-        "svm": ({"4", "6"}, dict(sites=3, images_per_site=ctx.svm_images, image_size=64)),
-        "scaling": ({"6"}, dict(sites=8, images_per_site=32, image_size=64)),
+        "svm": ({"4"}, dict(sites=3, images_per_site=ctx.svm_images, image_size=64)),
+        "scaling": ({"6"}, dict(sites=8, images_per_site=ctx.scale_images, image_size=64)),
+        "scaling_images": ({"6"}, dict(sites=2, images_per_site=4 * ctx.scale_images, image_size=64)),
     }
     for name, (users, kwargs) in specs.items():
         if users & groups:
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True)
     ctx = Context(work=args.work, quick=args.quick, threads=threads)
     if args.quick:
-        ctx.steps, ctx.rounds, ctx.fed_images, ctx.svm_images = 2, 1, 24, 40
+        ctx.steps, ctx.rounds, ctx.fed_images, ctx.svm_images, ctx.scale_images = 2, 1, 24, 40, 16
     info: dict[str, Any] = machine()
     info["settings"] = {"quick": args.quick, "steps": ctx.steps, "rounds": ctx.rounds}
     started = time.perf_counter()

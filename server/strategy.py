@@ -93,6 +93,7 @@ class CheckedAggregation:
                 except (InvalidUpdate, KeyError, TypeError, ValueError) as exc:
                     reason = f"invalid update: {exc}"
             if reason is not None:
+                reason = " ".join(reason.split())[:300]  # a one-line summary; the site's log has the rest
                 entry.rejected[item.node] = reason
                 log.warning("round %d: update of site %s rejected: %s", entry.round, name, reason[:300])
                 continue

@@ -129,8 +129,8 @@ def run_dp(ctx: Any) -> list[Figure]:
         at_batch = dp[hi]["peak_rss"] + per_image * (BATCH - hi)
         figures.append(Figure(f"DP peak memory extrapolated to physical batch {BATCH} (FederatedSite default)",
                               at_batch / gib, "GiB", plain["peak_rss"] / gib, "plain", group="5",
-                              note=f"linear in the physical batch: {per_image / gib:.2f} GiB per image "
-                                   f"(chunks {lo} → {hi}: {dp[lo]['peak_rss'] / gib:.2f} → {dp[hi]['peak_rss'] / gib:.2f} GiB)"))
+                              note=f"linear in the physical batch: {per_image / gib:.2f} GiB per image (chunks "
+                                   f"{lo} → {hi}: {dp[lo]['peak_rss'] / gib:.2f} → {dp[hi]['peak_rss'] / gib:.2f} GiB)"))
     return figures
 
 

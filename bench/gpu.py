@@ -201,6 +201,10 @@ def main(out: Path) -> int:
                          ("paper config", lambda: paper_run(train, test, work))):
             try:
                 figures += fn()
+            except KeyboardInterrupt:  # gpu.sh's time limit: keep what was measured
+                figures.append(Figure(name, None, "", group="7", target="runs", met=False,
+                                      note="STOPPED by the time limit (CLDLR_BENCH_TIMEOUT_S)"))
+                break
             except Exception as exc:  # noqa: BLE001 - report the other figure anyway
                 log.exception("%s failed", name)
                 figures.append(Figure(name, None, "", group="7", target="runs", met=False, note=f"FAILED: {exc}"))

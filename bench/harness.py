@@ -191,7 +191,7 @@ def write_results(folder: Path, figures: list[Figure], info: dict[str, Any],
     """``results.json`` (one entry per figure) and ``results.md`` (machine, table, notes), atomically."""
     from cldlr.common.io import atomic_write_json, atomic_write_text
 
-    entries = [asdict(f) for f in figures]
+    entries = to_jsonable([asdict(f) for f in figures])
     json_path, md_path = folder / "results.json", folder / "results.md"
     atomic_write_json(json_path, {"machine": info, "figures": entries})
     lines = [f"# {title}", "",
@@ -208,7 +208,7 @@ def write_results(folder: Path, figures: list[Figure], info: dict[str, Any],
 
 
 def to_jsonable(obj: Any) -> Any:
-    """Numpy scalars and arrays → plain Python (for the JSON a child process prints)."""
+    """Numpy scalars and arrays → plain Python, so any figure's details can go into results.json."""
     import numpy as np
 
     if isinstance(obj, dict):

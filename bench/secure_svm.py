@@ -76,12 +76,10 @@ def federated_sites(sites: list[SiteData], config: Config, seed: int = 0) -> lis
     return out
 
 
-def read_sites(phantom: Path, names: list[str], rows: int | None = None) -> list[SiteData]:
+def read_sites(phantom: Path, names: list[str]) -> list[SiteData]:
+    """Read and validate the named sites of a phantom folder."""
     schema = load_schema(phantom / "schema.yaml")
-    sites = [read_site(phantom / name, schema) for name in names]
-    if rows is not None:
-        sites = [s.subset(np.arange(len(s)) < rows) for s in sites]
-    return sites
+    return [read_site(phantom / name, schema) for name in names]
 
 
 def secagg_sum(sites: list[FederatedSite], config: Config, counter: dict[str, float] | None = None):

@@ -56,6 +56,7 @@ class FederatedSite:
             self.privacy = SitePrivacy.from_config(
                 config.privacy, n_train=len(session.train), batch_size=config.train.batch_size,
                 total_epochs=config.federation.rounds * config.federation.local_epochs, seed=config.run.seed,
+                max_physical_batch=config.privacy.max_physical_batch or None,
             )
         self._embeddings: dict[str, np.ndarray] | None = None
         self._fusion_cache: dict[str, Any] = {}

@@ -226,7 +226,7 @@ def test_configuration_errors_are_explained():
 
 
 MEMORY_PROBE = textwrap.dedent("""
-    import resource, sys, numpy as np, torch, torchvision.models as tvm
+    import sys, numpy as np, torch, torchvision.models as tvm
     from cldlr.client.privacy import SitePrivacy
     from cldlr.client.training import train_classifier
     from cldlr.common.config import PrivacyConfig, TrainConfig
@@ -243,7 +243,8 @@ MEMORY_PROBE = textwrap.dedent("""
                                          max_physical_batch=chunk).train_kwargs()
     train_classifier(net, images, labels, TrainConfig(epochs=1, batch_size=batch, device="cpu"),
                      Normalization((0.5,) * 3, (0.25,) * 3), progress=False, **kwargs)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    # VmHWM: this process's own peak (ru_maxrss can carry the parent's over a fork)
+    print(int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024)
 """)
 
 

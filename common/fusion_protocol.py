@@ -20,7 +20,8 @@ from .config import SVMConfig
 from .errors import CldlrError
 from .fusion import (BLOCKS, FORMAT, FORMAT_VERSION, PCA_SEED, FusionModels, Model, RffModel, _check_format, _flatten, _models_from_arrays,
                      _models_to_arrays, _no_clinical_note, _unflatten, pca_plan)
-from .rff import (FeatureMap, Standardizer, as_features, as_labels, block_columns, loo_decision, lssvm_sums, model_map, moment_sums, pack_lssvm, pca_from_sketch, pca_refine, pca_rounds, pca_sketch_sums, pca_start, platt_converged, platt_start, platt_step, platt_sums, platt_targets, resolve_gamma, rff_params, solve_lssvm, standardizer_from_sums, unpack_lssvm)
+from .platt import platt_converged, platt_start, platt_step, platt_sums, platt_targets
+from .rff import (FeatureMap, Standardizer, as_features, as_labels, block_columns, loo_decision, lssvm_sums, model_map, moment_sums, pack_lssvm, pca_from_sketch, pca_refine, pca_rounds, pca_sketch_sums, pca_start, resolve_gamma, rff_params, solve_lssvm, standardizer_from_sums, unpack_lssvm)
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,8 @@ from sklearn.linear_model import Ridge
 from sklearn.metrics.pairwise import rbf_kernel
 
 from cldlr.common.errors import CldlrError, ConfigError
-from cldlr.common.rff import (as_features, balanced_map, fit_pca_from_sums, fit_platt_from_sums, loo_decision,
-                              lssvm_sums, model_map, moment_sums, pack_lssvm, pca_sketch_sums, platt_sums,
-                              platt_targets, resolve_gamma, rff_map, rff_params, solve_lssvm,
-                              standardizer_from_sums, unpack_lssvm)
+from cldlr.common.platt import fit_platt_from_sums, platt_sums, platt_targets
+from cldlr.common.rff import (as_features, balanced_map, fit_pca_from_sums, loo_decision, lssvm_sums, model_map, moment_sums, pack_lssvm, pca_sketch_sums, resolve_gamma, rff_map, rff_params, solve_lssvm, standardizer_from_sums, unpack_lssvm)
 
 
 def _parts(n: int, k: int = 3) -> list[np.ndarray]:

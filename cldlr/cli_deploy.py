@@ -41,7 +41,7 @@ def cmd_certs_node(args: argparse.Namespace) -> int:
 
 
 def cmd_certs_show(args: argparse.Namespace) -> int:
-    from cldlr.common.pki import describe
+    from cldlr.common.pki_show import describe
 
     print(describe(args.dir))
     return 0

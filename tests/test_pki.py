@@ -20,7 +20,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import DNSName, IPAddress, PolicyBuilder, Store, VerificationError
 
 from cldlr.cli import main
-from cldlr.common.pki import PkiError, create_ca, create_node_keys, create_server_cert, describe
+from cldlr.common.pki import PkiError, create_ca, create_node_keys, create_server_cert
+from cldlr.common.pki_show import describe
 
 HOSTS = ["fl.example.org", "10.1.2.3"]
 

@@ -173,7 +173,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
         fed.start_superlink()
         for site in SITES:
             fed.register(site)
-        faults = {"site-2": {"CLDLR_TEST_FAULT": "nan@1"}, "site-3": {"CLDLR_TEST_HEARTBEAT_S": "10"}}
+        faults = {"site-2": {"CLDLR_TEST_FAULT": "nan@1"}, "site-3": {"CLDLR_TEST_HEARTBEAT_S": "20"}}
         for site in SITES:
             command = supernode_command(fed.address, root / "ca" / "ca.crt", fed.node_key(site), root / "data" / site,
                                         port=free_port(), state_dir=root / f"state-{site}", validate=site != "site-4")

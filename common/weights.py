@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .errors import CldlrError
+from .models import load_numpy_state, state_dict_to_numpy
 
 TRANSFER_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -21,20 +22,19 @@ class InvalidUpdate(CldlrError, ValueError):
 
 
 def model_to_arrays(model: torch.nn.Module, dtype: str = "float32") -> dict[str, np.ndarray]:
-    """Floating-point parameters and buffers of ``model`` as numpy arrays in the transfer dtype."""
+    """Every state entry of ``model`` by name, floating ones in the transfer dtype."""
     target = TRANSFER_DTYPES[dtype]
-    out = {}
-    for name, tensor in model.state_dict().items():
-        array = tensor.detach().cpu().numpy()
-        out[name] = array.astype(target) if np.issubdtype(array.dtype, np.floating) else array.copy()
-    return out
+    return {name: array.astype(target) if np.issubdtype(array.dtype, np.floating) else array
+            for name, array in state_dict_to_numpy(model).items()}
 
 
 def arrays_to_model(model: torch.nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
-    """Load named arrays into ``model`` (cast back to each parameter's dtype); names must match exactly."""
-    check_arrays(arrays, reference=model_to_arrays(model))
-    state = model.state_dict()
-    model.load_state_dict({k: torch.from_numpy(np.asarray(arrays[k])).to(state[k].dtype) for k in state})
+    """Load named arrays into ``model``; NaN/Inf is refused, names and shapes are checked on load."""
+    for name, array in arrays.items():
+        array = np.asarray(array)
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            raise InvalidUpdate(f"{name}: contains NaN or Inf")
+    load_numpy_state(model, arrays)
 
 
 def arrays_to_tensors(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:

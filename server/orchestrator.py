@@ -25,7 +25,7 @@ from cldlr.common.bundle import export_federated_bundle
 from cldlr.common.config import Config, dump_config
 from cldlr.common.errors import CldlrError
 from cldlr.common.messages import FINALIZE, HANDSHAKE, LOCAL_METRICS, PLAIN_SUM, arrays_to_record, record_to_arrays
-from cldlr.common.models import build_model
+from cldlr.common.models import build_model, embedding_dim
 from cldlr.common.roi import PIPELINE_VERSION
 from cldlr.common.schema import Schema
 from cldlr.common.weights import model_to_arrays
@@ -83,6 +83,7 @@ class FederatedRun:
         cfg, fed = self.config, self.config.federation
         torch.manual_seed(cfg.run.seed)
         model = build_model(cfg.model)
+        self.n_deep = embedding_dim(model)  # the SVMs' deep block: the backbone's penultimate width
         arrays, progress = model_to_arrays(model), Progress()
         checkpoints = self.run_dir / "checkpoints"
         if self.resume and (saved := load_checkpoint(checkpoints)) is not None:
@@ -177,8 +178,7 @@ class FederatedRun:
         t_train = time.monotonic() - start
         bound = self.finalize(arrays)
         max_cases = max(c["n-train"] + c["n-test"] for n, c in self.counts.items() if n in self.grid.members)
-        n_deep = _embedding_dim(self.config)
-        fit, evaluation = run_federated_phases(self.sum_fn, self.config, self.schema, n_deep=n_deep,
+        fit, evaluation = run_federated_phases(self.sum_fn, self.config, self.schema, n_deep=self.n_deep,
                                                max_cases=max_cases, feature_bound=bound)
         local = self.local_metrics(fit.payload)
         outcome = StudyOutcome(
@@ -228,12 +228,6 @@ class FederatedRun:
     def _export_bundle(self, arrays: dict[str, np.ndarray], fit: Any, outcome: StudyOutcome) -> None:
         export_federated_bundle(self.run_dir / "model", arrays=arrays, fit=fit, outcome=outcome, config=self.config,
                                 schema=self.schema)
-
-
-def _embedding_dim(config: Config) -> int:
-    from cldlr.common.models import embedding_dim
-
-    return embedding_dim(build_model(config.model))
 
 
 def _training_curves(progress: Progress) -> dict[str, list[dict[str, float]]]:

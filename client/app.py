@@ -25,7 +25,7 @@ from cldlr.common.config import Config, config_from_dict
 from cldlr.common.contract import read_site, site_folders
 from cldlr.common.errors import CldlrError, ContractError
 from cldlr.common.schema import Schema, load_schema, schema_from_dict
-from cldlr.common.messages import arrays_to_record, record_to_arrays
+from cldlr.common.messages import BATCH_TASK, arrays_to_record, record_to_arrays
 
 if TYPE_CHECKING:  # torch-heavy: imported only by the messages that need a site (every message is a new process)
     from cldlr.client.federated import FederatedSite
@@ -116,7 +116,7 @@ def _site(context: Context) -> FederatedSite:
 class _SiteTasks(Mapping[str, Any]):
     """Secure-sum tasks of whichever site the message's context belongs to."""
 
-    _NAMES = ("clinical-stats", "encoder-sums", "fusion-sums", "score-histograms", "placement-sums")
+    _NAMES = ("clinical-stats", "encoder-sums", "fusion-sums", "score-histograms", "placement-sums", BATCH_TASK)
 
     def __getitem__(self, task: str) -> Any:
         if task not in self._NAMES:

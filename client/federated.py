@@ -26,8 +26,9 @@ from cldlr.common.clinical_features import ClinicalEncoder, encoder_sums
 from cldlr.common.config import Config
 from cldlr.common.errors import CldlrError
 from cldlr.common.io import atomic_path, atomic_write_json
-from cldlr.common.federation import FusionPayload, evaluation_layout, fusion_models_from_payload, selection_from_payload
+from cldlr.common.federation import FusionPayload, answer_batch, evaluation_layout, fusion_models_from_payload, selection_from_payload
 from cldlr.common.fusion_protocol import site_sums
+from cldlr.common.messages import BATCH_TASK
 from cldlr.common.models import build_model
 from cldlr.common.weights import arrays_to_model, arrays_to_tensors, model_to_arrays
 
@@ -241,10 +242,12 @@ class FederatedSite:
 
     def tasks(self) -> dict[str, Any]:
         """Secure-sum task name → callable(payload) returning this site's vector."""
-        return {
+        tasks: dict[str, Any] = {
             "clinical-stats": self.clinical_statistics,
             "encoder-sums": self.encoder_sums,
             "fusion-sums": self.fusion_sums,
             "score-histograms": self.score_histograms,
             "placement-sums": self.placement_sums,
         }
+        tasks[BATCH_TASK] = partial(answer_batch, tasks)
+        return tasks

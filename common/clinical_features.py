@@ -83,6 +83,26 @@ def encoder_sums(frame: pd.DataFrame, parameters: tuple[Parameter, ...] | list[P
     return np.concatenate([[float(len(frame))], observed.sum(axis=0), z.sum(axis=0), (z**2).sum(axis=0)]).astype(np.float64)
 
 
+def select_encoder_sums(vec: np.ndarray, parameters: tuple[Parameter, ...] | list[Parameter],
+                        chosen: tuple[Parameter, ...] | list[Parameter]) -> np.ndarray:
+    """The :func:`encoder_sums` of ``chosen`` cut out of those of all ``parameters``.
+
+    Every entry belongs to one column, so the centre can ask for the sums of every candidate
+    parameter in the first clinical round and keep the selected ones: no round of its own.
+    """
+    names = [p.name for p in parameters]
+    missing = [p.name for p in chosen if p.name not in names]
+    if missing:
+        raise ValueError(f"parameter(s) {', '.join(missing)} are not among the summed ones")
+    k = sum(len(p.feature_names) for p in parameters)
+    vec = np.asarray(vec, dtype=np.float64).ravel()
+    if vec.size != 1 + 3 * k:
+        raise ValueError(f"encoder sums have {vec.size} entries, expected {1 + 3 * k} for {k} encoded column(s)")
+    slices = dict((p.name, cols) for p, cols in _columns(parameters))
+    cols = np.concatenate([np.arange(k)[slices[p.name]] for p in chosen]) if chosen else np.zeros(0, dtype=np.int64)
+    return np.concatenate([vec[:1], vec[1 + cols], vec[1 + k + cols], vec[1 + 2 * k + cols]])
+
+
 @dataclass(frozen=True, eq=False)
 class ClinicalEncoder:
     """Imputes and standardizes the selected clinical parameters (fitted on training data only)."""

@@ -21,6 +21,7 @@ from .config import Config
 from .errors import CldlrError
 from .fusion import FusionModels
 from .fusion_protocol import RffFusionFitter, RffRequest
+from .messages import BATCH_TASK
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,32 @@ def selection_from_payload(payload: Mapping[str, Any]) -> list[str]:
     if not isinstance(selected, list) or not all(isinstance(s, str) for s in selected):
         raise CldlrError("payload lacks the list of selected clinical parameters ('selected')")
     return selected
+
+
+# ----------------------------------------------------------------------------- batches
+def batch_label(task: str, payload: Mapping[str, Any]) -> str:
+    """What a secure round sums, for logs and the ledger: ``a+b`` for a batch of tasks a and b."""
+    if task != BATCH_TASK:
+        return task
+    return "+".join(str(part.get("task")) for part in payload.get("parts", []))
+
+
+def answer_batch(tasks: Mapping[str, Any], payload: Mapping[str, Any]) -> np.ndarray:
+    """A site's answer to a batch: each part's vector, checked against its length, concatenated."""
+    parts = payload.get("parts")
+    if not isinstance(parts, list) or not parts:
+        raise CldlrError("a batched secure sum needs a non-empty list of 'parts'")
+    vectors = []
+    for i, part in enumerate(parts):
+        task = str(part.get("task"))
+        if task == BATCH_TASK or task not in tasks:
+            raise CldlrError(f"batched secure sum, part {i}: this site has no task {task!r}")
+        vector = np.asarray(tasks[task](part.get("payload", {})), dtype=np.float64).ravel()
+        if vector.size != int(part["length"]):
+            raise CldlrError(f"batched secure sum, part {i} ({task}): this site computed {vector.size} values, "
+                             f"the centre expects {part['length']}; do the centre and this site run the same cldlr version?")
+        vectors.append(vector)
+    return np.concatenate(vectors)
 
 
 # ----------------------------------------------------------------------------- evaluation

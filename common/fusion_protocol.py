@@ -3,7 +3,8 @@
 :class:`RffFusionFitter` asks (``request()``), every site answers with :func:`site_sums` of its
 own cases, the centre adds the answers (SecAgg+ in a federation, a plain sum in a pooled fit)
 and advances (``receive()``). Rounds: moments → PCA sketches → LS-SVM normal equations → Platt
-Newton steps; the pooled ``FusionModels.fit(solver="rff")`` runs the same protocol with one site.
+(histogram start, then Newton steps); the pooled ``FusionModels.fit(solver="rff")`` runs the same
+protocol with one site.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from .config import SVMConfig
 from .errors import CldlrError
 from .fusion import (BLOCKS, FORMAT, FORMAT_VERSION, PCA_SEED, FusionModels, Model, RffModel, _check_format, _flatten, _models_from_arrays,
                      _models_to_arrays, _no_clinical_note, _unflatten, pca_plan)
-from .platt import platt_converged, platt_start, platt_step, platt_sums, platt_targets
-from .rff import (FeatureMap, Standardizer, as_features, as_labels, block_columns, loo_decision, lssvm_sums, model_map, moment_sums, pack_lssvm, pca_from_sketch, pca_refine, pca_rounds, pca_sketch_sums, pca_start, resolve_gamma, rff_params, solve_lssvm, standardizer_from_sums, unpack_lssvm)
+from .platt import PLATT_HIST_BINS, platt_converged, platt_from_histogram, platt_histogram, platt_step, platt_sums, platt_targets
+from .rff import (FeatureMap, Standardizer, as_features, as_labels, block_columns, loo_decision, lssvm_sums, model_map, moment_sums, pack_lssvm, pca_from_sketch, pca_refine, pca_rounds, pca_sketch_sums, raw_sketch, resolve_gamma, standardized_sketch, rff_params, solve_lssvm, standardizer_from_sums, unpack_lssvm)
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ class RffRequest:
         if self.deep_map is not None:
             arrays |= {f"pca.{key}": v for key, v in _flatten(self.deep_map) if v is not None}
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "phase": self.phase, "counts": list(self.counts),
-                "models": entries, "factors": sorted(self.factors), "pca": self.deep_map is not None}
+                "models": entries, "factors": sorted(self.factors), "pca": self.deep_map is not None,
+                "basis": self.basis is not None}
         # C order: safetensors writes the raw buffer, so a Fortran-ordered factor would come back transposed
         return {key: np.ascontiguousarray(value) for key, value in arrays.items()}, meta
 
@@ -58,7 +60,7 @@ class RffRequest:
         return cls(phase=str(meta["phase"]), models=_models_from_arrays(arrays, meta["models"]),
                    factors={name: np.asarray(arrays[f"factor.{name}"]) for name in meta["factors"]},
                    counts=(float(meta["counts"][0]), float(meta["counts"][1])), deep_map=deep_map,
-                   basis=np.asarray(arrays["pca.basis"]) if meta["pca"] else None)
+                   basis=np.asarray(arrays["pca.basis"]) if meta.get("basis", meta["pca"]) else None)
 
 
 def site_sums(request: RffRequest, clinical: np.ndarray | None, embeddings: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -67,11 +69,18 @@ def site_sums(request: RffRequest, clinical: np.ndarray | None, embeddings: np.n
     y = as_labels(y, X.shape[0])
     if request.phase == "moments":
         n, s1, s2 = moment_sums(X)
-        return np.concatenate([[n, y.sum()], s1, s2])
+        parts = [[n, y.sum()], s1, s2]
+        if request.basis is not None:  # the first PCA sketch rides along, on the raw embeddings
+            deep = np.asarray(embeddings, dtype=np.float64)
+            parts.append((deep.T @ (deep @ request.basis)).ravel())
+        return np.concatenate(parts)
     if request.phase == "pca":
         return pca_sketch_sums(request.deep_map.transform(X), request.basis).ravel()
     if request.phase == "lssvm":
         return np.concatenate([pack_lssvm(*lssvm_sums(m.features(X), y)) for m in request.models.values()])
+    if request.phase == "platt_hist":
+        return np.concatenate([platt_histogram(loo_decision(m.features(X), y, m.theta, request.factors[name]), y).ravel()
+                               for name, m in request.models.items()])
     if request.phase == "platt":
         targets = platt_targets(y, *request.counts)
         return np.concatenate([
@@ -84,9 +93,12 @@ def site_sums(request: RffRequest, clinical: np.ndarray | None, embeddings: np.n
 class RffFusionFitter:
     """Server side of the federated fit: ``request()`` → sites' :func:`site_sums` → add → ``receive()``.
 
-    Secure rounds: moments (1: n, class count, Σx, Σx²) → PCA sketches (``embedding_pca > 0``:
-    :func:`~cldlr.common.rff.pca_rounds`, each Σ ZᵀZQ of width k+10) → LS-SVM (1: S, t of all
-    models at once) → Platt Newton steps (k, all models in lock-step). γ=scale and the block
+    Secure rounds: moments (1: n, class count, Σx, Σx² and, with ``embedding_pca > 0``, the raw
+    sketch Σ XᵀXΩ that serves as the first PCA round) → the remaining PCA sketches (none when Ω
+    spans all deep columns, else :data:`~cldlr.common.rff.PCA_ROUNDS` − 1, each Σ ZᵀZQ of width
+    k+10) → LS-SVM (1: S, t of all
+    models at once) → Platt (1: per-class histograms — count and sum per bin — of the leave-one-out decision values, fitted at
+    the centre; then exact Newton steps, all models in lock-step, usually 1). γ=scale and the block
     weights follow from the sums, the RFF map from the shared seed; ``rounds`` counts them.
     With quantized secure sums (SecAgg+) the Newton steps never shrink below the quantization
     noise: set ``platt_tol`` to about that noise (e.g. 1e-6) rather than wasting rounds.
@@ -111,6 +123,7 @@ class RffFusionFitter:
         self._deep_map: FeatureMap | None = None
         self._basis: np.ndarray | None = None
         self._pca_k = self._pca_left = 0
+        self._sketch = raw_sketch(n_deep, cfg.embedding_pca, [seed, PCA_SEED]) if cfg.embedding_pca > 0 else None
 
     @property
     def done(self) -> bool:
@@ -124,8 +137,9 @@ class RffFusionFitter:
 
     def request(self) -> RffRequest:
         """What to broadcast for the current round (references the fitter's state; do not mutate)."""
+        basis = self._sketch if self.phase == "moments" else self._basis
         return RffRequest(phase=self.phase, models=self.models, factors=self.factors, counts=self.counts,
-                          deep_map=self._deep_map, basis=self._basis)
+                          deep_map=self._deep_map, basis=basis)
 
     def _expect(self, summed: np.ndarray, size: int) -> np.ndarray:
         summed = np.asarray(summed, dtype=np.float64).reshape(-1)
@@ -138,24 +152,32 @@ class RffFusionFitter:
         """Advance with the element-wise total of every site's :func:`site_sums` for the last request."""
         if self.done:
             raise CldlrError("the rff fit is complete; it takes no more sums")
-        self._rounds[self.phase] += 1
+        self._rounds["platt" if self.phase == "platt_hist" else self.phase] += 1
         getattr(self, f"_receive_{self.phase}")(summed)
 
     def _receive_moments(self, summed: np.ndarray) -> None:
         p = self.n_clinical + self.n_deep
-        v = self._expect(summed, 2 + 2 * p)
+        sketch_size = 0 if self._sketch is None else self._sketch.size
+        v = self._expect(summed, 2 + 2 * p + sketch_size)
         n, n_pos = float(v[0]), float(v[1])
         if min(n_pos, n - n_pos) < 1:
             raise CldlrError(f"training data must hold both classes; got {n_pos:.0f} malignant of {n:.0f}")
         self.counts = (n_pos, n - n_pos)
-        self._std = standardizer_from_sums(n, v[2: 2 + p], v[2 + p:])
-        if self.cfg.embedding_pca > 0:
-            self._deep_map, self._pca_k = pca_plan(self._std, self.n_clinical, self.cfg.embedding_pca, n)
-            self._basis = pca_start(self._deep_map.dim, self._pca_k, [self.seed, PCA_SEED])
-            self._pca_left = pca_rounds(self._deep_map.dim, self._pca_k)
-            self.phase = "pca"
-        else:
+        self._std = standardizer_from_sums(n, v[2: 2 + p], v[2 + p: 2 + 2 * p])
+        if self._sketch is None:
             self._build_models(None)
+            return
+        self._deep_map, self._pca_k = pca_plan(self._std, self.n_clinical, self.cfg.embedding_pca, n)
+        S = v[2 + 2 * p:].reshape(self._sketch.shape)
+        Y = standardized_sketch(S, self._sketch, self._std, self._deep_map, self.n_clinical, n)
+        if self._sketch.shape[0] == self._sketch.shape[1]:  # Ω = I: Y = ZᵀZ·D, the exact Gram matrix
+            gram = Y[:, self._deep_map.cols - self.n_clinical] * self._deep_map.scale[None, :]
+            self._deep_map = None
+            self._build_models(pca_from_sketch(np.eye(gram.shape[0]), gram, self._pca_k, n))
+            return
+        self._basis = pca_refine(Y)
+        self._pca_left = max(pca_rounds(self._deep_map.dim, self._pca_k) - 1, 1)
+        self.phase = "pca"
 
     def _receive_pca(self, summed: np.ndarray) -> None:
         Y = self._expect(summed, self._basis.size).reshape(self._basis.shape)
@@ -192,9 +214,15 @@ class RffFusionFitter:
         for name, p in sizes.items():
             stop = start + p * (p + 1) // 2 + p
             theta, self.factors[name] = solve_lssvm(*unpack_lssvm(v[start:stop], p), self.cfg.ridge)
-            A, B = platt_start(*self.counts)
-            self.models[name] = dataclasses.replace(self.models[name], theta=theta, A=A, B=B)
+            self.models[name] = dataclasses.replace(self.models[name], theta=theta)
             start = stop
+        self.phase = "platt_hist"
+
+    def _receive_platt_hist(self, summed: np.ndarray) -> None:
+        v = self._expect(summed, 4 * PLATT_HIST_BINS * len(self.models)).reshape(len(self.models), -1)
+        for row, (name, m) in zip(v, list(self.models.items())):
+            A, B = platt_from_histogram(row, *self.counts)
+            self.models[name] = dataclasses.replace(m, A=A, B=B)
         self._open = set(self.models)
         self.phase = "platt"
 

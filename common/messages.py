@@ -9,6 +9,7 @@ HANDSHAKE = "query.handshake"
 FINALIZE = "query.finalize"
 LOCAL_METRICS = "query.local_metrics"  # Flower: the action after "query." must be a Python identifier
 PLAIN_SUM = "query.sum"  # one-site federations only (nothing to hide a sum of one among)
+BATCH_TASK = "batch"  # secure-sum task: several independent sums in one SecAgg+ round
 
 
 def arrays_to_record(arrays: dict[str, np.ndarray], dtype: str | None = None) -> ArrayRecord:

@@ -229,6 +229,30 @@ def pca_start(d: int, k: int, seed: int | list[int]) -> np.ndarray:
     return np.linalg.qr(np.random.default_rng(seed).standard_normal((d, width)))[0]
 
 
+def raw_sketch(d: int, k: int, seed: int | list[int]) -> np.ndarray:
+    """Ω [d, width] of the sketch Σ XᵀXΩ that sites add to their moments (the first PCA round).
+
+    The identity when k + oversample covers all ``d`` deep columns — the sums then hold the exact
+    Gram matrix and the PCA needs no round of its own — else Gaussian from the shared seed.
+    """
+    width = min(d, k + PCA_OVERSAMPLE)
+    return np.eye(d) if width == d else np.random.default_rng(seed).standard_normal((d, width))
+
+
+def standardized_sketch(S: np.ndarray, omega: np.ndarray, std: Standardizer, deep_map: FeatureMap,
+                        n_clinical: int, n: float) -> np.ndarray:
+    """``ZᵀZ·DΩ_c`` from the summed raw sketch ``S = Σ XᵀXΩ`` of the deep block.
+
+    Z holds the kept deep columns standardized, Z = (X_c − μ_c)/σ_c. Since ZᵀZ =
+    D⁻¹(X_cᵀX_c − nμ_cμ_cᵀ)D⁻¹ with D = diag(σ_c), and a dropped column is constant, the
+    raw sums give ZᵀZ·DΩ_c = D⁻¹(S_c − nμ_c(μᵀΩ)) without a round for the pooled moments first.
+    """
+    c = deep_map.cols - n_clinical
+    mu = std.mean[n_clinical:]
+    scale = deep_map.scale  # 1/σ_c: the PCA's map is standardized, not block-weighted
+    return scale[:, None] * (S[c] - n * np.outer(mu[c], mu @ omega))
+
+
 def pca_rounds(d: int, k: int) -> int:
     """Secure rounds the PCA needs: one when the sketch spans everything, else :data:`PCA_ROUNDS`."""
     return 1 if min(d, k + PCA_OVERSAMPLE) == d else PCA_ROUNDS

@@ -101,7 +101,7 @@ def check_capacity(num_sites: int, quantization_range: int, modulus_range: int) 
         )
 
 
-def _blocks_from_bounds(bounds: BoundSpec, length: int) -> tuple[tuple[int, float], ...]:
+def bound_blocks(bounds: BoundSpec, length: int) -> tuple[tuple[int, float], ...]:
     """Normalise a bound spec to run-length blocks covering exactly ``length`` elements."""
     if isinstance(bounds, (int, float, np.integer, np.floating)):
         return ((length, float(bounds)),)
@@ -139,7 +139,7 @@ class ScalePlan:
         """Build a plan from a scalar, per-element or block bound for a vector of ``length`` elements."""
         if length < 1:
             raise SecureSumError(f"secure-sum vector length must be >= 1, got {length}")
-        return cls(_blocks_from_bounds(bounds, length), float(clipping_range))
+        return cls(bound_blocks(bounds, length), float(clipping_range))
 
     @property
     def length(self) -> int:

@@ -17,15 +17,18 @@ from typing import Any, Protocol
 import numpy as np
 
 from cldlr.common import secure_metrics
-from cldlr.common.clinical_features import ClinicalEncoder
+from cldlr.common.clinical_features import ClinicalEncoder, select_encoder_sums
 from cldlr.common.clinical_stats import (ParameterStatistics, SelectionResult, StatisticsLayout, refined_histogram_ranges,
                                          select_parameters)
 from cldlr.common.config import Config
 from cldlr.common.errors import CldlrError
 from cldlr.common.federation import EvaluationLayout, FusionPayload, confusion_from_histogram, fusion_fitter
 from cldlr.common.fusion import FusionModels
+from cldlr.common.messages import BATCH_TASK
 from cldlr.common.metrics import metrics_from_counts
+from cldlr.common.platt import PLATT_HIST_BINS
 from cldlr.common.schema import Schema
+from cldlr.common.secure_sum import bound_blocks
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,31 @@ CLINICAL_BINS = 1000
 class SumFn(Protocol):
     def __call__(self, task: str, payload: dict[str, Any], *, length: int, bound: Any,
                  integer: bool = False) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class SumRequest:
+    """One task's sum: what the sites compute, how long it is, and a site's per-element bound."""
+
+    task: str
+    payload: dict[str, Any]
+    length: int
+    bound: Any
+
+
+def sum_together(sum_fn: SumFn, requests: list[SumRequest]) -> list[np.ndarray]:
+    """Independent sums in ONE secure round (each part keeps its own bound, hence resolution).
+
+    A SecAgg+ round costs four message exchanges with every site whatever its length, so sums
+    that do not depend on each other travel together.
+    """
+    if len(requests) == 1:
+        (r,) = requests
+        return [sum_fn(r.task, r.payload, length=r.length, bound=r.bound)]
+    blocks = [block for r in requests for block in bound_blocks(r.bound, r.length)]
+    parts = [{"task": r.task, "payload": r.payload, "length": r.length} for r in requests]
+    summed = sum_fn(BATCH_TASK, {"parts": parts}, length=sum(r.length for r in requests), bound=blocks)
+    return np.split(np.asarray(summed), np.cumsum([r.length for r in requests])[:-1])
 
 
 @dataclass
@@ -49,23 +77,29 @@ class FederatedFit:
 
 
 def clinical_phase(sum_fn: SumFn, schema: Schema, config: Config, max_cases: int) -> tuple[SelectionResult, ClinicalEncoder, int]:
-    """Select parameters from summed statistics (2 rounds: schema bins, then bins where the data
-    lie), then fit the encoder from summed moments (1 round) — as :func:`select_clinical` does."""
+    """Select parameters from summed statistics (round 1 on schema bins, round 2 on bins where the
+    data lie) and fit their encoder — as :func:`select_clinical` does. The encoder sums of every
+    candidate parameter ride along in round 1; the selected ones are cut out afterwards."""
     layout = StatisticsLayout.from_schema(schema, n_bins=CLINICAL_BINS)
-    summed = sum_fn("clinical-stats", {}, length=layout.size, bound=float(max_cases))
+    candidates = [p for p in schema.model_parameters if p.model_input]
+    stats_request = SumRequest("clinical-stats", {}, layout.size, float(max_cases))
+    requests = [stats_request]
+    if candidates:
+        requests.append(SumRequest("encoder-sums", {"selected": [p.name for p in candidates]},
+                                   len(_encoder_probe(candidates)), float(max_cases)))
+    summed, *encoder_summed = sum_together(sum_fn, requests)
     ranges = refined_histogram_ranges(ParameterStatistics.from_vector(summed, layout))
     summed = sum_fn("clinical-stats", {"histogram_ranges": {k: list(v) for k, v in ranges.items()}},
                     length=layout.size, bound=float(max_cases))
     stats = ParameterStatistics.from_vector(summed, layout.with_histogram_ranges(ranges))
     selection = select_parameters(stats, alpha=config.clinical.alpha, normality_alpha=config.clinical.normality_alpha)
     parameters = [schema.get(name) for name in selection.selected]
-    length = len(_encoder_probe(parameters))
-    summed = sum_fn("encoder-sums", {"selected": selection.selected}, length=length, bound=float(max_cases))
-    return selection, ClinicalEncoder.from_sums(summed, parameters), 3
+    vector = select_encoder_sums(encoder_summed[0], candidates, parameters) if candidates else np.zeros(1)
+    return selection, ClinicalEncoder.from_sums(vector, parameters), 2
 
 
 def _encoder_probe(parameters: list) -> np.ndarray:
-    """Length of the encoder-sums vector, from an empty frame of the selected parameters."""
+    """Length of the encoder-sums vector, from an empty frame of the given parameters."""
     import pandas as pd
 
     from cldlr.common.clinical_features import encoder_sums
@@ -100,15 +134,19 @@ def _fusion_shape(fitter: Any, request: Any, n_clinical: int, n_deep: int, n: in
 
     Clinical columns arrive standardized (a few SD at most: 1e3 is generous); deep ones are
     bounded by the sites' reported ``feature_bound``. RFF features are at most √(2/D) in size, so
-    the LS-SVM sums are bounded by n; Platt sums by n times a generous decision-value range. A
+    the LS-SVM sums are bounded by n; Platt histograms hold counts (at most n) and sums of clipped values; Platt sums are
+    bounded by n times a generous decision-value range. A
     site whose value exceeds its bound fails the round with an error naming the element, rather
     than being clipped silently by SecAgg+.
     """
     p = n_clinical + n_deep
     clin = 1e3
     if fitter.phase == "moments":
-        return 2 + 2 * p, [(2, float(n)), (n_clinical, n * clin), (n_deep, n * feature_bound),
-                           (n_clinical, n * clin ** 2), (n_deep, n * feature_bound ** 2)]
+        blocks = [(2, float(n)), (n_clinical, n * clin), (n_deep, n * feature_bound),
+                  (n_clinical, n * clin ** 2), (n_deep, n * feature_bound ** 2)]
+        if request.basis is not None:  # Σ XᵀXΩ: |entry| ≤ n·bound²·‖Ω column‖₁
+            blocks.append((request.basis.size, n * feature_bound ** 2 * float(np.abs(request.basis).sum(axis=0).max())))
+        return sum(size for size, _ in blocks), blocks
     if fitter.phase == "pca":
         width = request.basis.shape[1]
         # rows of the standardized, 1/√d-weighted deep block have unit mean squared norm; 100 is generous
@@ -116,6 +154,9 @@ def _fusion_shape(fitter: Any, request: Any, n_clinical: int, n_deep: int, n: in
     if fitter.phase == "lssvm":
         sizes = [(m.W.shape[1] if m.W is not None else m.fmap.dim) + 1 for m in fitter.models.values()]
         return sum(q * (q + 1) // 2 + q for q in sizes), float(n) * (1.0 if fitter.cfg.kernel == "rbf" else clin ** 2)
+    if fitter.phase == "platt_hist":
+        per_model = [(2 * PLATT_HIST_BINS, float(n)), (2 * PLATT_HIST_BINS, float(n) * 10.0)]  # counts; Σf, |f| ≤ 10
+        return 4 * PLATT_HIST_BINS * len(fitter.models), per_model * len(fitter.models)
     # leave-one-out decision values of a fit to ±1 targets stay well within ±10
     return 5 * len(fitter.models), float(n) * 100.0
 

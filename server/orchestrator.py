@@ -24,6 +24,7 @@ from cldlr import __version__
 from cldlr.common.bundle import export_federated_bundle
 from cldlr.common.config import Config, dump_config
 from cldlr.common.errors import CldlrError
+from cldlr.common.federation import batch_label
 from cldlr.common.messages import FINALIZE, HANDSHAKE, LOCAL_METRICS, PLAIN_SUM, arrays_to_record, record_to_arrays
 from cldlr.common.models import build_model, embedding_dim
 from cldlr.common.roi import PIPELINE_VERSION
@@ -142,7 +143,7 @@ class FederatedRun:
         return max(bounds)
 
     def sum_fn(self, task: str, payload: dict[str, Any], *, length: int, bound: Any, integer: bool = False) -> np.ndarray:
-        self.ledger.phase = f"secure:{task}"
+        self.ledger.phase = f"secure:{batch_label(task, payload)}"
         self.ledger.round += 1
         self.drop_departed()
         members = len(self.grid.members)

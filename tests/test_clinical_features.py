@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cldlr.common.clinical_features import ClinicalEncoder, encoder_sums
+from cldlr.common.clinical_features import ClinicalEncoder, encoder_sums, select_encoder_sums
 from cldlr.common.schema import Schema
 
 
@@ -42,6 +42,18 @@ def test_fit_on_union_equals_from_summed_vectors_of_three_parts(tiny_schema: Sch
     np.testing.assert_allclose(fed.mean, pooled.mean, rtol=1e-12)
     np.testing.assert_allclose(fed.sd, pooled.sd, rtol=1e-10)
     np.testing.assert_allclose(fed.transform(frame), pooled.transform(frame), rtol=1e-9, atol=1e-12)
+
+
+def test_sums_of_all_candidates_contain_those_of_any_selection(tiny_schema: Schema) -> None:
+    frame = make_frame()
+    candidates = [tiny_schema.get(n) for n in ("age", "size_mm", "palpable", "side")]
+    everything = encoder_sums(frame, candidates)
+    for chosen in ([], selected(tiny_schema), [tiny_schema.get("side"), tiny_schema.get("age")]):
+        np.testing.assert_array_equal(select_encoder_sums(everything, candidates, chosen), encoder_sums(frame, chosen))
+    with pytest.raises(ValueError, match="birads"):
+        select_encoder_sums(everything, candidates, [tiny_schema.get("birads")])
+    with pytest.raises(ValueError, match="entries"):
+        select_encoder_sums(everything[:-1], candidates, [])
 
 
 def test_imputation_values_are_training_mean_and_mode(tiny_schema: Schema) -> None:

@@ -17,7 +17,8 @@ from cldlr.common.contract import read_site
 from cldlr.common.fusion import FusionModels
 from cldlr.common.metrics import model_metrics
 from cldlr.common.secure_sum import ScalePlan
-from cldlr.server.federated_study import run_federated_phases
+from cldlr.common.errors import CldlrError
+from cldlr.server.federated_study import SumRequest, run_federated_phases, sum_together
 from cldlr.simulations.sites import merge_sites
 from conftest import write_site
 
@@ -105,7 +106,28 @@ def test_federated_fit_equals_pooled_fit(federation) -> None:
         assert abs(got["auc"] - metrics["auc"]) <= 1e-3, model
         assert abs(got["auc_ci_low"] - metrics["auc_ci_low"]) <= 5e-3, model
         assert (got["tp"], got["fp"], got["tn"], got["fn"]) == (metrics["tp"], metrics["fp"], metrics["tn"], metrics["fn"])
-    assert fit.rounds["svm_total"] >= 3 and fit.rounds["evaluation"] == 2
+    # clinical: stats + every candidate's encoder sums, then refined stats; Platt: histogram + 1 Newton step
+    assert fit.rounds["clinical"] == 2 and fit.rounds["svm_platt"] == 2 and fit.rounds["evaluation"] == 2
+
+
+def test_independent_sums_share_one_round_with_their_own_bounds(federation) -> None:
+    config, sites = federation
+    log: list[dict] = []
+    requests = [SumRequest("clinical-stats", {}, sites[0].clinical_statistics({}).size, 100.0),
+                SumRequest("encoder-sums", {"selected": ["age"]}, sites[0].encoder_sums({"selected": ["age"]}).size, 50.0)]
+    together = sum_together(plain_sum(sites, log), requests)
+    assert [e["task"] for e in log] == ["batch"]  # one round
+    for request, got in zip(requests, together, strict=True):
+        np.testing.assert_array_equal(got, plain_sum(sites)(request.task, request.payload, length=request.length,
+                                                            bound=request.bound))
+    quantized = sum_together(secagg_sum(sites, config), requests)
+    plan = ScalePlan.from_bounds(50.0, requests[1].length, config.secagg.clipping_range)
+    assert np.abs(quantized[1] - together[1]).max() <= plan.error_bound(3, config.secagg.quantization_range).max()
+    wrong = {"parts": [{"task": "encoder-sums", "payload": {"selected": ["age"]}, "length": 2}]}
+    with pytest.raises(CldlrError, match="part 0 \\(encoder-sums\\).*expects 2"):
+        sites[0].tasks()["batch"](wrong)
+    with pytest.raises(CldlrError, match="no task 'batch'"):
+        sites[0].tasks()["batch"]({"parts": [{"task": "batch", "payload": {}, "length": 1}]})
 
 
 def test_secagg_quantization_keeps_the_fit(federation) -> None:

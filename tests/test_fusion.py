@@ -14,7 +14,7 @@ from cldlr.common.config import SVMConfig
 from cldlr.common.errors import CldlrError
 from cldlr.common.fusion import FusionModels, SvcModel, fit_calibrated_svc
 from cldlr.common.fusion_protocol import RffFusionFitter, RffRequest, run_rff_protocol, site_sums
-from cldlr.common.rff import FeatureMap, pca_rounds
+from cldlr.common.rff import PCA_OVERSAMPLE, FeatureMap, pca_rounds
 
 
 def cohort(n: int, rng: np.random.Generator, *, c: int = 3, d: int = 300, n_inf: int = 24,
@@ -32,16 +32,16 @@ def aucs(models: FusionModels, clinical: np.ndarray | None, deep: np.ndarray, y:
     return {k: roc_auc_score(y, p) for k, p in models.predict_proba(clinical, deep).items()}
 
 
-@pytest.mark.parametrize(("kernel", "pca"), [("rbf", 0), ("rbf", 8), ("linear", 8)])
-def test_federated_sums_reproduce_the_pooled_rff_fit(kernel: str, pca: int) -> None:
+@pytest.mark.parametrize(("kernel", "pca", "d"), [("rbf", 0, 300), ("rbf", 8, 300), ("linear", 8, 300), ("rbf", 4, 12)])
+def test_federated_sums_reproduce_the_pooled_rff_fit(kernel: str, pca: int, d: int) -> None:
     rng = np.random.default_rng(0)
-    clin, deep, y = cohort(240, rng)
-    test_clin, test_deep, _ = cohort(100, rng)
+    clin, deep, y = cohort(240, rng, d=d, n_inf=min(24, d // 2))
+    test_clin, test_deep, _ = cohort(100, rng, d=d, n_inf=min(24, d // 2))
     cfg = SVMConfig(solver="rff", kernel=kernel, embedding_pca=pca, rff_features=128)
     pooled = FusionModels.fit(clin, deep, y, cfg, seed=3)
 
     sites = [(clin[idx], deep[idx], y[idx]) for idx in np.array_split(rng.permutation(240), 3)]
-    fitter = RffFusionFitter(cfg, n_clinical=3, n_deep=300, seed=3)
+    fitter = RffFusionFitter(cfg, n_clinical=3, n_deep=d, seed=3)
     while not fitter.done:  # what the federation does: broadcast, each site sends sums, the server adds them
         arrays, meta = fitter.request().to_arrays()
         request = RffRequest.from_arrays(load(save(arrays)), json.loads(json.dumps(meta)))
@@ -54,7 +54,8 @@ def test_federated_sums_reproduce_the_pooled_rff_fit(kernel: str, pca: int) -> N
         np.testing.assert_allclose(got[name], expected[name], atol=1e-8, rtol=0)
     rounds = federated.rounds
     assert rounds["moments"] == 1 and rounds["lssvm"] == 1 and rounds["platt"] >= 1
-    assert rounds["pca"] == (pca_rounds(300, pca) if pca else 0)
+    # the moments round carries the first sketch; a sketch spanning every deep column is the exact Gram
+    assert rounds["pca"] == (0 if not pca or pca + PCA_OVERSAMPLE >= d else pca_rounds(d, pca) - 1)
     assert rounds["total"] == rounds["moments"] + rounds["pca"] + rounds["lssvm"] + rounds["platt"]
     assert federated.summary()["rounds"] == rounds
     with pytest.raises(CldlrError, match="complete"):
@@ -156,7 +157,7 @@ def test_errors_name_what_is_wrong() -> None:
     with pytest.raises(CldlrError, match="0 \\(benign\\) or 1"):
         FusionModels.fit(clin, deep, np.full(80, 2), SVMConfig())
     fitter = RffFusionFitter(SVMConfig(solver="rff"), n_clinical=3, n_deep=300)
-    with pytest.raises(CldlrError, match="expected 608 summed numbers"):
+    with pytest.raises(CldlrError, match="expected 8408 summed numbers"):  # 2 + 2·303 moments + 300×(16+10) sketch
         fitter.receive(np.zeros(10))
     arrays, meta = models.to_arrays()
     del arrays["dlr.theta"]

@@ -11,8 +11,8 @@ from sklearn.linear_model import Ridge
 from sklearn.metrics.pairwise import rbf_kernel
 
 from cldlr.common.errors import CldlrError, ConfigError
-from cldlr.common.platt import fit_platt_from_sums, platt_sums, platt_targets
-from cldlr.common.rff import (as_features, balanced_map, fit_pca_from_sums, loo_decision, lssvm_sums, model_map, moment_sums, pack_lssvm, pca_sketch_sums, resolve_gamma, rff_map, rff_params, solve_lssvm, standardizer_from_sums, unpack_lssvm)
+from cldlr.common.platt import fit_platt_from_sums, platt_from_histogram, platt_histogram, platt_sums, platt_targets
+from cldlr.common.rff import (as_features, balanced_map, fit_pca_from_sums, loo_decision, lssvm_sums, model_map, moment_sums, pack_lssvm, pca_sketch_sums, resolve_gamma, rff_map, rff_params, solve_lssvm, standardized_sketch, standardizer_from_sums, unpack_lssvm)
 
 
 def _parts(n: int, k: int = 3) -> list[np.ndarray]:
@@ -117,6 +117,57 @@ def test_platt_newton_from_summed_sums_reaches_the_optimum(separation: float) ->
     np.testing.assert_allclose([A, B], ref.x, atol=1e-5)
     assert A < 0  # larger decision values → higher probability of malignancy
     assert expit(-(A * 3 + B)) > expit(-(A * -3 + B))
+
+
+@pytest.mark.parametrize("separation", [0.5, 4.0])
+def test_platt_from_summed_histograms_needs_one_confirming_newton_round(separation: float) -> None:
+    rng = np.random.default_rng(7)
+    y = (rng.random(300) < 0.4).astype(float)
+    f = separation * (2 * y - 1) + rng.standard_normal(300)
+    n_pos, n_neg = y.sum(), 300 - y.sum()
+    targets = platt_targets(y, n_pos, n_neg)
+    start = platt_from_histogram(sum(platt_histogram(f[idx], y[idx]) for idx in _parts(300)), n_pos, n_neg)
+    ref = minimize(_platt_loss, np.zeros(2), args=(f, targets), method="BFGS", options={"gtol": 1e-10})
+    np.testing.assert_allclose(start, ref.x, rtol=1e-3)  # near, not at, the optimum: binned values
+
+    def secure_round(A: float, B: float) -> np.ndarray:
+        return sum(platt_sums(f[idx], targets[idx], A, B) for idx in _parts(300))
+
+    A, B, rounds = fit_platt_from_sums(secure_round, n_pos, n_neg, start=start, tol=1e-4)
+    assert rounds == 1
+    np.testing.assert_allclose([A, B], ref.x, atol=1e-5)
+
+
+def test_platt_histogram_clips_values_beyond_its_range_and_newton_still_reaches_the_optimum() -> None:
+    rng = np.random.default_rng(8)
+    y = (rng.random(200) < 0.5).astype(float)
+    f = 2 * y - 1 + rng.standard_normal(200)
+    f[:3] = [25.0, -40.0, 60.0]  # clipped to ±10 in the histogram: a worse start, never a failure
+    n_pos, n_neg = y.sum(), 200 - y.sum()
+    targets = platt_targets(y, n_pos, n_neg)
+    hist = platt_histogram(f, y)
+    assert np.abs(hist[1]).max() <= 200 * 10.0 and hist[0].sum() == 200
+    start = platt_from_histogram(hist, n_pos, n_neg)
+    A, B, rounds = fit_platt_from_sums(lambda a, b: platt_sums(f, targets, a, b), n_pos, n_neg, start=start)
+    ref = minimize(_platt_loss, np.zeros(2), args=(f, targets), method="BFGS", options={"gtol": 1e-10})
+    assert 1 <= rounds < 30
+    np.testing.assert_allclose([A, B], ref.x, atol=1e-5)
+
+
+@pytest.mark.parametrize("width", [6, 9])
+def test_raw_sketch_sums_give_the_standardized_sketch_without_a_moments_round(width: int) -> None:
+    rng = np.random.default_rng(9)
+    n, n_clin, d = 120, 2, 9
+    X = np.hstack([rng.standard_normal((n, n_clin)), np.maximum(rng.normal(0.5, 1.0, (n, d)), 0.0)])
+    X[:, n_clin + 3] = 2.5  # a constant deep column: dropped by the standardizer
+    std = standardizer_from_sums(*moment_sums(X))
+    deep_map = balanced_map(std, n_clin, clinical=False, deep=True, balance=False)
+    omega = np.eye(d) if width == d else rng.standard_normal((d, width))  # raw_sketch's two kinds
+    S = sum(X[idx, n_clin:].T @ (X[idx, n_clin:] @ omega) for idx in _parts(n))  # what the sites add
+    Y = standardized_sketch(S, omega, std, deep_map, n_clin, n)
+    Z = deep_map.transform(X)
+    np.testing.assert_allclose(Y, Z.T @ Z @ (omega[deep_map.cols - n_clin] / deep_map.scale[:, None]), rtol=1e-9, atol=1e-9)
+    assert Y.shape == (d - 1, width)
 
 
 def test_pca_from_sums_finds_the_pooled_principal_subspace() -> None:

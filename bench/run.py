@@ -37,6 +37,9 @@ class Context:
     rounds: int = 5  # rounds of every variant (figure 1)
     fed_sites: int = 3
     fed_images: int = 32
+    vgg_sites: int = 2  # figure 2 at a real workload: VGG11, 2 sites (one Ray actor per core)
+    vgg_images: int = 96
+    vgg_local_epochs: int = 4
     svm_images: int = 128
     scale_sites_images: int = 64  # figure 6: sites 2/4/8 × this many images
     scale_images: int = 256  # figure 6: 2 sites × this·1/2/4 images
@@ -51,6 +54,7 @@ def make_phantoms(ctx: Context, groups: set[str]) -> None:
     specs = {
         "throughput": ({"1"}, dict(sites=1, images_per_site=max(ctx.steps * 16, 48), image_size=160)),
         "federation": ({"2", "3"}, dict(sites=ctx.fed_sites, images_per_site=ctx.fed_images, image_size=96)),
+        "federation_vgg": ({"2"}, dict(sites=ctx.vgg_sites, images_per_site=ctx.vgg_images, image_size=96)),
         "svm": ({"4"}, dict(sites=3, images_per_site=ctx.svm_images, image_size=64)),
         "scaling": ({"6"}, dict(sites=8, images_per_site=ctx.scale_sites_images, image_size=64)),
         **{f"scaling_images-{k * ctx.scale_images}": ({"6"}, dict(sites=2, images_per_site=k * ctx.scale_images,
@@ -112,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Context(work=args.work, quick=args.quick, threads=threads)
     if args.quick:
         ctx.steps, ctx.rounds, ctx.fed_images, ctx.svm_images = 2, 1, 24, 40
+        ctx.vgg_images, ctx.vgg_local_epochs = 24, 1
         ctx.scale_sites_images, ctx.scale_images = 16, 16
     info: dict[str, Any] = machine()
     info["settings"] = {"quick": args.quick, "steps": ctx.steps, "rounds": ctx.rounds}

@@ -4,7 +4,8 @@ Every fitting step is a *local* pure function of one site's cases that returns s
 plus a *combine* function that needs nothing but the element-wise total of those sums. A
 federation therefore only has to add vectors (securely); one site calling the same functions on
 its own data gets the pooled fit, which is how the single-site ``rff`` solver is implemented.
-Secure rounds: moments (1) → PCA sketches (0 or a few) → LS-SVM sums (1) → Platt Newton steps (k).
+Secure rounds: moments + first PCA sketch (1) → further PCA sketches (0 or a few) → LS-SVM sums (1) →
+Platt (histogram start + usually one Newton step).
 """
 
 from __future__ import annotations

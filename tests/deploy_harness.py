@@ -67,6 +67,14 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie waiting for its reaper."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 class Proc:
     """One started Flower command with its log; ``kill()`` ends it and all it spawned."""
 
@@ -91,6 +99,21 @@ class Proc:
 
     def alive(self) -> bool:
         return self.popen.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """What an operator does: one SIGTERM to the command itself; True if it and every process it
+        started are gone within ``timeout`` (whatever is left is then killed)."""
+        if self._log.closed:
+            return True
+        pids = [self.pid, *descendants(self.pid)]
+        self.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(running(p) for p in pids):
+            self.popen.poll()  # reap the command itself so that it does not linger as a zombie
+            time.sleep(0.2)
+        clean = not any(running(p) for p in pids)
+        self.kill()
+        return clean
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal the whole tree (children first collected, then all at once), then reap; idempotent."""

@@ -6,15 +6,16 @@ received set is checked — names, shapes, finiteness — before it may touch an
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 
 from .errors import CldlrError
-from .models import load_numpy_state, state_dict_to_numpy
+from .models import load_numpy_state
 
-TRANSFER_DTYPES = {"float32": np.float32, "float16": np.float16}
+TRANSFER_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 class InvalidUpdate(CldlrError, ValueError):
@@ -22,10 +23,14 @@ class InvalidUpdate(CldlrError, ValueError):
 
 
 def model_to_arrays(model: torch.nn.Module, dtype: str = "float32") -> dict[str, np.ndarray]:
-    """Every state entry of ``model`` by name, floating ones in the transfer dtype."""
+    """Every state entry of ``model`` by name (a copy), floating ones in the transfer dtype.
+
+    The cast runs in torch: NumPy's float16 conversion is ~10× slower (1.7 s for VGG11's 133 M
+    weights on two cores), and it runs every round at every site and at the centre.
+    """
     target = TRANSFER_DTYPES[dtype]
-    return {name: array.astype(target) if np.issubdtype(array.dtype, np.floating) else array
-            for name, array in state_dict_to_numpy(model).items()}
+    return {name: tensor.detach().to("cpu", target if tensor.is_floating_point() else tensor.dtype, copy=True).numpy()
+            for name, tensor in model.state_dict().items()}
 
 
 def arrays_to_model(model: torch.nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
@@ -58,8 +63,21 @@ def check_arrays(arrays: Mapping[str, np.ndarray], *, reference: Mapping[str, np
             raise InvalidUpdate(f"{name}: contains NaN or Inf")
 
 
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """A zero-copy view; received arrays may be read-only, and this one is only ever read."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.asarray(array))
+
+
 def weighted_average(updates: list[tuple[Mapping[str, np.ndarray], float]]) -> dict[str, np.ndarray]:
-    """FedAvg of named arrays, accumulated in float64 whatever the transfer dtype."""
+    """FedAvg of named arrays: floating ones accumulated in float32 whatever the transfer dtype.
+
+    One fused multiply-add per update and array (torch, all cores): a float64 NumPy accumulation
+    took 3.6 s per round for two VGG11 updates. The inputs are float16 or float32, so float32
+    sums of up to thousands of sites lose nothing they carry. Integer buffers (BatchNorm's
+    counters) are averaged in float64 and rounded.
+    """
     if not updates:
         raise ValueError("no update to average")
     total = float(sum(w for _, w in updates))
@@ -68,10 +86,11 @@ def weighted_average(updates: list[tuple[Mapping[str, np.ndarray], float]]) -> d
     first = updates[0][0]
     out = {}
     for name in first:
-        acc = np.zeros(np.shape(first[name]), dtype=np.float64)
+        floating = np.issubdtype(np.asarray(first[name]).dtype, np.floating)
+        acc = torch.zeros(np.shape(first[name]), dtype=torch.float32 if floating else torch.float64)
         for arrays, weight in updates:
-            acc += np.asarray(arrays[name], dtype=np.float64) * (weight / total)
-        out[name] = acc.astype(np.float32) if np.issubdtype(np.asarray(first[name]).dtype, np.floating) else np.round(acc).astype(np.asarray(first[name]).dtype)
+            acc.add_(_tensor(arrays[name]), alpha=weight / total)
+        out[name] = acc.numpy() if floating else np.round(acc.numpy()).astype(np.asarray(first[name]).dtype)
     return out
 
 

@@ -1,4 +1,4 @@
-"""The centre's aggregation: invalid updates are excluded, the round goes on, averaging is float64."""
+"""The centre's aggregation: invalid updates are excluded, the round goes on, averaging is float32."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def update(value: float, n: int, node: int, **changes) -> Reply:
     return Reply(node, arrays=arrays, metrics={"num-examples": n, "train-loss": 0.5}, nbytes=18)
 
 
-def test_weighted_average_in_float64(strategy) -> None:
+def test_weighted_average_of_float16_updates_is_float32(strategy) -> None:
     average, metrics = strategy.aggregate_replies(1, [update(1.0, 1, 1), update(4.0, 3, 2)])
     np.testing.assert_allclose(average["w"], 3.25)
     assert average["w"].dtype == np.float32 and metrics["num-sites"] == 2

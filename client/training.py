@@ -194,7 +194,8 @@ def train_classifier(
     val_dev = torch.as_tensor(val_idx, device=device) if val_idx is not None else None
     val_x, val_y = (x_all[val_dev], y_all[val_dev]) if val_dev is not None else (None, None)
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel for all tensors instead of a loop over them (Adam was ~40 % of a CPU step)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     penalty = _proximal_term(model, global_params, proximal_mu, device) if proximal_mu > 0 else None

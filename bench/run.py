@@ -39,7 +39,7 @@ class Context:
     fed_images: int = 32
     vgg_sites: int = 2  # figure 2 at a real workload: VGG11, 2 sites (one Ray actor per core)
     vgg_images: int = 96
-    vgg_local_epochs: int = 4
+    vgg_local_epochs: int = 8
     svm_images: int = 128
     scale_sites_images: int = 64  # figure 6: sites 2/4/8 × this many images
     scale_images: int = 256  # figure 6: 2 sites × this·1/2/4 images

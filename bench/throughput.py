@@ -1,7 +1,7 @@
 """Figure 1: training images/s of cldlr's trainer against a naive file pipeline and the pure-compute bound.
 
-All three variants run the same model, optimizer (Adam, fresh for every timed run, as each
-``train_classifier`` call and each federated round creates one), batch size and number of
+All three variants run the same model, optimizer (fused Adam as in the trainer, fresh for every
+timed run, as each ``train_classifier`` call and each federated round creates one), batch size and number of
 steps; they differ only in how a batch reaches the model:
 
 * **ours** — :func:`cldlr.client.training.train_classifier` on a device-held uint8 ROI tensor
@@ -76,13 +76,13 @@ def _step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y
 
 
 def time_bound(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], steps: int, lr: float, *,
-               amp: torch.dtype | None = None, fused: bool = False) -> float:
+               amp: torch.dtype | None = None, fused: bool = True) -> float:
     """Seconds for ``steps`` steps on one in-memory batch, a fresh Adam included (as in the trainer)."""
     x, y = batch
     device = x.device
     _sync(device)
     start = now()
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, **({"fused": True} if fused else {}))
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=fused)
     for _ in range(steps):
         _step(model, optimizer, x, y, amp)
     _sync(device)
@@ -94,7 +94,7 @@ def time_naive(model: nn.Module, loader: DataLoader, steps: int, lr: float, devi
     """Seconds for ``steps`` steps fed by the DataLoader (host decode, host→device copy per batch)."""
     _sync(device)
     start = now()
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
     done = 0
     while done < steps:
         for x, y in loader:
@@ -184,7 +184,7 @@ def measure(setup: ThroughputSetup, *, rounds: int, variants: dict[str, dict[str
         if v["kind"] == "naive":
             return time_naive(model, loader, steps, cfg.lr, device, amp=v.get("amp"))
         inputs = x_cl if v.get("amp") is not None else x
-        return time_bound(model, (inputs, y), steps, cfg.lr, amp=v.get("amp"), fused=bool(v.get("fused")))
+        return time_bound(model, (inputs, y), steps, cfg.lr, amp=v.get("amp"), fused=bool(v.get("fused", True)))
 
     torch.manual_seed(0)
     for name in variants:  # warm-up: allocator, kernels, first Adam state; not timed

@@ -131,8 +131,9 @@ def _submit(fed: Federation, study: Path, run_dir: Path, *, resume: bool = False
     return match.group(1)
 
 
-def _train_messages(node: Proc) -> int:
-    return node.log().count("Receiving: train message")
+def _train_messages(node: Proc, run_id: str) -> int:
+    """Train messages of run ``run_id`` the SuperNode has received (it logs "[RUN id]" before each)."""
+    return len(re.findall(rf"\[RUN {run_id}\][^\n]*\n[^\n]*Receiving: train message", node.log()))
 
 
 @dataclass
@@ -178,7 +179,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
         obs.timings["setup"] = time.monotonic() - t0
 
         # run 1: handshake (site-4 refuses), round 1 (site-2's NaN rejected); then the SuperLink dies
-        _submit(fed, root / "study.yaml", obs.run_dir)
+        first_run = _submit(fed, root / "study.yaml", obs.run_dir)
         wait_for(lambda: progress(obs.run_dir).get("completed_rounds", 0) >= 1, 300, "round 1 checkpoint", poll=1)
         obs.after_round_1 = progress(obs.run_dir)
         obs.timings["run1-round1"] = time.monotonic() - t0
@@ -190,10 +191,13 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
         # restart on the same database; the SuperNodes reconnect; resubmit with resume
         fed.start_superlink("superlink-2")
         wait_for(lambda: fed.online() == 4, 90, "SuperNodes back online after the restart")
-        trains_before = _train_messages(fed.procs["site-3"])
+        # the runbook: the interrupted run is still "running" and its pushed round-2 messages are
+        # still delivered after the restart; stop it, and watch only the resumed run's messages
+        stopped = fed.flwr("stop", first_run, CONNECTION)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
         obs.run2_start = time.time()
         run_id = _submit(fed, root / "study.yaml", obs.run_dir, resume=True)
-        wait_for(lambda: _train_messages(fed.procs["site-3"]) > trains_before, 240, "site-3 to receive round 2", poll=0.2)
+        wait_for(lambda: _train_messages(fed.procs["site-3"], run_id) > 0, 240, "site-3 to receive round 2", poll=0.2)
         fed.procs["site-3"].kill()  # SIGKILL mid-round: no goodbye to the SuperLink
         obs.killed_at = time.time()
         wait_for(lambda: progress(obs.run_dir).get("completed_rounds", 0) >= 2, 180, "round 2 checkpoint", poll=1)

@@ -55,12 +55,12 @@ class RffRequest:
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> RffRequest:
         """Inverse of :meth:`to_arrays`, on the site."""
-        _check_format(meta, ("phase", "counts", "models", "factors", "pca"))
+        _check_format(meta, ("phase", "counts", "models", "factors", "pca", "basis"))
         deep_map = _unflatten(FeatureMap, "pca", {"projection": None}, arrays) if meta["pca"] else None
         return cls(phase=str(meta["phase"]), models=_models_from_arrays(arrays, meta["models"]),
                    factors={name: np.asarray(arrays[f"factor.{name}"]) for name in meta["factors"]},
                    counts=(float(meta["counts"][0]), float(meta["counts"][1])), deep_map=deep_map,
-                   basis=np.asarray(arrays["pca.basis"]) if meta.get("basis", meta["pca"]) else None)
+                   basis=np.asarray(arrays["pca.basis"]) if meta["basis"] else None)
 
 
 def site_sums(request: RffRequest, clinical: np.ndarray | None, embeddings: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -96,9 +96,9 @@ class RffFusionFitter:
     Secure rounds: moments (1: n, class count, Σx, Σx² and, with ``embedding_pca > 0``, the raw
     sketch Σ XᵀXΩ that serves as the first PCA round) → the remaining PCA sketches (none when Ω
     spans all deep columns, else :data:`~cldlr.common.rff.PCA_ROUNDS` − 1, each Σ ZᵀZQ of width
-    k+10) → LS-SVM (1: S, t of all
-    models at once) → Platt (1: per-class histograms — count and sum per bin — of the leave-one-out decision values, fitted at
-    the centre; then exact Newton steps, all models in lock-step, usually 1). γ=scale and the block
+    k+10) → LS-SVM (1: S, t of all models at once) → Platt (1: per-class histograms — count and
+    sum per bin — of the leave-one-out decision values, fitted at the centre; then exact Newton
+    steps, all models in lock-step, usually 1). γ=scale and the block
     weights follow from the sums, the RFF map from the shared seed; ``rounds`` counts them.
     With quantized secure sums (SecAgg+) the Newton steps never shrink below the quantization
     noise: set ``platt_tol`` to about that noise (e.g. 1e-6) rather than wasting rounds.

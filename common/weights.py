@@ -25,8 +25,8 @@ class InvalidUpdate(CldlrError, ValueError):
 def model_to_arrays(model: torch.nn.Module, dtype: str = "float32") -> dict[str, np.ndarray]:
     """Every state entry of ``model`` by name (a copy), floating ones in the transfer dtype.
 
-    The cast runs in torch: NumPy's float16 conversion is ~10× slower (1.7 s for VGG11's 133 M
-    weights on two cores), and it runs every round at every site and at the centre.
+    The cast runs in torch (vectorized, ~3× faster than NumPy's float16 conversion); it runs every
+    round at every site and at the centre, on VGG11's 133 M weights.
     """
     target = TRANSFER_DTYPES[dtype]
     return {name: tensor.detach().to("cpu", target if tensor.is_floating_point() else tensor.dtype, copy=True).numpy()
@@ -68,6 +68,11 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(np.asarray(array))
+
+
+def cast_floating(array: np.ndarray, dtype: str) -> np.ndarray:
+    """A floating array in a transfer dtype (a new array), cast by torch rather than NumPy."""
+    return _tensor(np.ascontiguousarray(array)).to(TRANSFER_DTYPES[dtype]).numpy()
 
 
 def weighted_average(updates: list[tuple[Mapping[str, np.ndarray], float]]) -> dict[str, np.ndarray]:

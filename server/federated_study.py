@@ -26,7 +26,7 @@ from cldlr.common.federation import EvaluationLayout, FusionPayload, confusion_f
 from cldlr.common.fusion import FusionModels
 from cldlr.common.messages import BATCH_TASK
 from cldlr.common.metrics import metrics_from_counts
-from cldlr.common.platt import PLATT_HIST_BINS
+from cldlr.common.platt import PLATT_HIST_BINS, PLATT_HIST_RANGE
 from cldlr.common.schema import Schema
 from cldlr.common.secure_sum import bound_blocks
 
@@ -81,9 +81,8 @@ def clinical_phase(sum_fn: SumFn, schema: Schema, config: Config, max_cases: int
     data lie) and fit their encoder — as :func:`select_clinical` does. The encoder sums of every
     candidate parameter ride along in round 1; the selected ones are cut out afterwards."""
     layout = StatisticsLayout.from_schema(schema, n_bins=CLINICAL_BINS)
-    candidates = [p for p in schema.model_parameters if p.model_input]
-    stats_request = SumRequest("clinical-stats", {}, layout.size, float(max_cases))
-    requests = [stats_request]
+    candidates = list(schema.model_parameters)
+    requests = [SumRequest("clinical-stats", {}, layout.size, float(max_cases))]
     if candidates:
         requests.append(SumRequest("encoder-sums", {"selected": [p.name for p in candidates]},
                                    len(_encoder_probe(candidates)), float(max_cases)))
@@ -134,10 +133,10 @@ def _fusion_shape(fitter: Any, request: Any, n_clinical: int, n_deep: int, n: in
 
     Clinical columns arrive standardized (a few SD at most: 1e3 is generous); deep ones are
     bounded by the sites' reported ``feature_bound``. RFF features are at most √(2/D) in size, so
-    the LS-SVM sums are bounded by n; Platt histograms hold counts (at most n) and sums of clipped values; Platt sums are
-    bounded by n times a generous decision-value range. A
-    site whose value exceeds its bound fails the round with an error naming the element, rather
-    than being clipped silently by SecAgg+.
+    the LS-SVM sums are bounded by n; Platt histograms hold counts (at most n) and sums of values
+    clipped to ±PLATT_HIST_RANGE; Platt sums are bounded by n times a generous decision-value
+    range. A site whose value exceeds its bound fails the round with an error naming the element,
+    rather than being clipped silently by SecAgg+.
     """
     p = n_clinical + n_deep
     clin = 1e3
@@ -155,7 +154,7 @@ def _fusion_shape(fitter: Any, request: Any, n_clinical: int, n_deep: int, n: in
         sizes = [(m.W.shape[1] if m.W is not None else m.fmap.dim) + 1 for m in fitter.models.values()]
         return sum(q * (q + 1) // 2 + q for q in sizes), float(n) * (1.0 if fitter.cfg.kernel == "rbf" else clin ** 2)
     if fitter.phase == "platt_hist":
-        per_model = [(2 * PLATT_HIST_BINS, float(n)), (2 * PLATT_HIST_BINS, float(n) * 10.0)]  # counts; Σf, |f| ≤ 10
+        per_model = [(2 * PLATT_HIST_BINS, float(n)), (2 * PLATT_HIST_BINS, float(n) * PLATT_HIST_RANGE)]  # counts; Σf
         return 4 * PLATT_HIST_BINS * len(fitter.models), per_model * len(fitter.models)
     # leave-one-out decision values of a fit to ±1 targets stay well within ±10
     return 5 * len(fitter.models), float(n) * 100.0

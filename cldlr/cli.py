@@ -15,6 +15,7 @@ from pathlib import Path
 
 from cldlr import __version__
 from cldlr.common.errors import CldlrError
+from cldlr.common.logs import configure_logging
 
 from .cli_args import config_args as _config_args
 from .cli_args import force as _force
@@ -199,10 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.func(args))
     except (CldlrError, FileExistsError, FileNotFoundError) as exc:

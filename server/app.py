@@ -19,6 +19,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from cldlr.common.config import load_config
+from cldlr.common.logs import configure_logging
 from cldlr.server.orchestrator import FederatedRun
 from cldlr.server.report import new_run_dir
 from cldlr.common.schema import resolve_schema
@@ -44,7 +45,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     settings = run_settings(context)
     overrides = settings.get("overrides", "")
     config = load_config(settings["config"], shlex.split(overrides) if isinstance(overrides, str) else list(overrides))

@@ -23,7 +23,8 @@ from threadpoolctl import threadpool_limits
 from cldlr.client.federated import FederatedSite
 from cldlr.client.site import SiteSession
 from cldlr.common.clinical_features import ClinicalEncoder
-from cldlr.common.clinical_stats import compute_statistics, select_parameters
+from cldlr.common.clinical_selection import select_parameters
+from cldlr.common.clinical_stats import compute_statistics
 from cldlr.common.config import Config, load_config
 from cldlr.common.contract import SiteData, read_site
 from cldlr.common.fusion import FusionModels

@@ -18,8 +18,8 @@ import numpy as np
 
 from cldlr.common import secure_metrics
 from cldlr.common.clinical_features import ClinicalEncoder, select_encoder_sums
-from cldlr.common.clinical_stats import (ParameterStatistics, SelectionResult, StatisticsLayout, refined_histogram_ranges,
-                                         select_parameters)
+from cldlr.common.clinical_selection import SelectionResult, select_parameters
+from cldlr.common.clinical_stats import ParameterStatistics, StatisticsLayout, refined_histogram_ranges
 from cldlr.common.config import Config
 from cldlr.common.errors import CldlrError
 from cldlr.common.federation import EvaluationLayout, FusionPayload, confusion_from_histogram, fusion_fitter

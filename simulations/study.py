@@ -16,7 +16,7 @@ import torch
 
 from cldlr.client.site import SiteSession
 from cldlr.common.clinical_features import ClinicalEncoder
-from cldlr.common.clinical_stats import select_clinical
+from cldlr.common.clinical_selection import select_clinical
 from cldlr.common.config import Config
 from cldlr.common.contract import SiteData
 from cldlr.common.fusion import FusionModels

@@ -11,7 +11,7 @@ from flwr.common.secure_aggregation.quantization import dequantize, quantize
 from cldlr.client.federated import FederatedSite
 from cldlr.client.site import SiteSession
 from cldlr.common.clinical_features import ClinicalEncoder
-from cldlr.common.clinical_stats import select_clinical
+from cldlr.common.clinical_selection import select_clinical
 from cldlr.common.config import Config, load_config
 from cldlr.common.contract import read_site
 from cldlr.common.fusion import FusionModels

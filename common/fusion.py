@@ -34,7 +34,8 @@ from sklearn.svm import SVC
 
 from .config import SVMConfig
 from .errors import CldlrError
-from .rff import (FeatureMap, Standardizer, as_features, as_labels, balanced_map, block_columns, fit_pca_from_sums, model_map, moment_sums, pca_sketch_sums, resolve_gamma, rff_map, standardizer_from_sums)
+from .pca import fit_pca_from_sums, pca_sketch_sums
+from .rff import (FeatureMap, Standardizer, as_features, as_labels, balanced_map, block_columns, model_map, moment_sums, resolve_gamma, rff_map, standardizer_from_sums)
 
 log = logging.getLogger(__name__)
 

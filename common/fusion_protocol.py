@@ -22,7 +22,8 @@ from .errors import CldlrError
 from .fusion import (BLOCKS, FORMAT, FORMAT_VERSION, PCA_SEED, FusionModels, Model, RffModel, _check_format, _flatten, _models_from_arrays,
                      _models_to_arrays, _no_clinical_note, _unflatten, pca_plan)
 from .platt import PLATT_HIST_BINS, platt_converged, platt_from_histogram, platt_histogram, platt_step, platt_sums, platt_targets
-from .rff import (FeatureMap, Standardizer, as_features, as_labels, block_columns, loo_decision, lssvm_sums, model_map, moment_sums, pack_lssvm, pca_from_sketch, pca_refine, pca_rounds, pca_sketch_sums, raw_sketch, resolve_gamma, standardized_sketch, rff_params, solve_lssvm, standardizer_from_sums, unpack_lssvm)
+from .pca import pca_from_sketch, pca_refine, pca_rounds, pca_sketch_sums, raw_sketch, standardized_sketch
+from .rff import (FeatureMap, Standardizer, as_features, as_labels, block_columns, loo_decision, lssvm_sums, model_map, moment_sums, pack_lssvm, resolve_gamma, rff_params, solve_lssvm, standardizer_from_sums, unpack_lssvm)
 
 log = logging.getLogger(__name__)
 

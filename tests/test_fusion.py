@@ -14,7 +14,8 @@ from cldlr.common.config import SVMConfig
 from cldlr.common.errors import CldlrError
 from cldlr.common.fusion import FusionModels, SvcModel, fit_calibrated_svc
 from cldlr.common.fusion_protocol import RffFusionFitter, RffRequest, run_rff_protocol, site_sums
-from cldlr.common.rff import PCA_OVERSAMPLE, FeatureMap, pca_rounds
+from cldlr.common.pca import PCA_OVERSAMPLE, pca_rounds
+from cldlr.common.rff import FeatureMap
 
 
 def cohort(n: int, rng: np.random.Generator, *, c: int = 3, d: int = 300, n_inf: int = 24,

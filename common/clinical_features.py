@@ -83,6 +83,21 @@ def encoder_sums(frame: pd.DataFrame, parameters: tuple[Parameter, ...] | list[P
     return np.concatenate([[float(len(frame))], observed.sum(axis=0), z.sum(axis=0), (z**2).sum(axis=0)]).astype(np.float64)
 
 
+def encoder_sums_length(parameters: tuple[Parameter, ...] | list[Parameter]) -> int:
+    """Entries of :func:`encoder_sums` for ``parameters``: N, then three per encoded column."""
+    return 1 + 3 * sum(len(p.feature_names) for p in parameters)
+
+
+def _checked_sums(vec: np.ndarray, parameters: tuple[Parameter, ...] | list[Parameter]) -> tuple[np.ndarray, int]:
+    """``vec`` as a flat float64 vector of :func:`encoder_sums` for ``parameters``, and its column count."""
+    vec = np.asarray(vec, dtype=np.float64).ravel()
+    expected = encoder_sums_length(parameters)
+    k = (expected - 1) // 3
+    if vec.size != expected:
+        raise ValueError(f"encoder sums have {vec.size} entries, expected {expected} for {k} encoded column(s)")
+    return vec, k
+
+
 def select_encoder_sums(vec: np.ndarray, parameters: tuple[Parameter, ...] | list[Parameter],
                         chosen: tuple[Parameter, ...] | list[Parameter]) -> np.ndarray:
     """The :func:`encoder_sums` of ``chosen`` cut out of those of all ``parameters``.
@@ -94,10 +109,7 @@ def select_encoder_sums(vec: np.ndarray, parameters: tuple[Parameter, ...] | lis
     missing = [p.name for p in chosen if p.name not in names]
     if missing:
         raise ValueError(f"parameter(s) {', '.join(missing)} are not among the summed ones")
-    k = sum(len(p.feature_names) for p in parameters)
-    vec = np.asarray(vec, dtype=np.float64).ravel()
-    if vec.size != 1 + 3 * k:
-        raise ValueError(f"encoder sums have {vec.size} entries, expected {1 + 3 * k} for {k} encoded column(s)")
+    vec, k = _checked_sums(vec, parameters)
     slices = dict((p.name, cols) for p, cols in _columns(parameters))
     cols = np.concatenate([np.arange(k)[slices[p.name]] for p in chosen]) if chosen else np.zeros(0, dtype=np.int64)
     return np.concatenate([vec[:1], vec[1 + cols], vec[1 + k + cols], vec[1 + 2 * k + cols]])
@@ -123,10 +135,7 @@ class ClinicalEncoder:
         excluded = [p.name for p in parameters if not p.model_input]
         if excluded:
             raise ValueError(f"parameter(s) {', '.join(excluded)} have model_input: false and may not enter a model")
-        k = sum(len(p.feature_names) for p in parameters)
-        vec = np.asarray(vec, dtype=np.float64).ravel()
-        if vec.size != 1 + 3 * k:
-            raise ValueError(f"encoder sums have {vec.size} entries, expected {1 + 3 * k} for {k} encoded column(s)")
+        vec, k = _checked_sums(vec, parameters)
         total, observed, s1, s2 = vec[0], vec[1:1 + k], vec[1 + k:1 + 2 * k], vec[1 + 2 * k:]
         centre, half = _shift_scale(parameters)
         mean_z, var_z, impute = np.zeros(k), np.zeros(k), []

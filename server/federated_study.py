@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from cldlr.common import secure_metrics
-from cldlr.common.clinical_features import ClinicalEncoder, select_encoder_sums
+from cldlr.common.clinical_features import ClinicalEncoder, encoder_sums_length, select_encoder_sums
 from cldlr.common.clinical_selection import SelectionResult, select_parameters
 from cldlr.common.clinical_stats import ParameterStatistics, StatisticsLayout, refined_histogram_ranges
 from cldlr.common.config import Config
@@ -85,7 +85,7 @@ def clinical_phase(sum_fn: SumFn, schema: Schema, config: Config, max_cases: int
     requests = [SumRequest("clinical-stats", {}, layout.size, float(max_cases))]
     if candidates:
         requests.append(SumRequest("encoder-sums", {"selected": [p.name for p in candidates]},
-                                   len(_encoder_probe(candidates)), float(max_cases)))
+                                   encoder_sums_length(candidates), float(max_cases)))
     summed, *encoder_summed = sum_together(sum_fn, requests)
     ranges = refined_histogram_ranges(ParameterStatistics.from_vector(summed, layout))
     summed = sum_fn("clinical-stats", {"histogram_ranges": {k: list(v) for k, v in ranges.items()}},
@@ -95,15 +95,6 @@ def clinical_phase(sum_fn: SumFn, schema: Schema, config: Config, max_cases: int
     parameters = [schema.get(name) for name in selection.selected]
     vector = select_encoder_sums(encoder_summed[0], candidates, parameters) if candidates else np.zeros(1)
     return selection, ClinicalEncoder.from_sums(vector, parameters), 2
-
-
-def _encoder_probe(parameters: list) -> np.ndarray:
-    """Length of the encoder-sums vector, from an empty frame of the given parameters."""
-    import pandas as pd
-
-    from cldlr.common.clinical_features import encoder_sums
-
-    return encoder_sums(pd.DataFrame({p.name: pd.Series([], dtype=object) for p in parameters}), parameters)
 
 
 def fusion_phase(sum_fn: SumFn, config: Config, encoder: ClinicalEncoder, n_deep: int, max_cases: int,

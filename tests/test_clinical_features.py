@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cldlr.common.clinical_features import ClinicalEncoder, encoder_sums, select_encoder_sums
+from cldlr.common.clinical_features import ClinicalEncoder, encoder_sums, encoder_sums_length, select_encoder_sums
 from cldlr.common.schema import Schema
 
 
@@ -48,6 +48,7 @@ def test_sums_of_all_candidates_contain_those_of_any_selection(tiny_schema: Sche
     frame = make_frame()
     candidates = [tiny_schema.get(n) for n in ("age", "size_mm", "palpable", "side")]
     everything = encoder_sums(frame, candidates)
+    assert everything.size == encoder_sums_length(candidates)  # what the centre expects before asking
     for chosen in ([], selected(tiny_schema), [tiny_schema.get("side"), tiny_schema.get("age")]):
         np.testing.assert_array_equal(select_encoder_sums(everything, candidates, chosen), encoder_sums(frame, chosen))
     with pytest.raises(ValueError, match="birads"):

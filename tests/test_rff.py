@@ -101,13 +101,18 @@ def _platt_loss(ab: np.ndarray, f: np.ndarray, targets: np.ndarray) -> float:
     return float(np.sum(np.logaddexp(0, z) - (1 - targets) * z))
 
 
+def _decision_values(seed: int, n: int, p_malignant: float, separation: float):
+    """Labels, decision values ±separation + N(0, 1), class counts and Platt's targets."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < p_malignant).astype(float)
+    f = separation * (2 * y - 1) + rng.standard_normal(n)
+    n_pos, n_neg = y.sum(), n - y.sum()
+    return y, f, n_pos, n_neg, platt_targets(y, n_pos, n_neg)
+
+
 @pytest.mark.parametrize("separation", [0.5, 4.0])
 def test_platt_newton_from_summed_sums_reaches_the_optimum(separation: float) -> None:
-    rng = np.random.default_rng(5)
-    y = (rng.random(200) < 0.3).astype(float)
-    f = separation * (2 * y - 1) + rng.standard_normal(200)
-    n_pos, n_neg = y.sum(), 200 - y.sum()
-    targets = platt_targets(y, n_pos, n_neg)
+    y, f, n_pos, n_neg, targets = _decision_values(5, 200, 0.3, separation)
 
     def secure_round(A: float, B: float) -> np.ndarray:
         return sum(platt_sums(f[idx], targets[idx], A, B) for idx in _parts(200))
@@ -122,11 +127,7 @@ def test_platt_newton_from_summed_sums_reaches_the_optimum(separation: float) ->
 
 @pytest.mark.parametrize("separation", [0.5, 4.0])
 def test_platt_from_summed_histograms_needs_one_confirming_newton_round(separation: float) -> None:
-    rng = np.random.default_rng(7)
-    y = (rng.random(300) < 0.4).astype(float)
-    f = separation * (2 * y - 1) + rng.standard_normal(300)
-    n_pos, n_neg = y.sum(), 300 - y.sum()
-    targets = platt_targets(y, n_pos, n_neg)
+    y, f, n_pos, n_neg, targets = _decision_values(7, 300, 0.4, separation)
     start = platt_from_histogram(sum(platt_histogram(f[idx], y[idx]) for idx in _parts(300)), n_pos, n_neg)
     ref = minimize(_platt_loss, np.zeros(2), args=(f, targets), method="BFGS", options={"gtol": 1e-10})
     np.testing.assert_allclose(start, ref.x, rtol=1e-3)  # near, not at, the optimum: binned values
@@ -140,12 +141,8 @@ def test_platt_from_summed_histograms_needs_one_confirming_newton_round(separati
 
 
 def test_platt_histogram_clips_values_beyond_its_range_and_newton_still_reaches_the_optimum() -> None:
-    rng = np.random.default_rng(8)
-    y = (rng.random(200) < 0.5).astype(float)
-    f = 2 * y - 1 + rng.standard_normal(200)
+    y, f, n_pos, n_neg, targets = _decision_values(8, 200, 0.5, 1.0)
     f[:3] = [25.0, -40.0, 60.0]  # clipped to ±10 in the histogram: a worse start, never a failure
-    n_pos, n_neg = y.sum(), 200 - y.sum()
-    targets = platt_targets(y, n_pos, n_neg)
     hist = platt_histogram(f, y)
     assert np.abs(hist[1]).max() <= 200 * 10.0 and hist[0].sum() == 200
     start = platt_from_histogram(hist, n_pos, n_neg)

@@ -54,8 +54,8 @@ def child(mode: str, chunk: int, n_images: int) -> dict[str, Any]:
 
     from cldlr.client.training import train_classifier
     from cldlr.common.config import ModelConfig, TrainConfig
-    from cldlr.common.models import build_model
-    from cldlr.common.transforms import Normalization
+    from cldlr.common.models.backbones import build_model
+    from cldlr.common.data.transforms import Normalization
 
     from harness import now, peak_rss_bytes
 

@@ -21,8 +21,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from cldlr.common.config import Config, load_config
-from cldlr.common.messages import arrays_to_record
-from cldlr.common.weights import model_to_arrays
+from cldlr.common.secure.wire import arrays_to_record
+from cldlr.common.models.weights import model_to_arrays
 
 from harness import Figure, now
 
@@ -139,8 +139,8 @@ def _site_build_seconds(phantom: Path, config: Config) -> float:
     """Reading, validating and caching one site and building its model (imports already done)."""
     from cldlr.client.federated import FederatedSite
     from cldlr.client.site import SiteSession
-    from cldlr.common.contract import read_site
-    from cldlr.common.schema import load_schema
+    from cldlr.common.data.site import read_site
+    from cldlr.common.data.schema import load_schema
 
     start = now()
     FederatedSite(SiteSession(read_site(phantom / "site-1", load_schema(phantom / "schema.yaml")), config), config)
@@ -153,7 +153,7 @@ def _aucs(report: dict[str, Any]) -> dict[str, float]:
 
 def _roundtrip_auc(model: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, normalization: Any) -> dict[str, float]:
     """AUC of the CNN's own scores with its fp32 weights, and after an fp16 cast and back."""
-    from cldlr.common.models import load_numpy_state, predict_proba
+    from cldlr.common.models.backbones import load_numpy_state, predict_proba
 
     p32 = predict_proba(model, images, normalization)
     arrays = model_to_arrays(model, "float16")
@@ -205,7 +205,7 @@ def run_federation(ctx: Any) -> list[Figure]:
     """Figure 2 (fp16 federated vs pooled) and figure 3 (fp32 vs fp16 bytes, fp16 round trip)."""
     from safetensors.numpy import load_file
 
-    from cldlr.common.models import build_model, load_numpy_state
+    from cldlr.common.models.backbones import build_model, load_numpy_state
 
     phantom, work = ctx.phantoms["federation"], ctx.work / "federation"
     backbone, size = "tiny", 32

@@ -33,7 +33,7 @@ def child(kind: str, x: int, work: Path) -> dict[str, Any]:
     """One configuration, measured: set-up, one FedAvg round, phases 2–4."""
     import torch
 
-    from cldlr.common.weights import model_to_arrays, weighted_average
+    from cldlr.common.models.weights import model_to_arrays, weighted_average
 
     from harness import now, peak_rss_bytes
     from secure_svm import federated_sites, inject_embeddings, read_sites, run_phases, secagg_sum, svm_config

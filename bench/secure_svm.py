@@ -22,15 +22,16 @@ from threadpoolctl import threadpool_limits
 
 from cldlr.client.federated import FederatedSite
 from cldlr.client.site import SiteSession
-from cldlr.common.clinical_features import ClinicalEncoder
-from cldlr.common.clinical_selection import select_parameters
-from cldlr.common.clinical_stats import compute_statistics
+from cldlr.common.clinical.features import ClinicalEncoder
+from cldlr.common.clinical.selection import select_parameters
+from cldlr.common.clinical.stats import compute_statistics
 from cldlr.common.config import Config, load_config
-from cldlr.common.contract import SiteData, read_site
-from cldlr.common.fusion import FusionModels
-from cldlr.common.metrics import model_metrics
-from cldlr.common.schema import load_schema
-from cldlr.common.secure_sum import ScalePlan
+from cldlr.common.data.contract import SiteData
+from cldlr.common.data.site import read_site
+from cldlr.common.fusion.svm import FusionModels
+from cldlr.common.evaluation.metrics import model_metrics
+from cldlr.common.data.schema import load_schema
+from cldlr.common.secure.sums import ScalePlan
 from cldlr.server.federated_study import run_federated_phases
 from cldlr.simulations.sites import merge_sites
 

@@ -32,7 +32,7 @@ from torchvision import transforms as T
 
 from cldlr.client.training import train_classifier
 from cldlr.common.config import TrainConfig
-from cldlr.common.transforms import Normalization
+from cldlr.common.data.transforms import Normalization
 
 from harness import best_of, now
 

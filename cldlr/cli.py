@@ -26,8 +26,8 @@ log = logging.getLogger("cldlr")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from cldlr.common.validation import validate_site
-    from cldlr.common.schema import load_schema
+    from cldlr.common.data.validation import validate_site
+    from cldlr.common.data.schema import load_schema
 
     report = validate_site(args.site, load_schema(args.schema))
     if args.json:
@@ -66,8 +66,8 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 
 
 def cmd_split(args: argparse.Namespace) -> int:
-    from cldlr.common.schema import load_schema
-    from cldlr.common.splits import split_site
+    from cldlr.common.data.schema import load_schema
+    from cldlr.common.data.splits import split_site
 
     print(split_site(args.site, args.out, load_schema(args.schema), test_fraction=args.test_fraction,
                      seed=args.seed, force=args.force))
@@ -75,8 +75,8 @@ def cmd_split(args: argparse.Namespace) -> int:
 
 
 def cmd_partition(args: argparse.Namespace) -> int:
-    from cldlr.common.schema import load_schema
-    from cldlr.common.splits import partition_site
+    from cldlr.common.data.schema import load_schema
+    from cldlr.common.data.splits import partition_site
 
     print(partition_site(
         args.site, args.out, load_schema(args.schema), by=args.by, column=args.column,
@@ -87,8 +87,8 @@ def cmd_partition(args: argparse.Namespace) -> int:
 
 def cmd_cache(args: argparse.Namespace) -> int:
     from cldlr.common.config import load_config
-    from cldlr.common.roi import build_site_cache
-    from cldlr.common.schema import load_schema
+    from cldlr.common.data.roi import build_site_cache
+    from cldlr.common.data.schema import load_schema
 
     config = load_config(args.config, args.overrides)
     cache = build_site_cache(args.site, load_schema(config.data.schema), config.data, weights=config.model.weights)

@@ -11,7 +11,7 @@ from .cli_args import Add
 from .cli_args import config_args as _config_args
 
 def cmd_certs_ca(args: argparse.Namespace) -> int:
-    from cldlr.common.pki import create_ca
+    from cldlr.common.deploy.pki import create_ca
 
     paths = create_ca(args.out, name=args.name, days=args.days, force=args.force)
     print(f"CA certificate: {paths.cert}  (give a copy to the SuperLink host and every hospital)")
@@ -20,7 +20,7 @@ def cmd_certs_ca(args: argparse.Namespace) -> int:
 
 
 def cmd_certs_server(args: argparse.Namespace) -> int:
-    from cldlr.common.pki import create_server_cert
+    from cldlr.common.deploy.pki import create_server_cert
 
     paths = create_server_cert(args.out, ca_dir=args.ca_dir, hosts=args.hosts, days=args.days, force=args.force)
     print(f"server certificate: {paths.cert}\nserver key:         {paths.key}  (SECRET)")
@@ -31,7 +31,7 @@ def cmd_certs_server(args: argparse.Namespace) -> int:
 
 
 def cmd_certs_node(args: argparse.Namespace) -> int:
-    from cldlr.common.pki import create_node_keys
+    from cldlr.common.deploy.pki import create_node_keys
 
     private, public = create_node_keys(args.out, name=args.name, force=args.force)
     print(f"SuperNode private key: {private}  (SECRET: stays at the hospital)")
@@ -41,14 +41,14 @@ def cmd_certs_node(args: argparse.Namespace) -> int:
 
 
 def cmd_certs_show(args: argparse.Namespace) -> int:
-    from cldlr.common.pki_show import describe
+    from cldlr.common.deploy.pki_show import describe
 
     print(describe(args.dir))
     return 0
 
 
 def cmd_deploy_superlink(args: argparse.Namespace) -> int:
-    from cldlr.common.launch import emit
+    from cldlr.common.deploy.launch import emit
     from cldlr.server.deploy import CONTROL_API_NOTE, superlink_command
 
     command = superlink_command(args.certs, host=args.host, port=args.port, database=args.database,
@@ -58,7 +58,7 @@ def cmd_deploy_superlink(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_register(args: argparse.Namespace) -> int:
-    from cldlr.common.launch import emit
+    from cldlr.common.deploy.launch import emit
     from cldlr.server.deploy import register_command, write_connection
 
     if args.certs is not None:
@@ -69,7 +69,7 @@ def cmd_deploy_register(args: argparse.Namespace) -> int:
 
 def cmd_deploy_supernode(args: argparse.Namespace) -> int:
     from cldlr.client.deploy import supernode_command
-    from cldlr.common.launch import emit
+    from cldlr.common.deploy.launch import emit
 
     command = supernode_command(args.superlink, args.ca, args.key, args.data_path, port=args.port,
                                 site_name=args.site_name, schema=args.schema, state_dir=args.state_dir)
@@ -87,7 +87,7 @@ def cmd_deploy_connection(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_run(args: argparse.Namespace) -> int:
-    from cldlr.common.launch import emit
+    from cldlr.common.deploy.launch import emit
     from cldlr.server.deploy import run_command
 
     command = run_command(args.connection, args.config, overrides=args.overrides, run_dir=args.run_dir,

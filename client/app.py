@@ -22,10 +22,12 @@ from flwr.clientapp import ClientApp
 from cldlr import __version__
 from cldlr.client.secure_sum import make_secure_sum_mod
 from cldlr.common.config import Config, config_from_dict
-from cldlr.common.contract import read_site, site_folders
+from cldlr.common.data.site import read_site
+from cldlr.common.data.contract import site_folders
 from cldlr.common.errors import CldlrError, ContractError
-from cldlr.common.schema import Schema, load_schema, schema_from_dict
-from cldlr.common.messages import BATCH_TASK, arrays_to_record, record_to_arrays
+from cldlr.common.data.schema import Schema, load_schema, schema_from_dict
+from cldlr.common.secure.tasks import BATCH_TASK
+from cldlr.common.secure.wire import arrays_to_record, record_to_arrays
 
 if TYPE_CHECKING:  # torch-heavy: imported only by the messages that need a site (every message is a new process)
     from cldlr.client.federated import FederatedSite
@@ -57,7 +59,7 @@ def _handshake(msg: Message, context: Context) -> Message:
     problems = []
     if offer["version"] != __version__:
         problems.append(f"cldlr version: centre {offer['version']}, site {__version__} — install the same release")
-    from cldlr.common.roi import PIPELINE_VERSION
+    from cldlr.common.data.roi import PIPELINE_VERSION
 
     if str(offer["pipeline"]) != str(PIPELINE_VERSION):
         problems.append(f"ROI pipeline version: centre {offer['pipeline']}, site {PIPELINE_VERSION}")

@@ -20,7 +20,7 @@ from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from cldlr.common.secure_sum import SPEC_KEY, SecureSumError, SecureSumSpec
+from cldlr.common.secure.sums import SPEC_KEY, SecureSumError, SecureSumSpec
 
 logger = logging.getLogger(__name__)
 

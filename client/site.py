@@ -18,15 +18,15 @@ import numpy as np
 import torch
 
 from cldlr.client.training import TrainResult, train_classifier
-from cldlr.common.clinical_features import ClinicalEncoder
-from cldlr.common.clinical_stats import ParameterStatistics, compute_statistics
+from cldlr.common.clinical.features import ClinicalEncoder
+from cldlr.common.clinical.stats import ParameterStatistics, compute_statistics
 from cldlr.common.config import Config
-from cldlr.common.contract import SiteData
-from cldlr.common.models import embed, predict_proba
-from cldlr.common.roi import cache_for
-from cldlr.common.schema import Parameter
-from cldlr.common.splits import with_split
-from cldlr.common.transforms import Normalization, normalization_for
+from cldlr.common.data.contract import SiteData
+from cldlr.common.models.backbones import embed, predict_proba
+from cldlr.common.data.roi import cache_for
+from cldlr.common.data.schema import Parameter
+from cldlr.common.data.splits import with_split
+from cldlr.common.data.transforms import Normalization, normalization_for
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from cldlr.common.config import TrainConfig
 from cldlr.common.errors import CldlrError
 from cldlr.common.io import atomic_path
-from cldlr.common.transforms import Normalization
+from cldlr.common.data.transforms import Normalization
 
 log = logging.getLogger(__name__)
 

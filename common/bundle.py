@@ -30,16 +30,16 @@ from torch import nn
 
 from cldlr import __version__
 
-from .clinical_features import ClinicalEncoder
-from .config import DataConfig, ModelConfig
-from .errors import CldlrError
-from .fusion import FusionModels
-from .gradcam import grad_cam, overlay
-from .io import atomic_directory
-from .models import build_model, embed, embedding_dim
-from .roi import extract_roi
-from .schema import Parameter, Schema, schema_from_dict
-from .transforms import Normalization
+from cldlr.common.clinical.features import ClinicalEncoder
+from cldlr.common.config import DataConfig, ModelConfig
+from cldlr.common.errors import CldlrError
+from cldlr.common.fusion.svm import FusionModels
+from cldlr.common.models.gradcam import grad_cam, overlay
+from cldlr.common.io import atomic_directory
+from cldlr.common.models.backbones import build_model, embed, embedding_dim
+from cldlr.common.data.roi import extract_roi
+from cldlr.common.data.schema import Parameter, Schema, schema_from_dict
+from cldlr.common.data.transforms import Normalization
 
 log = logging.getLogger(__name__)
 
@@ -347,7 +347,7 @@ def export_study_bundle(out_dir: str | Path, outcome: Any, artifacts: Any, confi
     tests, SVM solver and the DP budget (config targets plus ``outcome.extra["privacy"]`` or
     ``outcome.extra["federation"]["privacy"]`` when a run records the ε it spent).
     """
-    from .transforms import normalization_for
+    from cldlr.common.data.transforms import normalization_for
 
     spent = outcome.extra.get("privacy") or (outcome.extra.get("federation") or {}).get("privacy")
     privacy = {"spent": spent} if spent else {}
@@ -382,7 +382,7 @@ def export_federated_bundle(out_dir: str | Path, *, arrays: Mapping[str, np.ndar
     """The federated run's bundle: the global backbone ``arrays`` plus ``fit``'s encoder and SVMs."""
     from types import SimpleNamespace
 
-    from .weights import arrays_to_model
+    from cldlr.common.models.weights import arrays_to_model
 
     model = build_model(ModelConfig(backbone=config.model.backbone, weights="none", num_classes=config.model.num_classes))
     arrays_to_model(model, arrays)

@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
-from .errors import ConfigError
-from .io import read_yaml
+from cldlr.common.errors import ConfigError
+from cldlr.common.io import read_yaml
 
 #: Backbones with BatchNorm layers (no sample-level DP-SGD without replacing them).
 BATCHNORM_BACKBONES = frozenset({"vgg19_bn", "densenet201"})

@@ -1,7 +1,7 @@
 """Centre side of a real deployment: the SuperLink command, node registration, the CLI connection, runs.
 
 Thin on purpose: each function returns the Flower command it stands for (see
-:mod:`cldlr.common.launch`), so the operator sees and may reuse exactly what runs. The SuperLink
+:mod:`cldlr.common.deploy.launch`), so the operator sees and may reuse exactly what runs. The SuperLink
 always gets TLS, SuperNode authentication and no runtime dependency installation (that would
 need the internet at run time and let a submitted app change the installed packages).
 """
@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 import cldlr
 from cldlr.common.errors import CldlrError
 from cldlr.common.io import atomic_write_text
-from cldlr.common.launch import Command, check_address, existing_file, flower_command, key_values
-from cldlr.common.pki import CA_CERT, SERVER_CERT, SERVER_KEY
+from cldlr.common.deploy.launch import Command, check_address, existing_file, flower_command, key_values
+from cldlr.common.deploy.pki import CA_CERT, SERVER_CERT, SERVER_KEY
 
 log = logging.getLogger(__name__)
 

@@ -16,19 +16,20 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from cldlr.common import secure_metrics
-from cldlr.common.clinical_features import ClinicalEncoder, encoder_sums_length, select_encoder_sums
-from cldlr.common.clinical_selection import SelectionResult, select_parameters
-from cldlr.common.clinical_stats import ParameterStatistics, StatisticsLayout, refined_histogram_ranges
+from cldlr.common.evaluation import secure_metrics
+from cldlr.common.clinical.features import ClinicalEncoder, encoder_sums_length, select_encoder_sums
+from cldlr.common.clinical.selection import SelectionResult, select_parameters
+from cldlr.common.clinical.stats import ParameterStatistics, StatisticsLayout, refined_histogram_ranges
 from cldlr.common.config import Config
 from cldlr.common.errors import CldlrError
-from cldlr.common.federation import EvaluationLayout, FusionPayload, confusion_from_histogram, fusion_fitter
-from cldlr.common.fusion import FusionModels
-from cldlr.common.messages import BATCH_TASK
-from cldlr.common.metrics import metrics_from_counts
-from cldlr.common.platt import PLATT_HIST_BINS, PLATT_HIST_RANGE
-from cldlr.common.schema import Schema
-from cldlr.common.secure_sum import bound_blocks
+from cldlr.common.evaluation.layout import EvaluationLayout, confusion_from_histogram
+from cldlr.common.fusion.payload import FusionPayload, fusion_fitter
+from cldlr.common.fusion.svm import FusionModels
+from cldlr.common.secure.tasks import BATCH_TASK
+from cldlr.common.evaluation.metrics import metrics_from_counts
+from cldlr.common.fusion.platt import PLATT_HIST_BINS, PLATT_HIST_RANGE
+from cldlr.common.data.schema import Schema
+from cldlr.common.secure.sums import bound_blocks
 
 log = logging.getLogger(__name__)
 

@@ -24,16 +24,17 @@ from cldlr import __version__
 from cldlr.common.bundle import export_federated_bundle
 from cldlr.common.config import Config, dump_config
 from cldlr.common.errors import CldlrError
-from cldlr.common.federation import batch_label
-from cldlr.common.messages import FINALIZE, HANDSHAKE, LOCAL_METRICS, PLAIN_SUM, arrays_to_record, record_to_arrays
-from cldlr.common.models import build_model, embedding_dim
-from cldlr.common.roi import PIPELINE_VERSION
-from cldlr.common.schema import Schema
-from cldlr.common.weights import model_to_arrays
+from cldlr.common.secure.payload import batch_label
+from cldlr.common.secure.tasks import FINALIZE, HANDSHAKE, LOCAL_METRICS, PLAIN_SUM
+from cldlr.common.secure.wire import arrays_to_record, record_to_arrays
+from cldlr.common.models.backbones import build_model, embedding_dim
+from cldlr.common.data.roi import PIPELINE_VERSION
+from cldlr.common.data.schema import Schema
+from cldlr.common.models.weights import model_to_arrays
 from cldlr.server.checkpoint import Progress, load_checkpoint, save_checkpoint
 from cldlr.server.federated_study import run_federated_phases
 from cldlr.server.ledger import Ledger, LedgerGrid
-from cldlr.server.report import StudyOutcome, write_report
+from cldlr.common.evaluation.report import StudyOutcome, write_report
 from cldlr.server.secure_sum import secure_sum, wait_for_sites
 from cldlr.server.strategy import make_strategy
 

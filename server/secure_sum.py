@@ -6,7 +6,7 @@ legacy strategy. With ``num_examples = 1`` per site and ``max_weight = 1.0`` eve
 the mean times the number of surviving sites is the SUM; the centre never sees a single site's
 vector. One call may span several rounds (slices) for very long vectors. Every failure mode the
 workflow keeps quiet about (halted protocol, dropped sites, stale replies) becomes a
-:class:`~cldlr.common.secure_sum.SecureSumError` here.
+:class:`~cldlr.common.secure.sums.SecureSumError` here.
 """
 
 from __future__ import annotations
@@ -29,16 +29,7 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
 from cldlr.common.config import SecAggConfig
-from cldlr.common.secure_sum import (
-    SPEC_KEY,
-    BoundSpec,
-    ScalePlan,
-    SecureSumError,
-    SecureSumSpec,
-    check_capacity,
-    round_to_integers,
-    split_rounds,
-)
+from cldlr.common.secure.sums import SPEC_KEY, BoundSpec, ScalePlan, SecureSumError, SecureSumSpec, check_capacity, round_to_integers, split_rounds
 
 logger = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from cldlr.common.config import load_config
-from cldlr.common.schema import load_schema
-from cldlr.common.validation import validate_site
+from cldlr.common.data.schema import load_schema
+from cldlr.common.data.validation import validate_site
 from cldlr.simulations.phantom import generate_phantom
 from cldlr.simulations.runner import simulate
 

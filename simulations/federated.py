@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from cldlr.common.config import Config, apply_overrides, dump_config
-from cldlr.common.contract import CLINICAL_CSV, IMAGES_DIR, MASKS_DIR, SiteData
+from cldlr.common.data.contract import CLINICAL_CSV, IMAGES_DIR, MASKS_DIR, SiteData
 from cldlr.common.errors import CldlrError
 from cldlr.common.io import atomic_write_text
 
@@ -37,7 +37,7 @@ def materialize_sites(sites: list[SiteData], folder: Path) -> list[Path]:
 
 
 def _write_site(site: SiteData, target: Path) -> None:
-    from cldlr.common.contract import read_clinical_csv
+    from cldlr.common.data.contract import read_clinical_csv
 
     (target / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     (target / MASKS_DIR).mkdir(parents=True, exist_ok=True)
@@ -95,7 +95,7 @@ def run_federated_simulation(sites: list[SiteData], config: Config, run_dir: Pat
     from cldlr.server.app import app as server_app
 
     if not config.data.schema:
-        from cldlr.common.schema import resolve_schema
+        from cldlr.common.data.schema import resolve_schema
 
         schema = resolve_schema(config)
         config = apply_overrides(config, [f"data.schema={json.dumps(schema.source)}"])

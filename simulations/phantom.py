@@ -28,10 +28,10 @@ import pandas as pd
 from PIL import Image
 from scipy import ndimage
 
-from cldlr.common.contract import CLINICAL_CSV, IMAGES_DIR, MASKS_DIR
+from cldlr.common.data.contract import CLINICAL_CSV, IMAGES_DIR, MASKS_DIR
 from cldlr.common.errors import CldlrError
 from cldlr.common.io import atomic_directory
-from cldlr.common.lesion import schema_yaml
+from cldlr.common.data.lesion import schema_yaml
 
 log = logging.getLogger(__name__)
 

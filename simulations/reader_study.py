@@ -24,10 +24,10 @@ from matplotlib.figure import Figure
 from scipy.stats import norm
 
 from cldlr.common.bundle import jsonable
-from cldlr.common.contract import parse_label
+from cldlr.common.data.contract import parse_label
 from cldlr.common.errors import CldlrError
 from cldlr.common.io import atomic_directory, atomic_path, atomic_write_text
-from cldlr.common.metrics import auc_ci, classification_metrics, delong_test, model_metrics, roc_curve_points
+from cldlr.common.evaluation.metrics import auc_ci, classification_metrics, delong_test, model_metrics, roc_curve_points
 from cldlr.simulations.reader_packet import CONFIDENCE_LEVELS, READ_COLUMNS
 
 log = logging.getLogger(__name__)

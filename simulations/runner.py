@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cldlr.common.bundle import export_study_bundle
 from cldlr.common.config import Config
-from cldlr.server.report import new_run_dir, table2_markdown, write_report
+from cldlr.common.evaluation.report import new_run_dir, table2_markdown, write_report
 from cldlr.simulations.sites import load_sites, merge_sites
 from cldlr.simulations.study import run_study
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from cldlr.common.schema import Schema, load_schema
+from cldlr.common.data.schema import Schema, load_schema
 
 REPO = Path(__file__).resolve().parents[1]
 BUS_BRA = REPO.parent / "shared" / "data" / "bus-bra"

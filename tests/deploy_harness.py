@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cldlr.common.launch import Command
+from cldlr.common.deploy.launch import Command
 
 FAULTS_DIR = Path(__file__).resolve().parent / "deploy_faults"
 T = TypeVar("T")

@@ -32,7 +32,7 @@ from flwr.serverapp import Grid, ServerApp
 from cldlr.client.secure_sum import make_secure_sum_mod
 from cldlr.common.config import SecAggConfig
 from cldlr.common.io import atomic_write_bytes, atomic_write_json
-from cldlr.common.secure_sum import SecureSumError
+from cldlr.common.secure.sums import SecureSumError
 from cldlr.server.secure_sum import secure_sum, wait_for_sites
 
 ENV_SETTINGS = "CLDLR_SECAGG_DEMO"

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cldlr.common.clinical_features import ClinicalEncoder, encoder_sums, encoder_sums_length, select_encoder_sums
-from cldlr.common.schema import Schema
+from cldlr.common.clinical.features import ClinicalEncoder, encoder_sums, encoder_sums_length, select_encoder_sums
+from cldlr.common.data.schema import Schema
 
 
 def make_frame(n: int = 90, seed: int = 0) -> pd.DataFrame:

@@ -10,11 +10,11 @@ import pytest
 from conftest import TINY_SCHEMA, write_site
 from scipy import stats as sps
 
-from cldlr.common.clinical_selection import normaltest_from_moments, select_parameters
-from cldlr.common.clinical_stats import ParameterStatistics, StatisticsLayout, compute_statistics, sum_statistics
-from cldlr.common.contract import read_site
+from cldlr.common.clinical.selection import normaltest_from_moments, select_parameters
+from cldlr.common.clinical.stats import ParameterStatistics, StatisticsLayout, compute_statistics, sum_statistics
+from cldlr.common.data.site import read_site
 from cldlr.common.errors import SchemaError
-from cldlr.common.schema import Schema, schema_from_dict
+from cldlr.common.data.schema import Schema, schema_from_dict
 
 
 def make_frame(n: int = 200, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
@@ -236,9 +236,9 @@ def test_refined_bins_separate_values_that_share_one_schema_bin() -> None:
     """A schema range far wider than the data puts every value in one bin; the second pass fixes it."""
     import pandas as pd
 
-    from cldlr.common.clinical_selection import select_clinical
-    from cldlr.common.clinical_stats import refined_histogram_ranges
-    from cldlr.common.schema import schema_from_dict
+    from cldlr.common.clinical.selection import select_clinical
+    from cldlr.common.clinical.stats import refined_histogram_ranges
+    from cldlr.common.data.schema import schema_from_dict
 
     schema = schema_from_dict({"name": "wide", "version": 1, "parameters": [
         {"name": "area", "type": "numeric", "range": [0, 1e8]}]})

@@ -11,10 +11,10 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from cldlr.common.contract import read_site
+from cldlr.common.data.site import read_site
 from cldlr.common.errors import ContractError, ImageReadError
-from cldlr.common.imaging import read_image, read_mask
-from cldlr.common.schema import Schema
+from cldlr.common.data.imaging import read_image, read_mask
+from cldlr.common.data.schema import Schema
 from conftest import write_site
 
 H, W = 20, 30  # not square, so a swapped (x, y) axis order shows

@@ -22,8 +22,8 @@ from conftest import REPO, write_schema, write_site
 from cldlr.cli import main
 from cldlr.client.deploy import check_site, supernode_command
 from cldlr.common.errors import CldlrError, ContractError
-from cldlr.common.launch import key_values, toml_string
-from cldlr.common.pki import create_ca, create_node_keys, create_server_cert
+from cldlr.common.deploy.launch import key_values, toml_string
+from cldlr.common.deploy.pki import create_ca, create_node_keys, create_server_cert
 from cldlr.server.deploy import app_dir, register_command, run_command, superlink_command, write_connection
 
 

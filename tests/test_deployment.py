@@ -38,8 +38,8 @@ import pytest
 
 from deploy_harness import FAULTS_DIR, Proc, descendants, flwr_json, free_port, ledger, progress, run_cli, running, wait_for
 from cldlr.client.deploy import supernode_command
-from cldlr.common.launch import Command, flower_command
-from cldlr.common.pki import create_ca, create_node_keys, create_server_cert
+from cldlr.common.deploy.launch import Command, flower_command
+from cldlr.common.deploy.pki import create_ca, create_node_keys, create_server_cert
 from cldlr.server.deploy import register_command, run_command, superlink_command, write_connection
 from cldlr.simulations.phantom import generate_phantom
 

@@ -10,13 +10,13 @@ from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
 from cldlr.client.federated import FederatedSite
 from cldlr.client.site import SiteSession
-from cldlr.common.clinical_features import ClinicalEncoder
-from cldlr.common.clinical_selection import select_clinical
+from cldlr.common.clinical.features import ClinicalEncoder
+from cldlr.common.clinical.selection import select_clinical
 from cldlr.common.config import Config, load_config
-from cldlr.common.contract import read_site
-from cldlr.common.fusion import FusionModels
-from cldlr.common.metrics import model_metrics
-from cldlr.common.secure_sum import ScalePlan
+from cldlr.common.data.site import read_site
+from cldlr.common.fusion.svm import FusionModels
+from cldlr.common.evaluation.metrics import model_metrics
+from cldlr.common.secure.sums import ScalePlan
 from cldlr.common.errors import CldlrError
 from cldlr.server.federated_study import SumRequest, run_federated_phases, sum_together
 from cldlr.simulations.sites import merge_sites
@@ -37,7 +37,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, list[F
         "svm.solver=rff", "svm.embedding_pca=4", "svm.rff_features=32", "federation.local_epochs=1",
         "evaluation.min_count=1",
     ])
-    from cldlr.common.schema import load_schema
+    from cldlr.common.data.schema import load_schema
 
     schema = load_schema(schema_path)
     sites = [FederatedSite(SiteSession(read_site(root / f"site{k}", schema), config), config) for k in range(3)]

@@ -9,9 +9,9 @@ from torch import nn
 
 from cldlr.common.config import ModelConfig
 from cldlr.common.errors import CldlrError
-from cldlr.common.gradcam import grad_cam, overlay
-from cldlr.common.models import build_model
-from cldlr.common.transforms import Normalization
+from cldlr.common.models.gradcam import grad_cam, overlay
+from cldlr.common.models.backbones import build_model
+from cldlr.common.data.transforms import Normalization
 
 NORM = Normalization((0.5,) * 3, (0.25,) * 3)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.spatial import ConvexHull
 
-from cldlr.common.lesion import DESCRIPTOR_NAMES, descriptor_parameters, lesion_descriptors
+from cldlr.common.data.lesion import DESCRIPTOR_NAMES, descriptor_parameters, lesion_descriptors
 
 
 def grid(size: int = 201) -> tuple[np.ndarray, np.ndarray]:

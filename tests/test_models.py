@@ -14,12 +14,8 @@ from torch import nn
 
 from cldlr.common.config import ModelConfig
 from cldlr.common.errors import CldlrError
-from cldlr.common.models import (
-    tiny_cnn,
-    BACKBONES, Backbone, build_model, embed, embedding_dim, head_layer, last_conv_layer, load_numpy_state,
-    predict_proba, register_backbone, state_dict_to_numpy,
-)
-from cldlr.common.transforms import Normalization
+from cldlr.common.models.backbones import tiny_cnn, BACKBONES, Backbone, build_model, embed, embedding_dim, head_layer, last_conv_layer, load_numpy_state, predict_proba, register_backbone, state_dict_to_numpy
+from cldlr.common.data.transforms import Normalization
 
 NORM = Normalization((0.5,) * 3, (0.25,) * 3)
 TINY = "tiny_models_test"
@@ -75,7 +71,7 @@ def test_imagenet_file_loads_and_its_1000_class_head_is_skipped(tiny, tmp_path, 
     source = tiny_cnn(1000)
     (tmp_path / "checkpoints").mkdir()
     torch.save(source.state_dict(), tmp_path / "checkpoints" / "tiny-0123abcd.pth")
-    with caplog.at_level(logging.INFO, logger="cldlr.common.models"):
+    with caplog.at_level(logging.INFO, logger="cldlr.common.models.backbones"):
         model = build_model(ModelConfig(backbone=tiny, weights="imagenet", num_classes=2))
     assert "1000-class head" in caplog.text
     loaded, original = model.state_dict(), source.state_dict()
@@ -99,7 +95,7 @@ def test_state_dict_with_another_head_size_is_loaded_without_the_head(tiny, tmp_
     source = build_model(ModelConfig(backbone=tiny, weights="none", num_classes=5), seed=1)
     torch.save(source.state_dict(), tmp_path / "w.pt")
     fresh = build_model(ModelConfig(backbone=tiny, weights="none"), seed=2)
-    with caplog.at_level(logging.INFO, logger="cldlr.common.models"):
+    with caplog.at_level(logging.INFO, logger="cldlr.common.models.backbones"):
         model = build_model(ModelConfig(backbone=tiny, weights=str(tmp_path / "w.pt")), seed=2)
     assert "skipping its 5-class head" in caplog.text
     head = head_layer(model)[0]
@@ -160,7 +156,7 @@ def test_numpy_state_round_trip_by_name(tiny):
 
 
 def test_wrapper_prefixes_and_legacy_densenet_names_are_understood():
-    from cldlr.common.models import _normalize_keys
+    from cldlr.common.models.backbones import _normalize_keys
 
     value = torch.zeros(1)
     renamed = _normalize_keys({

@@ -1,4 +1,4 @@
-"""Tests for cldlr.common.pki: CA/server chain, SANs, file modes, no silent overwrite, Flower-loadable node keys."""
+"""Tests for cldlr.common.deploy.pki: CA/server chain, SANs, file modes, no silent overwrite, Flower-loadable node keys."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import DNSName, IPAddress, PolicyBuilder, Store, VerificationError
 
 from cldlr.cli import main
-from cldlr.common.pki import PkiError, create_ca, create_node_keys, create_server_cert
-from cldlr.common.pki_show import describe
+from cldlr.common.deploy.pki import PkiError, create_ca, create_node_keys, create_server_cert
+from cldlr.common.deploy.pki_show import describe
 
 HOSTS = ["fl.example.org", "10.1.2.3"]
 

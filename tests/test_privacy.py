@@ -22,8 +22,8 @@ from cldlr.client.privacy import (EPSILON_SLACK, PrivacyBudgetError, PrivacyPlan
 from cldlr.client.training import train_classifier
 from cldlr.common.config import ModelConfig, PrivacyConfig, TrainConfig
 from cldlr.common.errors import CldlrError
-from cldlr.common.models import BACKBONES, Backbone, build_model
-from cldlr.common.transforms import Normalization
+from cldlr.common.models.backbones import BACKBONES, Backbone, build_model
+from cldlr.common.data.transforms import Normalization
 
 NORM = Normalization((0.5,) * 3, (0.25,) * 3)
 N, BATCH = 40, 8
@@ -230,7 +230,7 @@ MEMORY_PROBE = textwrap.dedent("""
     from cldlr.client.privacy import SitePrivacy
     from cldlr.client.training import train_classifier
     from cldlr.common.config import PrivacyConfig, TrainConfig
-    from cldlr.common.transforms import Normalization
+    from cldlr.common.data.transforms import Normalization
     mode, batch, chunk = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     n = 4 * batch
     torch.manual_seed(0)

@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 
 from conftest import write_site
-from cldlr.common import imaging
+from cldlr.common.data import imaging
 from cldlr.common.config import DataConfig
-from cldlr.common.contract import read_site
-from cldlr.common.roi import build_site_cache, cache_for, extract_roi, load_roi_cache, roi_box
-from cldlr.common.schema import Schema
+from cldlr.common.data.site import read_site
+from cldlr.common.data.roi import build_site_cache, cache_for, extract_roi, load_roi_cache, roi_box
+from cldlr.common.data.schema import Schema
 
 
 def test_box_is_exact_half_open() -> None:
@@ -70,7 +70,7 @@ def _cfg(tmp_path: Path, **kw: object) -> DataConfig:
 def test_cache_miss_then_hit_without_decoding(tiny_site: Path, tiny_schema: Schema, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     cfg = _cfg(tmp_path)
-    caplog.set_level(logging.INFO, logger="cldlr.common.roi")
+    caplog.set_level(logging.INFO, logger="cldlr.common.data.roi")
     first = build_site_cache(tiny_site, tiny_schema, cfg)
     assert "cache miss" in caplog.text
     site = read_site(tiny_site, tiny_schema)

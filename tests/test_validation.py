@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from cldlr.cli import main
-from cldlr.common.schema import Schema
-from cldlr.common.validation import Problem, ValidationReport, validate_site
+from cldlr.common.data.schema import Schema
+from cldlr.common.data.validation import Problem, ValidationReport, validate_site
 from conftest import write_site
 
 N_PATIENTS = 6  # 2 images each; p000 benign/train, p001 malignant/train, p004/p005 test

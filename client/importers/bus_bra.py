@@ -4,7 +4,7 @@ BUS-BRA records the scanner of every patient, and each patient was scanned on ex
 so one site per device gives patient-disjoint, naturally non-IID "hospitals" (``sites="device"``);
 ``sites="single"`` keeps the whole selection as one site. The release has no patient record beyond
 side, device and BI-RADS, so the clinical parameters are the lesion descriptors a radiologist reads
-off the ROI (:mod:`cldlr.common.lesion`), computed here from the authors' masks. Device and BI-RADS
+off the ROI (:mod:`cldlr.common.data.lesion`), computed here from the authors' masks. Device and BI-RADS
 are kept as columns but marked ``model_input: false``: the device is the site's identity, not a
 patient property, and BI-RADS defines the cohort.
 """
@@ -21,12 +21,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cldlr.common.contract import CLINICAL_CSV, IMAGES_DIR, MASKS_DIR, parse_label
+from cldlr.common.data.contract import CLINICAL_CSV, IMAGES_DIR, MASKS_DIR, parse_label
 from cldlr.common.errors import CldlrError
-from cldlr.common.imaging import read_mask
+from cldlr.common.data.imaging import read_mask
 from cldlr.common.io import atomic_directory
-from cldlr.common.lesion import DESCRIPTOR_NAMES, descriptor_parameters, lesion_descriptors, schema_yaml
-from cldlr.common.splits import site_table
+from cldlr.common.data.lesion import DESCRIPTOR_NAMES, descriptor_parameters, lesion_descriptors, schema_yaml
+from cldlr.common.data.splits import site_table
 
 log = logging.getLogger(__name__)
 

@@ -21,12 +21,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cldlr.common.contract import CLINICAL_CSV, IMAGES_DIR, MASKS_DIR
+from cldlr.common.data.contract import CLINICAL_CSV, IMAGES_DIR, MASKS_DIR
 from cldlr.common.errors import CldlrError, ImageReadError
-from cldlr.common.imaging import RASTER_EXTS, file_ext, read_mask
+from cldlr.common.data.imaging import RASTER_EXTS, file_ext, read_mask
 from cldlr.common.io import atomic_directory
-from cldlr.common.lesion import DESCRIPTOR_NAMES, descriptor_parameters, lesion_descriptors, schema_yaml
-from cldlr.common.splits import site_table
+from cldlr.common.data.lesion import DESCRIPTOR_NAMES, descriptor_parameters, lesion_descriptors, schema_yaml
+from cldlr.common.data.splits import site_table
 
 log = logging.getLogger(__name__)
 

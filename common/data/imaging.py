@@ -1,0 +1,94 @@
+"""Reading images and masks in every format the site contract allows.
+
+Raster formats go through Pillow; DICOM, NIfTI and NRRD through SimpleITK. Images come back as
+2-D grayscale ``uint8``/``uint16`` arrays, masks as 2-D ``bool`` arrays (nonzero = lesion).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from cldlr.common.errors import ImageReadError
+
+RASTER_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+ITK_EXTS = (".dcm", ".nii", ".nii.gz", ".nrrd")
+IMAGE_EXTS = RASTER_EXTS + (".dcm",)
+MASK_EXTS = RASTER_EXTS + (".nii", ".nii.gz", ".nrrd")
+
+
+def file_ext(path: str | Path) -> str:
+    """Lower-case extension, treating ``.nii.gz`` as one extension."""
+    name = Path(path).name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def _read_raster(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.load()
+        if img.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LA", "PA"):
+            img = img.convert("L")
+        array = np.asarray(img)
+    return array
+
+
+def _read_itk(path: Path) -> np.ndarray:
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(path))
+    array = sitk.GetArrayFromImage(image)
+    if image.GetNumberOfComponentsPerPixel() > 1:  # RGB DICOM → luminance
+        array = array[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    array = np.squeeze(array)
+    if array.ndim != 2:
+        raise ImageReadError(f"{path}: expected a single 2-D frame, got an array of shape {array.shape}")
+    return array
+
+
+def read_raw(path: str | Path) -> np.ndarray:
+    """Decode any supported file to a 2-D array of its raw values (validation inspects masks this way)."""
+    path = Path(path)
+    ext = file_ext(path)
+    if ext not in RASTER_EXTS + ITK_EXTS:
+        raise ImageReadError(f"{path}: unsupported file type {ext!r}")
+    try:
+        array = _read_raster(path) if ext in RASTER_EXTS else _read_itk(path)
+    except ImageReadError:
+        raise
+    except Exception as exc:  # decoder errors come in many types
+        raise ImageReadError(f"{path}: cannot be decoded ({type(exc).__name__}: {exc})") from exc
+    if array.ndim == 3:  # e.g. RGB TIFF that Pillow kept as multi-channel
+        array = array[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    if array.ndim != 2 or array.size == 0:
+        raise ImageReadError(f"{path}: expected a 2-D image, got shape {array.shape}")
+    return array
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read a B-mode image as 2-D grayscale, ``uint8`` or ``uint16`` (other depths are rescaled)."""
+    array = read_raw(path)
+    if array.dtype in (np.uint8, np.uint16):
+        return array
+    array = array.astype(np.float64)
+    low, high = float(array.min()), float(array.max())
+    scaled = (array - low) / (high - low) if high > low else np.zeros_like(array)
+    return np.round(scaled * 65535).astype(np.uint16)
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Read a lesion mask as 2-D ``bool`` (nonzero = lesion)."""
+    return read_raw(path) != 0
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """Scale a 16-bit image to 8 bits (min-max); 8-bit images pass through."""
+    if image.dtype == np.uint8:
+        return image
+    image = image.astype(np.float64)
+    low, high = float(image.min()), float(image.max())
+    if high <= low:
+        return np.zeros(image.shape, dtype=np.uint8)
+    return np.round((image - low) / (high - low) * 255).astype(np.uint8)

@@ -1,0 +1,236 @@
+"""The federation schema: which clinical parameters every site records, and how.
+
+Every site of a federation declares the same schema file (``configs/schema/*.yaml``), so the
+centre can add up per-parameter statistics column by column without ever seeing a value. A
+parameter marked ``model_input: false`` (BI-RADS: the radiologist's category that defines the
+cohort) is validated but never enters a model.
+
+Example::
+
+    name: phantom
+    version: 1
+    parameters:
+      - {name: age, type: numeric, unit: years, range: [18, 100], missing: error}
+      - {name: side, type: categorical, levels: [left, right], missing: impute}
+      - {name: birads, type: categorical, levels: ["4"], model_input: false}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import yaml
+
+from cldlr.common.errors import ConfigError, SchemaError
+from cldlr.common.io import read_yaml
+
+if TYPE_CHECKING:
+    from cldlr.common.config import Config
+
+ParameterType = Literal["numeric", "binary", "categorical"]
+MissingPolicy = Literal["error", "impute"]
+
+TRUE_WORDS = {"1", "1.0", "true", "yes", "y"}
+FALSE_WORDS = {"0", "0.0", "false", "no", "n"}
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One clinical parameter of the schema."""
+
+    name: str
+    type: ParameterType
+    unit: str = ""
+    range: tuple[float, float] | None = None
+    levels: tuple[str, ...] = ()
+    missing: MissingPolicy = "error"
+    model_input: bool = True
+    description: str = ""
+
+    def parse(self, raw: Any) -> float | str | None:
+        """Parse one raw CSV cell; ``None`` for missing. Raises ``ValueError`` with a reason."""
+        if raw is None or (isinstance(raw, float) and math.isnan(raw)):
+            return None
+        text = str(raw).strip()
+        if text == "" or text.lower() in {"nan", "na", "n/a", "null", "none"}:
+            return None
+        if self.type == "numeric":
+            try:
+                value = float(text)
+            except ValueError:
+                raise ValueError(f"{text!r} is not a number") from None
+            if not math.isfinite(value):
+                raise ValueError(f"{text!r} is not a finite number")
+            if self.range is not None and not (self.range[0] <= value <= self.range[1]):
+                raise ValueError(f"{value:g} is outside the valid range [{self.range[0]:g}, {self.range[1]:g}]")
+            return value
+        if self.type == "binary":
+            low = text.lower()
+            if low in TRUE_WORDS:
+                return 1.0
+            if low in FALSE_WORDS:
+                return 0.0
+            raise ValueError(f"{text!r} is not binary (use 0/1, yes/no or true/false)")
+        if text not in self.levels:
+            raise ValueError(f"{text!r} is not one of the levels {', '.join(self.levels)}")
+        return text
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Names of the numeric model features this parameter becomes (one-hot for categories)."""
+        if self.type == "categorical":
+            return [f"{self.name}={level}" for level in self.levels]
+        return [self.name]
+
+
+@dataclass(frozen=True)
+class Schema:
+    """A parsed federation schema."""
+
+    name: str
+    version: int
+    parameters: tuple[Parameter, ...]
+    source: str = ""
+
+    @property
+    def model_parameters(self) -> tuple[Parameter, ...]:
+        """Parameters allowed to enter a model (BI-RADS and the like are excluded)."""
+        return tuple(p for p in self.parameters if p.model_input)
+
+    def get(self, name: str) -> Parameter:
+        for parameter in self.parameters:
+            if parameter.name == name:
+                return parameter
+        raise KeyError(f"parameter {name!r} is not in schema {self.name!r}")
+
+    def fingerprint(self) -> str:
+        """Hash of the schema content, compared in the federation handshake."""
+        payload = json.dumps(
+            {"name": self.name, "version": self.version, "parameters": [p.__dict__ for p in self.parameters]},
+            sort_keys=True,
+            default=list,
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        params = []
+        for p in self.parameters:
+            entry: dict[str, Any] = {"name": p.name, "type": p.type}
+            if p.unit:
+                entry["unit"] = p.unit
+            if p.range is not None:
+                entry["range"] = list(p.range)
+            if p.levels:
+                entry["levels"] = list(p.levels)
+            entry["missing"] = p.missing
+            if not p.model_input:
+                entry["model_input"] = False
+            if p.description:
+                entry["description"] = p.description
+            params.append(entry)
+        return {"name": self.name, "version": self.version, "parameters": params}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+_PARAMETER_KEYS = {"name", "type", "unit", "range", "levels", "missing", "model_input", "description"}
+RESERVED_COLUMNS = {"image_id", "patient_id", "label", "split", "site"}
+
+
+def _parse_parameter(entry: Any, where: str) -> Parameter:
+    if not isinstance(entry, dict):
+        raise SchemaError(f"{where}: each parameter must be a mapping with at least name and type")
+    unknown = set(entry) - _PARAMETER_KEYS
+    if unknown:
+        raise SchemaError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(_PARAMETER_KEYS))}")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise SchemaError(f"{where}: 'name' must be a non-empty string")
+    if name in RESERVED_COLUMNS:
+        raise SchemaError(f"{where}: {name!r} is a reserved column of clinical.csv, not a clinical parameter")
+    kind = entry.get("type")
+    if kind not in ("numeric", "binary", "categorical"):
+        raise SchemaError(f"{where} ({name}): type must be numeric, binary or categorical, got {kind!r}")
+    missing = entry.get("missing", "error")
+    if missing not in ("error", "impute"):
+        raise SchemaError(f"{where} ({name}): missing must be 'error' or 'impute', got {missing!r}")
+    value_range = entry.get("range")
+    if value_range is not None:
+        if kind != "numeric":
+            raise SchemaError(f"{where} ({name}): only numeric parameters take a range")
+        if not (isinstance(value_range, list) and len(value_range) == 2 and all(isinstance(v, (int, float)) for v in value_range)):
+            raise SchemaError(f"{where} ({name}): range must be [low, high]")
+        if value_range[0] > value_range[1]:
+            raise SchemaError(f"{where} ({name}): range low {value_range[0]} exceeds high {value_range[1]}")
+        value_range = (float(value_range[0]), float(value_range[1]))
+    levels = entry.get("levels", [])
+    if kind == "categorical":
+        if not isinstance(levels, list) or len(levels) < 2:
+            raise SchemaError(f"{where} ({name}): a categorical parameter needs a list of at least 2 levels")
+        levels = [str(level) for level in levels]
+        if len(set(levels)) != len(levels):
+            raise SchemaError(f"{where} ({name}): levels must be distinct")
+    elif levels:
+        raise SchemaError(f"{where} ({name}): only categorical parameters take levels")
+    model_input = entry.get("model_input", True)
+    if not isinstance(model_input, bool):
+        raise SchemaError(f"{where} ({name}): model_input must be true or false")
+    return Parameter(
+        name=name,
+        type=kind,
+        unit=str(entry.get("unit", "")),
+        range=value_range,
+        levels=tuple(levels),
+        missing=missing,
+        model_input=model_input,
+        description=str(entry.get("description", "")),
+    )
+
+
+def schema_from_dict(data: Any, source: str = "") -> Schema:
+    """Validate and build a :class:`Schema` from parsed YAML."""
+    where = source or "schema"
+    if not isinstance(data, dict):
+        raise SchemaError(f"{where}: the top level must be a mapping with name, version, parameters")
+    unknown = set(data) - {"name", "version", "parameters"}
+    if unknown:
+        raise SchemaError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    name = data.get("name")
+    if not isinstance(name, str) or not name:
+        raise SchemaError(f"{where}: 'name' must be a non-empty string")
+    version = data.get("version", 1)
+    if not isinstance(version, int):
+        raise SchemaError(f"{where}: 'version' must be an integer")
+    entries = data.get("parameters")
+    if not isinstance(entries, list):
+        raise SchemaError(f"{where}: 'parameters' must be a list (it may be empty)")
+    parameters = tuple(_parse_parameter(e, f"{where}: parameters[{i}]") for i, e in enumerate(entries))
+    names = [p.name for p in parameters]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise SchemaError(f"{where}: parameter(s) declared twice: {', '.join(duplicates)}")
+    return Schema(name=name, version=version, parameters=parameters, source=source)
+
+
+def load_schema(path: str | Path) -> Schema:
+    """Read a schema YAML file."""
+    data = read_yaml(path, SchemaError, "pass --schema configs/schema/<name>.yaml")
+    return schema_from_dict(data, source=str(path))
+
+
+def resolve_schema(config: Config) -> Schema:
+    """``data.schema`` if given, else the ``schema.yaml`` that importers/phantom write beside the sites."""
+    if config.data.schema:
+        return load_schema(config.data.schema)
+    root = Path(config.data.root)
+    for candidate in (root / "schema.yaml", root.parent / "schema.yaml"):
+        if candidate.is_file():
+            return load_schema(candidate)
+    raise ConfigError("data.schema is not set and no schema.yaml lies beside data.root; "
+                      "pass --set data.schema=configs/schema/<name>.yaml")

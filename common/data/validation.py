@@ -1,0 +1,344 @@
+"""Check a site folder against the data contract and the federation schema, reporting every problem.
+
+A hospital runs ``cldlr validate SITE --schema S`` before joining a federation: the folder is read
+once, never written, and *all* problems are listed with their file, CSV line, column and fix, so
+one pass is enough to repair a site.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from cldlr.common.data.contract import CLINICAL_CSV, IMAGES_DIR, MASKS_DIR, REQUIRED_COLUMNS, SPLITS, find_files, parse_label, read_clinical_csv
+from cldlr.common.errors import ImageReadError
+from cldlr.common.data.imaging import IMAGE_EXTS, MASK_EXTS, file_ext, read_raw, read_image
+from cldlr.common.data.schema import RESERVED_COLUMNS, Parameter, Schema
+
+log = logging.getLogger(__name__)
+
+Severity = Literal["error", "warning"]
+LOSSY_EXTS = (".jpg", ".jpeg")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a site: where it is, what it is and how to fix it."""
+
+    code: str
+    severity: Severity
+    message: str
+    fix: str
+    file: str | None = None
+    row: int | None = None  # 1-based CSV line: header is line 1, first data row line 2
+    column: str | None = None
+
+    @property
+    def where(self) -> str:
+        """``clinical.csv, line 5, column 'age'`` — the place a person has to look at."""
+        parts = (self.file, self.row and f"line {self.row}", self.column and f"column {self.column!r}")
+        return ", ".join(p for p in parts if p) or "site"
+
+    def format(self) -> str:
+        return f"{self.severity.upper():<7} {self.where}: {self.message} [{self.code}] -> fix: {self.fix}"
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+@dataclass
+class ValidationReport:
+    """Every problem found in one site, plus its size; ``ok`` when there is no error."""
+
+    site: str
+    problems: list[Problem] = field(default_factory=list)
+    n_rows: int = 0
+    n_patients: int = 0
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "warning"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def summary(self) -> str:
+        """``3 errors, 1 warning in 40 rows``."""
+        errors, warnings = _count(len(self.errors), "error"), _count(len(self.warnings), "warning")
+        return f"{errors}, {warnings} in {_count(self.n_rows, 'row')}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form for ``cldlr validate --json``."""
+        return {
+            "site": self.site, "ok": self.ok, "n_rows": self.n_rows, "n_patients": self.n_patients,
+            "n_errors": len(self.errors), "n_warnings": len(self.warnings), "summary": self.summary(),
+            "problems": [asdict(p) for p in self.problems],
+        }
+
+    def format_text(self) -> str:
+        """One line per problem (errors first), then the summary; ``site OK`` when valid."""
+        lines = [p.format() for p in self.errors + self.warnings]
+        if self.ok:
+            lines.append(f"site OK: {self.site} ({_count(self.n_rows, 'row')}, {_count(self.n_patients, 'patient')}, "
+                         f"{_count(len(self.warnings), 'warning')})")
+        else:
+            lines.append(f"site {self.site} is NOT valid: {self.summary()}")
+        return "\n".join(lines)
+
+
+class _Checker:
+    """Walks one site and collects problems (state, so that every check can add to the same list)."""
+
+    def __init__(self, root: Path, schema: Schema) -> None:
+        self.root, self.schema = root, schema
+        self.report = ValidationReport(site=str(root))
+
+    def add(self, code: str, severity: Severity, message: str, fix: str, file: str | None = None,
+            row: int | None = None, column: str | None = None) -> None:
+        self.report.problems.append(Problem(code, severity, message, fix, file, row, column))
+
+    def cell(self, code: str, message: str, fix: str, row: int, column: str, severity: Severity = "error") -> None:
+        """A problem located in clinical.csv (row 1 is the header)."""
+        self.add(code, severity, message, fix, CLINICAL_CSV, row, column)
+
+    def rel(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+    # --- clinical.csv -------------------------------------------------------------------------
+    def read_table(self) -> pd.DataFrame | None:
+        if not self.root.is_dir():
+            self.add("site-missing", "error", f"site folder {self.root} does not exist or is not a folder",
+                     "pass the path of a site folder that holds clinical.csv, images/ and masks/")
+            return None
+        if not (self.root / CLINICAL_CSV).is_file():
+            self.add("clinical-missing", "error", f"{CLINICAL_CSV} is missing from {self.root}",
+                     "write clinical.csv: image_id, patient_id, label and the schema's parameters", CLINICAL_CSV)
+            return None
+        try:
+            return read_clinical_csv(self.root).fillna("")  # short rows come back as NaN
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as exc:
+            self.add("csv-unreadable", "error", f"cannot be read as CSV ({type(exc).__name__}: {exc})",
+                     "save it as UTF-8, comma-separated, one header line, the same number of fields in every row",
+                     CLINICAL_CSV)
+            return None
+
+    def check_columns(self, table: pd.DataFrame) -> None:
+        for name in REQUIRED_COLUMNS:
+            if name not in table.columns:
+                self.cell("missing-column", f"required column {name!r} is missing from the header",
+                          f"add a column named {name!r} (exact spelling, lower case)", 1, name)
+        for parameter in self.schema.parameters:
+            if parameter.name not in table.columns:
+                self.cell("missing-parameter-column", f"column {parameter.name!r} of schema {self.schema.name!r} "
+                          "is missing from the header", f"add a column {parameter.name!r} (cells may be empty only "
+                          "when its policy is missing: impute)", 1, parameter.name)
+        declared = {p.name for p in self.schema.parameters} | RESERVED_COLUMNS
+        for name in table.columns:
+            if name not in declared:
+                self.cell("unused-column", f"column {name!r} is not in schema {self.schema.name!r}: ignored by models",
+                          "remove it, or ask the federation to add it to the schema", 1, name, "warning")
+        if table.empty:
+            self.add("no-rows", "error", "header but no data rows", "add one row per image", CLINICAL_CSV)
+
+    def check_rows(self, table: pd.DataFrame) -> list[tuple[str, int]]:
+        """Per-cell checks; returns (image_id, line) of each distinct non-empty image id, in order."""
+        first_line: dict[str, int] = {}
+        for line, record in enumerate(table.to_dict("records"), start=2):
+            image_id = record.get("image_id", "-").strip()
+            if not image_id:
+                self.cell("empty-image-id", "image_id is empty",
+                          "give every row the file name (without extension) of its image in images/", line, "image_id")
+            elif image_id in first_line:
+                self.cell("duplicate-image-id", f"image_id {image_id!r} already on line {first_line[image_id]}",
+                          "keep one row per image (remove or rename the duplicate)", line, "image_id")
+            elif "image_id" in record:
+                first_line[image_id] = line
+            if not record.get("patient_id", "-").strip():
+                self.cell("empty-patient-id", "patient_id is empty",
+                          "give every row its (pseudonymised) patient id, shared by the patient's images", line,
+                          "patient_id")
+            if "label" in record and parse_label(record["label"]) is None:
+                self.cell("unknown-label", f"label {record['label']!r} is not benign, malignant, 0 or 1",
+                          "write the biopsy result as benign or malignant", line, "label")
+            split = record.get("split", "train").strip().lower()
+            if not split:
+                self.cell("missing-split", "split is empty although the site has a split column",
+                          "write train or test in every row, or remove the split column", line, "split")
+            elif split not in SPLITS:
+                self.cell("unknown-split", f"split {record['split']!r} is not train or test", "write train or test",
+                          line, "split")
+            for parameter in self.schema.parameters:
+                if parameter.name in record:
+                    self.check_value(parameter, record[parameter.name], line)
+        return list(first_line.items())
+
+    def check_value(self, parameter: Parameter, raw: str, line: int) -> None:
+        try:
+            value = parameter.parse(raw)
+        except ValueError as exc:  # parse's message is the reason
+            if parameter.type == "numeric" and parameter.range is not None and _is_finite_number(raw):
+                low, high = parameter.range
+                self.cell("out-of-range", f"{parameter.name}: {exc}", f"correct the value (valid: {low:g} to {high:g}"
+                          f"{' ' + parameter.unit if parameter.unit else ''})", line, parameter.name)
+            else:
+                self.cell("invalid-value", f"{parameter.name}: {exc}", _expected(parameter), line, parameter.name)
+            return
+        if value is None and parameter.missing == "error":
+            self.cell("missing-value", f"{parameter.name} is empty and schema {self.schema.name!r} says missing: error",
+                      f"fill in {parameter.name}, or agree on missing: impute for it in the schema", line,
+                      parameter.name)
+
+    def check_patients(self, table: pd.DataFrame) -> None:
+        """One patient, one label and one split (a patient in both splits leaks into the test set)."""
+        if "patient_id" not in table.columns:
+            return
+        groups: dict[str, list[int]] = defaultdict(list)
+        for index, patient in enumerate(table["patient_id"].str.strip()):
+            if patient:
+                groups[patient].append(index)
+        self.report.n_patients = len(groups)
+        for patient, rows in groups.items():
+            for column, parse, code, what, fix in (
+                ("label", parse_label, "patient-label-conflict", "images with different labels",
+                 "check the biopsy results (distinct lesions of one patient need distinct patient ids)"),
+                ("split", _parse_split, "patient-split-leak", "images in both train and test",
+                 "put all images of a patient in one split (cldlr split does this)"),
+            ):
+                if column not in table.columns:
+                    continue
+                values = {i + 2: (table[column].iat[i].strip(), parse(table[column].iat[i])) for i in rows}
+                if len({v for _, v in values.values() if v is not None}) > 1:
+                    listing = ", ".join(f"line {line}: {text}" for line, (text, v) in values.items() if v is not None)
+                    self.cell(code, f"patient {patient!r} has {what} ({listing})", fix, rows[0] + 2, column)
+
+    # --- images and masks ---------------------------------------------------------------------
+    def present_folders(self) -> set[str]:
+        """images/ and masks/ that exist; a missing folder is one problem, not one per row."""
+        present = set()
+        for folder in (IMAGES_DIR, MASKS_DIR):
+            if (self.root / folder).is_dir():
+                present.add(folder)
+            else:
+                self.add(f"{folder}-folder-missing", "error", f"folder {folder}/ is missing from {self.root}",
+                         f"put one file per image_id in {folder}/, named <image_id>.<ext>", f"{folder}/")
+        return present
+
+    def one_file(self, folder: str, image_id: str, line: int, exts: tuple[str, ...]) -> Path | None:
+        """The single file of ``image_id`` in ``folder``; none or several is a problem."""
+        kind = "image" if folder == IMAGES_DIR else "mask"
+        files = find_files(self.root / folder, image_id, exts)
+        if len(files) == 1:
+            return files[0]
+        if not files:
+            others = sorted(p.name for p in (self.root / folder).glob(f"{image_id}.*"))
+            hint = f" (found {', '.join(others)}: unsupported type)" if others else ""
+            self.add(f"{kind}-missing", "error", f"no {kind} file for image_id {image_id!r}{hint}",
+                     f"add {folder}/{image_id}<ext> (ext: {' '.join(exts)}), or remove the row",
+                     f"{folder}/{image_id}.*", line, "image_id")
+        else:
+            self.add(f"{kind}-ambiguous", "error", f"several {kind} files for image_id {image_id!r}: "
+                     + ", ".join(self.rel(p) for p in files), "keep exactly one file per image_id",
+                     self.rel(files[0]), line, "image_id")
+        return None
+
+    def check_image(self, image_id: str, line: int, folders: set[str]) -> None:
+        shape = None
+        path = self.one_file(IMAGES_DIR, image_id, line, IMAGE_EXTS) if IMAGES_DIR in folders else None
+        if path is not None:
+            try:
+                shape = read_image(path).shape
+            except ImageReadError as exc:
+                self.add("image-unreadable", "error", f"image cannot be read: {exc}",
+                         "re-export the image as PNG (8- or 16-bit) or DICOM", self.rel(path), line, "image_id")
+        path = self.one_file(MASKS_DIR, image_id, line, MASK_EXTS) if MASKS_DIR in folders else None
+        if path is None:
+            return
+        where = (self.rel(path), line, "image_id")
+        try:
+            raw = read_raw(path)  # the raw values: read_mask's bool array would hide a non-binary mask
+        except ImageReadError as exc:
+            self.add("mask-unreadable", "error", f"mask cannot be read: {exc}",
+                     "re-export the mask as a 2-D PNG, NIfTI or NRRD", *where)
+            return
+        values = np.unique(raw)
+        if not np.any(values != 0):
+            self.add("mask-empty", "error", "mask has no lesion pixel (all zero)",
+                     "delineate the lesion (nonzero = lesion), or remove the row", *where)
+        if shape is not None and raw.shape != shape:
+            self.add("mask-size-mismatch", "error", f"mask is {raw.shape[1]}x{raw.shape[0]} px, its image "
+                     f"{shape[1]}x{shape[0]} px", "export the mask from this image, at the same size", *where)
+        if len(values) > 2:
+            lossy = file_ext(path) in LOSSY_EXTS
+            note = " (JPEG compression; every nonzero pixel counts as lesion)" if lossy else ""
+            self.add("mask-not-binary", "warning" if lossy else "error", f"mask has {len(values)} distinct values, "
+                     f"not 2{note}", "save the mask losslessly (PNG/NIfTI/NRRD), 0 = background, one lesion value",
+                     *where)
+
+    def check_orphans(self, ids: set[str]) -> None:
+        """Files no row references: harmless to models, but often a typo in an image_id."""
+        for folder, exts in ((IMAGES_DIR, IMAGE_EXTS), (MASKS_DIR, MASK_EXTS)):
+            directory = self.root / folder
+            for path in sorted(directory.iterdir()) if directory.is_dir() else ():
+                ext = file_ext(path)
+                if path.name.startswith(".") or not path.is_file():
+                    continue
+                if path.name[: len(path.name) - len(ext)] not in ids or ext not in exts:
+                    self.add("orphan-file", "warning", f"{self.rel(path)} is not referenced by any row of "
+                             f"{CLINICAL_CSV}", "add a row for it, or move it out of the site folder", self.rel(path))
+
+
+def _parse_split(raw: str) -> str | None:
+    split = str(raw).strip().lower()
+    return split if split in SPLITS else None
+
+
+def _is_finite_number(raw: str) -> bool:
+    try:
+        return bool(np.isfinite(float(str(raw).strip())))
+    except ValueError:
+        return False
+
+
+def _expected(parameter: Parameter) -> str:
+    """What a valid cell of ``parameter`` looks like (the fix of an invalid value)."""
+    empty = ", or leave it empty" if parameter.missing == "impute" else ""
+    if parameter.type == "numeric":
+        return f"write a plain number{' in ' + parameter.unit if parameter.unit else ''} (no unit){empty}"
+    if parameter.type == "binary":
+        return f"write 0/1, yes/no or true/false{empty}"
+    return f"write one of {', '.join(parameter.levels)} (exact spelling){empty}"
+
+
+def validate_site(root: str | Path, schema: Schema) -> ValidationReport:
+    """Check ``root`` against the contract and ``schema``; read-only, reports every problem."""
+    checker = _Checker(Path(root), schema)
+    table = checker.read_table()
+    if table is None:
+        return checker.report
+    checker.report.n_rows = len(table)
+    checker.check_columns(table)
+    ids = checker.check_rows(table)
+    checker.check_patients(table)
+    folders = checker.present_folders()
+    for image_id, line in tqdm(ids, desc=f"validate {checker.root.name}", unit="image", disable=None):
+        checker.check_image(image_id, line, folders)
+    if "image_id" in table.columns:  # without ids every file would look unreferenced
+        checker.check_orphans({image_id for image_id, _ in ids})
+    log.debug("validated %s: %s", root, checker.report.summary())
+    return checker.report
+
+
+__all__ = ["Problem", "ValidationReport", "validate_site"]

@@ -1,0 +1,211 @@
+"""The study report: ``report.json``, ``report.md`` (the seed's Table 2 layout) and ``figures/``.
+
+The same writer serves the single-site study, the simulations and the federated ServerApp: all
+of them hand over a :class:`StudyOutcome` — metrics per model and cohort, DeLong tests, ROC
+points and confusion counts — never per-patient data.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cldlr import __version__
+from cldlr.common.config import Config, dump_config
+from cldlr.common.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+MODELS = ("clinical", "dlr", "cldlr")
+MODEL_TITLES = {"clinical": "Clinical", "dlr": "DLR", "cldlr": "CLDLR"}
+COHORTS = ("train", "test")
+METRIC_KEYS = ("auc", "auc_ci_low", "auc_ci_high", "accuracy", "sensitivity", "specificity", "ppv", "npv",
+               "n", "n_malignant")
+
+
+@dataclass
+class StudyOutcome:
+    """What a study produced, in aggregate form only.
+
+    ``metrics[model][cohort]`` holds the :data:`METRIC_KEYS` (plus confusion counts);
+    ``delong["cldlr vs dlr"] = {"z": .., "p": ..}`` on the test cohort; ``roc[cohort][model]``
+    = ``(labels, scores)`` arrays or binned equivalents used only to draw curves.
+    """
+
+    metrics: dict[str, dict[str, dict[str, float]]]
+    delong: dict[str, dict[str, float]]
+    roc: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
+    selection_table: list[dict[str, Any]]
+    selected: list[str]
+    history: list[dict[str, float]] | dict[str, list[dict[str, float]]] = field(default_factory=list)
+    sites: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    gradcam: list[tuple[np.ndarray, np.ndarray, str]] = field(default_factory=list)
+
+
+def new_run_dir(config: Config) -> Path:
+    """Create ``runs/<name>`` exclusively; if taken, ``<name>-2``, ``-3``… (never reuse another run's folder)."""
+    base = Path(config.run.output_dir)
+    base.mkdir(parents=True, exist_ok=True)
+    for k in itertools.count(1):
+        candidate = base / (config.run.name if k == 1 else f"{config.run.name}-{k}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+    raise AssertionError("unreachable")
+
+
+def software_versions() -> dict[str, str]:
+    import sklearn
+    import torch
+    import torchvision
+    from importlib.metadata import version
+
+    return {
+        "cldlr": __version__, "python": platform.python_version(), "torch": torch.__version__,
+        "torchvision": torchvision.__version__, "flwr": version("flwr"), "scikit-learn": sklearn.__version__,
+        "numpy": np.__version__, "platform": platform.platform(),
+    }
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _p(value: float) -> str:
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def table2_markdown(metrics: dict[str, dict[str, dict[str, float]]]) -> str:
+    """The seed's Table 2: model, AUC (95% CI), accuracy, sensitivity, specificity, PPV, NPV, cohort."""
+    lines = ["| Model | Cohort | AUC (95% CI) | Accuracy | Sensitivity | Specificity | PPV | NPV | n (malignant) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for cohort in COHORTS:
+        for model in MODELS:
+            m = metrics.get(model, {}).get(cohort)
+            if not m:
+                continue
+            auc = f"{_fmt(m['auc'])} ({_fmt(m['auc_ci_low'])}–{_fmt(m['auc_ci_high'])})"
+            lines.append(
+                f"| {MODEL_TITLES[model]} | {cohort} | {auc} | {_fmt(m['accuracy'])} | {_fmt(m['sensitivity'])} | "
+                f"{_fmt(m['specificity'])} | {_fmt(m['ppv'])} | {_fmt(m['npv'])} | {m['n']} ({m['n_malignant']}) |"
+            )
+    return "\n".join(lines)
+
+
+def _table1_markdown(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "_The schema declares no clinical parameter that may enter a model._"
+    lines = ["| Parameter | Benign | Malignant | Test | Statistic | P | Selected |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(
+            f"| {row['parameter']} | {row.get('benign', '')} | {row.get('malignant', '')} | {row.get('test', '')} | "
+            f"{_fmt(row.get('statistic'))} | {_p(row['p']) if row.get('p') is not None and not math.isnan(row['p']) else '–'} | "
+            f"{'yes' if row.get('selected') else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
+def _federation_markdown(fed: dict[str, Any]) -> str:
+    lines = [f"- Strategy: {fed['strategy']}, {fed['rounds']} rounds, weights sent as {fed['transfer_dtype']}",
+             f"- Secure aggregation rounds (SecAgg+): {fed['secure_rounds']}",
+             f"- Wall time (s): {fed['wall_time_s']}"]
+    if fed.get("uplink_bytes_per_site_round"):
+        first = fed["uplink_bytes_per_site_round"][0]
+        sizes = {k: v for k, v in first.items() if k != "round"}
+        lines.append(f"- Uplink bytes per site per round: {sizes}")
+    if fed.get("privacy"):
+        lines.append("- Differential privacy (ε, δ) per site: " + ", ".join(
+            f"{site} ε={v['epsilon']:.2f} (δ={v['delta']:g}, after round {v['after_round']})" for site, v in fed["privacy"].items()))
+    if fed.get("dropped"):
+        lines.append(f"- Sites dropped or rejected: {fed['dropped']}")
+    lines.append("- Every message that left a site is listed in `ledger.jsonl`.")
+    return "\n".join(lines)
+
+
+def _write_figures(run_dir: Path, outcome: StudyOutcome) -> dict[str, str]:
+    from cldlr.common.evaluation import figures
+
+    fig_dir = run_dir / "figures"
+    fig_dir.mkdir(exist_ok=True)
+    written: dict[str, str] = {}
+    panels = {}
+    for cohort in COHORTS:
+        curves = {MODEL_TITLES[m]: outcome.roc[cohort][m] for m in MODELS if m in outcome.roc.get(cohort, {})}
+        if curves:
+            panels[f"{cohort} cohort"] = curves
+    if panels:
+        written["roc"] = str(figures.plot_roc_panels(panels, fig_dir / "roc.png"))
+    confusion = {}
+    for model in MODELS:
+        m = outcome.metrics.get(model, {}).get("test")
+        if m and "tp" in m:
+            confusion[MODEL_TITLES[model]] = np.array([[m["tn"], m["fp"]], [m["fn"], m["tp"]]])
+    if confusion:
+        written["confusion"] = str(figures.plot_confusion_matrices(confusion, fig_dir / "confusion_test.png"))
+    if outcome.history:
+        written["training"] = str(figures.plot_training_curves(outcome.history, fig_dir / "training.png"))
+    if outcome.gradcam:
+        rois, overlays, titles = zip(*outcome.gradcam)
+        written["gradcam"] = str(figures.plot_gradcam_grid(list(rois), list(overlays), list(titles), fig_dir / "gradcam.png"))
+    return {k: str(Path(v).relative_to(run_dir)) for k, v in written.items()}
+
+
+def write_report(run_dir: Path, outcome: StudyOutcome, config: Config, *, title: str = "CLDLR study") -> Path:
+    """Write ``report.json``, ``report.md`` and the figures into ``run_dir`` (each file atomically)."""
+    figures_written = _write_figures(run_dir, outcome)
+    metrics = {m: {c: {k: v for k, v in outcome.metrics[m][c].items()} for c in outcome.metrics[m]}
+               for m in outcome.metrics}
+    report = {
+        "title": title,
+        "metrics": metrics,
+        "delong": outcome.delong,
+        "selected_clinical_parameters": outcome.selected,
+        "clinical_table": outcome.selection_table,
+        "sites": outcome.sites,
+        "training_history": outcome.history,
+        "figures": figures_written,
+        **outcome.extra,
+        "config": config.to_dict(),
+        "versions": software_versions(),
+    }
+    atomic_write_json(run_dir / "report.json", report)
+    atomic_write_text(run_dir / "config.yaml", dump_config(config))
+    md = [f"# {title}", "", f"Run: `{run_dir}`", ""]
+    if outcome.sites:
+        md += ["## Sites", "", "| Site | Train images | Test images | Train malignant | Test malignant |", "|---|---|---|---|---|"]
+        md += [f"| {s['name']} | {s['n_train']} | {s['n_test']} | {s.get('n_train_malignant', '–')} | "
+               f"{s.get('n_test_malignant', '–')} |" for s in outcome.sites]
+        if not all("n_train_malignant" in s for s in outcome.sites):
+            md += ["", "_Per-site class counts stay at the sites; the federation sees only their sums._"]
+        md.append("")
+    md += ["## Table 1 — clinical parameters (training cohort)", "", _table1_markdown(outcome.selection_table), "",
+           f"Selected (P < {config.clinical.alpha}): {', '.join(outcome.selected) or 'none'}", "",
+           "## Table 2 — diagnostic performance", "", table2_markdown(outcome.metrics), "",
+           f"Threshold {config.svm.threshold} on the probability; AUC 95% CI by DeLong.", ""]
+    if outcome.delong:
+        md += ["## DeLong tests (test cohort)", "", "| Comparison | z | P |", "|---|---|---|"]
+        md += [f"| {k} | {_fmt(v['z'])} | {_p(v['p'])} |" for k, v in outcome.delong.items()]
+        md.append("")
+    if "federation" in outcome.extra:
+        md += ["## Federation", "", _federation_markdown(outcome.extra["federation"]), ""]
+    for section, text in outcome.extra.get("markdown_sections", {}).items():
+        md += [f"## {section}", "", text, ""]
+    if figures_written:
+        md += ["## Figures", ""] + [f"![{k}]({v})" for k, v in figures_written.items()] + [""]
+    atomic_write_text(run_dir / "report.md", "\n".join(md))
+    log.info("report written to %s", run_dir / "report.md")
+    return run_dir

@@ -1,0 +1,1 @@
+"""The three SVMs (Clinical, DLR, CLDLR), fitted pooled or from secure sums."""

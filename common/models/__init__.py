@@ -1,0 +1,1 @@
+"""Backbones (registry, offline weights, embeddings), named weight exchange and Grad-CAM."""

@@ -51,13 +51,12 @@ def child(mode: str, chunk: int, n_images: int) -> dict[str, Any]:
     import dataclasses
 
     import torch
+    from harness import now, peak_rss_bytes
 
     from cldlr.client.training import train_classifier
     from cldlr.common.config import ModelConfig, TrainConfig
-    from cldlr.common.models.backbones import build_model
     from cldlr.common.data.transforms import Normalization
-
-    from harness import now, peak_rss_bytes
+    from cldlr.common.models.backbones import build_model
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone="vgg11", weights="none"), seed=0)

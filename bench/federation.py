@@ -18,13 +18,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from harness import Figure, now
 from sklearn.metrics import roc_auc_score
 
 from cldlr.common.config import Config, load_config
-from cldlr.common.secure.wire import arrays_to_record
 from cldlr.common.models.weights import model_to_arrays
-
-from harness import Figure, now
+from cldlr.common.secure.wire import arrays_to_record
 
 log = logging.getLogger("bench")
 
@@ -139,8 +138,8 @@ def _site_build_seconds(phantom: Path, config: Config) -> float:
     """Reading, validating and caching one site and building its model (imports already done)."""
     from cldlr.client.federated import FederatedSite
     from cldlr.client.site import SiteSession
-    from cldlr.common.data.site import read_site
     from cldlr.common.data.schema import load_schema
+    from cldlr.common.data.site import read_site
 
     start = now()
     FederatedSite(SiteSession(read_site(phantom / "site-1", load_schema(phantom / "schema.yaml")), config), config)

@@ -8,16 +8,15 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from cldlr.common.config import DataConfig, ModelConfig, TrainConfig
-from cldlr.common.data.site import read_site
-from cldlr.common.models.backbones import build_model
-from cldlr.common.data.roi import cache_for
-from cldlr.common.data.schema import load_schema
-from cldlr.common.data.transforms import normalization_for
-
 from harness import Figure, now
 from throughput import RoiFileDataset, ThroughputSetup, measure, paired_ratio
+
+from cldlr.common.config import DataConfig, ModelConfig, TrainConfig
+from cldlr.common.data.roi import cache_for
+from cldlr.common.data.schema import load_schema
+from cldlr.common.data.site import read_site
+from cldlr.common.data.transforms import normalization_for
+from cldlr.common.models.backbones import build_model
 
 log = logging.getLogger("bench")
 

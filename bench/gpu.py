@@ -24,19 +24,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from harness import Figure, machine, now, table, write_results
 from PIL import Image
+from throughput import ThroughputSetup, measure, paired_ratio
 
 from cldlr.client.training import train_classifier
-from cldlr.common.data import imaging
 from cldlr.common.config import DataConfig, ModelConfig, SVMConfig, TrainConfig
-from cldlr.common.fusion.svm import FusionModels
-from cldlr.common.evaluation.metrics import model_metrics
-from cldlr.common.models.backbones import build_model, embed, imagenet_weights_path, get_backbone
+from cldlr.common.data import imaging
 from cldlr.common.data.roi import extract_roi
 from cldlr.common.data.transforms import normalization_for
-
-from harness import Figure, machine, now, table, write_results
-from throughput import ThroughputSetup, measure, paired_ratio
+from cldlr.common.evaluation.metrics import model_metrics
+from cldlr.common.fusion.svm import FusionModels
+from cldlr.common.models.backbones import build_model, embed, get_backbone, imagenet_weights_path
 
 log = logging.getLogger("bench.gpu")
 
@@ -77,8 +76,8 @@ def synthetic_cohort(folder: Path, n: int, seed: int = 0) -> list[tuple[str, str
 def bus_bra_cohort(src: Path, folder: Path) -> tuple[list, list]:
     """BI-RADS 4 of BUS-BRA as one site, split 7:3 by patient with cldlr's own importer and splitter."""
     from cldlr.client.importers.bus_bra import import_bus_bra
-    from cldlr.common.data.site import read_site
     from cldlr.common.data.schema import load_schema
+    from cldlr.common.data.site import read_site
     from cldlr.common.data.splits import with_split
 
     import_bus_bra(src, folder / "sites", birads=[4], sites="single")

@@ -32,11 +32,10 @@ STAGES = ("setup_s", "train_round_s", "phases_s", "total_s")
 def child(kind: str, x: int, work: Path) -> dict[str, Any]:
     """One configuration, measured: set-up, one FedAvg round, phases 2–4."""
     import torch
-
-    from cldlr.common.models.weights import model_to_arrays, weighted_average
-
     from harness import now, peak_rss_bytes
     from secure_svm import federated_sites, inject_embeddings, read_sites, run_phases, secagg_sum, svm_config
+
+    from cldlr.common.models.weights import model_to_arrays, weighted_average
 
     # images: a phantom of exactly x images per site, so reading and validating scale with x too
     phantom = work / "phantom" / ("scaling" if kind == "sites" else f"scaling_images-{x}")

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
+from harness import Figure, now
 from threadpoolctl import threadpool_limits
 
 from cldlr.client.federated import FederatedSite
@@ -27,15 +28,13 @@ from cldlr.common.clinical.selection import select_parameters
 from cldlr.common.clinical.stats import compute_statistics
 from cldlr.common.config import Config, load_config
 from cldlr.common.data.contract import SiteData
-from cldlr.common.data.site import read_site
-from cldlr.common.fusion.svm import FusionModels
-from cldlr.common.evaluation.metrics import model_metrics
 from cldlr.common.data.schema import load_schema
+from cldlr.common.data.site import read_site
+from cldlr.common.evaluation.metrics import model_metrics
+from cldlr.common.fusion.svm import FusionModels
 from cldlr.common.secure.sums import ScalePlan
 from cldlr.server.federated_study import run_federated_phases
 from cldlr.simulations.sites import merge_sites
-
-from harness import Figure, now
 
 log = logging.getLogger("bench")
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from harness import best_of, now
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -33,8 +34,6 @@ from torchvision import transforms as T
 from cldlr.client.training import train_classifier
 from cldlr.common.config import TrainConfig
 from cldlr.common.data.transforms import Normalization
-
-from harness import best_of, now
 
 
 class RoiFileDataset(Dataset):

@@ -26,8 +26,8 @@ log = logging.getLogger("cldlr")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from cldlr.common.data.validation import validate_site
     from cldlr.common.data.schema import load_schema
+    from cldlr.common.data.validation import validate_site
 
     report = validate_site(args.site, load_schema(args.schema))
     if args.json:

@@ -11,6 +11,7 @@ from cldlr.common.errors import CldlrError
 from .cli_args import Add
 from .cli_args import force as _force
 
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from cldlr.client.predict import format_result, parse_clinical_args, predict_lesion, predict_site
 

@@ -10,6 +10,7 @@ from typing import Any
 from .cli_args import Add
 from .cli_args import config_args as _config_args
 
+
 def cmd_certs_ca(args: argparse.Namespace) -> int:
     from cldlr.common.deploy.pki import create_ca
 

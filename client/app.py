@@ -22,10 +22,10 @@ from flwr.clientapp import ClientApp
 from cldlr import __version__
 from cldlr.client.secure_sum import make_secure_sum_mod
 from cldlr.common.config import Config, config_from_dict
-from cldlr.common.data.site import read_site
 from cldlr.common.data.contract import site_folders
-from cldlr.common.errors import CldlrError, ContractError
 from cldlr.common.data.schema import Schema, load_schema, schema_from_dict
+from cldlr.common.data.site import read_site
+from cldlr.common.errors import CldlrError, ContractError
 from cldlr.common.secure.tasks import BATCH_TASK
 from cldlr.common.secure.wire import arrays_to_record, record_to_arrays
 

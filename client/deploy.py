@@ -14,10 +14,10 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
-from cldlr.common.errors import ContractError, CldlrError
-from cldlr.common.deploy.launch import Command, check_address, existing_file, flower_command, key_values
 from cldlr.common.data.schema import Schema, load_schema
 from cldlr.common.data.validation import ValidationReport, validate_site
+from cldlr.common.deploy.launch import Command, check_address, existing_file, flower_command, key_values
+from cldlr.common.errors import CldlrError, ContractError
 
 log = logging.getLogger(__name__)
 

@@ -21,18 +21,18 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from cldlr.client.site import SiteSession
-from cldlr.common.evaluation import secure_metrics
 from cldlr.common.clinical.features import ClinicalEncoder, encoder_sums
 from cldlr.common.config import Config
 from cldlr.common.errors import CldlrError
-from cldlr.common.io import atomic_path, atomic_write_json
-from cldlr.common.fusion.payload import FusionPayload, fusion_models_from_payload
-from cldlr.common.secure.payload import answer_batch, selection_from_payload
+from cldlr.common.evaluation import secure_metrics
 from cldlr.common.evaluation.layout import evaluation_layout
+from cldlr.common.fusion.payload import FusionPayload, fusion_models_from_payload
 from cldlr.common.fusion.protocol import site_sums
-from cldlr.common.secure.tasks import BATCH_TASK
+from cldlr.common.io import atomic_path, atomic_write_json
 from cldlr.common.models.backbones import build_model
 from cldlr.common.models.weights import arrays_to_model, arrays_to_tensors, model_to_arrays
+from cldlr.common.secure.payload import answer_batch, selection_from_payload
+from cldlr.common.secure.tasks import BATCH_TASK
 
 log = logging.getLogger(__name__)
 

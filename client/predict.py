@@ -21,9 +21,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from cldlr.common.bundle import Bundle, Prediction, load_bundle
+from cldlr.common.data.imaging import read_image, read_mask
 from cldlr.common.data.site import read_site
 from cldlr.common.errors import CldlrError
-from cldlr.common.data.imaging import read_image, read_mask
 from cldlr.common.io import atomic_directory, atomic_write_bytes, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)

@@ -247,7 +247,8 @@ class SitePrivacy:
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
         """Wrap for per-sample clipping and noise; the wrapper shares ``model``'s parameters, so the
-        trained weights land in the caller's model under their plain names."""
+        trained weights land in the caller's model under their plain names.
+        """
         self.release()
         check_private_compatible(model)
         # Opacus's backward hooks forbid in-place edits of a hooked layer's output (VGG's

@@ -22,11 +22,11 @@ from cldlr.common.clinical.features import ClinicalEncoder
 from cldlr.common.clinical.stats import ParameterStatistics, compute_statistics
 from cldlr.common.config import Config
 from cldlr.common.data.contract import SiteData
-from cldlr.common.models.backbones import embed, predict_proba
 from cldlr.common.data.roi import cache_for
 from cldlr.common.data.schema import Parameter
 from cldlr.common.data.splits import with_split
 from cldlr.common.data.transforms import Normalization, normalization_for
+from cldlr.common.models.backbones import embed, predict_proba
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cldlr.common.config import TrainConfig
+from cldlr.common.data.transforms import Normalization
 from cldlr.common.errors import CldlrError
 from cldlr.common.io import atomic_path
-from cldlr.common.data.transforms import Normalization
 
 log = logging.getLogger(__name__)
 

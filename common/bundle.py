@@ -29,17 +29,16 @@ from safetensors import torch as st_torch
 from torch import nn
 
 from cldlr import __version__
-
 from cldlr.common.clinical.features import ClinicalEncoder
 from cldlr.common.config import DataConfig, ModelConfig
-from cldlr.common.errors import CldlrError
-from cldlr.common.fusion.svm import FusionModels
-from cldlr.common.models.gradcam import grad_cam, overlay
-from cldlr.common.io import atomic_directory
-from cldlr.common.models.backbones import build_model, embed, embedding_dim
 from cldlr.common.data.roi import extract_roi
 from cldlr.common.data.schema import Parameter, Schema, schema_from_dict
 from cldlr.common.data.transforms import Normalization
+from cldlr.common.errors import CldlrError
+from cldlr.common.fusion.svm import FusionModels
+from cldlr.common.io import atomic_directory
+from cldlr.common.models.backbones import build_model, embed, embedding_dim
+from cldlr.common.models.gradcam import grad_cam, overlay
 
 log = logging.getLogger(__name__)
 

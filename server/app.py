@@ -19,10 +19,10 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from cldlr.common.config import load_config
+from cldlr.common.data.schema import resolve_schema
+from cldlr.common.evaluation.report import new_run_dir
 from cldlr.common.logs import configure_logging
 from cldlr.server.orchestrator import FederatedRun
-from cldlr.common.evaluation.report import new_run_dir
-from cldlr.common.data.schema import resolve_schema
 
 log = logging.getLogger("cldlr.centre")
 

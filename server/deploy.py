@@ -21,10 +21,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
 import cldlr
-from cldlr.common.errors import CldlrError
-from cldlr.common.io import atomic_write_text
 from cldlr.common.deploy.launch import Command, check_address, existing_file, flower_command, key_values
 from cldlr.common.deploy.pki import CA_CERT, SERVER_CERT, SERVER_KEY
+from cldlr.common.errors import CldlrError
+from cldlr.common.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 

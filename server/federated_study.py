@@ -16,20 +16,20 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from cldlr.common.evaluation import secure_metrics
 from cldlr.common.clinical.features import ClinicalEncoder, encoder_sums_length, select_encoder_sums
 from cldlr.common.clinical.selection import SelectionResult, select_parameters
 from cldlr.common.clinical.stats import ParameterStatistics, StatisticsLayout, refined_histogram_ranges
 from cldlr.common.config import Config
-from cldlr.common.errors import CldlrError
-from cldlr.common.evaluation.layout import EvaluationLayout, confusion_from_histogram
-from cldlr.common.fusion.payload import FusionPayload, fusion_fitter
-from cldlr.common.fusion.svm import FusionModels
-from cldlr.common.secure.tasks import BATCH_TASK
-from cldlr.common.evaluation.metrics import metrics_from_counts
-from cldlr.common.fusion.platt import PLATT_HIST_BINS, PLATT_HIST_RANGE
 from cldlr.common.data.schema import Schema
+from cldlr.common.errors import CldlrError
+from cldlr.common.evaluation import secure_metrics
+from cldlr.common.evaluation.layout import EvaluationLayout, confusion_from_histogram
+from cldlr.common.evaluation.metrics import metrics_from_counts
+from cldlr.common.fusion.payload import FusionPayload, fusion_fitter
+from cldlr.common.fusion.platt import PLATT_HIST_BINS, PLATT_HIST_RANGE
+from cldlr.common.fusion.svm import FusionModels
 from cldlr.common.secure.sums import bound_blocks
+from cldlr.common.secure.tasks import BATCH_TASK
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,8 @@ class FederatedFit:
 def clinical_phase(sum_fn: SumFn, schema: Schema, config: Config, max_cases: int) -> tuple[SelectionResult, ClinicalEncoder, int]:
     """Select parameters from summed statistics (round 1 on schema bins, round 2 on bins where the
     data lie) and fit their encoder — as :func:`select_clinical` does. The encoder sums of every
-    candidate parameter ride along in round 1; the selected ones are cut out afterwards."""
+    candidate parameter ride along in round 1; the selected ones are cut out afterwards.
+    """
     layout = StatisticsLayout.from_schema(schema, n_bins=CLINICAL_BINS)
     candidates = list(schema.model_parameters)
     requests = [SumRequest("clinical-stats", {}, layout.size, float(max_cases))]

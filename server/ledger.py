@@ -89,7 +89,8 @@ def _json_default(value: Any) -> Any:
 def _name_dead_senders(sent: list[Message], replies: list[Message]) -> None:
     """Flower 1.41 answers for a SuperNode that stopped heartbeating with an error whose sender is
     the SuperLink itself (node 1); put back the node the message was for, so the strategy, the
-    secure sums and the ledger say which site dropped. (No public setter: set like Flower does.)"""
+    secure sums and the ledger say which site dropped. (No public setter: set like Flower does.)
+    """
     destination = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
     for reply in replies:
         if reply.has_error() and reply.metadata.src_node_id == SUPERLINK_NODE_ID:

@@ -23,18 +23,18 @@ from flwr.serverapp import Grid
 from cldlr import __version__
 from cldlr.common.bundle import export_federated_bundle
 from cldlr.common.config import Config, dump_config
+from cldlr.common.data.roi import PIPELINE_VERSION
+from cldlr.common.data.schema import Schema
 from cldlr.common.errors import CldlrError
+from cldlr.common.evaluation.report import StudyOutcome, write_report
+from cldlr.common.models.backbones import build_model, embedding_dim
+from cldlr.common.models.weights import model_to_arrays
 from cldlr.common.secure.payload import batch_label
 from cldlr.common.secure.tasks import FINALIZE, HANDSHAKE, LOCAL_METRICS, PLAIN_SUM
 from cldlr.common.secure.wire import arrays_to_record, record_to_arrays
-from cldlr.common.models.backbones import build_model, embedding_dim
-from cldlr.common.data.roi import PIPELINE_VERSION
-from cldlr.common.data.schema import Schema
-from cldlr.common.models.weights import model_to_arrays
 from cldlr.server.checkpoint import Progress, load_checkpoint, save_checkpoint
 from cldlr.server.federated_study import run_federated_phases
 from cldlr.server.ledger import Ledger, LedgerGrid
-from cldlr.common.evaluation.report import StudyOutcome, write_report
 from cldlr.server.secure_sum import secure_sum, wait_for_sites
 from cldlr.server.strategy import make_strategy
 
@@ -120,7 +120,8 @@ class FederatedRun:
     # -- phases 2-4 ---------------------------------------------------------------------------
     def drop_departed(self) -> None:
         """Forget members the SuperLink no longer lists (crashed or stopped SuperNodes): later phases
-        go on with the others, since waiting for a dead site would stall every secure sum."""
+        go on with the others, since waiting for a dead site would stall every secure sum.
+        """
         connected = set(self.grid.get_node_ids())  # the SuperLink lists only nodes with live heartbeats
         for node in sorted(self.grid.members - connected):
             log.warning("site %s is gone (no heartbeat); the study goes on without it", self.names.get(node, node))
@@ -158,7 +159,8 @@ class FederatedRun:
 
     def _plain_sum(self, task: str, payload: dict[str, Any], length: int) -> np.ndarray:
         """A one-site federation: secure aggregation cannot hide a sum of one, so the site's
-        aggregate vector travels in plaintext (the ledger marks it ``secure: false``)."""
+        aggregate vector travels in plaintext (the ledger marks it ``secure: false``).
+        """
         (node,) = self.grid.members
         content = RecordDict({"sum": ConfigRecord({"task": task, "payload": json.dumps(payload)})})
         (reply,) = self.grid.send_and_receive([Message(content, dst_node_id=node, message_type=PLAIN_SUM)])

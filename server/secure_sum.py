@@ -29,7 +29,16 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
 from cldlr.common.config import SecAggConfig
-from cldlr.common.secure.sums import SPEC_KEY, BoundSpec, ScalePlan, SecureSumError, SecureSumSpec, check_capacity, round_to_integers, split_rounds
+from cldlr.common.secure.sums import (
+    SPEC_KEY,
+    BoundSpec,
+    ScalePlan,
+    SecureSumError,
+    SecureSumSpec,
+    check_capacity,
+    round_to_integers,
+    split_rounds,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 
 from cldlr.common.errors import CldlrError
-from cldlr.common.secure.wire import arrays_to_record, record_to_arrays
 from cldlr.common.models.weights import InvalidUpdate, check_arrays, weighted_average
+from cldlr.common.secure.wire import arrays_to_record, record_to_arrays
 
 log = logging.getLogger(__name__)
 

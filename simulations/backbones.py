@@ -14,9 +14,9 @@ import numpy as np
 
 from cldlr.client.site import SiteSession
 from cldlr.common.config import Config
-from cldlr.common.io import atomic_write_json, atomic_write_text
 from cldlr.common.evaluation.metrics import auc_ci, delong_test
 from cldlr.common.evaluation.report import new_run_dir
+from cldlr.common.io import atomic_write_json, atomic_write_text
 from cldlr.simulations.sites import load_sites, merge_sites
 from cldlr.simulations.study import run_study
 

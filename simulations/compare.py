@@ -15,8 +15,8 @@ from pathlib import Path
 from cldlr.client.site import SiteSession
 from cldlr.common.config import Config
 from cldlr.common.data.contract import SiteData
-from cldlr.common.io import atomic_write_json
 from cldlr.common.evaluation.report import MODEL_TITLES, MODELS, write_report
+from cldlr.common.io import atomic_write_json
 from cldlr.simulations.federated import run_federated_simulation
 from cldlr.simulations.sites import merge_sites
 from cldlr.simulations.study import StudyArtifacts, evaluate_predictions, run_study

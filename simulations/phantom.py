@@ -29,9 +29,9 @@ from PIL import Image
 from scipy import ndimage
 
 from cldlr.common.data.contract import CLINICAL_CSV, IMAGES_DIR, MASKS_DIR
+from cldlr.common.data.lesion import schema_yaml
 from cldlr.common.errors import CldlrError
 from cldlr.common.io import atomic_directory
-from cldlr.common.data.lesion import schema_yaml
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ from PIL import Image, ImageDraw
 
 from cldlr.client.predict import png_bytes
 from cldlr.common.bundle import Bundle, Prediction, load_bundle
+from cldlr.common.data.imaging import read_image, read_mask, to_uint8
+from cldlr.common.data.roi import roi_box
 from cldlr.common.data.site import read_site
 from cldlr.common.errors import CldlrError
-from cldlr.common.data.imaging import read_image, read_mask, to_uint8
 from cldlr.common.io import atomic_directory
-from cldlr.common.data.roi import roi_box
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from scipy.stats import norm
 from cldlr.common.bundle import jsonable
 from cldlr.common.data.contract import parse_label
 from cldlr.common.errors import CldlrError
-from cldlr.common.io import atomic_directory, atomic_path, atomic_write_text
 from cldlr.common.evaluation.metrics import auc_ci, classification_metrics, delong_test, model_metrics, roc_curve_points
+from cldlr.common.io import atomic_directory, atomic_path, atomic_write_text
 from cldlr.simulations.reader_packet import CONFIDENCE_LEVELS, READ_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -271,7 +271,8 @@ def analyze_reads(reads: str | Path, truth: str | Path, out: str | Path, *, mode
 def simulate_reads(truth: str | Path, model_scores: str | Path, out: str | Path, *, readers: int = 3,
                    seed: int = 0) -> Path:
     """Realistic reads: per reader a binormal latent score (juniors d′≈1, seniors d′≈1.9) binned to 1-5;
-    in round 2 the latent moves towards the AI score's probit (juniors lean more on it)."""
+    in round 2 the latent moves towards the AI score's probit (juniors lean more on it).
+    """
     if readers < 1:
         raise CldlrError(f"--readers must be at least 1, got {readers}")
     labels = read_truth(truth)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+
 import pandas as pd
 
 from cldlr.common.config import Config
 from cldlr.common.data.contract import SiteData, site_folders
-from cldlr.common.data.site import read_site
 from cldlr.common.data.schema import resolve_schema
+from cldlr.common.data.site import read_site
 from cldlr.common.data.splits import partition, site_table, with_split
 
 log = logging.getLogger(__name__)

@@ -16,20 +16,32 @@ from safetensors.numpy import load_file as load_numpy
 from torch import nn
 
 from cldlr.common import bundle as bundle_mod
-from cldlr.common.bundle import BACKBONE_FILE, FUSION_FILE, HASHES_FILE, META_FILE, BundleError, ClinicalInputError, export_bundle, export_federated_bundle, export_study_bundle, hashes_text, load_bundle
+from cldlr.common.bundle import (
+    BACKBONE_FILE,
+    FUSION_FILE,
+    HASHES_FILE,
+    META_FILE,
+    BundleError,
+    ClinicalInputError,
+    export_bundle,
+    export_federated_bundle,
+    export_study_bundle,
+    hashes_text,
+    load_bundle,
+)
 from cldlr.common.clinical.features import ClinicalEncoder
 from cldlr.common.config import Config, DataConfig, ModelConfig, SVMConfig
 from cldlr.common.data.contract import SiteData
-from cldlr.common.data.site import read_site
-from cldlr.common.fusion.svm import FusionModels
-from cldlr.common.models.gradcam import grad_cam
 from cldlr.common.data.imaging import read_image, read_mask
-from cldlr.common.models.backbones import Backbone, build_model, embed, register_backbone
 from cldlr.common.data.roi import extract_roi
 from cldlr.common.data.schema import Schema, load_schema
+from cldlr.common.data.site import read_site
 from cldlr.common.data.transforms import Normalization
-from cldlr.common.models.weights import model_to_arrays
 from cldlr.common.evaluation.report import StudyOutcome
+from cldlr.common.fusion.svm import FusionModels
+from cldlr.common.models.backbones import Backbone, build_model, embed, register_backbone
+from cldlr.common.models.gradcam import grad_cam
+from cldlr.common.models.weights import model_to_arrays
 from cldlr.simulations.study import StudyArtifacts
 
 TINY = "tiny_bundle_test"

@@ -12,9 +12,9 @@ from scipy import stats as sps
 
 from cldlr.common.clinical.selection import normaltest_from_moments, select_parameters
 from cldlr.common.clinical.stats import ParameterStatistics, StatisticsLayout, compute_statistics, sum_statistics
+from cldlr.common.data.schema import Schema, schema_from_dict
 from cldlr.common.data.site import read_site
 from cldlr.common.errors import SchemaError
-from cldlr.common.data.schema import Schema, schema_from_dict
 
 
 def make_frame(n: int = 200, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cldlr.common.config import Config, load_config, apply_overrides
+from cldlr.common.config import Config, apply_overrides, load_config
 from cldlr.common.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,13 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
+from conftest import write_site
 from PIL import Image
 
-from cldlr.common.data.site import read_site
-from cldlr.common.errors import ContractError, ImageReadError
 from cldlr.common.data.imaging import read_image, read_mask
 from cldlr.common.data.schema import Schema
-from conftest import write_site
+from cldlr.common.data.site import read_site
+from cldlr.common.errors import ContractError, ImageReadError
 
 H, W = 20, 30  # not square, so a swapped (x, y) axis order shows
 

@@ -13,17 +13,17 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import REPO, write_schema, write_site
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from flwr.cli.build import build_fab_from_disk
 from flwr.common.config import parse_config_args, validate_config
 
-from conftest import REPO, write_schema, write_site
 from cldlr.cli import main
 from cldlr.client.deploy import check_site, supernode_command
-from cldlr.common.errors import CldlrError, ContractError
 from cldlr.common.deploy.launch import key_values, toml_string
 from cldlr.common.deploy.pki import create_ca, create_node_keys, create_server_cert
+from cldlr.common.errors import CldlrError, ContractError
 from cldlr.server.deploy import app_dir, register_command, run_command, superlink_command, write_connection
 
 

@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from deploy_harness import FAULTS_DIR, Proc, descendants, flwr_json, free_port, ledger, progress, run_cli, running, wait_for
+
 from cldlr.client.deploy import supernode_command
 from cldlr.common.deploy.launch import Command, flower_command
 from cldlr.common.deploy.pki import create_ca, create_node_keys, create_server_cert

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+from conftest import write_site
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
 from cldlr.client.federated import FederatedSite
@@ -14,13 +13,12 @@ from cldlr.common.clinical.features import ClinicalEncoder
 from cldlr.common.clinical.selection import select_clinical
 from cldlr.common.config import Config, load_config
 from cldlr.common.data.site import read_site
-from cldlr.common.fusion.svm import FusionModels
-from cldlr.common.evaluation.metrics import model_metrics
-from cldlr.common.secure.sums import ScalePlan
 from cldlr.common.errors import CldlrError
+from cldlr.common.evaluation.metrics import model_metrics
+from cldlr.common.fusion.svm import FusionModels
+from cldlr.common.secure.sums import ScalePlan
 from cldlr.server.federated_study import SumRequest, run_federated_phases, sum_together
 from cldlr.simulations.sites import merge_sites
-from conftest import write_site
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cldlr.common.evaluation.figures import DPI, plot_confusion_matrices, plot_gradcam_grid, plot_roc, plot_roc_panels, plot_training_curves
+from cldlr.common.evaluation.figures import (
+    DPI,
+    plot_confusion_matrices,
+    plot_gradcam_grid,
+    plot_roc,
+    plot_roc_panels,
+    plot_training_curves,
+)
 
 
 def _curves(seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:

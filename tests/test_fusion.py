@@ -12,10 +12,10 @@ from sklearn.metrics import roc_auc_score
 
 from cldlr.common.config import SVMConfig
 from cldlr.common.errors import CldlrError
-from cldlr.common.fusion.svm import FusionModels, SvcModel, fit_calibrated_svc
-from cldlr.common.fusion.protocol import RffFusionFitter, RffRequest, run_rff_protocol, site_sums
 from cldlr.common.fusion.pca import PCA_OVERSAMPLE, pca_rounds
+from cldlr.common.fusion.protocol import RffFusionFitter, RffRequest, run_rff_protocol, site_sums
 from cldlr.common.fusion.rff import FeatureMap
+from cldlr.common.fusion.svm import FusionModels, SvcModel, fit_calibrated_svc
 
 
 def cohort(n: int, rng: np.random.Generator, *, c: int = 3, d: int = 300, n_inf: int = 24,

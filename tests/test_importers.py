@@ -10,15 +10,15 @@ import pytest
 from PIL import Image
 
 from cldlr.cli import main
-from cldlr.client.importers.bus_bra import bus_bra_schema_yaml, device_slug, import_bus_bra
+from cldlr.client.importers.bus_bra import device_slug, import_bus_bra
 from cldlr.client.importers.class_folders import class_folders_schema_yaml, import_class_folders
 from cldlr.common.data.contract import read_clinical_csv
-from cldlr.common.data.site import read_site
-from cldlr.common.errors import CldlrError
 from cldlr.common.data.imaging import read_mask
 from cldlr.common.data.lesion import DESCRIPTOR_NAMES, lesion_descriptors
 from cldlr.common.data.schema import load_schema
+from cldlr.common.data.site import read_site
 from cldlr.common.data.validation import validate_site
+from cldlr.common.errors import CldlrError
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICES = {"ge": "GE Logiq 7 @10-14MHz", "tosh": "Toshiba Aplio 300 @12-14 MHz", "us": "U-Systems @10-14MHz"}

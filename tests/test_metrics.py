@@ -22,7 +22,15 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from cldlr.common.evaluation.metrics import auc_ci, classification_metrics, delong_placements, delong_test, metrics_from_counts, model_metrics, roc_curve_points
+from cldlr.common.evaluation.metrics import (
+    auc_ci,
+    classification_metrics,
+    delong_placements,
+    delong_test,
+    metrics_from_counts,
+    model_metrics,
+    roc_curve_points,
+)
 
 TOL = 1e-6
 

@@ -13,9 +13,22 @@ import torchvision.models as tvm
 from torch import nn
 
 from cldlr.common.config import ModelConfig
-from cldlr.common.errors import CldlrError
-from cldlr.common.models.backbones import tiny_cnn, BACKBONES, Backbone, build_model, embed, embedding_dim, head_layer, last_conv_layer, load_numpy_state, predict_proba, register_backbone, state_dict_to_numpy
 from cldlr.common.data.transforms import Normalization
+from cldlr.common.errors import CldlrError
+from cldlr.common.models.backbones import (
+    BACKBONES,
+    Backbone,
+    build_model,
+    embed,
+    embedding_dim,
+    head_layer,
+    last_conv_layer,
+    load_numpy_state,
+    predict_proba,
+    register_backbone,
+    state_dict_to_numpy,
+    tiny_cnn,
+)
 
 NORM = Normalization((0.5,) * 3, (0.25,) * 3)
 TINY = "tiny_models_test"

@@ -14,12 +14,12 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from cldlr.cli import main
-from cldlr.common.data.site import read_site
-from cldlr.common.errors import CldlrError
 from cldlr.common.data.imaging import read_image, read_mask
 from cldlr.common.data.lesion import lesion_descriptors
 from cldlr.common.data.schema import load_schema
+from cldlr.common.data.site import read_site
 from cldlr.common.data.validation import validate_site
+from cldlr.common.errors import CldlrError
 from cldlr.simulations.phantom import generate_phantom, phantom_schema_yaml
 
 REPO = Path(__file__).resolve().parents[1]

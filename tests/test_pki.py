@@ -44,7 +44,7 @@ def pki(tmp_path: Path) -> dict[str, Path]:
 
 
 def _verifier(ca: x509.Certificate) -> PolicyBuilder:
-    return PolicyBuilder().store(Store([ca])).time(dt.datetime.now(dt.timezone.utc))
+    return PolicyBuilder().store(Store([ca])).time(dt.datetime.now(dt.UTC))
 
 
 def test_server_chain_verifies_for_every_name_and_loopback(pki: dict[str, Path]) -> None:

@@ -17,13 +17,20 @@ import torch.nn.functional as F
 import torchvision.models as tvm
 from torch import nn
 
-from cldlr.client.privacy import (EPSILON_SLACK, PrivacyBudgetError, PrivacyPlan, SitePrivacy,
-                                  check_private_compatible, make_private_compatible, unwrap)
+from cldlr.client.privacy import (
+    EPSILON_SLACK,
+    PrivacyBudgetError,
+    PrivacyPlan,
+    SitePrivacy,
+    check_private_compatible,
+    make_private_compatible,
+    unwrap,
+)
 from cldlr.client.training import train_classifier
 from cldlr.common.config import ModelConfig, PrivacyConfig, TrainConfig
+from cldlr.common.data.transforms import Normalization
 from cldlr.common.errors import CldlrError
 from cldlr.common.models.backbones import BACKBONES, Backbone, build_model
-from cldlr.common.data.transforms import Normalization
 
 NORM = Normalization((0.5,) * 3, (0.25,) * 3)
 N, BATCH = 40, 8

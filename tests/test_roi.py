@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_site
 from PIL import Image
 
-from conftest import write_site
-from cldlr.common.data import imaging
 from cldlr.common.config import DataConfig
-from cldlr.common.data.site import read_site
+from cldlr.common.data import imaging
 from cldlr.common.data.roi import build_site_cache, cache_for, extract_roi, load_roi_cache, roi_box
 from cldlr.common.data.schema import Schema
+from cldlr.common.data.site import read_site
 
 
 def test_box_is_exact_half_open() -> None:

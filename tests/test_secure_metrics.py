@@ -9,7 +9,18 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from cldlr.common.evaluation.metrics import auc_ci, classification_metrics, delong_test
-from cldlr.common.evaluation.secure_metrics import SECURE_ROUNDS, auc_from_histograms, bin_edges, bin_index, confusion_vector, delong_from_sums, local_report_allowed, metrics_from_counts, placement_sums, score_histograms
+from cldlr.common.evaluation.secure_metrics import (
+    SECURE_ROUNDS,
+    auc_from_histograms,
+    bin_edges,
+    bin_index,
+    confusion_vector,
+    delong_from_sums,
+    local_report_allowed,
+    metrics_from_counts,
+    placement_sums,
+    score_histograms,
+)
 
 SITE_SIZES = (40, 150, 310)  # unequal sites
 

@@ -14,12 +14,23 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
+from secagg_app import LONG_BOUND, SMALL_BLOCKS, fingerprints, leaks, site_vector
 
 from cldlr.client.secure_sum import build_fitres_content, register_task, registered_tasks, unregister_task
 from cldlr.common.config import SecAggConfig
-from cldlr.common.secure.sums import SPEC_KEY, ScalePlan, SecureSumError, SecureSumSpec, check_capacity, quantization_error_bound, resolution_per_site, round_to_integers, scale_for_bound, split_rounds
+from cldlr.common.secure.sums import (
+    SPEC_KEY,
+    ScalePlan,
+    SecureSumError,
+    SecureSumSpec,
+    check_capacity,
+    quantization_error_bound,
+    resolution_per_site,
+    round_to_integers,
+    scale_for_bound,
+    split_rounds,
+)
 from cldlr.server.secure_sum import secure_sum, wait_for_sites
-from secagg_app import LONG_BOUND, SMALL_BLOCKS, fingerprints, leaks, site_vector
 
 TESTS = Path(__file__).resolve().parent
 C, Q = SecAggConfig().clipping_range, SecAggConfig().quantization_range

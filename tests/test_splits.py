@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import write_site
+
 from cldlr.common.data import splits as splits_mod
 from cldlr.common.data.contract import read_clinical_csv
-from cldlr.common.data.site import read_site
-from cldlr.common.errors import CldlrError
 from cldlr.common.data.schema import Schema
+from cldlr.common.data.site import read_site
 from cldlr.common.data.splits import partition, partition_site, patient_split, site_table, split_site, with_split
+from cldlr.common.errors import CldlrError
 
 
 def synthetic_frame(n_patients: int = 60, malignant_share: float = 0.4, seed: int = 0) -> pd.DataFrame:

@@ -12,9 +12,9 @@ from torch import nn
 from cldlr.client import training
 from cldlr.client.training import inner_validation_split, train_classifier
 from cldlr.common.config import ModelConfig, TrainConfig
+from cldlr.common.data.transforms import Normalization
 from cldlr.common.errors import CldlrError
 from cldlr.common.models.backbones import BACKBONES, Backbone, build_model, predict_proba, tiny_cnn
-from cldlr.common.data.transforms import Normalization
 
 NORM = Normalization((0.5,) * 3, (0.25,) * 3)
 CFG = TrainConfig(epochs=2, batch_size=4, lr=0.01, device="cpu", checkpoint_every=1)

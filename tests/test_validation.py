@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import write_site
 from PIL import Image
 
 from cldlr.cli import main
 from cldlr.common.data.schema import Schema
 from cldlr.common.data.validation import Problem, ValidationReport, validate_site
-from conftest import write_site
 
 N_PATIENTS = 6  # 2 images each; p000 benign/train, p001 malignant/train, p004/p005 test
 

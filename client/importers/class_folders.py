@@ -22,11 +22,11 @@ import pandas as pd
 from PIL import Image
 
 from cldlr.common.data.contract import CLINICAL_CSV, IMAGES_DIR, MASKS_DIR
-from cldlr.common.errors import CldlrError, ImageReadError
 from cldlr.common.data.imaging import RASTER_EXTS, file_ext, read_mask
-from cldlr.common.io import atomic_directory
 from cldlr.common.data.lesion import DESCRIPTOR_NAMES, descriptor_parameters, lesion_descriptors, schema_yaml
 from cldlr.common.data.splits import site_table
+from cldlr.common.errors import CldlrError, ImageReadError
+from cldlr.common.io import atomic_directory
 
 log = logging.getLogger(__name__)
 

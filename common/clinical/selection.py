@@ -36,7 +36,16 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from cldlr.common.clinical.stats import BINARY_LEVELS, CLASSES, ClassStatistics, ParameterStatistics, class_mean_sd, compute_statistics, levels_of, refined_histogram_ranges
+from cldlr.common.clinical.stats import (
+    BINARY_LEVELS,
+    CLASSES,
+    ClassStatistics,
+    ParameterStatistics,
+    class_mean_sd,
+    compute_statistics,
+    levels_of,
+    refined_histogram_ranges,
+)
 from cldlr.common.data.schema import Parameter, Schema
 
 log = logging.getLogger(__name__)

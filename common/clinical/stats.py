@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from cldlr.common.errors import SchemaError
 from cldlr.common.data.schema import Parameter, Schema
+from cldlr.common.errors import SchemaError
 
 CLASSES = ("benign", "malignant")
 BINARY_LEVELS = ("no", "yes")

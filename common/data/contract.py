@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from cldlr.common.errors import ConfigError
 from cldlr.common.data.imaging import IMAGE_EXTS, MASK_EXTS, file_ext
 from cldlr.common.data.schema import Parameter, Schema
+from cldlr.common.errors import ConfigError
 
 if TYPE_CHECKING:
     from cldlr.common.config import Config
@@ -150,7 +150,8 @@ def encode_clinical(frame: pd.DataFrame, parameters: tuple[Parameter, ...] | lis
 
 def site_folders(config: Config) -> list[Path]:
     """The site folders named by the config: ``federation.sites``, or ``data.root`` itself if it
-    is a site, or every sub-folder of ``data.root`` that holds a ``clinical.csv``."""
+    is a site, or every sub-folder of ``data.root`` that holds a ``clinical.csv``.
+    """
     if config.federation.sites:
         return [Path(s) for s in config.federation.sites]
     if not config.data.root:

@@ -20,13 +20,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from cldlr.common.data import imaging
 from cldlr.common.config import DataConfig
+from cldlr.common.data import imaging
 from cldlr.common.data.contract import SiteData
+from cldlr.common.data.schema import Schema
 from cldlr.common.data.site import read_site
 from cldlr.common.errors import CldlrError
 from cldlr.common.io import atomic_path
-from cldlr.common.data.schema import Schema
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from cldlr.common.data.contract import CLINICAL_CSV, IMAGES_DIR, LABEL_NAMES, MASKS_DIR, SPLITS, SiteData, read_clinical_csv
+from cldlr.common.data.schema import Schema
 from cldlr.common.data.site import read_site
 from cldlr.common.errors import CldlrError
 from cldlr.common.io import atomic_directory, atomic_write_text
-from cldlr.common.data.schema import Schema
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,19 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from cldlr.common.data.contract import CLINICAL_CSV, IMAGES_DIR, MASKS_DIR, REQUIRED_COLUMNS, SPLITS, find_files, parse_label, read_clinical_csv
-from cldlr.common.errors import ImageReadError
-from cldlr.common.data.imaging import IMAGE_EXTS, MASK_EXTS, file_ext, read_raw, read_image
+from cldlr.common.data.contract import (
+    CLINICAL_CSV,
+    IMAGES_DIR,
+    MASKS_DIR,
+    REQUIRED_COLUMNS,
+    SPLITS,
+    find_files,
+    parse_label,
+    read_clinical_csv,
+)
+from cldlr.common.data.imaging import IMAGE_EXTS, MASK_EXTS, file_ext, read_image, read_raw
 from cldlr.common.data.schema import RESERVED_COLUMNS, Parameter, Schema
+from cldlr.common.errors import ImageReadError
 
 log = logging.getLogger(__name__)
 

@@ -47,7 +47,7 @@ class Paths:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _write_files(files: list[tuple[Path, bytes, bool]], *, force: bool) -> None:

@@ -22,7 +22,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from cldlr.common.deploy.pki import CA_KEY, SERVER_KEY, _is_ca, _now
 
-
 _ROLES = """\
 Who holds what
   centre, SuperLink host: ca.crt, server.crt, server.key (SECRET)

@@ -124,7 +124,7 @@ def delong_covariance(y_true: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray,
 
 
 def normal_ci(auc: float, var: float, alpha: float = 0.05) -> tuple[float, float]:
-    """pROC's interval: ``qnorm`` around the AUC, upper bound capped at 1, lower at 0."""
+    """PROC's interval: ``qnorm`` around the AUC, upper bound capped at 1, lower at 0."""
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     if math.isnan(var):
@@ -143,7 +143,7 @@ def auc_ci(y_true: ArrayLike, score: ArrayLike, alpha: float = 0.05) -> tuple[fl
 
 
 def paired_z(auc_a: float, auc_b: float, var_a: float, var_b: float, cov_ab: float) -> tuple[float, float]:
-    """z and two-sided p for AUC_a − AUC_b given the DeLong (co)variances.
+    """Z and two-sided p for AUC_a − AUC_b given the DeLong (co)variances.
 
     When the variance of the difference is zero (identical placements, e.g. the same ranking, or
     both models perfect), equal AUCs give ``z=0, p=1`` (no evidence of a difference) and unequal

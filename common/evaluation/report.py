@@ -65,10 +65,11 @@ def new_run_dir(config: Config) -> Path:
 
 
 def software_versions() -> dict[str, str]:
+    from importlib.metadata import version
+
     import sklearn
     import torch
     import torchvision
-    from importlib.metadata import version
 
     return {
         "cldlr": __version__, "python": platform.python_version(), "torch": torch.__version__,

@@ -51,7 +51,15 @@ from typing import Any
 
 import numpy as np
 
-from cldlr.common.evaluation.metrics import ArrayLike, check_labels, check_scores, confusion_counts, metrics_from_counts, normal_ci, paired_z
+from cldlr.common.evaluation.metrics import (
+    ArrayLike,
+    check_labels,
+    check_scores,
+    confusion_counts,
+    metrics_from_counts,
+    normal_ci,
+    paired_z,
+)
 
 log = logging.getLogger(__name__)
 

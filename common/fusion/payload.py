@@ -18,7 +18,6 @@ from cldlr.common.fusion.protocol import RffFusionFitter, RffRequest
 from cldlr.common.fusion.svm import FusionModels
 from cldlr.common.secure.payload import pack_array, unpack_array
 
-
 #: Platt's Newton steps stop once (A, B) move by < 1e-4 relative: far below what calibration
 #: needs, and above the noise SecAgg+ quantization puts on the summed gradients (a tolerance
 #: below that noise would never be met and would cost a secure round per step until the cap).

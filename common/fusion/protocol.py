@@ -19,10 +19,49 @@ import numpy as np
 
 from cldlr.common.config import SVMConfig
 from cldlr.common.errors import CldlrError
-from cldlr.common.fusion.svm import BLOCKS, FORMAT, FORMAT_VERSION, PCA_SEED, FusionModels, Model, RffModel, _check_format, _flatten, _models_from_arrays, _models_to_arrays, _no_clinical_note, _unflatten, pca_plan
-from cldlr.common.fusion.platt import PLATT_HIST_BINS, platt_converged, platt_from_histogram, platt_histogram, platt_step, platt_sums, platt_targets
 from cldlr.common.fusion.pca import pca_from_sketch, pca_refine, pca_rounds, pca_sketch_sums, raw_sketch, standardized_sketch
-from cldlr.common.fusion.rff import FeatureMap, Standardizer, as_features, as_labels, block_columns, loo_decision, lssvm_sums, model_map, moment_sums, pack_lssvm, resolve_gamma, rff_params, solve_lssvm, standardizer_from_sums, unpack_lssvm
+from cldlr.common.fusion.platt import (
+    PLATT_HIST_BINS,
+    platt_converged,
+    platt_from_histogram,
+    platt_histogram,
+    platt_step,
+    platt_sums,
+    platt_targets,
+)
+from cldlr.common.fusion.rff import (
+    FeatureMap,
+    Standardizer,
+    as_features,
+    as_labels,
+    block_columns,
+    loo_decision,
+    lssvm_sums,
+    model_map,
+    moment_sums,
+    pack_lssvm,
+    resolve_gamma,
+    rff_params,
+    solve_lssvm,
+    standardizer_from_sums,
+    unpack_lssvm,
+)
+from cldlr.common.fusion.svm import (
+    BLOCKS,
+    FORMAT,
+    FORMAT_VERSION,
+    PCA_SEED,
+    FusionModels,
+    Model,
+    RffModel,
+    _check_format,
+    _flatten,
+    _models_from_arrays,
+    _models_to_arrays,
+    _no_clinical_note,
+    _unflatten,
+    pca_plan,
+)
 
 log = logging.getLogger(__name__)
 

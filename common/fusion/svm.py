@@ -35,7 +35,19 @@ from sklearn.svm import SVC
 from cldlr.common.config import SVMConfig
 from cldlr.common.errors import CldlrError
 from cldlr.common.fusion.pca import fit_pca_from_sums, pca_sketch_sums
-from cldlr.common.fusion.rff import FeatureMap, Standardizer, as_features, as_labels, balanced_map, block_columns, model_map, moment_sums, resolve_gamma, rff_map, standardizer_from_sums
+from cldlr.common.fusion.rff import (
+    FeatureMap,
+    Standardizer,
+    as_features,
+    as_labels,
+    balanced_map,
+    block_columns,
+    model_map,
+    moment_sums,
+    resolve_gamma,
+    rff_map,
+    standardizer_from_sums,
+)
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import torchvision.models as tvm
 from torch import nn
 
 from cldlr.common.config import ModelConfig
-from cldlr.common.errors import CldlrError
 from cldlr.common.data.transforms import Normalization
+from cldlr.common.errors import CldlrError
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cldlr.common.data.transforms import Normalization
 from cldlr.common.errors import CldlrError
 from cldlr.common.models.backbones import last_conv_layer, model_device
-from cldlr.common.data.transforms import Normalization
 
 
 def grad_cam(model: nn.Module, images_uint8: torch.Tensor, normalization: Normalization, *,

@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: install demo test test-slow test-all bench clean
+.PHONY: install lint demo test test-slow test-all bench clean
 
 # The venv is (re)built whenever pyproject.toml changes; everything the tests and demo need is
 # installed here, so a clean checkout needs nothing but Python 3.11.
@@ -20,7 +20,18 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m cldlr.simulations.demo --out demo-out
 
-test: $(STAMP)
+# ruff over the whole tree; mypy --strict over cldlr.common and cldlr.server. mypy cannot follow the
+# editable install's folder mapping (common/ -> cldlr.common), so it reads a tree of symlinks that
+# has the installed package's shape.
+TYPED := $(VENV)/typed
+lint: $(STAMP)
+	$(BIN)/ruff check --quiet .
+	@rm -rf $(TYPED) && mkdir -p $(TYPED)/cldlr
+	@for f in cldlr/*.py; do ln -s "$(CURDIR)/$$f" $(TYPED)/cldlr/; done
+	@for d in common client server simulations; do ln -s "$(CURDIR)/$$d" $(TYPED)/cldlr/$$d; done
+	cd $(TYPED) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p cldlr.common -p cldlr.server
+
+test: lint
 	$(PYTEST) -q
 
 test-slow: $(STAMP)

@@ -153,6 +153,13 @@ def calibrate(cfg: PrivacyConfig, *, n_train: int, batch_size: int, total_epochs
                        max_grad_norm=cfg.max_grad_norm, target_epsilon=cfg.target_epsilon, delta=cfg.delta)
 
 
+def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
+    """ε at ``delta`` of a DP-SGD history of ``(noise multiplier, sample rate, steps)`` entries (RDP)."""
+    accountant = RDPAccountant()
+    accountant.history = list(history)
+    return float(accountant.get_epsilon(delta=delta, alphas=ALPHAS))
+
+
 class SitePrivacy:
     """A site's DP-SGD hooks for :func:`~cldlr.client.training.train_classifier` and its ε ledger.
 

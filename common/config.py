@@ -259,6 +259,11 @@ def _build(cls: Any, data: Any, where: str) -> Any:
     return cls(**kwargs)
 
 
+def build_dataclass(cls: Any, data: Any, where: str = "") -> Any:
+    """A frozen dataclass from a nested mapping, checked like the study config (a site's policy uses it)."""
+    return _build(cls, data, where)
+
+
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     node = tree

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import math
-import platform
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
@@ -23,12 +22,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torchvision
 from safetensors import numpy as st_numpy
 from safetensors import torch as st_torch
 from torch import nn
 
-from cldlr import __version__
 from cldlr.common.clinical.features import ClinicalEncoder
 from cldlr.common.config import DataConfig, ModelConfig
 from cldlr.common.data.roi import extract_roi
@@ -39,6 +36,7 @@ from cldlr.common.fusion.svm import FusionModels
 from cldlr.common.io import atomic_directory
 from cldlr.common.models.backbones import build_model, embed, embedding_dim
 from cldlr.common.models.gradcam import grad_cam, overlay
+from cldlr.common.versions import runtime_versions  # looked up here on every call: tests patch this name
 
 log = logging.getLogger(__name__)
 
@@ -178,12 +176,6 @@ class Bundle:
             out.append(Prediction(name, dlr if fallback else float(scores["cldlr"][i]), dlr, clinical, self.threshold,
                                   rows[i], rois[i, 0], heatmaps[i], "dlr" if fallback else None, warnings))
         return out
-
-
-def runtime_versions() -> dict[str, str]:
-    """Versions recorded in a bundle and compared on load (a function so tests can pretend an upgrade)."""
-    return {"cldlr": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "numpy": np.__version__, "python": platform.python_version()}
 
 
 def _sha256(path: Path) -> str:
@@ -390,5 +382,5 @@ def export_federated_bundle(out_dir: str | Path, *, arrays: Mapping[str, np.ndar
 
 
 __all__ = ["Bundle", "BundleError", "ClinicalInputError", "FORMAT", "FORMAT_VERSION", "Prediction", "expected_values",
-           "export_bundle", "export_federated_bundle", "export_study_bundle", "hashes_text", "jsonable", "load_bundle", "runtime_versions",
+           "export_bundle", "export_federated_bundle", "export_study_bundle", "hashes_text", "jsonable", "load_bundle",
            "verify_bundle"]

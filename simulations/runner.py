@@ -7,7 +7,8 @@ from pathlib import Path
 
 from cldlr.common.bundle import export_study_bundle
 from cldlr.common.config import Config
-from cldlr.common.evaluation.report import new_run_dir, table2_markdown, write_report
+from cldlr.common.evaluation.report import table2_markdown, write_report
+from cldlr.common.runs import new_run_dir
 from cldlr.simulations.sites import load_sites, merge_sites
 from cldlr.simulations.study import run_study
 

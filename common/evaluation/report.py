@@ -7,19 +7,17 @@ points and confusion counts — never per-patient data.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cldlr import __version__
 from cldlr.common.config import Config, dump_config
 from cldlr.common.io import atomic_write_json, atomic_write_text
+from cldlr.common.versions import runtime_versions
 
 log = logging.getLogger(__name__)
 
@@ -48,34 +46,6 @@ class StudyOutcome:
     sites: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     gradcam: list[tuple[np.ndarray, np.ndarray, str]] = field(default_factory=list)
-
-
-def new_run_dir(config: Config) -> Path:
-    """Create ``runs/<name>`` exclusively; if taken, ``<name>-2``, ``-3``… (never reuse another run's folder)."""
-    base = Path(config.run.output_dir)
-    base.mkdir(parents=True, exist_ok=True)
-    for k in itertools.count(1):
-        candidate = base / (config.run.name if k == 1 else f"{config.run.name}-{k}")
-        try:
-            candidate.mkdir()
-        except FileExistsError:
-            continue
-        return candidate
-    raise AssertionError("unreachable")
-
-
-def software_versions() -> dict[str, str]:
-    from importlib.metadata import version
-
-    import sklearn
-    import torch
-    import torchvision
-
-    return {
-        "cldlr": __version__, "python": platform.python_version(), "torch": torch.__version__,
-        "torchvision": torchvision.__version__, "flwr": version("flwr"), "scikit-learn": sklearn.__version__,
-        "numpy": np.__version__, "platform": platform.platform(),
-    }
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -181,7 +151,7 @@ def write_report(run_dir: Path, outcome: StudyOutcome, config: Config, *, title:
         "figures": figures_written,
         **outcome.extra,
         "config": config.to_dict(),
-        "versions": software_versions(),
+        "versions": runtime_versions(),
     }
     atomic_write_json(run_dir / "report.json", report)
     atomic_write_text(run_dir / "config.yaml", dump_config(config))

@@ -32,6 +32,7 @@ from cldlr.common.data.roi import extract_roi
 from cldlr.common.data.schema import Parameter, Schema, schema_from_dict
 from cldlr.common.data.transforms import Normalization
 from cldlr.common.errors import CldlrError
+from cldlr.common.evaluation.outcome import StudyOutcome
 from cldlr.common.fusion.svm import FusionModels
 from cldlr.common.io import atomic_directory
 from cldlr.common.models.backbones import build_model, embed, embedding_dim
@@ -331,21 +332,21 @@ def load_bundle(path: str | Path) -> Bundle:
                   margin=float(roi["margin"]), threshold=threshold, meta=meta)
 
 
-def export_study_bundle(out_dir: str | Path, outcome: Any, artifacts: Any, config: Any, schema: Schema) -> Path:
+def export_study_bundle(out_dir: str | Path, outcome: StudyOutcome, artifacts: Any, config: Any, schema: Schema) -> Path:
     """Bundle a finished study (``run_study``'s outcome and artifacts) with its model card; replaces ``out_dir``.
 
     The model card holds aggregate facts only: cohort sizes, sites, split, Table 2 metrics, DeLong
-    tests, SVM solver and the DP budget (config targets plus ``outcome.extra["privacy"]`` or
-    ``outcome.extra["federation"]["privacy"]`` when a run records the ε it spent).
+    tests, SVM solver and the DP budget (config targets plus :attr:`StudyOutcome.privacy_spent`
+    when a run records the ε it spent).
     """
     from cldlr.common.data.transforms import normalization_for
 
-    spent = outcome.extra.get("privacy") or (outcome.extra.get("federation") or {}).get("privacy")
+    spent = outcome.privacy_spent
     privacy = {"spent": spent} if spent else {}
     if config.privacy.enabled:
         privacy |= {"target_epsilon": config.privacy.target_epsilon, "delta": config.privacy.delta,
                     "max_grad_norm": config.privacy.max_grad_norm}
-    federation = outcome.extra.get("federation") or {}
+    fed = outcome.federation
     card = {
         "intended_use": "research use: probability of malignancy of a BI-RADS 4 breast-ultrasound lesion; "
                         "not a medical device, not for diagnosis on its own",
@@ -354,7 +355,8 @@ def export_study_bundle(out_dir: str | Path, outcome: Any, artifacts: Any, confi
         "cohorts": outcome.sites, "split": {"test_fraction": config.data.test_fraction, "unit": "patient",
                                             "split_seed": config.data.split_seed,
                                             "use_existing_split": config.data.use_existing_split},
-        "federation": {k: federation[k] for k in ("strategy", "rounds", "secure_rounds") if k in federation} or None,
+        "federation": None if fed is None else {"strategy": fed.strategy, "rounds": fed.rounds,
+                                                **({"secure_rounds": fed.secure_rounds} if fed.secure_rounds else {})},
         "selected_clinical_parameters": list(outcome.selected), "metrics": outcome.metrics,
         "delong": outcome.delong, "svm": {"solver": artifacts.fusion.solver, "kernel": config.svm.kernel,
                                           "notes": list(artifacts.fusion.notes)},
@@ -368,7 +370,7 @@ def export_study_bundle(out_dir: str | Path, outcome: Any, artifacts: Any, confi
     )
 
 
-def export_federated_bundle(out_dir: str | Path, *, arrays: Mapping[str, np.ndarray], fit: Any, outcome: Any,
+def export_federated_bundle(out_dir: str | Path, *, arrays: Mapping[str, np.ndarray], fit: Any, outcome: StudyOutcome,
                             config: Any, schema: Schema) -> Path:
     """The federated run's bundle: the global backbone ``arrays`` plus ``fit``'s encoder and SVMs."""
     from types import SimpleNamespace

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import math
-import platform
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
@@ -23,22 +22,22 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torchvision
 from safetensors import numpy as st_numpy
 from safetensors import torch as st_torch
 from torch import nn
 
-from cldlr import __version__
 from cldlr.common.clinical.features import ClinicalEncoder
 from cldlr.common.config import DataConfig, ModelConfig
 from cldlr.common.data.roi import extract_roi
 from cldlr.common.data.schema import Parameter, Schema, schema_from_dict
 from cldlr.common.data.transforms import Normalization
 from cldlr.common.errors import CldlrError
+from cldlr.common.evaluation.outcome import StudyOutcome
 from cldlr.common.fusion.svm import FusionModels
 from cldlr.common.io import atomic_directory
 from cldlr.common.models.backbones import build_model, embed, embedding_dim
 from cldlr.common.models.gradcam import grad_cam, overlay
+from cldlr.common.versions import runtime_versions  # looked up here on every call: tests patch this name
 
 log = logging.getLogger(__name__)
 
@@ -178,12 +177,6 @@ class Bundle:
             out.append(Prediction(name, dlr if fallback else float(scores["cldlr"][i]), dlr, clinical, self.threshold,
                                   rows[i], rois[i, 0], heatmaps[i], "dlr" if fallback else None, warnings))
         return out
-
-
-def runtime_versions() -> dict[str, str]:
-    """Versions recorded in a bundle and compared on load (a function so tests can pretend an upgrade)."""
-    return {"cldlr": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "numpy": np.__version__, "python": platform.python_version()}
 
 
 def _sha256(path: Path) -> str:
@@ -339,21 +332,21 @@ def load_bundle(path: str | Path) -> Bundle:
                   margin=float(roi["margin"]), threshold=threshold, meta=meta)
 
 
-def export_study_bundle(out_dir: str | Path, outcome: Any, artifacts: Any, config: Any, schema: Schema) -> Path:
+def export_study_bundle(out_dir: str | Path, outcome: StudyOutcome, artifacts: Any, config: Any, schema: Schema) -> Path:
     """Bundle a finished study (``run_study``'s outcome and artifacts) with its model card; replaces ``out_dir``.
 
     The model card holds aggregate facts only: cohort sizes, sites, split, Table 2 metrics, DeLong
-    tests, SVM solver and the DP budget (config targets plus ``outcome.extra["privacy"]`` or
-    ``outcome.extra["federation"]["privacy"]`` when a run records the ε it spent).
+    tests, SVM solver and the DP budget (config targets plus :attr:`StudyOutcome.privacy_spent`
+    when a run records the ε it spent).
     """
     from cldlr.common.data.transforms import normalization_for
 
-    spent = outcome.extra.get("privacy") or (outcome.extra.get("federation") or {}).get("privacy")
+    spent = outcome.privacy_spent
     privacy = {"spent": spent} if spent else {}
     if config.privacy.enabled:
         privacy |= {"target_epsilon": config.privacy.target_epsilon, "delta": config.privacy.delta,
                     "max_grad_norm": config.privacy.max_grad_norm}
-    federation = outcome.extra.get("federation") or {}
+    fed = outcome.federation
     card = {
         "intended_use": "research use: probability of malignancy of a BI-RADS 4 breast-ultrasound lesion; "
                         "not a medical device, not for diagnosis on its own",
@@ -362,7 +355,8 @@ def export_study_bundle(out_dir: str | Path, outcome: Any, artifacts: Any, confi
         "cohorts": outcome.sites, "split": {"test_fraction": config.data.test_fraction, "unit": "patient",
                                             "split_seed": config.data.split_seed,
                                             "use_existing_split": config.data.use_existing_split},
-        "federation": {k: federation[k] for k in ("strategy", "rounds", "secure_rounds") if k in federation} or None,
+        "federation": None if fed is None else {"strategy": fed.strategy, "rounds": fed.rounds,
+                                                **({"secure_rounds": fed.secure_rounds} if fed.secure_rounds else {})},
         "selected_clinical_parameters": list(outcome.selected), "metrics": outcome.metrics,
         "delong": outcome.delong, "svm": {"solver": artifacts.fusion.solver, "kernel": config.svm.kernel,
                                           "notes": list(artifacts.fusion.notes)},
@@ -376,7 +370,7 @@ def export_study_bundle(out_dir: str | Path, outcome: Any, artifacts: Any, confi
     )
 
 
-def export_federated_bundle(out_dir: str | Path, *, arrays: Mapping[str, np.ndarray], fit: Any, outcome: Any,
+def export_federated_bundle(out_dir: str | Path, *, arrays: Mapping[str, np.ndarray], fit: Any, outcome: StudyOutcome,
                             config: Any, schema: Schema) -> Path:
     """The federated run's bundle: the global backbone ``arrays`` plus ``fit``'s encoder and SVMs."""
     from types import SimpleNamespace
@@ -390,5 +384,5 @@ def export_federated_bundle(out_dir: str | Path, *, arrays: Mapping[str, np.ndar
 
 
 __all__ = ["Bundle", "BundleError", "ClinicalInputError", "FORMAT", "FORMAT_VERSION", "Prediction", "expected_values",
-           "export_bundle", "export_federated_bundle", "export_study_bundle", "hashes_text", "jsonable", "load_bundle", "runtime_versions",
+           "export_bundle", "export_federated_bundle", "export_study_bundle", "hashes_text", "jsonable", "load_bundle",
            "verify_bundle"]

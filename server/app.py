@@ -20,8 +20,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from cldlr.common.config import load_config
 from cldlr.common.data.schema import resolve_schema
-from cldlr.common.evaluation.report import new_run_dir
 from cldlr.common.logs import configure_logging
+from cldlr.common.runs import new_run_dir
 from cldlr.server.orchestrator import FederatedRun
 
 log = logging.getLogger("cldlr.centre")

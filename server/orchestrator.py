@@ -26,7 +26,8 @@ from cldlr.common.config import Config, dump_config
 from cldlr.common.data.roi import PIPELINE_VERSION
 from cldlr.common.data.schema import Schema
 from cldlr.common.errors import CldlrError
-from cldlr.common.evaluation.report import StudyOutcome, write_report
+from cldlr.common.evaluation.outcome import FederationSummary, StudyOutcome
+from cldlr.common.evaluation.report import write_report
 from cldlr.common.models.backbones import build_model, embedding_dim
 from cldlr.common.models.weights import model_to_arrays
 from cldlr.common.secure.payload import batch_label
@@ -189,8 +190,7 @@ class FederatedRun:
             metrics=evaluation.metrics, delong=evaluation.delong, roc=evaluation.roc,
             selection_table=fit.selection.table, selected=fit.selection.selected,
             history=_training_curves(progress), sites=self._site_rows(),
-            extra={"federation": self._summary(progress, fit.rounds, t_train, time.monotonic() - start),
-                   "site_metrics": local},
+            federation=self._summary(progress, fit.rounds, t_train, time.monotonic() - start), site_metrics=local,
         )
         write_report(self.run_dir, outcome, self.config, title=f"CLDLR study — federated ({len(members)} sites)")
         self._export_bundle(arrays, fit, outcome)
@@ -215,19 +215,20 @@ class FederatedRun:
         return [{"name": self.names[n], "n_train": c["n-train"], "n_test": c["n-test"]}
                 for n, c in self.counts.items() if n in self.grid.members]
 
-    def _summary(self, progress: Progress, rounds: dict[str, int], t_train: float, t_total: float) -> dict[str, Any]:
-        bytes_per_round = [{"round": h["round"], **{s["site"]: s["bytes"] for s in h["sites"].values()}} for h in progress.history]
+    def _summary(self, progress: Progress, rounds: dict[str, int], t_train: float, t_total: float) -> FederationSummary:
+        bytes_per_round = [{"round": h["round"], **{s["site"]: s["bytes"] for s in h["sites"].values()}}
+                           for h in progress.history]
         epsilon = {}
         for h in progress.history:
             for s in h["sites"].values():
                 if "epsilon" in s:
                     epsilon[s["site"]] = {"epsilon": s["epsilon"], "delta": s.get("delta"), "after_round": h["round"]}
-        return {"strategy": self.config.federation.strategy, "rounds": progress.completed_rounds,
-                "transfer_dtype": self.config.federation.transfer_dtype, "uplink_bytes_per_site_round": bytes_per_round,
-                "secure_rounds": rounds, "privacy": epsilon or None,
-                "dropped": {h["round"]: h["rejected"] for h in progress.history if h["rejected"]},
-                "wall_time_s": {"backbone": round(t_train, 1), "secure_sums": round(self.secure_seconds, 1),
-                                "total": round(t_total, 1)}}
+        return FederationSummary(
+            strategy=self.config.federation.strategy, rounds=progress.completed_rounds,
+            transfer_dtype=self.config.federation.transfer_dtype, uplink_bytes_per_site_round=bytes_per_round,
+            secure_rounds=rounds, privacy=epsilon or None,
+            dropped={h["round"]: h["rejected"] for h in progress.history if h["rejected"]},
+            wall_time_s={"backbone": round(t_train, 1), "secure_sums": round(self.secure_seconds, 1), "total": round(t_total, 1)})
 
     def _export_bundle(self, arrays: dict[str, np.ndarray], fit: Any, outcome: StudyOutcome) -> None:
         export_federated_bundle(self.run_dir / "model", arrays=arrays, fit=fit, outcome=outcome, config=self.config,

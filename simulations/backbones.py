@@ -15,8 +15,8 @@ import numpy as np
 from cldlr.client.site import SiteSession
 from cldlr.common.config import Config
 from cldlr.common.evaluation.metrics import auc_ci, delong_test
-from cldlr.common.evaluation.report import new_run_dir
 from cldlr.common.io import atomic_write_json, atomic_write_text
+from cldlr.common.runs import new_run_dir
 from cldlr.simulations.sites import load_sites, merge_sites
 from cldlr.simulations.study import run_study
 
@@ -35,6 +35,7 @@ def _row(y: np.ndarray, score: np.ndarray, reference: np.ndarray | None) -> dict
 
 
 def table_s2(rows: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Markdown Table S2: per backbone, CNN and DLR test AUC (95% CI) with the DeLong P against VGG11."""
     lines = ["| Backbone | CNN AUC (95% CI) | P vs VGG11 | DLR AUC (95% CI) | P vs VGG11 |", "|---|---|---|---|---|"]
     for name, r in rows.items():
         cells = []
@@ -70,5 +71,6 @@ def compare_backbones(config: Config, backbones: list[str] | tuple[str, ...] | N
     rows = {name: {kind: _row(y, s[kind], None if name == REFERENCE else scores[REFERENCE][kind]) for kind in s}
             for name, s in scores.items()}
     atomic_write_json(run_dir / "table_s2.json", rows)
-    atomic_write_text(run_dir / "table_s2.md", "# Table S2 — backbones on the same split (test cohort)\n\n" + table_s2(rows) + "\n")
+    title = "# Table S2 — backbones on the same split (test cohort)"
+    atomic_write_text(run_dir / "table_s2.md", f"{title}\n\n{table_s2(rows)}\n")
     return run_dir / "table_s2.md"

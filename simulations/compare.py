@@ -8,6 +8,7 @@ federation costs against pooling the data and what it gains over training alone.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -15,11 +16,12 @@ from pathlib import Path
 from cldlr.client.site import SiteSession
 from cldlr.common.config import Config
 from cldlr.common.data.contract import SiteData
-from cldlr.common.evaluation.report import MODEL_TITLES, MODELS, write_report
+from cldlr.common.evaluation.outcome import MODEL_TITLES, MODELS, evaluate_predictions
+from cldlr.common.evaluation.report import write_report
 from cldlr.common.io import atomic_write_json
 from cldlr.simulations.federated import run_federated_simulation
 from cldlr.simulations.sites import merge_sites
-from cldlr.simulations.study import StudyArtifacts, evaluate_predictions, run_study
+from cldlr.simulations.study import StudyArtifacts, run_study
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +86,9 @@ def run_comparison(sites: list[SiteData], config: Config, run_dir: Path, *, resu
 
     table = comparison_table(rows)
     atomic_write_json(run_dir / "comparison.json", rows)
-    main_outcome.extra["comparison"] = rows
-    main_outcome.extra["markdown_sections"] = {
-        "Comparison — test AUC (95% CI) on the pooled test cohort": table + "\n\nEach arm's own report is in its sub-folder."}
+    main_outcome = dataclasses.replace(main_outcome, comparison=rows, sections={
+        "Comparison — test AUC (95% CI) on the pooled test cohort": table + "\n\nEach arm's own report is in its sub-folder."})
     log.info("comparison:\n%s", table)
-    return write_report(run_dir, main_outcome, centralized, title=f"CLDLR — Pooled vs Local vs FedAvg vs FedProx ({len(sites)} sites)")
+    title = f"CLDLR — Pooled vs Local vs FedAvg vs FedProx ({len(sites)} sites)"
+    return write_report(run_dir, main_outcome, centralized, title=title)
 

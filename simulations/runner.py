@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 from cldlr.common.bundle import export_study_bundle
 from cldlr.common.config import Config
-from cldlr.common.evaluation.report import new_run_dir, table2_markdown, write_report
+from cldlr.common.evaluation.report import table2_markdown, write_report
+from cldlr.common.runs import new_run_dir
 from cldlr.simulations.sites import load_sites, merge_sites
 from cldlr.simulations.study import run_study
 
@@ -58,5 +60,5 @@ def _run_local(sites: list, config: Config, run_dir: Path, resume: bool) -> Path
         sections[f"Local — {site.name}"] = table2_markdown(outcome.metrics)
         first = first or outcome
     assert first is not None
-    first.extra["markdown_sections"] = sections
-    return write_report(run_dir, first, config, title=f"CLDLR study — local training ({len(sites)} sites; main tables: {sites[0].name})")
+    title = f"CLDLR study — local training ({len(sites)} sites; main tables: {sites[0].name})"
+    return write_report(run_dir, dataclasses.replace(first, sections=sections), config, title=title)

@@ -1,14 +1,14 @@
 """The seed study on one data holder: fine-tune → embed → select clinical → three SVMs → statistics.
 
 This is the single-site 7:3 study (and the "Pooled" and "Local-i" arms of a comparison). Every
-stage is a call into the site-side or common code that the federation reuses unchanged.
+stage is a call into the site-side or common code that the federation reuses unchanged; the
+statistics come from :func:`cldlr.common.evaluation.outcome.evaluate_predictions`.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +18,8 @@ from cldlr.client.site import SiteSession
 from cldlr.common.clinical.features import ClinicalEncoder
 from cldlr.common.clinical.selection import select_clinical
 from cldlr.common.config import Config
-from cldlr.common.data.contract import SiteData
-from cldlr.common.evaluation.metrics import delong_test, model_metrics
-from cldlr.common.evaluation.report import COHORTS, MODELS, StudyOutcome
+from cldlr.common.data.contract import COHORTS, SiteData
+from cldlr.common.evaluation.outcome import MODELS, StudyOutcome, evaluate_predictions
 from cldlr.common.fusion.svm import FusionModels
 from cldlr.common.models.backbones import build_model
 from cldlr.common.models.gradcam import grad_cam, overlay
@@ -40,27 +39,12 @@ class StudyArtifacts:
 
 
 def site_summary(session: SiteSession) -> dict[str, object]:
+    """The report's row for one data holder: cohort sizes and class counts (aggregates only)."""
     return {
         "name": session.name, "n_train": len(session.train), "n_test": len(session.test),
         "n_train_malignant": int(session.train.labels.sum()), "n_test_malignant": int(session.test.labels.sum()),
         "n_patients": int(session.site.frame["patient_id"].nunique()),
     }
-
-
-def evaluate_predictions(probabilities: dict[str, dict[str, np.ndarray]], labels: dict[str, np.ndarray],
-                         threshold: float) -> tuple[dict, dict, dict]:
-    """Metrics per model and cohort, paired DeLong tests on test, and ROC inputs."""
-    metrics: dict[str, dict[str, dict[str, float]]] = {m: {} for m in probabilities}
-    roc: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {c: {} for c in COHORTS}
-    for model, by_cohort in probabilities.items():
-        for cohort, prob in by_cohort.items():
-            metrics[model][cohort] = model_metrics(labels[cohort], prob, threshold)
-            roc[cohort][model] = (labels[cohort], prob)
-    delong = {}
-    for a, b in combinations([m for m in MODELS if m in probabilities], 2):
-        z, p = delong_test(labels["test"], probabilities[a]["test"], probabilities[b]["test"])
-        delong[f"{a} vs {b}"] = {"z": float(z), "p": float(p)}
-    return metrics, delong, roc
 
 
 def gradcam_examples(model: torch.nn.Module, session: SiteSession, per_class: int) -> list[tuple[np.ndarray, np.ndarray, str]]:

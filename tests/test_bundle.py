@@ -37,7 +37,7 @@ from cldlr.common.data.roi import extract_roi
 from cldlr.common.data.schema import Schema, load_schema
 from cldlr.common.data.site import read_site
 from cldlr.common.data.transforms import Normalization
-from cldlr.common.evaluation.report import StudyOutcome
+from cldlr.common.evaluation.outcome import FederationSummary, StudyOutcome
 from cldlr.common.fusion.svm import FusionModels
 from cldlr.common.models.backbones import Backbone, build_model, embed, register_backbone
 from cldlr.common.models.gradcam import grad_cam
@@ -243,7 +243,7 @@ def test_export_study_bundle_writes_a_model_card(tmp_path):
                                  "privacy.delta": 1e-5, "privacy.max_grad_norm": 1.0})
     sites = [{"name": "site", "n_train": 16, "n_test": 8, "n_train_malignant": 8, "n_test_malignant": 4, "n_patients": 12}]
     outcome = StudyOutcome(metrics={"cldlr": {"test": {"auc": 0.8, "auc_ci_low": float("nan")}}}, delong={}, roc={},
-                           selection_table=[], selected=study.selected, sites=sites, extra={"privacy": {"epsilon": 7.5}})
+                           selection_table=[], selected=study.selected, sites=sites, privacy={"epsilon": 7.5})
     artifacts = StudyArtifacts(study.model, study.encoder, study.fusion, {}, {})
     path = export_study_bundle(tmp_path / "run" / "model", outcome, artifacts, config, study.schema)
     card = json.loads((path / META_FILE).read_text())["model_card"]
@@ -273,7 +273,8 @@ def test_export_federated_bundle_from_global_arrays(tmp_path):
                                  "data.margin": 0.1, "data.normalize": "custom", "federation.mode": "federated"})
     outcome = StudyOutcome(metrics={}, delong={}, roc={}, selection_table=[], selected=study.selected,
                            sites=[{"name": "a", "n_train": 8, "n_test": 4}, {"name": "b", "n_train": 8, "n_test": 4}],
-                           extra={"federation": {"strategy": "fedavg", "rounds": 3, "privacy": {"a": {"epsilon": 2.0}}}})
+                           federation=FederationSummary(strategy="fedavg", rounds=3, transfer_dtype="float16",
+                                                        privacy={"a": {"epsilon": 2.0}}))
     fit = SimpleNamespace(encoder=study.encoder, fusion=study.fusion, selection=None)
     path = export_federated_bundle(tmp_path / "model", arrays=model_to_arrays(study.model), fit=fit, outcome=outcome,
                                    config=config, schema=study.schema)

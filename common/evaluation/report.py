@@ -1,81 +1,28 @@
 """The study report: ``report.json``, ``report.md`` (the seed's Table 2 layout) and ``figures/``.
 
 The same writer serves the single-site study, the simulations and the federated ServerApp: all
-of them hand over a :class:`StudyOutcome` — metrics per model and cohort, DeLong tests, ROC
-points and confusion counts — never per-patient data.
+of them hand over a :class:`~cldlr.common.evaluation.outcome.StudyOutcome` (defined, with the
+model names and :func:`~cldlr.common.evaluation.outcome.evaluate_predictions`, in
+:mod:`cldlr.common.evaluation.outcome`) — metrics per model and cohort, DeLong tests, ROC points
+and confusion counts, never per-patient data. This module only turns it into files.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
-import platform
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cldlr import __version__
 from cldlr.common.config import Config, dump_config
+from cldlr.common.data.contract import COHORTS
+from cldlr.common.evaluation.outcome import MODEL_TITLES, MODELS, FederationSummary, Metrics, StudyOutcome
 from cldlr.common.io import atomic_write_json, atomic_write_text
+from cldlr.common.versions import runtime_versions
 
 log = logging.getLogger(__name__)
-
-MODELS = ("clinical", "dlr", "cldlr")
-MODEL_TITLES = {"clinical": "Clinical", "dlr": "DLR", "cldlr": "CLDLR"}
-COHORTS = ("train", "test")
-METRIC_KEYS = ("auc", "auc_ci_low", "auc_ci_high", "accuracy", "sensitivity", "specificity", "ppv", "npv",
-               "n", "n_malignant")
-
-
-@dataclass
-class StudyOutcome:
-    """What a study produced, in aggregate form only.
-
-    ``metrics[model][cohort]`` holds the :data:`METRIC_KEYS` (plus confusion counts);
-    ``delong["cldlr vs dlr"] = {"z": .., "p": ..}`` on the test cohort; ``roc[cohort][model]``
-    = ``(labels, scores)`` arrays or binned equivalents used only to draw curves.
-    """
-
-    metrics: dict[str, dict[str, dict[str, float]]]
-    delong: dict[str, dict[str, float]]
-    roc: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
-    selection_table: list[dict[str, Any]]
-    selected: list[str]
-    history: list[dict[str, float]] | dict[str, list[dict[str, float]]] = field(default_factory=list)
-    sites: list[dict[str, Any]] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
-    gradcam: list[tuple[np.ndarray, np.ndarray, str]] = field(default_factory=list)
-
-
-def new_run_dir(config: Config) -> Path:
-    """Create ``runs/<name>`` exclusively; if taken, ``<name>-2``, ``-3``… (never reuse another run's folder)."""
-    base = Path(config.run.output_dir)
-    base.mkdir(parents=True, exist_ok=True)
-    for k in itertools.count(1):
-        candidate = base / (config.run.name if k == 1 else f"{config.run.name}-{k}")
-        try:
-            candidate.mkdir()
-        except FileExistsError:
-            continue
-        return candidate
-    raise AssertionError("unreachable")
-
-
-def software_versions() -> dict[str, str]:
-    from importlib.metadata import version
-
-    import sklearn
-    import torch
-    import torchvision
-
-    return {
-        "cldlr": __version__, "python": platform.python_version(), "torch": torch.__version__,
-        "torchvision": torchvision.__version__, "flwr": version("flwr"), "scikit-learn": sklearn.__version__,
-        "numpy": np.__version__, "platform": platform.platform(),
-    }
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -90,7 +37,7 @@ def _p(value: float) -> str:
     return "<0.001" if value < 0.001 else f"{value:.3f}"
 
 
-def table2_markdown(metrics: dict[str, dict[str, dict[str, float]]]) -> str:
+def table2_markdown(metrics: Metrics) -> str:
     """The seed's Table 2: model, AUC (95% CI), accuracy, sensitivity, specificity, PPV, NPV, cohort."""
     lines = ["| Model | Cohort | AUC (95% CI) | Accuracy | Sensitivity | Specificity | PPV | NPV | n (malignant) |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -120,19 +67,19 @@ def _table1_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _federation_markdown(fed: dict[str, Any]) -> str:
-    lines = [f"- Strategy: {fed['strategy']}, {fed['rounds']} rounds, weights sent as {fed['transfer_dtype']}",
-             f"- Secure aggregation rounds (SecAgg+): {fed['secure_rounds']}",
-             f"- Wall time (s): {fed['wall_time_s']}"]
-    if fed.get("uplink_bytes_per_site_round"):
-        first = fed["uplink_bytes_per_site_round"][0]
+def _federation_markdown(fed: FederationSummary) -> str:
+    lines = [f"- Strategy: {fed.strategy}, {fed.rounds} rounds, weights sent as {fed.transfer_dtype}",
+             f"- Secure aggregation rounds (SecAgg+): {fed.secure_rounds}",
+             f"- Wall time (s): {fed.wall_time_s}"]
+    if fed.uplink_bytes_per_site_round:
+        first = fed.uplink_bytes_per_site_round[0]
         sizes = {k: v for k, v in first.items() if k != "round"}
         lines.append(f"- Uplink bytes per site per round: {sizes}")
-    if fed.get("privacy"):
+    if fed.privacy:
         lines.append("- Differential privacy (ε, δ) per site: " + ", ".join(
-            f"{site} ε={v['epsilon']:.2f} (δ={v['delta']:g}, after round {v['after_round']})" for site, v in fed["privacy"].items()))
-    if fed.get("dropped"):
-        lines.append(f"- Sites dropped or rejected: {fed['dropped']}")
+            f"{site} ε={v['epsilon']:.2f} (δ={v['delta']:g}, after round {v['after_round']})" for site, v in fed.privacy.items()))
+    if fed.dropped:
+        lines.append(f"- Sites dropped or rejected: {fed.dropped}")
     lines.append("- Every message that left a site is listed in `ledger.jsonl`.")
     return "\n".join(lines)
 
@@ -165,6 +112,22 @@ def _write_figures(run_dir: Path, outcome: StudyOutcome) -> dict[str, str]:
     return {k: str(Path(v).relative_to(run_dir)) for k, v in written.items()}
 
 
+def _optional_fields(outcome: StudyOutcome) -> dict[str, Any]:
+    """The ``report.json`` keys of the outcome's optional fields, only for those a study set."""
+    fields: dict[str, Any] = {}
+    if outcome.federation is not None:
+        fields["federation"] = outcome.federation.to_dict()
+    if outcome.site_metrics is not None:
+        fields["site_metrics"] = outcome.site_metrics
+    if outcome.comparison is not None:
+        fields["comparison"] = outcome.comparison
+    if outcome.sections:
+        fields["markdown_sections"] = outcome.sections
+    if outcome.privacy is not None:
+        fields["privacy"] = outcome.privacy
+    return fields
+
+
 def write_report(run_dir: Path, outcome: StudyOutcome, config: Config, *, title: str = "CLDLR study") -> Path:
     """Write ``report.json``, ``report.md`` and the figures into ``run_dir`` (each file atomically)."""
     figures_written = _write_figures(run_dir, outcome)
@@ -179,15 +142,16 @@ def write_report(run_dir: Path, outcome: StudyOutcome, config: Config, *, title:
         "sites": outcome.sites,
         "training_history": outcome.history,
         "figures": figures_written,
-        **outcome.extra,
+        **_optional_fields(outcome),
         "config": config.to_dict(),
-        "versions": software_versions(),
+        "versions": runtime_versions(),
     }
     atomic_write_json(run_dir / "report.json", report)
     atomic_write_text(run_dir / "config.yaml", dump_config(config))
     md = [f"# {title}", "", f"Run: `{run_dir}`", ""]
     if outcome.sites:
-        md += ["## Sites", "", "| Site | Train images | Test images | Train malignant | Test malignant |", "|---|---|---|---|---|"]
+        md += ["## Sites", "", "| Site | Train images | Test images | Train malignant | Test malignant |",
+               "|---|---|---|---|---|"]
         md += [f"| {s['name']} | {s['n_train']} | {s['n_test']} | {s.get('n_train_malignant', '–')} | "
                f"{s.get('n_test_malignant', '–')} |" for s in outcome.sites]
         if not all("n_train_malignant" in s for s in outcome.sites):
@@ -201,9 +165,9 @@ def write_report(run_dir: Path, outcome: StudyOutcome, config: Config, *, title:
         md += ["## DeLong tests (test cohort)", "", "| Comparison | z | P |", "|---|---|---|"]
         md += [f"| {k} | {_fmt(v['z'])} | {_p(v['p'])} |" for k, v in outcome.delong.items()]
         md.append("")
-    if "federation" in outcome.extra:
-        md += ["## Federation", "", _federation_markdown(outcome.extra["federation"]), ""]
-    for section, text in outcome.extra.get("markdown_sections", {}).items():
+    if outcome.federation is not None:
+        md += ["## Federation", "", _federation_markdown(outcome.federation), ""]
+    for section, text in outcome.sections.items():
         md += [f"## {section}", "", text, ""]
     if figures_written:
         md += ["## Figures", ""] + [f"![{k}]({v})" for k, v in figures_written.items()] + [""]

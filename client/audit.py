@@ -95,13 +95,14 @@ def summarize_audit(state_dir: str | Path) -> str:
     for run, entries in sorted(runs.items()):
         sent = [e for e in entries if e["decision"] == "sent"]
         refused = [e for e in entries if e["decision"] != "sent"]
-        secure = sum(e["nbytes"] for e in sent if e["secure"])
-        plain = sum(e["nbytes"] for e in sent if not e["secure"])
-        lines.append(f"run {run}: {len(sent)} sent ({secure} bytes masked by SecAgg+, {plain} bytes plaintext), "
+        masked_bytes = sum(e["nbytes"] for e in sent if e["secure"])
+        plain_bytes = sum(e["nbytes"] for e in sent if not e["secure"])
+        lines.append(f"run {run}: {len(sent)} sent ({masked_bytes} bytes masked by SecAgg+, {plain_bytes} bytes plaintext), "
                      f"{len(refused)} refused")
         phases = Counter(f"{e['phase']} ({'secure' if e['secure'] else 'plaintext'})" for e in sent)
         lines += [f"  {count:4d} × {phase}" for phase, count in sorted(phases.items())]
-        plain_keys = sorted({f"{r['key']}.{name}" for e in sent if not e["secure"] for r in e["records"] for name in r["entries"]})
+        plain = [r for e in sent if not e["secure"] for r in e["records"]]
+        plain_keys = sorted({f"{r['key']}.{name}" for r in plain for name in r["entries"]})
         if plain_keys:
             lines.append("  plaintext fields: " + ", ".join(plain_keys))
         lines += [f"  refused {e['message_type']}: {e['decision']}" for e in refused]

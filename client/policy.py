@@ -143,7 +143,8 @@ def check_study(policy: SitePolicy, config: Config, centre_schema: Schema, site_
     if policy.dp.required and not dp.enabled:
         raise _refuse("the site requires DP-SGD training", "privacy.enabled is false")
     if dp.enabled and dp.delta > policy.dp.delta:
-        raise _refuse("the study's δ is larger than the site allows", f"privacy.delta={dp.delta:g} > dp.delta={policy.dp.delta:g}")
+        raise _refuse("the study's δ is larger than the site allows",
+                      f"privacy.delta={dp.delta:g} > dp.delta={policy.dp.delta:g}")
 
 
 def check_secagg_group(policy: SitePolicy, *, sample_num: int, share_num: int, threshold: int) -> None:
@@ -180,8 +181,8 @@ def check_histogram_ranges(policy: SitePolicy, schema: Schema, ranges: Mapping[s
             raise _refuse("histogram range outside the schema's", f"{name}: [{low}, {high}] not inside [{s_low}, {s_high}]")
         finest = (s_high - s_low) / policy.max_histogram_bins
         if (high - low) / bins < finest * (1 - 1e-9):
-            raise _refuse("histogram bins finer than the site allows",
-                          f"{name}: bin width {(high - low) / bins:g} < {finest:g} (max_histogram_bins={policy.max_histogram_bins})")
+            raise _refuse("histogram bins finer than the site allows", f"{name}: bin width {(high - low) / bins:g} < "
+                          f"{finest:g} (max_histogram_bins={policy.max_histogram_bins})")
 
 
 def check_class_counts(policy: SitePolicy, counts: Mapping[str, tuple[int, int]]) -> None:

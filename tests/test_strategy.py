@@ -178,6 +178,25 @@ def test_a_non_finite_aggregate_never_becomes_the_global_model(flower_task) -> N
     assert checked.reference is start
 
 
+class BrokenAverage(FedAvg):
+    """A strategy whose aggregate goes NaN (a diverged server optimizer, a bug in a custom strategy)."""
+
+    def aggregate_train(self, server_round, replies):
+        record, metrics = super().aggregate_train(server_round, replies)
+        arrays = record_to_arrays(record)
+        arrays["b"] = np.full_like(arrays["b"], np.nan)
+        return ArrayRecord({k: Array(v) for k, v in arrays.items()}), metrics
+
+
+def test_a_nan_aggregate_is_refused_whoever_computed_it(flower_task) -> None:
+    checked = CheckedStrategy(BrokenAverage(**flower_kwargs()))
+    start = global_model()
+    checked.setup(reference=start, min_sites=2, transfer_dtype="float32", node_names={})
+    with pytest.raises(CldlrError, match=r"by BrokenAverage is refused \(b: contains NaN or Inf\)"):
+        checked.aggregate_train(1, [reply(n, u, 10) for n, u in zip((1, 2, 3), site_updates(start, seed=7))])
+    assert checked.reference is start
+
+
 @pytest.mark.parametrize(("n", "why"), [(0, "positive number"), (-3, "positive number"), (float("nan"), "positive number"),
                                         (None, "num-examples")])
 def test_a_bad_number_of_examples_is_rejected(strategy, n, why) -> None:

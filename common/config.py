@@ -9,6 +9,7 @@ needs to state what differs.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,9 +20,6 @@ import yaml
 
 from cldlr.common.errors import ConfigError
 from cldlr.common.io import read_yaml
-
-#: Backbones with BatchNorm layers (no sample-level DP-SGD without replacing them).
-BATCHNORM_BACKBONES = frozenset({"vgg19_bn", "densenet201"})
 
 
 @dataclass(frozen=True)
@@ -106,8 +104,29 @@ class SVMConfig:
 
 
 @dataclass(frozen=True)
+class ServerOptConfig:
+    """The centre's optimizer of ``fedadam``/``fedyogi`` (Reddi et al., 2021), in Flower's parameter names.
+
+    ``eta`` is the server learning rate, ``beta_1``/``beta_2`` the moment decays and ``tau`` the
+    adaptivity; ``null`` keeps Flower's default for the chosen strategy (FedAdam: eta 0.1, FedYogi:
+    eta 0.01; both beta_1 0.9, beta_2 0.99, tau 0.001). Flower's client learning rate ``eta_l`` has no
+    counterpart: the sites train with ``train.lr``. Strategies without a server optimizer ignore this.
+    """
+
+    eta: float | None = None
+    beta_1: float | None = None
+    beta_2: float | None = None
+    tau: float | None = None
+
+
+@dataclass(frozen=True)
 class FederationConfig:
-    """How sites are formed and how they train together."""
+    """How sites are formed and how they train together.
+
+    ``strategy`` names an entry of the centre's strategy registry (``cldlr.server.strategies``;
+    checked against it before anything trains, since this module cannot import the server), and
+    ``compare_strategies`` the federated arms of ``simulate --compare`` (empty: the registry's compared ones, FedAvg and FedProx).
+    """
 
     mode: Literal["pooled", "local", "federated"] = "federated"
     sites: tuple[str, ...] = ()
@@ -115,8 +134,10 @@ class FederationConfig:
     partition_column: str = "device"
     num_sites: int = 3
     dirichlet_alpha: float = 0.5
-    strategy: Literal["fedavg", "fedprox"] = "fedavg"
+    strategy: str = "fedavg"
     proximal_mu: float = 0.01
+    server_opt: ServerOptConfig = field(default_factory=ServerOptConfig)
+    compare_strategies: tuple[str, ...] = ()
     rounds: int = 10
     local_epochs: int = 1
     min_sites: int = 2
@@ -351,17 +372,14 @@ def validate_config(config: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    _check_federation(config.federation)
     if config.federation.mode == "federated" and config.train.keep != "last":
         raise ConfigError("train.keep=best_val picks a site's own best epoch; in a federation the global model "
                           "of the last round is kept: set train.keep=last")
     dp = config.privacy
+    # DP with a BatchNorm backbone or with a strategy that cannot take DP-SGD (FedProx) is refused where
+    # the registries are known: cldlr.server.strategies.check_study_config, run before anything trains.
     if dp.enabled:
-        if config.model.backbone in BATCHNORM_BACKBONES:
-            raise ConfigError(f"DP-SGD needs per-sample gradients, which BatchNorm mixes across samples: "
-                              f"{config.model.backbone} has BatchNorm; use vgg11 or alexnet with privacy.enabled")
-        if config.federation.strategy == "fedprox":
-            raise ConfigError("FedProx's proximal term would be overwritten by DP-SGD's noisy gradient; "
-                              "use federation.strategy=fedavg with privacy.enabled")
         if config.train.keep != "last":
             raise ConfigError("train.keep=best_val selects an epoch on validation images outside the DP guarantee; "
                               "use train.keep=last with privacy.enabled")
@@ -382,6 +400,29 @@ def validate_config(config: Config) -> None:
             "privacy settings are given but privacy.enabled is false; set privacy.enabled=true "
             "or remove them, so that nobody believes a non-DP run was private"
         )
+
+
+_STRATEGY_NAME = re.compile(r"[a-z][a-z0-9_-]*")
+
+
+def _check_federation(fed: FederationConfig) -> None:
+    """Strategy names are registry keys (lower-case words); server-optimizer settings in their ranges."""
+    for where, name in [("federation.strategy", fed.strategy),
+                        *((f"federation.compare_strategies[{i}]", n) for i, n in enumerate(fed.compare_strategies))]:
+        if not _STRATEGY_NAME.fullmatch(name):
+            raise ConfigError(f"{where}: {name!r} is not a strategy name (lower-case, e.g. fedavg, fedprox, fedadam)")
+    if len(set(fed.compare_strategies)) != len(fed.compare_strategies):
+        raise ConfigError(f"federation.compare_strategies names a strategy twice: {list(fed.compare_strategies)}")
+    opt = fed.server_opt
+    checks = [
+        (opt.eta is None or opt.eta > 0, "federation.server_opt.eta must be > 0 (or null: Flower's default)"),
+        (opt.tau is None or opt.tau > 0, "federation.server_opt.tau must be > 0 (or null: Flower's default)"),
+        *((value is None or 0.0 <= value < 1.0, f"federation.server_opt.{name} must be in [0, 1) (or null: Flower's default)")
+          for name, value in (("beta_1", opt.beta_1), ("beta_2", opt.beta_2))),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
 
 
 def dump_config(config: Config) -> str:

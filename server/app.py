@@ -23,6 +23,7 @@ from cldlr.common.data.schema import resolve_schema
 from cldlr.common.logs import configure_logging
 from cldlr.common.runs import new_run_dir
 from cldlr.server.orchestrator import FederatedRun
+from cldlr.server.strategies import check_study_config
 
 log = logging.getLogger("cldlr.centre")
 
@@ -49,6 +50,7 @@ def main(grid: Grid, context: Context) -> None:
     settings = run_settings(context)
     overrides = settings.get("overrides", "")
     config = load_config(settings["config"], shlex.split(overrides) if isinstance(overrides, str) else list(overrides))
+    check_study_config(config)  # before the run folder exists
     run_dir = Path(settings["run-dir"]) if settings.get("run-dir") else new_run_dir(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     log.info("federated study %s → %s", config.run.name, run_dir)

@@ -2,7 +2,8 @@
 
 0. handshake — every SuperNode validates its site against the federation schema; refusals are
    logged with the site's reason and the site never joins;
-1. backbone — R rounds of checked FedAvg/FedProx, checkpointed after every round;
+1. backbone — R rounds of the configured strategy (FedAvg, FedProx, FedAdam …), checked and
+   checkpointed after every round;
 2. clinical selection, 3. SVM fusion, 4. evaluation — secure sums only (SecAgg+);
 then the report, the model bundle and the privacy ledger in ``runs/<name>/``.
 """
@@ -37,7 +38,7 @@ from cldlr.server.checkpoint import Progress, load_checkpoint, save_checkpoint
 from cldlr.server.federated_study import run_federated_phases
 from cldlr.server.ledger import Ledger, LedgerGrid
 from cldlr.server.secure_sum import secure_sum, wait_for_sites
-from cldlr.server.strategy import make_strategy
+from cldlr.server.strategies import check_study_config, make_strategy
 
 log = logging.getLogger("cldlr.centre")
 
@@ -47,6 +48,7 @@ class FederatedRun:
 
     def __init__(self, grid: Grid, context: Context, config: Config, schema: Schema, run_dir: Path, *,
                  resume: bool = False, connect_timeout_s: float = 300.0) -> None:
+        check_study_config(config)  # unknown strategy/backbone, DP with FedProx or BatchNorm: refused before any site joins
         self.config, self.schema, self.run_dir, self.resume = config, schema, run_dir, resume
         self.context = context
         self.names: dict[int, str] = {}
@@ -95,7 +97,7 @@ class FederatedRun:
         if remaining <= 0:
             return arrays, progress
         strategy = make_strategy(fed.strategy, min_sites=min(fed.min_sites, len(self.grid.members)),
-                                 proximal_mu=fed.proximal_mu)
+                                 proximal_mu=fed.proximal_mu, server_opt=fed.server_opt)
         strategy.setup(reference=arrays, min_sites=fed.min_sites, transfer_dtype=fed.transfer_dtype, node_names=self.names)
         strategy.round_offset = progress.completed_rounds
         self.ledger.phase = "backbone"

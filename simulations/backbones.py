@@ -16,6 +16,7 @@ from cldlr.client.site import SiteSession
 from cldlr.common.config import Config
 from cldlr.common.evaluation.metrics import auc_ci, delong_test
 from cldlr.common.io import atomic_write_json, atomic_write_text
+from cldlr.common.models.backbones import check_backbone
 from cldlr.common.runs import new_run_dir
 from cldlr.simulations.sites import load_sites, merge_sites
 from cldlr.simulations.study import run_study
@@ -53,6 +54,8 @@ def compare_backbones(config: Config, backbones: list[str] | tuple[str, ...] | N
     if REFERENCE in names:
         names.remove(REFERENCE)
     names.insert(0, REFERENCE)
+    for name in names:  # unknown names, DP with BatchNorm: refused before the first backbone trains
+        check_backbone(config.replace(**{"model.backbone": name}).model, private=config.privacy.enabled)
     site = merge_sites(load_sites(config))
     run_dir = new_run_dir(config.replace(**{"run.name": f"{config.run.name}-backbones"}))
     scores: dict[str, dict[str, np.ndarray]] = {}

@@ -10,6 +10,7 @@ from cldlr.common.bundle import export_study_bundle
 from cldlr.common.config import Config
 from cldlr.common.evaluation.report import table2_markdown, write_report
 from cldlr.common.runs import new_run_dir
+from cldlr.server.strategies import check_study_config
 from cldlr.simulations.sites import load_sites, merge_sites
 from cldlr.simulations.study import run_study
 
@@ -26,6 +27,7 @@ def _run_dir(config: Config, resume: Path | None) -> Path:
 
 def simulate(config: Config, *, compare: bool = False, resume: Path | None = None) -> Path:
     """Run the configured study and return its run folder (holding ``report.md``/``report.json``)."""
+    check_study_config(config)  # names and DP compatibility, before any site is read or anything trains
     sites = load_sites(config)
     run_dir = _run_dir(config, resume)
     logging.getLogger("cldlr").info("run folder: %s", run_dir)

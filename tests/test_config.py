@@ -67,3 +67,29 @@ def test_config_is_frozen() -> None:
 
 def test_exponent_notation_is_a_number() -> None:
     assert load_config(None, ["train.lr=1e-4"]).train.lr == 1e-4
+
+
+def test_server_optimizer_settings_are_typed_and_checked() -> None:
+    config = load_config(None, ["federation.strategy=fedadam", "federation.server_opt.eta=0.05",
+                                "federation.server_opt.tau=1e-4"])
+    assert (config.federation.server_opt.eta, config.federation.server_opt.tau) == (0.05, 1e-4)
+    assert config.federation.server_opt.beta_1 is None  # Flower's default for the chosen strategy
+    assert apply_overrides(config, ["federation.server_opt.eta=null"]).federation.server_opt.eta is None
+    for override, message in [("federation.server_opt.eta=0", "federation.server_opt.eta must be > 0"),
+                              ("federation.server_opt.beta_2=1", "federation.server_opt.beta_2 must be in [0, 1)"),
+                              ("federation.server_opt.tau=-1", "federation.server_opt.tau must be > 0"),
+                              ("federation.server_opt.eta_l=0.1", "unknown config key(s) federation.server_opt.eta_l"),
+                              ("federation.server_opt.eta=fast", "federation.server_opt.eta: 'fast' matches none")]:
+        with pytest.raises(ConfigError) as info:
+            load_config(None, [override])
+        assert message in str(info.value)
+
+
+def test_strategy_names_are_strings_checked_against_the_registry_later() -> None:
+    # the config cannot import the server's registry: any lower-case name loads, a malformed one does not
+    assert load_config(None, ["federation.strategy=fedsomething"]).federation.strategy == "fedsomething"
+    for override, message in [("federation.strategy=FedAvg!", "federation.strategy: 'FedAvg!' is not a strategy name"),
+                              ("federation.compare_strategies=[fedavg, fedavg]", "names a strategy twice")]:
+        with pytest.raises(ConfigError, match=None) as info:
+            load_config(None, [override])
+        assert message in str(info.value)

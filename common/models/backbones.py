@@ -21,7 +21,7 @@ from torch import nn
 
 from cldlr.common.config import ModelConfig
 from cldlr.common.data.transforms import Normalization
-from cldlr.common.errors import CldlrError
+from cldlr.common.errors import CldlrError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +30,19 @@ IMAGENET_CLASSES = 1000
 
 @dataclass(frozen=True)
 class Backbone:
-    """How to build one architecture with a fresh ``num_classes`` head, and where its ImageNet file comes from."""
+    """How to build one architecture with a fresh ``num_classes`` head, and where its ImageNet file comes from.
+
+    ``batchnorm`` says the architecture has BatchNorm layers, which mix the examples of a batch, so
+    sample-level DP-SGD cannot train it as built: :func:`check_backbone` refuses the pair from this
+    flag before anything starts (the config cannot import torch to look); a site's layer check
+    (``cldlr.client.privacy.check_private_compatible``) still inspects the model it actually builds.
+    """
 
     name: str
     build: Callable[[int], nn.Module]
     imagenet_url: str | None = None
     cam_layer: str | None = None  # module name for Grad-CAM; None = the last Conv2d
+    batchnorm: bool = False
 
 
 def tiny_cnn(num_classes: int) -> nn.Module:
@@ -55,11 +62,12 @@ BACKBONES: dict[str, Backbone] = {
     "tiny": Backbone("tiny", tiny_cnn),
     "vgg11": Backbone("vgg11", lambda n: tvm.vgg11(weights=None, num_classes=n), tvm.VGG11_Weights.DEFAULT.url),
     "alexnet": Backbone("alexnet", lambda n: tvm.alexnet(weights=None, num_classes=n), tvm.AlexNet_Weights.DEFAULT.url),
-    "vgg19_bn": Backbone("vgg19_bn", lambda n: tvm.vgg19_bn(weights=None, num_classes=n), tvm.VGG19_BN_Weights.DEFAULT.url),
+    "vgg19_bn": Backbone("vgg19_bn", lambda n: tvm.vgg19_bn(weights=None, num_classes=n), tvm.VGG19_BN_Weights.DEFAULT.url,
+                         batchnorm=True),
     # DenseNet's last Conv2d emits only the 32 growth channels; its full 1920-channel map is norm5.
     "densenet201": Backbone(
         "densenet201", lambda n: tvm.densenet201(weights=None, num_classes=n),
-        tvm.DenseNet201_Weights.DEFAULT.url, cam_layer="features.norm5",
+        tvm.DenseNet201_Weights.DEFAULT.url, cam_layer="features.norm5", batchnorm=True,
     ),
 }
 
@@ -77,6 +85,20 @@ def get_backbone(name: str) -> Backbone:
         return BACKBONES[name]
     except KeyError:
         raise CldlrError(f"unknown model.backbone {name!r}; available: {', '.join(sorted(BACKBONES))}") from None
+
+
+def check_backbone(cfg: ModelConfig, *, private: bool) -> Backbone:
+    """The registry entry of ``cfg.backbone``, refused (:class:`ConfigError`) when unknown or, with
+    ``private`` (``privacy.enabled``), when it has BatchNorm: called where a run starts, before any training.
+    """
+    if cfg.backbone not in BACKBONES:
+        raise ConfigError(f"unknown model.backbone {cfg.backbone!r}; available: {', '.join(sorted(BACKBONES))}")
+    backbone = BACKBONES[cfg.backbone]
+    if private and backbone.batchnorm:
+        dp_ready = ", ".join(sorted(name for name, b in BACKBONES.items() if not b.batchnorm))
+        raise ConfigError(f"DP-SGD needs per-sample gradients, which BatchNorm mixes across samples: {backbone.name} "
+                          f"has BatchNorm; use one without it ({dp_ready}) with privacy.enabled")
+    return backbone
 
 
 def imagenet_weights_path(backbone: Backbone) -> Path:

@@ -1,7 +1,7 @@
 """The hospital's own privacy policy: what this site will compute and send, whatever the centre asks.
 
 A SuperNode reads the policy from a YAML file its operator names (``cldlr deploy supernode
---policy FILE``; ``configs/site-policy.yaml`` is a commented default). Nothing in it comes from
+--policy FILE``; ``configs/policy/site.yaml`` is a commented default). Nothing in it comes from
 the centre: the centre's study configuration is checked *against* it before the site computes or
 sends anything, and every later request (a secure round's SecAgg+ parameters, a histogram's bins, a
 repeated sum) is checked again when it arrives. A refusal answers the centre with a short generic
@@ -60,7 +60,7 @@ class SiteFolders:
 
 @dataclass(frozen=True)
 class SitePolicy:
-    """Everything the hospital decides about what leaves it (see ``configs/site-policy.yaml``)."""
+    """Everything the hospital decides about what leaves it (see ``configs/policy/site.yaml``)."""
 
     min_parties: int = 3  # fewest sites in any release: SecAgg+ group, shares, and a sum's contributors
     allow_single_site: bool = False  # plaintext answers of this site alone (a one-site study) only if true
@@ -117,7 +117,7 @@ def policy_from_dict(data: Mapping[str, Any], source: str = "policy") -> SitePol
 
 def load_policy(path: str | Path) -> SitePolicy:
     """Read the site's policy file (the SuperNode's ``policy`` node config)."""
-    data = read_yaml(path, ConfigError, "pass the site's policy file, e.g. a copy of configs/site-policy.yaml")
+    data = read_yaml(path, ConfigError, "pass the site's policy file, e.g. a copy of configs/policy/site.yaml")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the policy must be a mapping of keys")
     return policy_from_dict(data, source=str(path))

@@ -39,7 +39,7 @@ def config(**overrides):
 def test_default_policy_file_loads_and_names_its_folders(tmp_path):
     from pathlib import Path
 
-    text = (Path(__file__).parents[1] / "configs" / "site-policy.yaml").read_text()
+    text = (Path(__file__).parents[1] / "configs" / "policy" / "site.yaml").read_text()
     path = tmp_path / "policy.yaml"
     path.write_text(text)
     loaded = load_policy(path)

@@ -21,7 +21,7 @@ from cldlr.common.config import Config
 from cldlr.common.data.contract import SiteData
 from cldlr.common.evaluation.metrics import delong_test, model_metrics
 from cldlr.common.evaluation.report import COHORTS, MODELS, StudyOutcome
-from cldlr.common.fusion.svm import FusionModels
+from cldlr.common.fusion import FusionModels
 from cldlr.common.models.backbones import build_model
 from cldlr.common.models.gradcam import grad_cam, overlay
 

@@ -12,10 +12,11 @@ from sklearn.metrics import roc_auc_score
 
 from cldlr.common.config import SVMConfig
 from cldlr.common.errors import CldlrError
+from cldlr.common.fusion import FusionModels, RffFusionFitter, RffRequest, run_rff_protocol, site_sums
+from cldlr.common.fusion.models import SvcModel
 from cldlr.common.fusion.pca import PCA_OVERSAMPLE, pca_rounds
-from cldlr.common.fusion.protocol import RffFusionFitter, RffRequest, run_rff_protocol, site_sums
 from cldlr.common.fusion.rff import FeatureMap
-from cldlr.common.fusion.svm import FusionModels, SvcModel, fit_calibrated_svc
+from cldlr.common.fusion.svc import fit_calibrated_svc
 
 
 def cohort(n: int, rng: np.random.Generator, *, c: int = 3, d: int = 300, n_inf: int = 24,
@@ -136,7 +137,7 @@ def test_without_clinical_columns_cldlr_is_dlr_and_the_reason_is_logged(caplog, 
     cfg = SVMConfig(solver=solver, embedding_pca=4, rff_features=64)
     constant = np.full((120, 2), 7.0)  # recorded everywhere with the same value: no information
     for clinical in (None, np.zeros((120, 0)), constant):
-        with caplog.at_level(logging.WARNING, logger="cldlr.common.fusion.svm"):
+        with caplog.at_level(logging.WARNING, logger="cldlr.common.fusion.pipeline"):
             models = FusionModels.fit(clinical, deep, y, cfg)
         probs = models.predict_proba(clinical, deep)
         assert set(probs) == {"dlr", "cldlr"}

@@ -34,7 +34,7 @@ from cldlr.common.data import imaging
 from cldlr.common.data.roi import extract_roi
 from cldlr.common.data.transforms import normalization_for
 from cldlr.common.evaluation.metrics import model_metrics
-from cldlr.common.fusion.svm import FusionModels
+from cldlr.common.fusion import FusionModels
 from cldlr.common.models.backbones import build_model, embed, get_backbone, imagenet_weights_path
 
 log = logging.getLogger("bench.gpu")

@@ -31,7 +31,7 @@ from cldlr.common.data.contract import SiteData
 from cldlr.common.data.schema import load_schema
 from cldlr.common.data.site import read_site
 from cldlr.common.evaluation.metrics import model_metrics
-from cldlr.common.fusion.svm import FusionModels
+from cldlr.common.fusion import FusionModels
 from cldlr.common.secure.sums import ScalePlan
 from cldlr.server.federated_study import run_federated_phases
 from cldlr.simulations.sites import merge_sites

@@ -26,8 +26,7 @@ from cldlr.common.config import Config
 from cldlr.common.errors import CldlrError
 from cldlr.common.evaluation import secure_metrics
 from cldlr.common.evaluation.layout import evaluation_layout
-from cldlr.common.fusion.payload import FusionPayload, fusion_models_from_payload
-from cldlr.common.fusion.protocol import site_sums
+from cldlr.common.fusion import FusionPayload, fusion_models_from_payload, site_sums
 from cldlr.common.io import atomic_path, atomic_write_json
 from cldlr.common.models.backbones import build_model
 from cldlr.common.models.weights import arrays_to_model, arrays_to_tensors, model_to_arrays

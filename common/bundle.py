@@ -33,7 +33,7 @@ from cldlr.common.data.schema import Parameter, Schema, schema_from_dict
 from cldlr.common.data.transforms import Normalization
 from cldlr.common.errors import CldlrError
 from cldlr.common.evaluation.outcome import StudyOutcome
-from cldlr.common.fusion.svm import FusionModels
+from cldlr.common.fusion import FusionModels
 from cldlr.common.io import atomic_directory
 from cldlr.common.models.backbones import build_model, embed, embedding_dim
 from cldlr.common.models.gradcam import grad_cam, overlay

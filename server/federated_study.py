@@ -25,9 +25,7 @@ from cldlr.common.errors import CldlrError
 from cldlr.common.evaluation import secure_metrics
 from cldlr.common.evaluation.layout import EvaluationLayout, confusion_from_histogram
 from cldlr.common.evaluation.metrics import metrics_from_counts
-from cldlr.common.fusion.payload import FusionPayload, fusion_fitter
-from cldlr.common.fusion.platt import PLATT_HIST_BINS, PLATT_HIST_RANGE
-from cldlr.common.fusion.svm import FusionModels
+from cldlr.common.fusion import PLATT_HIST_BINS, PLATT_HIST_RANGE, FusionModels, FusionPayload, fusion_fitter
 from cldlr.common.secure.sums import bound_blocks
 from cldlr.common.secure.tasks import BATCH_TASK
 

@@ -20,7 +20,7 @@ from cldlr.common.clinical.selection import select_clinical
 from cldlr.common.config import Config
 from cldlr.common.data.contract import COHORTS, SiteData
 from cldlr.common.evaluation.outcome import MODELS, StudyOutcome, evaluate_predictions
-from cldlr.common.fusion.svm import FusionModels
+from cldlr.common.fusion import FusionModels
 from cldlr.common.models.backbones import build_model
 from cldlr.common.models.gradcam import grad_cam, overlay
 

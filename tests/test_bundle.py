@@ -38,7 +38,7 @@ from cldlr.common.data.schema import Schema, load_schema
 from cldlr.common.data.site import read_site
 from cldlr.common.data.transforms import Normalization
 from cldlr.common.evaluation.outcome import FederationSummary, StudyOutcome
-from cldlr.common.fusion.svm import FusionModels
+from cldlr.common.fusion import FusionModels
 from cldlr.common.models.backbones import Backbone, build_model, embed, register_backbone
 from cldlr.common.models.gradcam import grad_cam
 from cldlr.common.models.weights import model_to_arrays

@@ -15,7 +15,7 @@ from cldlr.common.config import Config, load_config
 from cldlr.common.data.site import read_site
 from cldlr.common.errors import CldlrError
 from cldlr.common.evaluation.metrics import model_metrics
-from cldlr.common.fusion.svm import FusionModels
+from cldlr.common.fusion import FusionModels
 from cldlr.common.secure.sums import ScalePlan
 from cldlr.server.federated_study import SumRequest, run_federated_phases, sum_together
 from cldlr.simulations.sites import merge_sites

@@ -12,10 +12,11 @@ from sklearn.metrics import roc_auc_score
 
 from cldlr.common.config import SVMConfig
 from cldlr.common.errors import CldlrError
+from cldlr.common.fusion import FusionModels, RffFusionFitter, RffRequest, run_rff_protocol, site_sums
+from cldlr.common.fusion.models import SvcModel
 from cldlr.common.fusion.pca import PCA_OVERSAMPLE, pca_rounds
-from cldlr.common.fusion.protocol import RffFusionFitter, RffRequest, run_rff_protocol, site_sums
 from cldlr.common.fusion.rff import FeatureMap
-from cldlr.common.fusion.svm import FusionModels, SvcModel, fit_calibrated_svc
+from cldlr.common.fusion.svc import fit_calibrated_svc
 
 
 def cohort(n: int, rng: np.random.Generator, *, c: int = 3, d: int = 300, n_inf: int = 24,
@@ -136,7 +137,7 @@ def test_without_clinical_columns_cldlr_is_dlr_and_the_reason_is_logged(caplog, 
     cfg = SVMConfig(solver=solver, embedding_pca=4, rff_features=64)
     constant = np.full((120, 2), 7.0)  # recorded everywhere with the same value: no information
     for clinical in (None, np.zeros((120, 0)), constant):
-        with caplog.at_level(logging.WARNING, logger="cldlr.common.fusion.svm"):
+        with caplog.at_level(logging.WARNING, logger="cldlr.common.fusion.pipeline"):
             models = FusionModels.fit(clinical, deep, y, cfg)
         probs = models.predict_proba(clinical, deep)
         assert set(probs) == {"dlr", "cldlr"}
@@ -181,3 +182,56 @@ def test_run_rff_protocol_uses_the_given_aggregate() -> None:
     sites = [(clin[:45], deep[:45], y[:45]), (clin[45:], deep[45:], y[45:])]
     models = run_rff_protocol(RffFusionFitter(cfg, 3, 300), sites, aggregate)
     assert calls == [2] * models.rounds["total"]
+
+
+def test_the_rounds_come_in_pipeline_order_and_a_wrong_length_can_be_resent() -> None:
+    rng = np.random.default_rng(8)
+    clin, deep, y = cohort(120, rng)
+    cfg = SVMConfig(solver="rff", embedding_pca=4, rff_features=32)
+    fitter = RffFusionFitter(cfg, 3, 300, seed=1)
+    with pytest.raises(CldlrError, match="moments round: expected"):
+        fitter.receive(np.zeros(3))  # a short total is refused before it reaches the pipeline
+    phases = []
+    while not fitter.done:
+        phases.append(fitter.phase)
+        fitter.receive(site_sums(fitter.request(), clin, deep, y))
+    head = ["moments"] + ["pca"] * (pca_rounds(300, 4) - 1) + ["lssvm", "platt_hist"]
+    assert phases[:len(head)] == head and set(phases[len(head):]) == {"platt"}
+    pooled = FusionModels.fit(clin, deep, y, cfg, seed=1)
+    for name, p in pooled.predict_proba(clin, deep).items():
+        np.testing.assert_array_equal(fitter.result().predict_proba(clin, deep)[name], p)
+
+
+def test_a_round_that_fails_ends_the_fit() -> None:
+    rng = np.random.default_rng(9)
+    clin, deep, y = cohort(60, rng)
+    fitter = RffFusionFitter(SVMConfig(solver="rff", embedding_pca=0, rff_features=16), 3, 300)
+    with pytest.raises(CldlrError, match="both classes"):
+        fitter.receive(site_sums(fitter.request(), clin, deep, np.zeros(60)))
+    with pytest.raises(CldlrError, match="failed in its moments round .*both classes.*start a new fit"):
+        fitter.receive(site_sums(fitter.request(), clin, deep, y))
+
+
+def test_fusion_modules_import_one_way_and_callers_use_the_package() -> None:
+    import ast
+    import graphlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    graph: dict[str, set[str]] = {}
+    for path in (root / "common" / "fusion").glob("*.py"):
+        graph[path.stem] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cldlr.common.fusion."):
+                graph[path.stem].add(node.module.rsplit(".", 1)[1])
+                assert not [a.name for a in node.names if a.name.startswith("_")], (path.name, node.module)
+    graphlib.TopologicalSorter(graph).prepare()  # raises CycleError on a cycle
+    for folder in ("common", "client", "server", "simulations", "cldlr", "bench"):
+        for path in (root / folder).rglob("*.py"):
+            if "fusion" in path.relative_to(root).parts:
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                    [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                assert not [n for n in names if n.startswith("cldlr.common.fusion.")], \
+                    f"{path}: import from cldlr.common.fusion instead"

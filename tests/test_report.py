@@ -13,7 +13,7 @@ from cldlr.common.data.contract import COHORTS
 from cldlr.common.evaluation.metrics import delong_test, model_metrics
 from cldlr.common.evaluation.outcome import MODEL_TITLES, MODELS, FederationSummary, StudyOutcome, evaluate_predictions
 from cldlr.common.evaluation.report import write_report
-from cldlr.common.fusion.svm import BLOCKS
+from cldlr.common.fusion import BLOCKS
 from cldlr.common.runs import new_run_dir
 from cldlr.common.versions import runtime_versions
 

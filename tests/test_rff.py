@@ -11,23 +11,11 @@ from sklearn.linear_model import Ridge
 from sklearn.metrics.pairwise import rbf_kernel
 
 from cldlr.common.errors import CldlrError, ConfigError
+from cldlr.common.fusion.lssvm import loo_decision, lssvm_sums, pack_lssvm, solve_lssvm, unpack_lssvm
 from cldlr.common.fusion.pca import fit_pca_from_sums, pca_sketch_sums, standardized_sketch
 from cldlr.common.fusion.platt import fit_platt_from_sums, platt_from_histogram, platt_histogram, platt_sums, platt_targets
-from cldlr.common.fusion.rff import (
-    as_features,
-    balanced_map,
-    loo_decision,
-    lssvm_sums,
-    model_map,
-    moment_sums,
-    pack_lssvm,
-    resolve_gamma,
-    rff_map,
-    rff_params,
-    solve_lssvm,
-    standardizer_from_sums,
-    unpack_lssvm,
-)
+from cldlr.common.fusion.rff import balanced_map, model_map, resolve_gamma, rff_map, rff_params
+from cldlr.common.fusion.standardize import as_features, moment_sums, standardizer_from_sums
 
 
 def _parts(n: int, k: int = 3) -> list[np.ndarray]:

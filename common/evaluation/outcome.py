@@ -22,7 +22,7 @@ import numpy as np
 
 from cldlr.common.data.contract import COHORTS
 from cldlr.common.evaluation.metrics import delong_test, model_metrics
-from cldlr.common.fusion.svm import BLOCKS
+from cldlr.common.fusion import BLOCKS
 
 #: The three models of the study, in the order of every table (the fusion defines them).
 MODELS: tuple[str, ...] = tuple(BLOCKS)

@@ -1,5 +1,9 @@
 """The federated SVM fit on the wire: the centre's fitter and its requests as JSON payloads.
 
+:func:`fusion_fitter` is the one place the centre starts a federated fit (an
+:class:`~cldlr.common.fusion.fit.RffFusionFitter`); :class:`FusionPayload` sends each round's
+:class:`~cldlr.common.fusion.protocol.RffRequest` to the sites, and
+:func:`fusion_models_from_payload` rebuilds the fitted models at a site from the final one.
 Only aggregate results travel from the centre to the sites: the fitted maps, models and
 Cholesky factors of the summed normal equations, never another site's data.
 """
@@ -14,8 +18,9 @@ import numpy as np
 
 from cldlr.common.config import Config
 from cldlr.common.errors import CldlrError
-from cldlr.common.fusion.protocol import RffFusionFitter, RffRequest
-from cldlr.common.fusion.svm import FusionModels
+from cldlr.common.fusion.fit import FusionModels, RffFusionFitter
+from cldlr.common.fusion.models import with_cldlr
+from cldlr.common.fusion.protocol import RffRequest
 from cldlr.common.secure.payload import pack_array, unpack_array
 
 #: Platt's Newton steps stop once (A, B) move by < 1e-4 relative: far below what calibration
@@ -47,6 +52,7 @@ class FusionPayload:
         self._sent: dict[str, str] = {}
 
     def encode(self, request: RffRequest) -> dict[str, Any]:
+        """The request as JSON for every site, with only the arrays that changed since the last round."""
         arrays, meta = request.to_arrays()
         changed = {}
         for key, value in arrays.items():
@@ -58,6 +64,7 @@ class FusionPayload:
 
     @staticmethod
     def decode(payload: Mapping[str, Any], cache: dict[str, Any]) -> RffRequest:
+        """The request at a site, its arrays merged into ``cache`` (what earlier rounds of this fit sent)."""
         fit_id = str(payload["fit_id"])
         if cache.get("fit_id") != fit_id:
             cache.clear()
@@ -74,8 +81,5 @@ class FusionPayload:
 def fusion_models_from_payload(payload: Mapping[str, Any], cache: dict[str, Any]) -> FusionModels:
     """The fitted models, rebuilt at a site from the final request of the fit (evaluation phase)."""
     request = FusionPayload.decode(payload, cache)
-    models = dict(request.models)
-    if "cldlr" not in models:
-        models["cldlr"] = models["dlr"]
     n_clinical, n_deep = int(payload["n_clinical"]), int(payload["n_deep"])
-    return FusionModels(models=models, n_clinical=n_clinical, n_deep=n_deep, solver="rff")
+    return FusionModels(models=with_cldlr(request.models), n_clinical=n_clinical, n_deep=n_deep, solver="rff")

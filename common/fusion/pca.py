@@ -1,10 +1,12 @@
-"""Randomized PCA of the standardized embeddings from summed sketches (a few secure rounds).
+"""Step 2 of the fusion fit, *PCA*: randomized PCA of the standardized embeddings from summed sketches.
 
 Sites add ``ZᵀZQ`` of their own standardized embeddings for a basis ``Q`` the centre sends; the
 centre orthonormalizes the total and asks again (power iterations), then solves a small
-eigenproblem (Rayleigh–Ritz). The first sketch rides in the moments round on the raw embeddings
-(:func:`raw_sketch`, :func:`standardized_sketch`); when it spans every deep column it is the exact
-Gram matrix and no further round is needed.
+eigenproblem (Rayleigh–Ritz). The first sketch rides in the moments round of step 1
+(:mod:`.standardize`) on the raw embeddings (:func:`raw_sketch`, :func:`standardized_sketch`); when
+it spans every deep column it is the exact Gram matrix and no further round is needed. The
+principal directions feed step 3 (:func:`cldlr.common.fusion.rff.model_map`);
+:mod:`cldlr.common.fusion.pipeline` calls the steps in order.
 """
 
 from __future__ import annotations
@@ -13,11 +15,18 @@ from collections.abc import Callable
 
 import numpy as np
 
-from cldlr.common.fusion.rff import FeatureMap, Standardizer
+from cldlr.common.fusion.rff import FeatureMap, balanced_map
+from cldlr.common.fusion.standardize import Standardizer
 
 #: Extra sketch columns and sketch rounds of the randomized range finder (as scikit-learn's randomized SVD).
 PCA_OVERSAMPLE = 10
 PCA_ROUNDS = 4
+
+
+def pca_plan(std: Standardizer, n_clinical: int, k: int, n: float) -> tuple[FeatureMap, int]:
+    """The standardizing map PCA works on and the width actually used (capped by cases and columns)."""
+    deep_map = balanced_map(std, n_clinical, clinical=False, deep=True, balance=False)
+    return deep_map, int(min(k, n - 1, deep_map.dim))
 
 
 def pca_start(d: int, k: int, seed: int | list[int]) -> np.ndarray:
@@ -49,7 +58,8 @@ def standardized_sketch(S: np.ndarray, omega: np.ndarray, std: Standardizer, dee
     c = deep_map.cols - n_clinical
     mu = std.mean[n_clinical:]
     scale = deep_map.scale  # 1/σ_c: the PCA's map is standardized, not block-weighted
-    return scale[:, None] * (S[c] - n * np.outer(mu[c], mu @ omega))
+    Y: np.ndarray = scale[:, None] * (S[c] - n * np.outer(mu[c], mu @ omega))
+    return Y
 
 
 def pca_rounds(d: int, k: int) -> int:
@@ -59,7 +69,8 @@ def pca_rounds(d: int, k: int) -> int:
 
 def pca_sketch_sums(Z: np.ndarray, Q: np.ndarray) -> np.ndarray:
     """Local ``ZᵀZ Q`` of standardized (pooled-mean centred) embeddings: [d, width], never d × d."""
-    return Z.T @ (Z @ Q)
+    sketch: np.ndarray = Z.T @ (Z @ Q)
+    return sketch
 
 
 def pca_refine(Y: np.ndarray) -> np.ndarray:

@@ -1,9 +1,11 @@
-"""Platt calibration from summed gradients: each Newton step needs only five sums over cases.
+"""Step 5 of the ``rff`` solver, *calibrate*: Platt scaling from summed gradients (five sums per Newton step).
 
 Sites add ``platt_sums`` of their own leave-one-out decision values; the centre takes the step.
 Every Newton step is a secure round (four message exchanges in a deployment), so the centre
 first fits Platt on summed per-class histograms of the decision values (one round, exact
 counts) and then only confirms that optimum with exact Newton steps — usually a single one.
+The decision values are the LS-SVM's leave-one-out values of step 4 (:mod:`.lssvm`);
+:mod:`cldlr.common.fusion.pipeline` runs these rounds.
 """
 
 from __future__ import annotations

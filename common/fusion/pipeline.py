@@ -1,0 +1,195 @@
+"""The fusion fit, step by step: standardize → PCA → feature map → solve → calibrate.
+
+This is the one place that calls the steps, in order; every fit of the three SVMs (Clinical,
+DLR, CLDLR) runs one of its two functions:
+
+* :func:`rff_pipeline` — the ``rff`` solver as a generator: every ``yield`` is one secure round
+  (an :class:`~cldlr.common.fusion.protocol.RffRequest` out, the element-wise total of the sites'
+  :func:`~cldlr.common.fusion.protocol.site_sums` in). The federated fit
+  (:class:`~cldlr.common.fusion.fit.RffFusionFitter`) and the pooled ``FusionModels.fit`` with
+  ``solver: rff`` (one site) both drive it, so a federation gets exactly the pooled fit.
+* :func:`svc_pipeline` — the ``svc`` solver (the paper's SVC), pooled only.
+
+=============  ======================  ==========================  ===============================
+step           module                  ``rff`` secure rounds       ``svc`` (pooled)
+=============  ======================  ==========================  ===============================
+standardize    :mod:`.standardize`     1 (``moments``; it also     the same sums, computed here
+                                       carries the 1st PCA sketch)
+PCA            :mod:`.pca`             0, or ``PCA_ROUNDS`` − 1    ``PCA_ROUNDS`` sketches here
+feature map    :mod:`.rff`             none (the seed is shared)   the same maps
+solve          :mod:`.lssvm`           1 (``lssvm``)               :mod:`.svc`
+calibrate      :mod:`.platt`           1 histogram + Newton steps  :mod:`.svc` (internal CV)
+=============  ======================  ==========================  ===============================
+
+When no clinical column is usable (``c == 0`` or all constant) the clinical model is not fitted
+and CLDLR is the DLR model itself; the reason is logged and returned as a note.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Generator
+from dataclasses import replace
+
+import numpy as np
+
+from cldlr.common.config import SVMConfig
+from cldlr.common.errors import CldlrError
+from cldlr.common.fusion.lssvm import solve_lssvm, unpack_lssvm
+from cldlr.common.fusion.models import RffModel, SvcModel
+from cldlr.common.fusion.pca import (
+    fit_pca_from_sums,
+    pca_from_sketch,
+    pca_plan,
+    pca_refine,
+    pca_rounds,
+    pca_sketch_sums,
+    raw_sketch,
+    standardized_sketch,
+)
+from cldlr.common.fusion.platt import platt_converged, platt_from_histogram, platt_step
+from cldlr.common.fusion.protocol import RffRequest
+from cldlr.common.fusion.rff import FeatureMap, block_columns, model_map, resolve_gamma, rff_params
+from cldlr.common.fusion.standardize import Standardizer, moment_sums, standardizer_from_sums
+from cldlr.common.fusion.svc import fit_calibrated_svc
+
+log = logging.getLogger(__name__)
+
+#: Model name → (uses the clinical block, uses the deep block); a model's index here is its RFF seed stream.
+BLOCKS: dict[str, tuple[bool, bool]] = {"clinical": (True, False), "dlr": (False, True), "cldlr": (True, True)}
+PCA_SEED = 1000  # seed stream of the PCA sketch (the RFF draws use streams 0, 1, 2)
+
+PcaResult = tuple[np.ndarray, np.ndarray]  # principal directions V [d, k] and the variances of their scores
+Rounds = Generator[RffRequest, np.ndarray, tuple[RffRequest, tuple[str, ...]]]
+
+
+def rff_pipeline(cfg: SVMConfig, n_clinical: int, n_deep: int, *, seed: int = 0, balance: bool = True,
+                 max_platt_rounds: int = 100, platt_tol: float = 1e-10) -> Rounds:
+    """The ``rff`` fit: yields each round's request, is sent the summed answers, returns the final request.
+
+    The final request (phase ``done``) carries the fitted models to the sites; the notes say why
+    a model is missing. Whoever drives the generator counts the rounds and checks each total's length.
+    """
+    p = n_clinical + n_deep
+    # 1. standardize: n, class counts, Σx, Σx² (+ the first PCA sketch Σ XᵀXΩ of the raw embeddings)
+    sketch = raw_sketch(n_deep, cfg.embedding_pca, [seed, PCA_SEED]) if cfg.embedding_pca > 0 else None
+    summed = yield RffRequest(phase="moments", basis=sketch)
+    n, n_pos = float(summed[0]), float(summed[1])
+    if min(n_pos, n - n_pos) < 1:
+        raise CldlrError(f"training data must hold both classes; got {n_pos:.0f} malignant of {n:.0f}")
+    counts = (n_pos, n - n_pos)
+    std = standardizer_from_sums(n, summed[2: 2 + p], summed[2 + p: 2 + 2 * p])
+    # 2. PCA of the standardized embeddings
+    pca = None
+    if sketch is not None:
+        pca = yield from _pca_rounds(summed[2 + 2 * p:].reshape(sketch.shape), sketch, std, n_clinical,
+                                     cfg.embedding_pca, n, counts)
+    # 3. feature map of every model, its γ and its random Fourier features (from the shared seed)
+    maps, notes = feature_maps(std, n_clinical, cfg, balance, pca)
+    models = {name: _rff_model(fmap, total_var, cfg, [seed, list(BLOCKS).index(name)])
+              for name, (fmap, total_var) in maps.items()}
+    # 4. solve the LS-SVMs of all models from one round of summed normal equations
+    summed = yield RffRequest(phase="lssvm", models=models, counts=counts)
+    models, factors = _solve(summed, models, cfg.ridge)
+    # 5. calibrate: Platt from summed histograms of leave-one-out decision values, then Newton steps
+    models = yield from _platt_rounds(models, factors, counts, max_platt_rounds, platt_tol)
+    return RffRequest(phase="done", models=models, counts=counts), notes
+
+
+def svc_pipeline(X: np.ndarray, y: np.ndarray, n_clinical: int, cfg: SVMConfig, *, seed: int = 0,
+                 balance: bool = True) -> tuple[dict[str, SvcModel], tuple[str, ...]]:
+    """The ``svc`` fit of pooled ``[clinical | embeddings]`` rows: the same steps 1–3 as ``rff``, then SVC."""
+    n = X.shape[0]
+    # 1. standardize
+    std = standardizer_from_sums(*moment_sums(X))
+    # 2. PCA of the standardized embeddings (the sketches computed here instead of summed by sites)
+    pca = None
+    if cfg.embedding_pca > 0:
+        deep_map, k = pca_plan(std, n_clinical, cfg.embedding_pca, n)
+        Zd = deep_map.transform(X)
+        pca = fit_pca_from_sums(lambda Q: pca_sketch_sums(Zd, Q), deep_map.dim, k, n, [seed, PCA_SEED])
+    # 3. feature map of every model and its γ
+    maps, notes = feature_maps(std, n_clinical, cfg, balance, pca)
+    # 4 + 5. solve and calibrate: scikit-learn's SVC with Platt scaling on internal CV
+    models = {name: SvcModel.from_sklearn(fmap, fit_calibrated_svc(fmap.transform(X), y, cfg,
+                                                                   resolve_gamma(cfg.gamma, total_var), seed))
+              for name, (fmap, total_var) in maps.items()}
+    return models, notes
+
+
+def feature_maps(std: Standardizer, n_clinical: int, cfg: SVMConfig, balance: bool,
+                 pca: PcaResult | None) -> tuple[dict[str, tuple[FeatureMap, float]], tuple[str, ...]]:
+    """Step 3 for both solvers: each model's input map and output variance, and why a model is left out."""
+    n_usable = block_columns(std, n_clinical)[0].size
+    maps = {name: model_map(std, n_clinical, clinical=use_clin, deep=use_deep,
+                            clinical_weight=cfg.clinical_block_weight, balance=balance, pca=pca)
+            for name, (use_clin, use_deep) in BLOCKS.items() if not (use_clin and n_usable == 0)}
+    if n_usable:
+        return maps, ()
+    note = f"no usable clinical column (c={n_clinical}, non-constant 0): clinical model not fitted, CLDLR = DLR"
+    log.warning(note)
+    return maps, (note,)
+
+
+def _pca_rounds(S: np.ndarray, sketch: np.ndarray, std: Standardizer, n_clinical: int, k: int, n: float,
+                counts: tuple[float, float]) -> Generator[RffRequest, np.ndarray, PcaResult]:
+    """Step 2 of ``rff``: power iterations on summed sketches, starting from the one in the moments round."""
+    deep_map, k = pca_plan(std, n_clinical, k, n)
+    Y = standardized_sketch(S, sketch, std, deep_map, n_clinical, n)
+    if sketch.shape[0] == sketch.shape[1]:  # Ω = I: Y = ZᵀZ·D, the exact Gram matrix, no round of its own
+        gram = Y[:, deep_map.cols - n_clinical] * deep_map.scale[None, :]
+        return pca_from_sketch(np.eye(gram.shape[0]), gram, k, n)
+    basis = pca_refine(Y)
+    for left in range(max(pca_rounds(deep_map.dim, k) - 1, 1), 0, -1):
+        Y = (yield RffRequest(phase="pca", counts=counts, deep_map=deep_map, basis=basis)).reshape(basis.shape)
+        if left > 1:
+            basis = pca_refine(Y)
+    return pca_from_sketch(basis, Y, k, sum(counts))
+
+
+def _rff_model(fmap: FeatureMap, total_var: float, cfg: SVMConfig, seed: list[int]) -> RffModel:
+    """Step 3 of ``rff``: the model before solving; an RBF kernel gets its random features."""
+    W = b = None
+    if cfg.kernel == "rbf":
+        W, b = rff_params(fmap.dim, cfg.rff_features, resolve_gamma(cfg.gamma, total_var), seed)
+    return RffModel(fmap=fmap, kernel=cfg.kernel, W=W, b=b)
+
+
+def _solve(summed: np.ndarray, models: dict[str, RffModel],
+           ridge: float) -> tuple[dict[str, RffModel], dict[str, np.ndarray]]:
+    """Step 4 of ``rff``: θ of every model and the Cholesky factors sites need for leave-one-out values."""
+    solved: dict[str, RffModel] = {}
+    factors: dict[str, np.ndarray] = {}
+    start = 0
+    for name, model in models.items():
+        p = (model.W.shape[1] if model.W is not None else model.fmap.dim) + 1
+        stop = start + p * (p + 1) // 2 + p
+        theta, factors[name] = solve_lssvm(*unpack_lssvm(summed[start:stop], p), ridge)
+        solved[name] = replace(model, theta=theta)
+        start = stop
+    return solved, factors
+
+
+def _platt_rounds(models: dict[str, RffModel], factors: dict[str, np.ndarray], counts: tuple[float, float],
+                  max_rounds: int, tol: float) -> Generator[RffRequest, np.ndarray, dict[str, RffModel]]:
+    """Step 5 of ``rff``: (A, B) of every model from a histogram round, then Newton steps in lock-step."""
+    summed = yield RffRequest(phase="platt_hist", models=models, factors=factors, counts=counts)
+    models = dict(models)
+    for row, (name, model) in zip(summed.reshape(len(models), -1), list(models.items())):
+        A, B = platt_from_histogram(row, *counts)
+        models[name] = replace(model, A=A, B=B)
+    still_open, rounds = set(models), 1
+    while True:
+        summed = yield RffRequest(phase="platt", models=models, factors=factors, counts=counts)
+        rounds += 1
+        for row, (name, model) in zip(summed.reshape(-1, 5), list(models.items())):
+            if name in still_open:
+                A, B, step = platt_step(row, model.A, model.B)
+                models[name] = replace(model, A=A, B=B)
+                if platt_converged(step, A, B, tol):
+                    still_open.discard(name)
+        if not still_open or rounds >= max_rounds:
+            break
+    if still_open:
+        log.warning("Platt scaling of %s did not converge in %d rounds", sorted(still_open), rounds)
+    return models

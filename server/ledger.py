@@ -16,10 +16,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flwr.app import Message
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
+
+from cldlr.common.io import jsonable
 
 SECAGG_KEY = "secaggplus_configs"
 
@@ -72,18 +73,12 @@ class Ledger:
         entry = {"time": round(time.time(), 3), "phase": self.phase, "round": self.round,
                  "site": self.node_names.get(entry.get("node", -1)), **entry}
         with self._lock, open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(entry, default=_json_default) + "\n")
+            handle.write(json.dumps(jsonable(entry)) + "\n")
             handle.flush()
 
     def event(self, kind: str, **details: Any) -> None:
         """A centre-side event (a site rejected, dropped, a round skipped) — for the audit trail."""
         self.record({"event": kind, **details})
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    return str(value)
 
 
 def _name_dead_senders(sent: list[Message], replies: list[Message]) -> None:

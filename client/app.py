@@ -26,7 +26,7 @@ from cldlr.common.data.contract import site_folders
 from cldlr.common.data.schema import Schema, load_schema, schema_from_dict
 from cldlr.common.data.site import read_site
 from cldlr.common.errors import CldlrError, ContractError
-from cldlr.common.secure.tasks import BATCH_TASK
+from cldlr.common.secure.tasks import SECURE_SUM_TASKS
 from cldlr.common.secure.wire import arrays_to_record, record_to_arrays
 
 if TYPE_CHECKING:  # torch-heavy: imported only by the messages that need a site (every message is a new process)
@@ -118,7 +118,7 @@ def _site(context: Context) -> FederatedSite:
 class _SiteTasks(Mapping[str, Any]):
     """Secure-sum tasks of whichever site the message's context belongs to."""
 
-    _NAMES = ("clinical-stats", "encoder-sums", "fusion-sums", "score-histograms", "placement-sums", BATCH_TASK)
+    _NAMES = SECURE_SUM_TASKS
 
     def __getitem__(self, task: str) -> Any:
         if task not in self._NAMES:

@@ -18,11 +18,10 @@ from typing import Any
 
 from flwr.app import Message
 from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.serverapp import Grid
 
 from cldlr.common.io import jsonable
-
-SECAGG_KEY = "secaggplus_configs"
 
 
 def describe_message(msg: Message) -> dict[str, Any]:
@@ -43,7 +42,7 @@ def describe_message(msg: Message) -> dict[str, Any]:
         entry["metrics"][name] = sorted(record.keys())
     for name, record in content.config_records.items():
         entry["configs"][name] = {k: _shape_of(v) for k, v in record.items()}
-        if name == SECAGG_KEY:
+        if name == RECORD_KEY_CONFIGS:  # Flower's SecAgg+ stages
             entry["secure"] = True
     entry["bytes"] = sum(a["bytes"] for r in entry["arrays"].values() for a in r.values()) + sum(
         c.get("bytes", 0) for r in entry["configs"].values() for c in r.values())

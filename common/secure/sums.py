@@ -232,6 +232,14 @@ class SecureSumSpec:
         """True for the slice that ends the vector (sites may drop their cached vector then)."""
         return self.offset + self.count == self.length
 
+    def reply_tag(self) -> dict[str, str | int]:
+        """What a site's reply to this slice carries in plaintext, so the centre can refuse a stale one."""
+        return {"task": self.task, "call-id": self.call_id, "offset": self.offset}
+
+    def is_reply_to(self, tag: Mapping[str, Any]) -> bool:
+        """Whether a reply's plaintext tag (see :meth:`reply_tag`) answers this very slice of this call."""
+        return tag.get("call-id") == self.call_id and tag.get("offset") == self.offset
+
     def to_json(self) -> str:
         """Encode; numpy arrays and scalars in the payload become JSON lists and numbers."""
         spec = {"version": SPEC_VERSION, "task": self.task, "call_id": self.call_id, "offset": self.offset,

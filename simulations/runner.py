@@ -8,6 +8,7 @@ from pathlib import Path
 from cldlr.common.bundle import export_study_bundle
 from cldlr.common.config import Config
 from cldlr.common.evaluation.report import new_run_dir, table2_markdown, write_report
+from cldlr.common.logs import configure_logging
 from cldlr.simulations.sites import load_sites, merge_sites
 from cldlr.simulations.study import run_study
 
@@ -24,6 +25,7 @@ def _run_dir(config: Config, resume: Path | None) -> Path:
 
 def simulate(config: Config, *, compare: bool = False, resume: Path | None = None) -> Path:
     """Run the configured study and return its run folder (holding ``report.md``/``report.json``)."""
+    configure_logging(config.run.log_level)
     sites = load_sites(config)
     run_dir = _run_dir(config, resume)
     logging.getLogger("cldlr").info("run folder: %s", run_dir)

@@ -232,7 +232,7 @@ class SecureSumSpec:
         """True for the slice that ends the vector (sites may drop their cached vector then)."""
         return self.offset + self.count == self.length
 
-    def reply_tag(self) -> dict[str, str | int]:
+    def reply_tag(self) -> dict[str, Any]:
         """What a site's reply to this slice carries in plaintext, so the centre can refuse a stale one."""
         return {"task": self.task, "call-id": self.call_id, "offset": self.offset}
 

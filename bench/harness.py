@@ -191,9 +191,8 @@ def write_results(folder: Path, figures: list[Figure], info: dict[str, Any],
     """``results.json`` (one entry per figure) and ``results.md`` (machine, table, notes), atomically."""
     from cldlr.common.io import atomic_write_json, atomic_write_text
 
-    entries = to_jsonable([asdict(f) for f in figures])
     json_path, md_path = folder / "results.json", folder / "results.md"
-    atomic_write_json(json_path, {"machine": info, "figures": entries})
+    atomic_write_json(json_path, {"machine": info, "figures": [asdict(f) for f in figures]})  # NumPy values via jsonable
     lines = [f"# {title}", "",
              "Every ratio is value / baseline, both measured in this run on this machine.", "",
              "## Machine", ""]
@@ -206,17 +205,3 @@ def write_results(folder: Path, figures: list[Figure], info: dict[str, Any],
     atomic_write_text(md_path, "\n".join(lines))
     return json_path, md_path
 
-
-def to_jsonable(obj: Any) -> Any:
-    """Numpy scalars and arrays → plain Python, so any figure's details can go into results.json."""
-    import numpy as np
-
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return obj

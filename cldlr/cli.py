@@ -15,10 +15,11 @@ from pathlib import Path
 
 from cldlr import __version__
 from cldlr.common.errors import CldlrError
-from cldlr.common.logs import configure_logging
+from cldlr.common.logs import LEVELS, configure_logging
 
 from .cli_args import config_args as _config_args
 from .cli_args import force as _force
+from .cli_args import study_config
 from .cli_clinic import add_clinic_commands
 from .cli_deploy import add_deploy_commands
 
@@ -86,31 +87,28 @@ def cmd_partition(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from cldlr.common.config import load_config
     from cldlr.common.data.roi import build_site_cache
     from cldlr.common.data.schema import load_schema
 
-    config = load_config(args.config, args.overrides)
+    config = study_config(args)
     cache = build_site_cache(args.site, load_schema(config.data.schema), config.data, weights=config.model.weights)
     print(f"ROI cache: {cache.path} ({len(cache.image_ids)} ROIs at {cache.images.shape[-1]} px)")
     return 0
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from cldlr.common.config import load_config
     from cldlr.simulations.runner import simulate
 
-    config = load_config(args.config, args.overrides)
+    config = study_config(args)
     run_dir = simulate(config, compare=args.compare, resume=args.resume)
     print(f"report: {run_dir / 'report.md'}")
     return 0
 
 
 def cmd_compare_backbones(args: argparse.Namespace) -> int:
-    from cldlr.common.config import load_config
     from cldlr.simulations.backbones import compare_backbones
 
-    config = load_config(args.config, args.overrides)
+    config = study_config(args)
     out = compare_backbones(config, backbones=args.backbones)
     print(f"table: {out}")
     return 0
@@ -119,7 +117,9 @@ def cmd_compare_backbones(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cldlr", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"cldlr {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (= --log-level DEBUG)")
+    parser.add_argument("--log-level", type=str.upper, choices=LEVELS, default=None,
+                        help="log level; overrides the config's run.log_level (default: that, else INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
@@ -200,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(logging.DEBUG if args.verbose else logging.INFO)
+    if args.verbose and args.log_level is None:
+        args.log_level = "DEBUG"
+    configure_logging(args.log_level or logging.INFO)
     try:
         return int(args.func(args))
     except (CldlrError, FileExistsError, FileNotFoundError) as exc:

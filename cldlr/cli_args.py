@@ -5,6 +5,12 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cldlr.common.logs import configure_logging
+
+if TYPE_CHECKING:
+    from cldlr.common.config import Config
 
 #: ``add(name, handler, help) -> parser``: how a module registers a subcommand.
 Add = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
@@ -20,3 +26,17 @@ def config_args(parser: argparse.ArgumentParser, *, required: bool = True) -> No
 
 def force(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+
+
+def study_config(args: argparse.Namespace) -> Config:
+    """The command's config (file, then ``--set``) with ``-v``/``--log-level`` as ``run.log_level``, now applied.
+
+    The command line wins over the file, and the level travels with the config: a federated
+    simulation's ServerApp and ClientApps log at it too.
+    """
+    from cldlr.common.config import load_config
+
+    level = getattr(args, "log_level", None)
+    config = load_config(args.config, [*args.overrides, *([f"run.log_level={level}"] if level else [])])
+    configure_logging(config.run.log_level)
+    return config

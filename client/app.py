@@ -8,6 +8,7 @@ joins, and refuses a centre whose schema, ROI pipeline or cldlr version differs 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Iterator, Mapping
@@ -26,7 +27,8 @@ from cldlr.common.data.contract import site_folders
 from cldlr.common.data.schema import Schema, load_schema, schema_from_dict
 from cldlr.common.data.site import read_site
 from cldlr.common.errors import CldlrError, ContractError
-from cldlr.common.secure.tasks import BATCH_TASK
+from cldlr.common.logs import configure_logging
+from cldlr.common.secure.tasks import SECURE_SUM_TASKS
 from cldlr.common.secure.wire import arrays_to_record, record_to_arrays
 
 if TYPE_CHECKING:  # torch-heavy: imported only by the messages that need a site (every message is a new process)
@@ -38,6 +40,16 @@ log = logging.getLogger("cldlr.site")
 #: messages (Flower's context.state holds only records, not tensors).
 _SITES: dict[tuple[int, int], FederatedSite] = {}
 STATE_KEY = "cldlr-site"
+
+
+@functools.lru_cache(maxsize=1)
+def configure_site_logging(level: str) -> None:
+    """Log at the study's ``run.log_level`` in this process: set up once, again only if the level changes.
+
+    Flower starts the ClientApp in processes of its own (a Ray actor, a ``flwr-clientapp``), where
+    nothing else configures logging: without this a site's INFO lines would never show.
+    """
+    configure_logging(level)
 
 
 def site_folder(context: Context, config: Config) -> Path:
@@ -64,6 +76,7 @@ def _handshake(msg: Message, context: Context) -> Message:
     if str(offer["pipeline"]) != str(PIPELINE_VERSION):
         problems.append(f"ROI pipeline version: centre {offer['pipeline']}, site {PIPELINE_VERSION}")
     config = config_from_dict(yaml.safe_load(str(offer["config-yaml"])))
+    configure_site_logging(config.run.log_level)
     schema = schema_from_dict(yaml.safe_load(str(offer["schema-yaml"])), source="federation schema")
     local = context.node_config.get("schema-path")
     if local and load_schema(str(local)).fingerprint() != schema.fingerprint():
@@ -111,6 +124,7 @@ def _site(context: Context) -> FederatedSite:
     if saved is None:
         raise CldlrError("this site has not completed the handshake of this run")
     config = config_from_dict(yaml.safe_load(str(saved["config-yaml"])))
+    configure_site_logging(config.run.log_level)  # a fresh process: the handshake ran in another one
     schema = schema_from_dict(yaml.safe_load(str(saved["schema-yaml"])), source="federation schema")
     return _build_site(context, config, schema, Path(str(saved["folder"])))
 
@@ -118,7 +132,7 @@ def _site(context: Context) -> FederatedSite:
 class _SiteTasks(Mapping[str, Any]):
     """Secure-sum tasks of whichever site the message's context belongs to."""
 
-    _NAMES = ("clinical-stats", "encoder-sums", "fusion-sums", "score-histograms", "placement-sums", BATCH_TASK)
+    _NAMES = SECURE_SUM_TASKS
 
     def __getitem__(self, task: str) -> Any:
         if task not in self._NAMES:

@@ -11,12 +11,10 @@ import logging
 import os
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import load_ssh_private_key
-
 from cldlr.common.data.schema import Schema, load_schema
 from cldlr.common.data.validation import ValidationReport, validate_site
 from cldlr.common.deploy.launch import Command, check_address, existing_file, flower_command, key_values
+from cldlr.common.deploy.pki import load_node_private_key
 from cldlr.common.errors import CldlrError, ContractError
 
 log = logging.getLogger(__name__)
@@ -57,14 +55,7 @@ def check_site(data_path: str | os.PathLike[str], schema: str | os.PathLike[str]
 
 def _check_key(key: str | os.PathLike[str]) -> Path:
     path = existing_file(key, "SuperNode key", "create it with `cldlr certs node OUT --name SITE`")
-    try:
-        private = load_ssh_private_key(path.read_bytes(), password=None)
-    except (ValueError, TypeError) as exc:
-        raise CldlrError(f"{path} is not an unencrypted OpenSSH private key ({exc}); Flower 1.41 needs the "
-                         "supernode-<site>.key that `cldlr certs node` writes") from exc
-    if not isinstance(private, ec.EllipticCurvePrivateKey):
-        raise CldlrError(f"{path}: Flower 1.41 accepts only ECDSA (NIST curve) SuperNode keys; "
-                         "recreate it with `cldlr certs node`")
+    load_node_private_key(path)
     if path.stat().st_mode & 0o077:
         log.warning("%s is readable by other users: chmod 600 it (it is this hospital's identity)", path)
     return path

@@ -31,7 +31,7 @@ from cldlr.common.io import atomic_path, atomic_write_json
 from cldlr.common.models.backbones import build_model
 from cldlr.common.models.weights import arrays_to_model, arrays_to_tensors, model_to_arrays
 from cldlr.common.secure.payload import answer_batch, selection_from_payload
-from cldlr.common.secure.tasks import BATCH_TASK
+from cldlr.common.secure.tasks import BATCH_TASK, CLINICAL_STATS, ENCODER_SUMS, FUSION_SUMS, PLACEMENT_SUMS, SCORE_HISTOGRAMS
 
 log = logging.getLogger(__name__)
 
@@ -244,11 +244,11 @@ class FederatedSite:
     def tasks(self) -> dict[str, Any]:
         """Secure-sum task name → callable(payload) returning this site's vector."""
         tasks: dict[str, Any] = {
-            "clinical-stats": self.clinical_statistics,
-            "encoder-sums": self.encoder_sums,
-            "fusion-sums": self.fusion_sums,
-            "score-histograms": self.score_histograms,
-            "placement-sums": self.placement_sums,
+            CLINICAL_STATS: self.clinical_statistics,
+            ENCODER_SUMS: self.encoder_sums,
+            FUSION_SUMS: self.fusion_sums,
+            SCORE_HISTOGRAMS: self.score_histograms,
+            PLACEMENT_SUMS: self.placement_sums,
         }
         tasks[BATCH_TASK] = partial(answer_batch, tasks)
         return tasks

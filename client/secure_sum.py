@@ -1,11 +1,12 @@
-"""Site side of a secure sum: a task registry, the SecAgg+ mod and the legacy FitRes reply it expects.
+"""Site side of a secure sum: the SecAgg+ mod and the legacy FitRes reply it expects.
 
-A site registers one callback per task (``"clinical-stats"``, ``"svm-sums"``, ...) that turns the
-centre's payload into a float vector. ``secure_sum_mod`` runs Flower's ``secaggplus_mod`` only on
-SecAgg+ messages (everything else passes through untouched) and, in the protocol's
-"collect masked vectors" stage, answers from the registry itself, so the app's own ``@app.train()``
-handler never sees secure-sum rounds. The vector leaves the site only masked: the reply's
-ArrayRecord is emptied by ``secaggplus_mod``; the plaintext parts carry just bookkeeping.
+A site hands :func:`make_secure_sum_mod` its tasks: a mapping from task name (the names are in
+:mod:`cldlr.common.secure.tasks`) to a callback that turns the centre's payload into a float
+vector. The mod runs Flower's ``secaggplus_mod`` only on SecAgg+ messages (everything else passes
+through untouched) and, in the protocol's "collect masked vectors" stage, answers from those
+tasks itself, so the app's own ``@app.train()`` handler never sees secure-sum rounds. The vector
+leaves the site only masked: the reply's ArrayRecord is emptied by ``secaggplus_mod``; the
+plaintext parts carry just bookkeeping.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from cldlr.common.secure.sums import SPEC_KEY, SecureSumError, SecureSumSpec
 
@@ -27,37 +29,15 @@ logger = logging.getLogger(__name__)
 TaskFn = Callable[[Mapping[str, Any], Context], "np.ndarray | Sequence[float]"]
 """``fn(payload, context) -> vector``: the site's contribution to one secure-sum task."""
 
-SECAGG_CONFIGS_KEY = "secaggplus_configs"  # ConfigRecord Flower's SecAgg+ workflow attaches to every stage
-_FITINS_CONFIG = "fitins.config"
+FITINS_CONFIG = "fitins.config"  # where Flower's legacy layout puts a FitIns config (and so the spec)
 # RecordDict's typed views share ONE key space: an ArrayRecord and a ConfigRecord need distinct keys.
 _CACHE_VECTOR = "cldlr.secure-sum.cache.vector"
 _CACHE_META = "cldlr.secure-sum.cache.meta"
 
-_REGISTRY: dict[str, TaskFn] = {}
-
-
-def register_task(name: str, fn: TaskFn, *, replace: bool = False) -> None:
-    """Make ``fn`` answer secure-sum requests for ``name`` on this site."""
-    if not name:
-        raise SecureSumError("a secure-sum task needs a non-empty name")
-    if name in _REGISTRY and not replace and _REGISTRY[name] is not fn:
-        raise SecureSumError(f"secure-sum task '{name}' is already registered; pass replace=True to swap it")
-    _REGISTRY[name] = fn
-
-
-def unregister_task(name: str) -> None:
-    """Forget a task (no error if it was not registered)."""
-    _REGISTRY.pop(name, None)
-
-
-def registered_tasks() -> tuple[str, ...]:
-    """Names currently registered, sorted."""
-    return tuple(sorted(_REGISTRY))
-
 
 def is_secure_sum_request(content: RecordDict) -> bool:
     """True for the legacy FitIns of a secure-sum round (as opposed to SecAgg+ model training)."""
-    config = content.config_records.get(_FITINS_CONFIG)
+    config = content.config_records.get(FITINS_CONFIG)
     return config is not None and SPEC_KEY in config
 
 
@@ -69,8 +49,8 @@ def _site_vector(spec: SecureSumSpec, context: Context, tasks: Mapping[str, Task
     fn = tasks.get(spec.task)
     if fn is None:
         raise SecureSumError(
-            f"this site has no secure-sum task '{spec.task}' (registered: {', '.join(sorted(tasks)) or 'none'}); "
-            "register it with cldlr.client.secure_sum.register_task"
+            f"this site has no secure-sum task '{spec.task}' (it answers: {', '.join(sorted(tasks)) or 'none'}); "
+            "do the centre and this site run the same cldlr version?"
         )
     scaled = spec.plan.scale(fn(spec.payload, context), what=f"secure-sum task '{spec.task}'")
     if not spec.is_last_round:
@@ -79,17 +59,17 @@ def _site_vector(spec: SecureSumSpec, context: Context, tasks: Mapping[str, Task
     return scaled
 
 
-def build_fitres_content(fitins: RecordDict, context: Context, tasks: Mapping[str, TaskFn] | None = None) -> RecordDict:
+def build_fitres_content(fitins: RecordDict, context: Context, tasks: Mapping[str, TaskFn]) -> RecordDict:
     """Legacy FitRes layout with this site's scaled slice, as ``secaggplus_mod`` expects it.
 
     ``fitres.num_examples`` is 1 so that SecAgg+ weights every site equally; ``fitres.metrics``
     echoes the request id so the centre can reject stale replies. Both travel in plaintext.
     """
-    config = fitins.config_records.get(_FITINS_CONFIG)
+    config = fitins.config_records.get(FITINS_CONFIG)
     if config is None or SPEC_KEY not in config:
-        raise SecureSumError(f"not a secure-sum request: '{_FITINS_CONFIG}' lacks '{SPEC_KEY}'")
+        raise SecureSumError(f"not a secure-sum request: '{FITINS_CONFIG}' lacks '{SPEC_KEY}'")
     spec = SecureSumSpec.from_json(str(config[SPEC_KEY]))
-    vector = _site_vector(spec, context, _REGISTRY if tasks is None else tasks)
+    vector = _site_vector(spec, context, tasks)
     piece = vector[spec.offset : spec.offset + spec.count]
     if spec.is_last_round:
         context.state.array_records.pop(_CACHE_VECTOR, None)
@@ -99,22 +79,22 @@ def build_fitres_content(fitins: RecordDict, context: Context, tasks: Mapping[st
         {
             "fitres.parameters": ArrayRecord([piece]),
             "fitres.num_examples": MetricRecord({"num_examples": 1}),
-            "fitres.metrics": ConfigRecord({"task": spec.task, "call-id": spec.call_id, "offset": spec.offset}),
+            "fitres.metrics": ConfigRecord(spec.reply_tag()),
             "fitres.status": ConfigRecord({"code": 0, "message": "secure-sum slice ready"}),
         }
     )
 
 
-def secure_sum_reply(msg: Message, context: Context, tasks: Mapping[str, TaskFn] | None = None) -> Message:
+def secure_sum_reply(msg: Message, context: Context, tasks: Mapping[str, TaskFn]) -> Message:
     """Reply to a secure-sum FitIns with the site's slice (to be masked by ``secaggplus_mod``)."""
     return Message(build_fitres_content(msg.content, context, tasks), reply_to=msg)
 
 
-def make_secure_sum_mod(tasks: Mapping[str, TaskFn] | None = None) -> Mod:
-    """Mod running SecAgg+ on SecAgg+ messages only; ``tasks`` defaults to the global registry."""
+def make_secure_sum_mod(tasks: Mapping[str, TaskFn]) -> Mod:
+    """Mod running SecAgg+ on SecAgg+ messages only, answering secure sums from ``tasks``: ``ClientApp(mods=[...])``."""
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        if msg.metadata.message_type != MessageType.TRAIN or SECAGG_CONFIGS_KEY not in msg.content.config_records:
+        if msg.metadata.message_type != MessageType.TRAIN or RECORD_KEY_CONFIGS not in msg.content.config_records:
             return call_next(msg, context)
 
         def answer(inner: Message, ctx: Context) -> Message:
@@ -126,6 +106,3 @@ def make_secure_sum_mod(tasks: Mapping[str, TaskFn] | None = None) -> Mod:
 
     return mod
 
-
-secure_sum_mod: Mod = make_secure_sum_mod()
-"""Ready-made mod over the global registry: ``ClientApp(mods=[secure_sum_mod])``."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
@@ -34,7 +33,7 @@ from cldlr.common.data.transforms import Normalization
 from cldlr.common.errors import CldlrError
 from cldlr.common.evaluation.outcome import StudyOutcome
 from cldlr.common.fusion import FusionModels
-from cldlr.common.io import atomic_directory
+from cldlr.common.io import atomic_directory, jsonable
 from cldlr.common.models.backbones import build_model, embed, embedding_dim
 from cldlr.common.models.gradcam import grad_cam, overlay
 from cldlr.common.versions import runtime_versions  # looked up here on every call: tests patch this name
@@ -94,7 +93,7 @@ class Prediction:
         return jsonable({"id": self.id, "ai_score": self.ai_score, "dlr_score": self.dlr_score,
                          "clinical_score": self.clinical_score, "predicted_class": self.predicted_class,
                          "threshold": self.threshold, "fallback": self.fallback, "warnings": self.warnings,
-                         "clinical": self.clinical})
+                         "clinical": self.clinical}, finite=True)
 
 
 @dataclass
@@ -191,19 +190,6 @@ def hashes_text(files: Mapping[str, str]) -> str:
     return json.dumps({"algorithm": "sha256", "digest": digest, "files": files}, indent=2, sort_keys=True) + "\n"
 
 
-def jsonable(obj: Any) -> Any:
-    """Plain JSON values: NumPy scalars/arrays unwrapped, tuples as lists, NaN/inf as null."""
-    if isinstance(obj, Mapping):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, np.ndarray)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """CPU, contiguous, unshared tensors keyed without DataParallel/Opacus prefixes."""
     state = {}
@@ -232,7 +218,7 @@ def export_bundle(out_dir: str | Path, *, model: nn.Module, model_config: ModelC
         "roi": {"image_size": data_config.image_size, "margin": data_config.margin},
         "normalization": {"mean": list(normalization.mean), "std": list(normalization.std)},
         "schema": schema.to_dict(), "selected": list(selected), "encoder": encoder.to_dict(),
-        "fusion": fusion_meta, "threshold": float(threshold), "model_card": jsonable(model_card),
+        "fusion": fusion_meta, "threshold": float(threshold), "model_card": jsonable(model_card, finite=True),
     }
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
@@ -384,5 +370,5 @@ def export_federated_bundle(out_dir: str | Path, *, arrays: Mapping[str, np.ndar
 
 
 __all__ = ["Bundle", "BundleError", "ClinicalInputError", "FORMAT", "FORMAT_VERSION", "Prediction", "expected_values",
-           "export_bundle", "export_federated_bundle", "export_study_bundle", "hashes_text", "jsonable", "load_bundle",
+           "export_bundle", "export_federated_bundle", "export_study_bundle", "hashes_text", "load_bundle",
            "verify_bundle"]

@@ -29,7 +29,7 @@ class RunConfig:
     name: str = "study"
     output_dir: str = "runs"
     seed: int = 0
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"  # the CLI's -v/--log-level override it
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,66 @@
-"""Atomic file writes: a reader never sees a half-written file, a crash never leaves one."""
+"""Atomic file writes (a reader never sees a half-written file, a crash never leaves one) and JSON values.
+
+:func:`jsonable` is the one coercion from what the pipeline produces (NumPy scalars and arrays,
+tuples, paths) to plain JSON values; reports, the ledger, the bundle and the secure-sum wire all
+use it, so a value is written the same way wherever it goes.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
+
+import numpy as np
+
+_NATIVE = (str, int, float, bool, type(None))  # what json.dumps writes by itself (also as keys)
+
+
+def _key(key: Any) -> Any:
+    if isinstance(key, np.generic):
+        key = key.item()
+    return key if isinstance(key, _NATIVE) else str(key)
+
+
+def jsonable(obj: Any, *, finite: bool = False, strict: bool = False) -> Any:
+    """``obj`` as plain JSON values, so ``json.dumps`` needs no ``default=`` hook.
+
+    Mappings become dicts (keys ``json`` cannot write become strings); lists, tuples, sets and
+    arrays become lists (sets sorted, so the text is reproducible); NumPy scalars become Python
+    numbers; paths become strings. ``finite`` turns NaN and infinities into ``None`` (for files
+    read back with ``allow_nan=False``, like the bundle's ``bundle.json``). Anything else becomes
+    ``str(obj)``, or raises ``TypeError`` when ``strict`` (the secure-sum wire, where a stray
+    object is a bug to name, not text to send).
+    """
+    if isinstance(obj, (float, np.floating)):
+        value = float(obj)
+        return None if finite and not math.isfinite(value) else value
+    if isinstance(obj, _NATIVE):
+        return obj
+    if isinstance(obj, np.generic):
+        return jsonable(obj.item(), finite=finite, strict=strict)
+    if isinstance(obj, Mapping):
+        return {_key(k): jsonable(v, finite=finite, strict=strict) for k, v in obj.items()}
+    if isinstance(obj, np.ndarray):
+        obj = obj.tolist()
+    if isinstance(obj, (set, frozenset)):
+        try:
+            obj = sorted(obj)
+        except TypeError:  # mixed types
+            obj = sorted(obj, key=repr)
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v, finite=finite, strict=strict) for v in obj]
+    if isinstance(obj, PurePath):
+        return str(obj)
+    if strict:
+        raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+    return str(obj)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
@@ -35,8 +86,8 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    """Write ``obj`` as indented JSON atomically."""
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    """Write ``obj`` as indented JSON atomically (through :func:`jsonable`)."""
+    return atomic_write_text(path, json.dumps(jsonable(obj), indent=2, sort_keys=False) + "\n")
 
 
 @contextmanager

@@ -46,10 +46,11 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    configure_logging()
+    configure_logging()  # INFO until the config is read (its errors must show)
     settings = run_settings(context)
     overrides = settings.get("overrides", "")
     config = load_config(settings["config"], shlex.split(overrides) if isinstance(overrides, str) else list(overrides))
+    configure_logging(config.run.log_level)
     check_study_config(config)  # before the run folder exists
     run_dir = Path(settings["run-dir"]) if settings.get("run-dir") else new_run_dir(config)
     run_dir.mkdir(parents=True, exist_ok=True)

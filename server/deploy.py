@@ -17,12 +17,10 @@ from typing import Any
 
 import tomli_w
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
 import cldlr
 from cldlr.common.deploy.launch import Command, check_address, existing_file, flower_command, key_values
-from cldlr.common.deploy.pki import CA_CERT, SERVER_CERT, SERVER_KEY
+from cldlr.common.deploy.pki import CA_CERT, SERVER_CERT, SERVER_KEY, load_node_public_key
 from cldlr.common.errors import CldlrError
 from cldlr.common.io import atomic_write_text
 
@@ -113,14 +111,7 @@ def write_connection(name: str, address: str, ca: str | os.PathLike[str], *, mak
 def register_command(public_key: str | os.PathLike[str], connection: str, *, name: str | None = None) -> Command:
     """``flwr supernode register`` for a hospital's ``supernode-<site>.pub`` (checked to be ECDSA first)."""
     pub = existing_file(public_key, "public key", "ask the hospital for its supernode-<site>.pub")
-    try:
-        key = load_ssh_public_key(pub.read_bytes())
-    except (ValueError, TypeError) as exc:
-        raise CldlrError(f"{pub} is not an OpenSSH public key line ({exc}); the hospital makes it with "
-                         "`cldlr certs node OUT --name SITE`") from exc
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise CldlrError(f"{pub}: Flower 1.41 accepts only ECDSA (NIST curve) SuperNode keys, not "
-                         f"{type(key).__name__}; recreate it with `cldlr certs node`")
+    load_node_public_key(pub)
     if name is None and pub.stem.startswith("supernode-"):
         name = pub.stem.removeprefix("supernode-")
     args = ["supernode", "register", str(pub), connection] + (["--name", name] if name else [])

@@ -27,7 +27,7 @@ from cldlr.common.evaluation.layout import EvaluationLayout, confusion_from_hist
 from cldlr.common.evaluation.metrics import metrics_from_counts
 from cldlr.common.fusion import PLATT_HIST_BINS, PLATT_HIST_RANGE, FusionModels, FusionPayload, fusion_fitter
 from cldlr.common.secure.sums import bound_blocks
-from cldlr.common.secure.tasks import BATCH_TASK
+from cldlr.common.secure.tasks import BATCH_TASK, CLINICAL_STATS, ENCODER_SUMS, FUSION_SUMS, PLACEMENT_SUMS, SCORE_HISTOGRAMS
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +82,13 @@ def clinical_phase(sum_fn: SumFn, schema: Schema, config: Config, max_cases: int
     """
     layout = StatisticsLayout.from_schema(schema, n_bins=CLINICAL_BINS)
     candidates = list(schema.model_parameters)
-    requests = [SumRequest("clinical-stats", {}, layout.size, float(max_cases))]
+    requests = [SumRequest(CLINICAL_STATS, {}, layout.size, float(max_cases))]
     if candidates:
-        requests.append(SumRequest("encoder-sums", {"selected": [p.name for p in candidates]},
+        requests.append(SumRequest(ENCODER_SUMS, {"selected": [p.name for p in candidates]},
                                    encoder_sums_length(candidates), float(max_cases)))
     summed, *encoder_summed = sum_together(sum_fn, requests)
     ranges = refined_histogram_ranges(ParameterStatistics.from_vector(summed, layout))
-    summed = sum_fn("clinical-stats", {"histogram_ranges": {k: list(v) for k, v in ranges.items()}},
+    summed = sum_fn(CLINICAL_STATS, {"histogram_ranges": {k: list(v) for k, v in ranges.items()}},
                     length=layout.size, bound=float(max_cases))
     stats = ParameterStatistics.from_vector(summed, layout.with_histogram_ranges(ranges))
     selection = select_parameters(stats, alpha=config.clinical.alpha, normality_alpha=config.clinical.normality_alpha)
@@ -111,7 +111,7 @@ def fusion_phase(sum_fn: SumFn, config: Config, encoder: ClinicalEncoder, n_deep
     while not fitter.done:
         request = fitter.request()
         length, bound = _fusion_shape(fitter, request, n_clinical, n_deep, max_cases, feature_bound)
-        summed = sum_fn("fusion-sums", {**common, **wire.encode(request)}, length=length, bound=bound)
+        summed = sum_fn(FUSION_SUMS, {**common, **wire.encode(request)}, length=length, bound=bound)
         fitter.receive(summed)
     rounds = dict(fitter.rounds)
     log.info("secure SVM fit: %s secure rounds", rounds)
@@ -164,7 +164,7 @@ def evaluation_phase(sum_fn: SumFn, config: Config, fit_payload: dict[str, Any],
     """Pooled metrics from summed score histograms (round A) and placement sums (round B)."""
     layout = EvaluationLayout(models=models, n_bins=config.evaluation.histogram_bins)
     payload = {**fit_payload, "layout": layout.to_payload()}
-    summed = sum_fn("score-histograms", payload, length=layout.histogram_length, bound=float(max_cases), integer=True)
+    summed = sum_fn(SCORE_HISTOGRAMS, payload, length=layout.histogram_length, bound=float(max_cases), integer=True)
     hists = layout.unpack_histograms(summed)
     counts = {c: (int(hists[c][models[0]][0].sum()), int(hists[c][models[0]][1].sum())) for c in layout.cohorts}
     for cohort, (n0, n1) in counts.items():
@@ -172,7 +172,7 @@ def evaluation_phase(sum_fn: SumFn, config: Config, fit_payload: dict[str, Any],
             raise CldlrError(f"{cohort} cohort: {n0} benign / {n1} malignant cases in the whole federation; "
                              f"fewer than evaluation.min_count={config.evaluation.min_count}, nothing is published")
     payload["histograms"] = np.concatenate([hists[c][m].ravel() for c in layout.cohorts for m in models]).tolist()
-    summed = sum_fn("placement-sums", payload, length=layout.placement_length,
+    summed = sum_fn(PLACEMENT_SUMS, payload, length=layout.placement_length,
                     bound=layout.placement_bounds(counts))
     placements = layout.unpack_placements(summed)
     metrics: dict[str, dict[str, dict[str, float]]] = {m: {} for m in models}

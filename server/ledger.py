@@ -16,12 +16,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flwr.app import Message
 from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.serverapp import Grid
 
-SECAGG_KEY = "secaggplus_configs"
+from cldlr.common.io import jsonable
 
 
 def describe_message(msg: Message) -> dict[str, Any]:
@@ -42,7 +42,7 @@ def describe_message(msg: Message) -> dict[str, Any]:
         entry["metrics"][name] = sorted(record.keys())
     for name, record in content.config_records.items():
         entry["configs"][name] = {k: _shape_of(v) for k, v in record.items()}
-        if name == SECAGG_KEY:
+        if name == RECORD_KEY_CONFIGS:  # Flower's SecAgg+ stages
             entry["secure"] = True
     entry["bytes"] = sum(a["bytes"] for r in entry["arrays"].values() for a in r.values()) + sum(
         c.get("bytes", 0) for r in entry["configs"].values() for c in r.values())
@@ -72,18 +72,12 @@ class Ledger:
         entry = {"time": round(time.time(), 3), "phase": self.phase, "round": self.round,
                  "site": self.node_names.get(entry.get("node", -1)), **entry}
         with self._lock, open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(entry, default=_json_default) + "\n")
+            handle.write(json.dumps(jsonable(entry)) + "\n")
             handle.flush()
 
     def event(self, kind: str, **details: Any) -> None:
         """A centre-side event (a site rejected, dropped, a round skipped) — for the audit trail."""
         self.record({"event": kind, **details})
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    return str(value)
 
 
 def _name_dead_senders(sent: list[Message], replies: list[Message]) -> None:

@@ -185,7 +185,7 @@ def _run_round(
     for reply in strategy.replies:
         if reply.num_examples != 1:
             raise SecureSumError(f"{where}: a site replied with weight {reply.num_examples} instead of 1")
-        if reply.metrics.get("call-id") != spec.call_id or reply.metrics.get("offset") != spec.offset:
+        if not spec.is_reply_to(reply.metrics):
             raise SecureSumError(f"{where}: a reply belongs to another request ({reply.metrics!r})")
     if strategy.mean.size != spec.count:
         raise SecureSumError(f"{where}: got {strategy.mean.size} values, expected {spec.count}")

@@ -121,7 +121,7 @@ def run_comparison(sites: list[SiteData], config: Config, run_dir: Path, *, resu
     table = comparison_table(rows)
     atomic_write_json(run_dir / "comparison.json", rows)
     notes = "".join(f"\n\n{title} was not run with privacy.enabled: {reason}." for title, reason in skipped.items())
-    main_outcome = dataclasses.replace(main_outcome, comparison=rows, sections={
+    main_outcome = dataclasses.replace(main_outcome, comparison=rows, sections={**main_outcome.sections,
         "Comparison — test AUC (95% CI) on the pooled test cohort":
             table + "\n\nEach arm's own report is in its sub-folder." + notes})
     log.info("comparison:\n%s", table)

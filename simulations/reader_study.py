@@ -23,11 +23,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy.stats import norm
 
-from cldlr.common.bundle import jsonable
 from cldlr.common.data.contract import parse_label
 from cldlr.common.errors import CldlrError
 from cldlr.common.evaluation.metrics import auc_ci, classification_metrics, delong_test, model_metrics, roc_curve_points
-from cldlr.common.io import atomic_directory, atomic_path, atomic_write_text
+from cldlr.common.io import atomic_directory, atomic_path, atomic_write_text, jsonable
 from cldlr.simulations.reader_packet import CONFIDENCE_LEVELS, READ_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -262,7 +261,7 @@ def analyze_reads(reads: str | Path, truth: str | Path, out: str | Path, *, mode
         raise ReadsError(f"{reads}: {exc}") from exc
     with atomic_directory(out, overwrite=force) as tmp:
         (tmp / "table3.md").write_text("# Table 3 — readers without and with AI\n\n" + table3_markdown(result), "utf-8")
-        (tmp / "table3.json").write_text(json.dumps(jsonable(result), indent=2) + "\n", "utf-8")
+        (tmp / "table3.json").write_text(json.dumps(jsonable(result, finite=True), indent=2) + "\n", "utf-8")
         plot_reader_roc(result, tmp / "reader_roc.png")
     log.info("reader study: %d reader(s), %d case(s) → %s", len(result["readers"]), frame["case"].nunique(), out)
     return Path(out)

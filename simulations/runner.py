@@ -9,6 +9,7 @@ from pathlib import Path
 from cldlr.common.bundle import export_study_bundle
 from cldlr.common.config import Config
 from cldlr.common.evaluation.report import table2_markdown, write_report
+from cldlr.common.logs import configure_logging
 from cldlr.common.runs import new_run_dir
 from cldlr.server.strategies import check_study_config
 from cldlr.simulations.sites import load_sites, merge_sites
@@ -27,6 +28,7 @@ def _run_dir(config: Config, resume: Path | None) -> Path:
 
 def simulate(config: Config, *, compare: bool = False, resume: Path | None = None) -> Path:
     """Run the configured study and return its run folder (holding ``report.md``/``report.json``)."""
+    configure_logging(config.run.log_level)
     check_study_config(config)  # names and DP compatibility, before any site is read or anything trains
     sites = load_sites(config)
     run_dir = _run_dir(config, resume)
@@ -63,4 +65,4 @@ def _run_local(sites: list, config: Config, run_dir: Path, resume: bool) -> Path
         first = first or outcome
     assert first is not None
     title = f"CLDLR study — local training ({len(sites)} sites; main tables: {sites[0].name})"
-    return write_report(run_dir, dataclasses.replace(first, sections=sections), config, title=title)
+    return write_report(run_dir, dataclasses.replace(first, sections={**first.sections, **sections}), config, title=title)

@@ -1,30 +1,40 @@
 """The seed study on one data holder: fine-tune → embed → select clinical → three SVMs → statistics.
 
 This is the single-site 7:3 study (and the "Pooled" and "Local-i" arms of a comparison). Every
-stage is a call into the site-side or common code that the federation reuses unchanged; the
-statistics come from :func:`cldlr.common.evaluation.outcome.evaluate_predictions`.
+stage is a call into the site-side or common code that the federation reuses unchanged, DP-SGD
+included: with ``privacy.enabled`` the data holder trains through the sites' own
+:class:`~cldlr.client.privacy.SitePrivacy`, calibrated on ``train.epochs``, and the outcome
+reports the ε it spent; the statistics come from
+:func:`cldlr.common.evaluation.outcome.evaluate_predictions`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from cldlr.client.site import SiteSession
+from cldlr.client.training import TrainResult
 from cldlr.common.clinical.features import ClinicalEncoder
 from cldlr.common.clinical.selection import select_clinical
 from cldlr.common.config import Config
 from cldlr.common.data.contract import COHORTS, SiteData
+from cldlr.common.errors import CldlrError
 from cldlr.common.evaluation.outcome import MODELS, StudyOutcome, evaluate_predictions
 from cldlr.common.fusion import FusionModels
+from cldlr.common.io import atomic_write_json
 from cldlr.common.models.backbones import build_model
 from cldlr.common.models.gradcam import grad_cam, overlay
 
 log = logging.getLogger(__name__)
+
+PRIVACY_STATE = "privacy.json"  # beside the checkpoint: the DP plan a resumed run must match
 
 
 @dataclass
@@ -63,13 +73,47 @@ def gradcam_examples(model: torch.nn.Module, session: SiteSession, per_class: in
     return examples
 
 
+def train_backbone(session: SiteSession, model: torch.nn.Module, config: Config, checkpoint: Path, *,
+                   resume: bool = False, progress: bool = True) -> tuple[TrainResult, dict[str, Any] | None]:
+    """Fine-tune the backbone; with ``privacy.enabled`` by DP-SGD, returning the privacy spent (else None).
+
+    σ is calibrated once for all ``train.epochs``. The plan is kept beside the checkpoint so that
+    a resumed run must use the same privacy and training settings; the ε reported then covers
+    every epoch of the run, those trained before the restart included.
+    """
+    if not config.privacy.enabled:
+        return session.fit_backbone(model, checkpoint=checkpoint, resume=resume, progress=progress), None
+    from cldlr.client.privacy import SitePrivacy, check_private_compatible
+
+    check_private_compatible(model)
+    privacy = SitePrivacy.from_config(config.privacy, n_train=len(session.train), batch_size=config.train.batch_size,
+                                      total_epochs=config.train.epochs, seed=config.run.seed,
+                                      max_physical_batch=config.privacy.max_physical_batch or None)
+    state = checkpoint.with_name(PRIVACY_STATE)
+    if resume and state.is_file():
+        privacy.load_state_dict(json.loads(state.read_text(encoding="utf-8")))  # refuses other settings
+    elif resume and checkpoint.is_file():
+        raise CldlrError(f"{checkpoint} has no {PRIVACY_STATE} beside it, so the privacy of its epochs is unknown; "
+                         "start a new run instead of resuming this one with privacy.enabled")
+    else:
+        atomic_write_json(state, privacy.state_dict())
+    with privacy.training() as hooks:
+        result = session.fit_backbone(model, checkpoint=checkpoint, resume=resume, progress=progress, **hooks)
+    epochs = len(result.history)  # one entry per epoch, restored ones included: all trained under this plan
+    spent = {**privacy.summary(), "epsilon": SitePrivacy(privacy.plan).epsilon_after(epochs),
+             "steps": epochs * privacy.plan.steps_per_epoch, "epochs": epochs}
+    log.info("DP-SGD: epsilon=%.3f at delta=%g after %d epochs (target %g)", spent["epsilon"], spent["delta"], epochs,
+             spent["target_epsilon"])
+    return result, spent
+
+
 def run_study(site: SiteData, config: Config, run_dir: Path, *, resume: bool = False,
               progress: bool = True) -> tuple[StudyOutcome, StudyArtifacts]:
     """Run the whole seed study on one data holder (one site, or several pooled)."""
     session = SiteSession(site, config)
     torch.manual_seed(config.run.seed)
     model = build_model(config.model)
-    result = session.fit_backbone(model, checkpoint=run_dir / "checkpoint.pt", resume=resume, progress=progress)
+    result, privacy = train_backbone(session, model, config, run_dir / "checkpoint.pt", resume=resume, progress=progress)
 
     selection = select_clinical(session.train.site.frame, session.train.labels, site.schema,
                                 alpha=config.clinical.alpha, normality_alpha=config.clinical.normality_alpha)
@@ -82,9 +126,16 @@ def run_study(site: SiteData, config: Config, run_dir: Path, *, resume: bool = F
     scores = {c: fusion.predict_proba(blocks[c], embeddings[c]) for c in COHORTS}
     probabilities = {m: {c: scores[c][m] for c in COHORTS} for m in MODELS if m in scores["train"]}
     metrics, delong, roc = evaluate_predictions(probabilities, labels, config.svm.threshold)
+    sections = {}
+    if privacy is not None:
+        sections["Differential privacy"] = (
+            f"DP-SGD (Opacus, {privacy['accountant'].upper()} accountant): ε = {privacy['epsilon']:.2f} at "
+            f"δ = {privacy['delta']:g} after {privacy['epochs']} epochs (target ε = {privacy['target_epsilon']:g}; "
+            f"noise multiplier {privacy['noise_multiplier']:.3f}, clipping norm {privacy['max_grad_norm']:g}).")
     outcome = StudyOutcome(
         metrics=metrics, delong=delong, roc=roc, selection_table=selection.table, selected=selection.selected,
         history=result.history, sites=[site_summary(session)],
         gradcam=gradcam_examples(model, session, config.evaluation.gradcam_examples // 2 or 1),
+        privacy=privacy, sections=sections,
     )
     return outcome, StudyArtifacts(model, encoder, fusion, probabilities, labels)

@@ -27,9 +27,10 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.serverapp import Grid, ServerApp
 
-from cldlr.client.secure_sum import make_secure_sum_mod
+from cldlr.client.secure_sum import FITINS_CONFIG, make_secure_sum_mod
 from cldlr.common.config import SecAggConfig
 from cldlr.common.io import atomic_write_bytes, atomic_write_json
 from cldlr.common.secure.sums import SecureSumError
@@ -182,7 +183,7 @@ client_app = ClientApp(
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
     """Stands in for ordinary Message-API training: secure-sum rounds must never reach it."""
-    if "fitins.config" in msg.content.config_records or "secaggplus_configs" in msg.content.config_records:
+    if FITINS_CONFIG in msg.content.config_records or RECORD_KEY_CONFIGS in msg.content.config_records:
         raise RuntimeError("a SecAgg+ message reached the plain train handler")
     return Message(RecordDict({"echo": MetricRecord({"partition-id": int(context.node_config["partition-id"])})}), reply_to=msg)
 

@@ -17,6 +17,7 @@ from cldlr.common.errors import CldlrError
 from cldlr.common.evaluation.metrics import model_metrics
 from cldlr.common.fusion import FusionModels
 from cldlr.common.secure.sums import ScalePlan
+from cldlr.common.secure.tasks import CLINICAL_STATS, ENCODER_SUMS, SECURE_SUM_TASKS
 from cldlr.server.federated_study import SumRequest, run_federated_phases, sum_together
 from cldlr.simulations.sites import merge_sites
 
@@ -111,8 +112,9 @@ def test_federated_fit_equals_pooled_fit(federation) -> None:
 def test_independent_sums_share_one_round_with_their_own_bounds(federation) -> None:
     config, sites = federation
     log: list[dict] = []
-    requests = [SumRequest("clinical-stats", {}, sites[0].clinical_statistics({}).size, 100.0),
-                SumRequest("encoder-sums", {"selected": ["age"]}, sites[0].encoder_sums({"selected": ["age"]}).size, 50.0)]
+    assert sorted(sites[0].tasks()) == sorted(SECURE_SUM_TASKS)  # a site answers every task the centre may send
+    requests = [SumRequest(CLINICAL_STATS, {}, sites[0].clinical_statistics({}).size, 100.0),
+                SumRequest(ENCODER_SUMS, {"selected": ["age"]}, sites[0].encoder_sums({"selected": ["age"]}).size, 50.0)]
     together = sum_together(plain_sum(sites, log), requests)
     assert [e["task"] for e in log] == ["batch"]  # one round
     for request, got in zip(requests, together, strict=True):
@@ -121,7 +123,7 @@ def test_independent_sums_share_one_round_with_their_own_bounds(federation) -> N
     quantized = sum_together(secagg_sum(sites, config), requests)
     plan = ScalePlan.from_bounds(50.0, requests[1].length, config.secagg.clipping_range)
     assert np.abs(quantized[1] - together[1]).max() <= plan.error_bound(3, config.secagg.quantization_range).max()
-    wrong = {"parts": [{"task": "encoder-sums", "payload": {"selected": ["age"]}, "length": 2}]}
+    wrong = {"parts": [{"task": ENCODER_SUMS, "payload": {"selected": ["age"]}, "length": 2}]}
     with pytest.raises(CldlrError, match="part 0 \\(encoder-sums\\).*expects 2"):
         sites[0].tasks()["batch"](wrong)
     with pytest.raises(CldlrError, match="no task 'batch'"):

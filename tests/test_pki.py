@@ -15,12 +15,20 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import DNSName, IPAddress, PolicyBuilder, Store, VerificationError
 
 from cldlr.cli import main
-from cldlr.common.deploy.pki import PkiError, create_ca, create_node_keys, create_server_cert
+from cldlr.common.deploy.pki import (
+    NODE_CURVE,
+    PkiError,
+    create_ca,
+    create_node_keys,
+    create_server_cert,
+    load_node_private_key,
+    load_node_public_key,
+)
 from cldlr.common.deploy.pki_show import describe
 
 HOSTS = ["fl.example.org", "10.1.2.3"]
@@ -179,6 +187,28 @@ def test_flower_rejects_a_pem_key_so_the_format_matters(pki: dict[str, Path]) ->
             "sys.exit(0)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0, done.stdout + done.stderr
+
+
+def test_node_key_loaders_check_what_flower_checks_and_name_the_file(pki: dict[str, Path], tmp_path: Path) -> None:
+    private, public = create_node_keys(tmp_path / "node", name="site-a")
+    key = load_node_private_key(private)
+    assert isinstance(key.curve, type(NODE_CURVE))
+    assert load_node_public_key(public).public_numbers() == key.public_key().public_numbers()
+    ed = ed25519.Ed25519PrivateKey.generate()
+    ed_key, ed_pub = tmp_path / "ed.key", tmp_path / "ed.pub"
+    ed_key.write_bytes(ed.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                        serialization.NoEncryption()))
+    ed_pub.write_bytes(ed.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    for loader, path in ((load_node_private_key, ed_key), (load_node_public_key, ed_pub)):
+        with pytest.raises(PkiError, match=f"{path}: Flower 1.41 accepts only ECDSA .* not Ed25519"):
+            loader(path)
+    with pytest.raises(PkiError, match=f"{pki['key']} is not an unencrypted OpenSSH private key"):
+        load_node_private_key(pki["key"])  # a PEM key: Flower would refuse it too
+    with pytest.raises(PkiError, match=f"{private} is not an OpenSSH public key line"):
+        load_node_public_key(private)
+    with pytest.raises(PkiError, match=f"cannot read the SuperNode key {tmp_path / 'missing.key'}"):
+        load_node_private_key(tmp_path / "missing.key")
+    assert "not Ed25519PublicKey" in describe(tmp_path)  # `certs show` warns with the same check
 
 
 def test_invalid_site_name(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 from secagg_app import LONG_BOUND, SMALL_BLOCKS, fingerprints, leaks, site_vector
 
-from cldlr.client.secure_sum import build_fitres_content, register_task, registered_tasks, unregister_task
+from cldlr.client.secure_sum import FITINS_CONFIG, build_fitres_content
 from cldlr.common.config import SecAggConfig
 from cldlr.common.secure.sums import (
     SPEC_KEY,
@@ -141,7 +141,7 @@ def _context(partition: int = 0) -> Context:
 
 
 def _fitins(spec: SecureSumSpec) -> RecordDict:
-    return RecordDict({"fitins.config": ConfigRecord({SPEC_KEY: spec.to_json()})})
+    return RecordDict({FITINS_CONFIG: ConfigRecord({SPEC_KEY: spec.to_json()})})
 
 
 def test_site_reply_has_legacy_fitres_layout_with_scaled_slices() -> None:
@@ -175,21 +175,19 @@ def test_site_reply_fails_clearly_on_wrong_length_or_unknown_task() -> None:
         build_fitres_content(RecordDict(), _context(), {})
 
 
-def test_global_registry() -> None:
+def test_the_task_mapping_is_explicit_and_a_missing_task_names_the_ones_there_are() -> None:
     def fn(payload: Any, context: Context) -> np.ndarray:
         return np.full(2, float(context.node_config["partition-id"]))
 
-    register_task("test-registry", fn)
-    try:
-        assert "test-registry" in registered_tasks()
-        with pytest.raises(SecureSumError, match="already registered"):
-            register_task("test-registry", lambda p, c: np.zeros(2))
-        spec = SecureSumSpec("test-registry", "id", ScalePlan.from_bounds(4.0, 2, C), 0, 2)
-        content = build_fitres_content(_fitins(spec), _context(partition=2))
-        np.testing.assert_allclose(content.array_records["fitres.parameters"].to_numpy_ndarrays()[0], [C / 2, C / 2])
-    finally:
-        unregister_task("test-registry")
-    assert "test-registry" not in registered_tasks()
+    tasks = {"per-site": fn, "other": lambda p, c: np.zeros(2)}
+    spec = SecureSumSpec("per-site", "id", ScalePlan.from_bounds(4.0, 2, C), 0, 2)
+    content = build_fitres_content(_fitins(spec), _context(partition=2), tasks)
+    np.testing.assert_allclose(content.array_records["fitres.parameters"].to_numpy_ndarrays()[0], [C / 2, C / 2])
+    assert spec.is_reply_to(content.config_records["fitres.metrics"])
+    assert not SecureSumSpec("per-site", "id", spec.plan, 1, 1).is_reply_to(content.config_records["fitres.metrics"])
+    missing = SecureSumSpec("missing", "id", spec.plan, 0, 2)
+    with pytest.raises(SecureSumError, match="no secure-sum task 'missing' \\(it answers: other, per-site\\)"):
+        build_fitres_content(_fitins(missing), _context(), tasks)
 
 
 # --- centre side: argument checks before any network traffic -------------------------------

@@ -54,6 +54,29 @@ def test_resume_continues_from_the_checkpoint(site: Path, tmp_path: Path) -> Non
     assert not (tmp_path / "r-2").exists()
 
 
+DP = ("privacy.enabled=true", "privacy.target_epsilon=8", "privacy.delta=1e-3", "privacy.max_grad_norm=1.0")
+
+
+def test_pooled_study_trains_with_dp_sgd_and_reports_the_epsilon_spent(site: Path, tmp_path: Path, capsys) -> None:
+    assert main(["simulate", "configs/paper.yaml", *args(site, tmp_path, "run.name=dp", "train.epochs=1", *DP)]) == 0
+    run = tmp_path / "dp"
+    spent = json.loads((run / "report.json").read_text())["privacy"]
+    assert 0 < spent["epsilon"] <= 8 and spent["delta"] == 1e-3 and spent["noise_multiplier"] > 0
+    assert spent["epochs"] == 1 and spent["steps"] > 0 and spent["max_grad_norm"] == 1.0
+    assert f"ε = {spent['epsilon']:.2f}" in (run / "report.md").read_text()
+    card = json.loads((run / "model" / "bundle.json").read_text())["model_card"]["differential_privacy"]
+    assert card["spent"]["epsilon"] == spent["epsilon"] and card["target_epsilon"] == 8
+    # resumed with the same settings: nothing left to train, and the epoch of the first process still counts
+    assert main(["simulate", "configs/paper.yaml", *args(site, tmp_path, "run.name=dp", "train.epochs=1", *DP),
+                 "--resume", str(run)]) == 0
+    assert json.loads((run / "report.json").read_text())["privacy"]["epsilon"] == spent["epsilon"]
+    capsys.readouterr()
+    # σ was calibrated for one epoch: training a second one under it would break the promise
+    assert main(["simulate", "configs/paper.yaml", *args(site, tmp_path, "run.name=dp", "train.epochs=2", *DP),
+                 "--resume", str(run)]) == 2
+    assert "privacy state was calibrated for other settings" in capsys.readouterr().err
+
+
 def test_invalid_site_stops_before_any_work(tmp_path: Path, capsys) -> None:
     from conftest import write_schema, write_site
 

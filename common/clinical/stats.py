@@ -176,7 +176,7 @@ def _column_codes(series: pd.Series, p: Parameter) -> np.ndarray:
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise ValueError(f"parameter {p.name!r}, row {row}: value {series.iloc[row]!r} is not valid (expected {what}, "
-                         "parsed as by cldlr.common.data.contract.read_site)")
+                         "parsed as by cldlr.common.data.site.read_site)")
     return values
 
 

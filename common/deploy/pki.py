@@ -1,6 +1,8 @@
 """Certificates and SuperNode keys for a real Flower 1.41 deployment (CA, SuperLink TLS, node auth).
 
-``describe`` (``cldlr certs show``) lives in :mod:`cldlr.common.deploy.pki_show`.
+Also the one place that reads a SuperNode key back (:func:`load_node_private_key` on the hospital,
+:func:`load_node_public_key` at the centre) with the check Flower applies to it, so a wrong key is
+refused before Flower starts. ``describe`` (``cldlr certs show``) lives in :mod:`cldlr.common.deploy.pki_show`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ log = logging.getLogger(__name__)
 CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY = "ca.crt", "ca.key", "server.crt", "server.key"
 ALWAYS_HOSTS = ("127.0.0.1", "localhost")  # the SuperLink's own SuperExec dials 127.0.0.1
 NODE_CURVE = ec.SECP384R1()  # = `ssh-keygen -t ecdsa -b 384`; Flower accepts NIST curves only, no ed25519
+NIST_CURVES = ("secp256r1", "secp384r1", "secp521r1")  # what OpenSSH calls nistp256/384/521
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _SITE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _CLOCK_SKEW = dt.timedelta(minutes=5)  # back-date notBefore so a slightly slow peer clock still accepts
@@ -46,8 +49,17 @@ class Paths:
     ca_cert: Path | None = None
 
 
-def _now() -> dt.datetime:
+def utc_now() -> dt.datetime:
+    """The current time, timezone-aware in UTC, as certificate validity is compared."""
     return dt.datetime.now(dt.UTC)
+
+
+def is_ca(cert: x509.Certificate) -> bool:
+    """Whether ``cert`` may sign others (basicConstraints CA:TRUE); a missing extension means no."""
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
 
 
 def _write_files(files: list[tuple[Path, bytes, bool]], *, force: bool) -> None:
@@ -106,7 +118,7 @@ def _skeleton(subject_cn: str, issuer: x509.Name | None, public: Any, issuer_pub
     return (
         x509.CertificateBuilder().subject_name(subject).issuer_name(issuer or subject).public_key(public)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(_now() - _CLOCK_SKEW).not_valid_after(not_after)
+        .not_valid_before(utc_now() - _CLOCK_SKEW).not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
         .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=ca, crl_sign=ca, **usage), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
@@ -123,7 +135,7 @@ def create_ca(out_dir: str | os.PathLike[str], *, name: str = "cldlr federation 
     if days < 1:
         raise PkiError(f"--days must be at least 1, got {days}")
     key = ec.generate_private_key(ec.SECP384R1())
-    cert = _skeleton(name, None, key.public_key(), key.public_key(), _now() + dt.timedelta(days=days),
+    cert = _skeleton(name, None, key.public_key(), key.public_key(), utc_now() + dt.timedelta(days=days),
                      ca=True).sign(key, hashes.SHA384())
     out = _prepare_dir(out_dir)
     paths = Paths(cert=out / CA_CERT, key=out / CA_KEY)
@@ -150,9 +162,9 @@ def _load_ca(ca_dir: str | os.PathLike[str]) -> tuple[x509.Certificate, ec.Ellip
         raise PkiError(f"{key_path}: only EC or RSA CA keys are supported, got {type(key).__name__}")
     if key.public_key().public_numbers() != cert.public_key().public_numbers():
         raise PkiError(f"{key_path} does not belong to {cert_path}; use the key created with that certificate")
-    if not _is_ca(cert):
+    if not is_ca(cert):
         raise PkiError(f"{cert_path} is not a CA certificate (basicConstraints CA:TRUE missing)")
-    if cert.not_valid_after_utc <= _now():
+    if cert.not_valid_after_utc <= utc_now():
         raise PkiError(f"{cert_path} expired on {cert.not_valid_after_utc:%Y-%m-%d}; create a new CA")
     return cert, key
 
@@ -192,7 +204,7 @@ def create_server_cert(out_dir: str | os.PathLike[str], *, ca_dir: str | os.Path
     if same_dir:
         log.warning("server files are written next to %s; move the CA key offline before deploying",
                     Path(ca_dir) / CA_KEY)
-    not_after = _now() + dt.timedelta(days=days)
+    not_after = utc_now() + dt.timedelta(days=days)
     if not_after > ca_cert.not_valid_after_utc:
         log.warning("capping the server certificate at the CA's expiry %s", f"{ca_cert.not_valid_after_utc:%Y-%m-%d}")
         not_after = ca_cert.not_valid_after_utc
@@ -238,10 +250,53 @@ def create_node_keys(out_dir: str | os.PathLike[str], *, name: str, force: bool 
     return priv_path, pub_path
 
 
-def _is_ca(cert: x509.Certificate) -> bool:
+def key_type(key: object) -> str:
+    """A key's algorithm as people name it (``ECDSA secp384r1``, ``RSA 2048 bit``, ``Ed25519PublicKey``)."""
+    if isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)):
+        return f"ECDSA {key.curve.name}"
+    if isinstance(key, (rsa.RSAPrivateKey, rsa.RSAPublicKey)):
+        return f"RSA {key.key_size} bit"
+    return type(key).__name__.lstrip("_")
+
+
+def node_key_problem(key: object) -> str | None:
+    """Why Flower 1.41 would refuse ``key`` as a SuperNode key (it signs with ECDSA on NIST curves only), or None."""
+    if isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)) and key.curve.name in NIST_CURVES:
+        return None
+    return (f"Flower 1.41 accepts only ECDSA (NIST curve) SuperNode keys, not {key_type(key)}; "
+            "recreate it with `cldlr certs node OUT --name SITE`")
+
+
+def _read(path: Path, what: str) -> bytes:
     try:
-        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
-    except x509.ExtensionNotFound:
-        return False
+        return path.read_bytes()
+    except OSError as exc:
+        raise PkiError(f"cannot read the {what} {path} ({exc})") from exc
 
 
+def load_node_private_key(path: str | os.PathLike[str]) -> ec.EllipticCurvePrivateKey:
+    """Read a hospital's ``supernode-<site>.key`` and check Flower 1.41 will take it; :class:`PkiError` says why not."""
+    path = Path(path)
+    try:
+        key = serialization.load_ssh_private_key(_read(path, "SuperNode key"), password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise PkiError(f"{path} is not an unencrypted OpenSSH private key ({exc}); Flower 1.41 needs the "
+                       "supernode-<site>.key that `cldlr certs node` writes") from exc
+    problem = node_key_problem(key)
+    if problem is not None or not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise PkiError(f"{path}: {problem}")
+    return key
+
+
+def load_node_public_key(path: str | os.PathLike[str]) -> ec.EllipticCurvePublicKey:
+    """Read a hospital's ``supernode-<site>.pub`` (OpenSSH line) and check Flower 1.41 will register it."""
+    path = Path(path)
+    try:
+        key = serialization.load_ssh_public_key(_read(path, "SuperNode public key").strip())
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise PkiError(f"{path} is not an OpenSSH public key line ({exc}); the hospital makes it with "
+                       "`cldlr certs node OUT --name SITE`") from exc
+    problem = node_key_problem(key)
+    if problem is not None or not isinstance(key, ec.EllipticCurvePublicKey):
+        raise PkiError(f"{path}: {problem}")
+    return key

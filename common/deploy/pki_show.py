@@ -18,9 +18,8 @@ from typing import Any
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from cldlr.common.deploy.pki import CA_KEY, SERVER_KEY, _is_ca, _now
+from cldlr.common.deploy.pki import CA_KEY, SERVER_KEY, is_ca, key_type, node_key_problem, utc_now
 
 _ROLES = """\
 Who holds what
@@ -83,14 +82,6 @@ def _ssh_fingerprint(public_key: Any) -> str:
     return "SHA256:" + base64.b64encode(hashlib.sha256(base64.b64decode(blob)).digest()).decode().rstrip("=")
 
 
-def _key_type(key: Any) -> str:
-    if isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)):
-        return f"ECDSA {key.curve.name}"
-    if isinstance(key, (rsa.RSAPrivateKey, rsa.RSAPublicKey)):
-        return f"RSA {key.key_size} bit"
-    return type(key).__name__.lstrip("_")
-
-
 def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     try:
         cert.verify_directly_issued_by(ca)
@@ -100,10 +91,10 @@ def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
 
 
 def _cert_details(cert: x509.Certificate, cas: list[_Found]) -> tuple[list[str], list[str]]:
-    now, start, end = _now(), cert.not_valid_before_utc, cert.not_valid_after_utc
+    now, start, end = utc_now(), cert.not_valid_before_utc, cert.not_valid_after_utc
     state = "EXPIRED" if end <= now else "NOT YET VALID" if start > now else f"{(end - now).days} days left"
-    leaf = not _is_ca(cert)
-    info = [f"{'leaf' if leaf else 'CA'} certificate, {_key_type(cert.public_key())}",
+    leaf = not is_ca(cert)
+    info = [f"{'leaf' if leaf else 'CA'} certificate, {key_type(cert.public_key())}",
             f"subject: {cert.subject.rfc4514_string()}", f"issuer:  {cert.issuer.rfc4514_string()}",
             f"valid: {start:%Y-%m-%d %H:%M} -> {end:%Y-%m-%d %H:%M} UTC ({state})",
             "SHA-256 fingerprint: " + cert.fingerprint(hashes.SHA256()).hex(":").upper()]
@@ -132,20 +123,20 @@ def _file_report(item: _Found, found: list[_Found]) -> tuple[list[str], list[str
     info: list[str] = []
     warn: list[str] = []
     if item.kind == "cert":
-        info, warn = _cert_details(item.obj, [f for f in found if f.kind == "cert" and _is_ca(f.obj)])
+        info, warn = _cert_details(item.obj, [f for f in found if f.kind == "cert" and is_ca(f.obj)])
     elif item.kind == "key":
-        info = [f"private key, {_key_type(item.obj)}", f"pairs with: {pairs or 'no certificate here'}"]
+        info = [f"private key, {key_type(item.obj)}", f"pairs with: {pairs or 'no certificate here'}"]
     elif item.kind == "ssh-private":
-        info = [f"SuperNode auth private key (OpenSSH), {_key_type(item.obj)}",
+        info = [f"SuperNode auth private key (OpenSSH), {key_type(item.obj)}",
                 f"fingerprint: {_ssh_fingerprint(item.obj.public_key())}", f"pairs with: {pairs or 'no .pub here'}"]
     elif item.kind == "ssh-public":
-        info = [f"SuperNode public key (register it at the centre), {_key_type(item.obj)}",
+        info = [f"SuperNode public key (register it at the centre), {key_type(item.obj)}",
                 f"fingerprint: {_ssh_fingerprint(item.obj)}"]
     else:
         warn = [str(item.obj)]
-    ec_types = (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)
-    if item.kind.startswith("ssh-") and not isinstance(item.obj, ec_types):
-        warn.append("Flower 1.41 accepts only EC (NIST curve) node keys; create one with `cldlr certs node`")
+    problem = node_key_problem(item.obj) if item.kind.startswith("ssh-") else None
+    if problem is not None:
+        warn.append(problem)
     mode = stat.S_IMODE(item.path.stat().st_mode)
     info.append(f"mode {mode:04o}" + (" (SECRET)" if item.secret else ""))
     if item.secret and mode & 0o077:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from cldlr.common.errors import CldlrError
+from cldlr.common.io import jsonable
 
 SPEC_KEY = "cldlr.secure-sum"
 """Key of the JSON spec inside the legacy ``fitins.config`` of a secure-sum round."""
@@ -210,14 +211,6 @@ def split_rounds(length: int, max_elements_per_round: int | None) -> list[tuple[
     return [(start, min(step, length - start)) for start in range(0, length, step)]
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
 @dataclass(frozen=True)
 class SecureSumSpec:
     """What the centre asks of every site in one secure-sum round (sent as JSON in ``fitins.config``)."""
@@ -239,21 +232,19 @@ class SecureSumSpec:
         """True for the slice that ends the vector (sites may drop their cached vector then)."""
         return self.offset + self.count == self.length
 
+    def reply_tag(self) -> dict[str, Any]:
+        """What a site's reply to this slice carries in plaintext, so the centre can refuse a stale one."""
+        return {"task": self.task, "call-id": self.call_id, "offset": self.offset}
+
+    def is_reply_to(self, tag: Mapping[str, Any]) -> bool:
+        """Whether a reply's plaintext tag (see :meth:`reply_tag`) answers this very slice of this call."""
+        return tag.get("call-id") == self.call_id and tag.get("offset") == self.offset
+
     def to_json(self) -> str:
         """Encode; numpy arrays and scalars in the payload become JSON lists and numbers."""
-        return json.dumps(
-            {
-                "version": SPEC_VERSION,
-                "task": self.task,
-                "call_id": self.call_id,
-                "offset": self.offset,
-                "count": self.count,
-                "plan": self.plan.to_dict(),
-                "payload": dict(self.payload),
-            },
-            default=_jsonable,
-            allow_nan=False,
-        )
+        spec = {"version": SPEC_VERSION, "task": self.task, "call_id": self.call_id, "offset": self.offset,
+                "count": self.count, "plan": self.plan.to_dict(), "payload": dict(self.payload)}
+        return json.dumps(jsonable(spec, strict=True), allow_nan=False)
 
     @classmethod
     def from_json(cls, text: str) -> SecureSumSpec:

@@ -10,4 +10,13 @@ HANDSHAKE = "query.handshake"
 FINALIZE = "query.finalize"
 LOCAL_METRICS = "query.local_metrics"
 PLAIN_SUM = "query.sum"  # one-site federations only (nothing to hide a sum of one among)
-BATCH_TASK = "batch"  # secure-sum task: several independent sums in one SecAgg+ round
+
+# Secure-sum tasks: what a site computes for one SecAgg+ sum (see cldlr.server.federated_study).
+CLINICAL_STATS = "clinical-stats"  # per-parameter counts, moments and histograms (selection)
+ENCODER_SUMS = "encoder-sums"  # what the clinical encoder is fitted from
+FUSION_SUMS = "fusion-sums"  # the SVM fusion's sufficient statistics
+SCORE_HISTOGRAMS = "score-histograms"  # per-model score histograms (AUC, confusion tables)
+PLACEMENT_SUMS = "placement-sums"  # DeLong placements of the pooled evaluation
+BATCH_TASK = "batch"  # several independent sums in one SecAgg+ round
+SECURE_SUM_TASKS = (CLINICAL_STATS, ENCODER_SUMS, FUSION_SUMS, SCORE_HISTOGRAMS, PLACEMENT_SUMS, BATCH_TASK)
+"""Every task a site answers; a site that lacks one cannot take part in the study."""

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
+from cldlr.client.policy import SitePolicy
 from cldlr.client.site import SiteSession
 from cldlr.common.clinical.features import ClinicalEncoder, encoder_sums
 from cldlr.common.config import Config
@@ -41,9 +42,12 @@ FINAL_MODEL = "final-global.safetensors"
 class FederatedSite:
     """One site's state across the phases of a federated run."""
 
-    def __init__(self, session: SiteSession, config: Config, state_dir: Path | None = None) -> None:
+    def __init__(self, session: SiteSession, config: Config, state_dir: Path | None = None, *,
+                 policy: SitePolicy | None = None) -> None:
         self.session = session
         self.config = config
+        # the hospital's own rules (never the centre's): what may leave, the lifetime ε cap, its folders
+        self.policy = policy
         # Flower may hand consecutive messages of one site to different processes (Ray actors in
         # simulation, a fresh ClientApp process per run in deployment): whatever must outlive a
         # message lives in files under state_dir, on the site's own disk.

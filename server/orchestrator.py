@@ -98,7 +98,8 @@ class FederatedRun:
             return arrays, progress
         strategy = make_strategy(fed.strategy, min_sites=min(fed.min_sites, len(self.grid.members)),
                                  proximal_mu=fed.proximal_mu, server_opt=fed.server_opt)
-        strategy.setup(reference=arrays, min_sites=fed.min_sites, transfer_dtype=fed.transfer_dtype, node_names=self.names)
+        strategy.setup(reference=arrays, min_sites=fed.min_sites, transfer_dtype=fed.transfer_dtype, node_names=self.names,
+                       announced={n: c["n-train"] for n, c in self.counts.items()})
         strategy.round_offset = progress.completed_rounds
         self.ledger.phase = "backbone"
 

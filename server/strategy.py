@@ -85,6 +85,7 @@ class CheckedStrategy(Strategy):
         self.min_sites = 1
         self.transfer_dtype = "float32"
         self.node_names: dict[int, str] = {}
+        self.announced: dict[int, int] = {}
         self.rounds: list[RoundLog] = []
         self.round_offset = 0
 
@@ -93,12 +94,18 @@ class CheckedStrategy(Strategy):
         return f"CheckedStrategy({self.strategy!r})"
 
     def setup(self, *, reference: dict[str, np.ndarray], min_sites: int, transfer_dtype: str,
-              node_names: dict[int, str]) -> None:
-        """The global model replies are checked against, the valid replies a round needs, the downlink dtype, site names."""
+              node_names: dict[int, str], announced: dict[int, int] | None = None) -> None:
+        """The global model replies are checked against, the valid replies a round needs, the downlink dtype, site names.
+
+        ``announced`` maps a node to the training images it declared at the handshake: a reply's
+        ``num-examples`` must equal it, so no site can weight its update above its data (a weight of
+        1e9 would make one site's update the global model).
+        """
         self.reference = reference
         self.min_sites = min_sites
         self.transfer_dtype = transfer_dtype
         self.node_names = node_names
+        self.announced = dict(announced or {})
 
     @property
     def fast_average(self) -> bool:
@@ -192,6 +199,9 @@ class CheckedStrategy(Strategy):
         weight = float(item.metrics[WEIGHT_KEY])
         if not (math.isfinite(weight) and weight > 0):
             raise InvalidUpdate(f"{WEIGHT_KEY} is {weight}, a positive number expected")
+        if item.node in self.announced and weight != self.announced[item.node]:
+            raise InvalidUpdate(f"{WEIGHT_KEY} is {weight:g}, but the site announced {self.announced[item.node]} "
+                                "training images at the handshake")
         return weight
 
     def _checked_aggregate(self, round_number: int, server_round: int,

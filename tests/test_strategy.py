@@ -210,6 +210,19 @@ def test_a_bad_number_of_examples_is_rejected(strategy, n, why) -> None:
     assert why in strategy.rounds[-1].rejected[3]
 
 
+def test_a_weight_other_than_the_announced_training_images_is_rejected() -> None:
+    """Attack: a site (or a forged reply) claims 1e9 examples to make its update the global model."""
+    s = make_strategy("fedavg", min_sites=2, proximal_mu=0.0)
+    reference = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
+    s.setup(reference=reference, min_sites=2, transfer_dtype="float32", node_names={1: "a", 2: "b", 3: "c"},
+            announced={1: 1, 2: 1, 3: 1})
+    average, _ = s.aggregate_replies(1, [update(1.0, 1, 1), update(3.0, 1, 2), update(9.0, 10**9, 3)])
+    np.testing.assert_allclose(average["w"], 2.0)
+    assert "announced 1 training images" in s.rounds[-1].rejected[3]
+    average, _ = s.aggregate_replies(2, [update(1.0, 1, 1), update(3.0, 1, 2), update(8.0, 1, 3)])
+    np.testing.assert_allclose(average["w"], 4.0)  # the honest weight is accepted
+
+
 def test_error_replies_and_replies_without_metrics_are_rejected_by_reason(flower_task, strategy) -> None:
     ok = {"w": np.full((2, 3), 2.0, np.float16), "b": np.full(3, 2.0, np.float16)}
     no_metrics = Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in ok.items()})}), metadata=metadata(3))

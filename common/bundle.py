@@ -318,6 +318,11 @@ def load_bundle(path: str | Path) -> Bundle:
                   margin=float(roi["margin"]), threshold=threshold, meta=meta)
 
 
+#: What a model card's ε is a guarantee about — and what it is not.
+DP_COVERS = ("the DP-SGD training of the backbone only; clinical statistics, encoder, SVM and evaluation sums are "
+             "released exactly (SecAgg+ hides each site's share of a sum, not a patient's contribution to it)")
+
+
 def export_study_bundle(out_dir: str | Path, outcome: StudyOutcome, artifacts: Any, config: Any, schema: Schema) -> Path:
     """Bundle a finished study (``run_study``'s outcome and artifacts) with its model card; replaces ``out_dir``.
 
@@ -332,6 +337,8 @@ def export_study_bundle(out_dir: str | Path, outcome: StudyOutcome, artifacts: A
     if config.privacy.enabled:
         privacy |= {"target_epsilon": config.privacy.target_epsilon, "delta": config.privacy.delta,
                     "max_grad_norm": config.privacy.max_grad_norm}
+    if privacy:
+        privacy["covers"] = DP_COVERS
     fed = outcome.federation
     card = {
         "intended_use": "research use: probability of malignancy of a BI-RADS 4 breast-ultrasound lesion; "

@@ -18,6 +18,7 @@ from torch import nn
 from cldlr.common import bundle as bundle_mod
 from cldlr.common.bundle import (
     BACKBONE_FILE,
+    DP_COVERS,
     FUSION_FILE,
     HASHES_FILE,
     META_FILE,
@@ -280,7 +281,8 @@ def test_export_federated_bundle_from_global_arrays(tmp_path):
                                    config=config, schema=study.schema)
     card = json.loads((path / META_FILE).read_text())["model_card"]
     assert card["sites"] == ["a", "b"] and card["federation"] == {"strategy": "fedavg", "rounds": 3}
-    assert card["differential_privacy"] == {"spent": {"a": {"epsilon": 2.0}}}
+    assert card["differential_privacy"] == {"spent": {"a": {"epsilon": 2.0}}, "covers": DP_COVERS}
+    assert "backbone only" in DP_COVERS
     images, masks, clinical, ids = bundle_inputs(study)
     scores = [p.ai_score for p in load_bundle(path).predict_many(images, masks, clinical, ids=ids)]
     np.testing.assert_array_equal(scores, expected["cldlr"])

@@ -77,7 +77,8 @@ def _federation_markdown(fed: FederationSummary) -> str:
         lines.append(f"- Uplink bytes per site per round: {sizes}")
     if fed.privacy:
         lines.append("- Differential privacy (ε, δ) per site: " + ", ".join(
-            f"{site} ε={v['epsilon']:.2f} (δ={v['delta']:g}, after round {v['after_round']})" for site, v in fed.privacy.items()))
+            f"{site} ε={v['epsilon']:.2f} (δ={v['delta']:g}, after round {v['after_round']})" for site, v in fed.privacy.items())
+            + "; ε covers the backbone's DP-SGD only: the secure sums (clinical statistics, SVM, evaluation) are exact")
     if fed.dropped:
         lines.append(f"- Sites dropped or rejected: {fed.dropped}")
     lines.append("- Every message that left a site is listed in `ledger.jsonl`.")

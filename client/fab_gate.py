@@ -23,6 +23,7 @@ receives exactly the approved bytes. The refusal path hashes the bytes itself.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import logging
 import os
@@ -55,6 +56,7 @@ log = logging.getLogger("cldlr.site.gate")
 
 COMPONENT = "cldlr-fab-gate"
 POLL_S = 1.0
+STOP_GRACE_S = 10.0
 APPROVED, REFUSED = "approved", "refused"
 #: the task types a SuperNode creates from the centre's messages; anything but a ClientApp is refused
 CLAIMED = (TaskType.CLIENT_APP, TaskType.AGENT_APP)
@@ -165,8 +167,49 @@ class FabGate:
             client.close()
 
 
+def _children() -> list[int]:
+    """PIDs of this process's children (the ClientApps it started), read from /proc (Linux)."""
+    me, found = os.getpid(), []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == me:
+                    found.append(int(entry.name))
+    return found
+
+
+def stop_clientapps(grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM the ClientApps this gate started, SIGKILL what is left after ``grace_s``; reap them all.
+
+    A ClientApp whose SuperNode went away first can hang in Flower's exit path (its task
+    heartbeat keeps retrying the gone Runtime API), so one SIGTERM to the gate must not depend on
+    the ClientApps' own shutdown.
+    """
+    pending = set(_children())
+    for pid in pending:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while pending:
+        for pid in list(pending):
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    pending.discard(pid)
+            except ChildProcessError:
+                pending.discard(pid)
+        if pending and time.monotonic() > deadline:
+            log.warning("ClientApp process(es) %s did not stop within %.0f s: killed", sorted(pending), grace_s)
+            for pid in pending:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            deadline = float("inf")
+        time.sleep(0.1)
+
+
 def _stop(signum: int, _frame: FrameType | None) -> NoReturn:
-    log.info("FAB gate stopped (%s)", signal.Signals(signum).name)
+    log.info("FAB gate stopping (%s): its ClientApps first", signal.Signals(signum).name)
+    stop_clientapps()
+    log.info("FAB gate stopped")
     sys.exit(0)
 
 
@@ -191,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["APPROVED", "REFUSED", "FabGate", "approved_fabs", "fab_sha256", "main"]
+__all__ = ["APPROVED", "REFUSED", "FabGate", "approved_fabs", "fab_sha256", "main", "stop_clientapps"]
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -10,6 +10,9 @@ import hashlib
 import io
 import shlex
 import shutil
+import subprocess
+import sys
+import time
 import tomllib
 import zipfile
 from pathlib import Path
@@ -24,7 +27,7 @@ from flwr.common.config import parse_config_args, validate_config
 
 from cldlr.cli import main
 from cldlr.client.deploy import check_site, clientapp_command, supernode_command
-from cldlr.client.fab_gate import FabGate, approved_fabs, fab_sha256
+from cldlr.client.fab_gate import FabGate, approved_fabs, fab_sha256, stop_clientapps
 from cldlr.common.deploy.launch import key_values, toml_string
 from cldlr.common.deploy.pki import create_ca, create_node_keys, create_server_cert
 from cldlr.common.errors import CldlrError, ConfigError, ContractError
@@ -308,3 +311,16 @@ def test_gate_runs_only_approved_clientapps(tmp_path: Path, caplog: pytest.LogCa
     assert "not approved" in str(gate.decide("flwr-clientapp", ""))
     assert not FabGate("127.0.0.1:9100", approved_fabs(_policy(tmp_path, []))).approved
     assert "every run will be refused" in caplog.text
+
+
+def test_stopping_the_gate_stops_its_clientapps_even_stuck_ones(caplog: pytest.LogCaptureFixture) -> None:
+    stuck = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                              "print('ready', flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    polite = subprocess.Popen(["sleep", "120"])
+    assert stuck.stdout is not None and stuck.stdout.readline().strip() == "ready"
+    started = time.monotonic()
+    stop_clientapps(grace_s=1.0)
+    assert time.monotonic() - started < 10
+    for child in (stuck, polite):
+        assert not Path(f"/proc/{child.pid}").exists(), child.args  # gone and reaped, not a zombie
+    assert f"[{stuck.pid}] did not stop" in caplog.text and str(polite.pid) not in caplog.text

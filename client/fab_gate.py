@@ -81,7 +81,7 @@ def fab_sha256(path: str | os.PathLike[str]) -> str:
 
 def approved_fabs(policy: str | os.PathLike[str]) -> frozenset[str]:
     """The FAB hashes the site's policy approves (an empty list refuses every run)."""
-    approved = frozenset(load_policy(policy).approved_fabs)
+    approved = frozenset(load_policy(Path(policy)).approved_fabs)
     if not approved:
         log.warning("%s approves no FAB (approved_fabs: []): every run will be refused", policy)
     return approved

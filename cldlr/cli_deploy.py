@@ -138,7 +138,8 @@ def _deploy_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     p = sub.add_parser("deploy", help=text, description=text + ". See docs/DEPLOY.md.")
     dsub = p.add_subparsers(dest="deploy_command", required=True, metavar="ACTION")
 
-    def action(name: str, func: Callable[[argparse.Namespace], int], help_text: str, *, runs: bool = True) -> argparse.ArgumentParser:
+    def action(name: str, func: Callable[[argparse.Namespace], int], help_text: str, *,
+               runs: bool = True) -> argparse.ArgumentParser:
         q = dsub.add_parser(name, help=help_text, description=help_text)
         q.set_defaults(func=func)
         if runs:

@@ -153,8 +153,8 @@ def render_config(certs: str | os.PathLike[str], out: str | os.PathLike[str], *,
         raise CldlrError(f"--user {user!r}: give a system user name for nginx's worker processes")
     base = Path(out).expanduser().resolve()
     return TEMPLATE.format(
-        fleet=FLEET_PREFIX, fleet_bare=FLEET_PREFIX.rstrip("/"), pid=_quoted(base / "nginx.pid"), error_log=_quoted(base / "logs" / "error.log"),
-        access_log=_quoted(base / "logs" / "access.log"),
+        fleet=FLEET_PREFIX, fleet_bare=FLEET_PREFIX.rstrip("/"), pid=_quoted(base / "nginx.pid"),
+        error_log=_quoted(base / "logs" / "error.log"), access_log=_quoted(base / "logs" / "access.log"),
         temp_paths="\n    ".join(f"{kind}_temp_path {_quoted(base / 'tmp' / name)};" for kind, name in TEMP_FOLDERS.items()),
         user=f"user {user};" if user else "# (no `user`: as root nginx runs its workers as `nobody`; see --user)",
         superlink=upstream, listen=listen_at, cert=_quoted(cert), key=_quoted(key), ca=_quoted(ca),

@@ -6,28 +6,24 @@ Flower parses it, so a quoting or flag mistake shows up without starting anythin
 
 from __future__ import annotations
 
-import hashlib
 import io
 import shlex
 import shutil
-import subprocess
-import sys
-import time
 import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
-import yaml
 from conftest import REPO, write_schema, write_site
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from deploy_harness import write_policy
 from flwr.cli.build import build_fab_from_disk
 from flwr.common.config import parse_config_args, validate_config
 
 from cldlr.cli import main
 from cldlr.client.deploy import check_site, clientapp_command, supernode_command
-from cldlr.client.fab_gate import FabGate, approved_fabs, fab_sha256, stop_clientapps
+from cldlr.client.fab_gate import fab_sha256
 from cldlr.common.deploy.launch import key_values, toml_string
 from cldlr.common.deploy.pki import create_ca, create_node_keys, create_server_cert
 from cldlr.common.errors import CldlrError, ConfigError, ContractError
@@ -263,28 +259,10 @@ def test_cli_proxy_prints_the_nginx_command_and_writes_the_config(pki: Path, tmp
     assert "client_max_body_size 1g;" in (out / "nginx.conf").read_text()
 
 
-# -- the hospital's code gate: FAB pinning ---------------------------------------------------------
-def _policy(tmp_path: Path, approved: list[str]) -> Path:
-    path = tmp_path / "site-policy.yaml"
-    path.write_text(yaml.safe_dump({"schema": str(tmp_path / "schema.yaml"), "folders": {"state": str(tmp_path / "state")},
-                                    "approved_fabs": approved}))
-    return path
-
-
-def test_fab_hash_is_the_hash_of_the_fab_flwr_run_packs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    expected = hashlib.sha256(build_fab_from_disk(REPO)).hexdigest()
-    assert fab_sha256(REPO) == expected
-    assert main(["deploy", "fab-hash"]) == 0 and capsys.readouterr().out.strip() == expected
-    fab = tmp_path / "app.fab"
-    fab.write_bytes(build_fab_from_disk(REPO))
-    assert main(["deploy", "fab-hash", str(fab)]) == 0 and capsys.readouterr().out.strip() == expected
-    (tmp_path / "README").write_text("not an app")
-    with pytest.raises(CldlrError, match="neither a .fab file nor a Flower app folder"):
-        fab_sha256(tmp_path)
-
-
+# -- the hospital's code gate: a --policy SuperNode runs process-isolated, the gate beside it
 def test_supernode_with_a_policy_runs_process_isolated_and_names_the_policy(pki: Path, site: Path, tmp_path: Path) -> None:
-    policy = _policy(tmp_path, [fab_sha256(REPO)])
+    policy = write_policy(tmp_path / "site-policy.yaml", approved=[fab_sha256(REPO)], schema=tmp_path / "schema.yaml",
+                          state=tmp_path / "state")
     argv = supernode_command("127.0.0.1:9092", pki / "ca" / "ca.crt", pki / "keys" / "supernode-hospital-a.key", site,
                              port=9100, policy=policy).argv
     assert _option(argv, "--isolation") == "process"
@@ -300,27 +278,3 @@ def test_supernode_with_a_policy_runs_process_isolated_and_names_the_policy(pki:
         clientapp_command(policy)
     with pytest.raises(CldlrError, match="site policy"):
         clientapp_command(tmp_path / "missing.yaml")
-
-
-def test_gate_runs_only_approved_clientapps(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    approved = fab_sha256(REPO)
-    gate = FabGate("127.0.0.1:9100", approved_fabs(_policy(tmp_path, [approved])))
-    assert gate.decide("flwr-clientapp", approved) is None
-    assert "not approved" in str(gate.decide("flwr-clientapp", "0" * 64))
-    assert "not a ClientApp" in str(gate.decide("flwr-agentapp", approved))
-    assert "not approved" in str(gate.decide("flwr-clientapp", ""))
-    assert not FabGate("127.0.0.1:9100", approved_fabs(_policy(tmp_path, []))).approved
-    assert "every run will be refused" in caplog.text
-
-
-def test_stopping_the_gate_stops_its_clientapps_even_stuck_ones(caplog: pytest.LogCaptureFixture) -> None:
-    stuck = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-                              "print('ready', flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True)
-    polite = subprocess.Popen(["sleep", "120"])
-    assert stuck.stdout is not None and stuck.stdout.readline().strip() == "ready"
-    started = time.monotonic()
-    stop_clientapps(grace_s=1.0)
-    assert time.monotonic() - started < 10
-    for child in (stuck, polite):
-        assert not Path(f"/proc/{child.pid}").exists(), child.args  # gone and reaped, not a zombie
-    assert f"[{stuck.pid}] did not stop" in caplog.text and str(polite.pid) not in caplog.text

@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: install lint demo test test-slow test-all bench clean
+.PHONY: install deploy-deps lint demo test test-slow test-all bench clean
 
 # The venv is (re)built whenever pyproject.toml changes; everything the tests and demo need is
 # installed here, so a clean checkout needs nothing but Python 3.11.
@@ -16,6 +16,23 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+# What a deployment needs besides Python: nginx, the centre's Fleet-only reverse proxy (`cldlr deploy
+# proxy`), from the distribution's packages. Only the slow (deployed) tests need it; installed here
+# only when it is missing and we may (root with apt-get). The tests start their own nginx processes;
+# nothing here starts or enables nginx's system service (a package install on systemd may start it).
+NGINX := $(shell command -v nginx 2>/dev/null || { test -x /usr/sbin/nginx && echo /usr/sbin/nginx; })
+deploy-deps:
+ifeq ($(NGINX),)
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx; \
+	else \
+		echo "nginx is missing: install it (e.g. sudo apt-get install nginx); the proxy tests skip without it"; \
+	fi
+else
+	@echo "nginx: $(NGINX)"
+endif
 
 demo: $(STAMP)
 	$(BIN)/python -m cldlr.simulations.demo --out demo-out
@@ -34,10 +51,10 @@ lint: $(STAMP)
 test: lint
 	$(PYTEST) -q
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) deploy-deps
 	$(PYTEST) -q -m slow
 
-test-all: $(STAMP)
+test-all: $(STAMP) deploy-deps
 	$(PYTEST) -q -m "slow or not slow"
 
 bench: $(STAMP)

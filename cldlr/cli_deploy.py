@@ -50,11 +50,24 @@ def cmd_certs_show(args: argparse.Namespace) -> int:
 
 def cmd_deploy_superlink(args: argparse.Namespace) -> int:
     from cldlr.common.deploy.launch import emit
-    from cldlr.server.deploy import CONTROL_API_NOTE, superlink_command
+    from cldlr.server.deploy import control_api_notes, superlink_command
 
     command = superlink_command(args.certs, host=args.host, port=args.port, database=args.database,
                                 log_file=args.log_file)
-    print(emit(command, run=args.run, notes=[CONTROL_API_NOTE]))
+    print(emit(command, run=args.run, notes=control_api_notes(args.host)))
+    return 0
+
+
+def cmd_deploy_proxy(args: argparse.Namespace) -> int:
+    """Write the Fleet-only nginx config and print (``--run``: become) the nginx command."""
+    from cldlr.common.deploy.launch import emit
+    from cldlr.server.proxy import CONFIG_NAME, FLEET_PREFIX, proxy_command
+
+    command = proxy_command(args.certs, args.out, listen=args.listen, superlink=args.superlink, max_body=args.max_body,
+                            timeout_s=args.timeout, user=args.user)
+    notes = [f"{args.out / CONFIG_NAME}: TLS on {args.listen}, only POST {FLEET_PREFIX}* forwarded to {args.superlink}; "
+             "the SuperNodes dial this address, the flwr CLI stays on the SuperLink host (127.0.0.1)"]
+    print(emit(command, run=args.run, notes=notes))
     return 0
 
 
@@ -69,12 +82,34 @@ def cmd_deploy_register(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_supernode(args: argparse.Namespace) -> int:
-    from cldlr.client.deploy import supernode_command
+    from cldlr.client.deploy import NO_POLICY_NOTE, supernode_command
     from cldlr.common.deploy.launch import emit
 
     command = supernode_command(args.superlink, args.ca, args.key, args.data_path, port=args.port,
-                                site_name=args.site_name, schema=args.schema, state_dir=args.state_dir)
-    print(emit(command, run=args.run))
+                                site_name=args.site_name, schema=args.schema, state_dir=args.state_dir, policy=args.policy)
+    notes = [NO_POLICY_NOTE] if args.policy is None else [
+        "--isolation process: this SuperNode starts no ClientApp itself; run the FAB gate beside it: "
+        f"cldlr deploy clientapp --policy {args.policy} --port {args.port} --run"]
+    print(emit(command, run=args.run, notes=notes))
+    return 0
+
+
+def cmd_deploy_clientapp(args: argparse.Namespace) -> int:
+    """Print (``--run``: become) the FAB gate that starts a ClientApp only for an approved FAB."""
+    from cldlr.client.deploy import clientapp_command
+    from cldlr.common.deploy.launch import emit
+
+    print(emit(clientapp_command(args.policy, port=args.port), run=args.run))
+    return 0
+
+
+def cmd_deploy_fab_hash(args: argparse.Namespace) -> int:
+    """Print the sha256 a site lists in ``approved_fabs`` for a FAB (folder packed as ``flwr run`` packs it, or a file)."""
+    from cldlr.client.fab_gate import fab_sha256
+    from cldlr.server.deploy import app_dir
+
+    target = args.app if args.app is not None and args.app.is_file() else app_dir(args.app)
+    print(fab_sha256(target))
     return 0
 
 
@@ -103,7 +138,8 @@ def _deploy_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     p = sub.add_parser("deploy", help=text, description=text + ". See docs/DEPLOY.md.")
     dsub = p.add_subparsers(dest="deploy_command", required=True, metavar="ACTION")
 
-    def action(name: str, func: Callable[[argparse.Namespace], int], help_text: str, *, runs: bool = True) -> argparse.ArgumentParser:
+    def action(name: str, func: Callable[[argparse.Namespace], int], help_text: str, *,
+               runs: bool = True) -> argparse.ArgumentParser:
         q = dsub.add_parser(name, help=help_text, description=help_text)
         q.set_defaults(func=func)
         if runs:
@@ -112,10 +148,20 @@ def _deploy_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
 
     q = action("superlink", cmd_deploy_superlink, "centre: flower-superlink with TLS, SuperNode auth, no runtime installs")
     q.add_argument("--certs", type=Path, required=True, metavar="DIR", help="ca.crt, server.crt, server.key (cldlr certs server)")
-    q.add_argument("--host", default="0.0.0.0", help="bind address (default 0.0.0.0; firewall the port, see docs/DEPLOY.md)")
+    q.add_argument("--host", default="127.0.0.1",
+                   help="bind address (default 127.0.0.1: the Control API has no authentication; hospitals come in "
+                        "through `cldlr deploy proxy`; any other address is warned about)")
     q.add_argument("--port", type=int, default=9092, help="the single HTTPS port (Fleet + Control API; default 9092)")
     q.add_argument("--database", type=Path, help="SQLite file: registered nodes and runs survive a restart")
     q.add_argument("--log-file", type=Path, help="rotating SuperLink log file")
+    q = action("proxy", cmd_deploy_proxy, "centre: nginx in front of the SuperLink, TLS, forwarding only the Fleet API")
+    q.add_argument("out", type=Path, metavar="OUT_DIR", help="where nginx.conf, logs/, tmp/ and the pid file go")
+    q.add_argument("--certs", type=Path, required=True, metavar="DIR", help="ca.crt, server.crt, server.key (cldlr certs server)")
+    q.add_argument("--listen", required=True, metavar="HOST:PORT", help="the address the hospitals dial, e.g. 0.0.0.0:9092")
+    q.add_argument("--superlink", required=True, metavar="127.0.0.1:PORT", help="the SuperLink (cldlr deploy superlink)")
+    q.add_argument("--max-body", default="512m", help="largest request body (a weight chunk is 5 MB; default 512m)")
+    q.add_argument("--timeout", type=int, default=300, help="seconds a transfer may stall before nginx drops it (300)")
+    q.add_argument("--user", help="system user of nginx's worker processes when started as root (default: nginx's)")
     q = action("register", cmd_deploy_register, "centre: register a hospital's SuperNode public key (flwr supernode register)")
     q.add_argument("--pub", type=Path, required=True, metavar="NODE.pub", help="the hospital's supernode-<site>.pub")
     q.add_argument("--connection", default="cldlr", help="flwr connection name (default cldlr)")
@@ -131,6 +177,15 @@ def _deploy_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     q.add_argument("--port", type=int, default=9094, help="local Runtime API port on 127.0.0.1 (default 9094)")
     q.add_argument("--site-name", help="name shown in reports (default: the site folder's name)")
     q.add_argument("--state-dir", type=Path, help="where per-run state and caches go")
+    q.add_argument("--policy", type=Path, help="the site's policy file: run only the FABs it approves "
+                                                "(--isolation process; start `cldlr deploy clientapp` beside it)")
+    q = action("clientapp", cmd_deploy_clientapp,
+               "hospital: the FAB gate beside a --policy SuperNode; starts a ClientApp only for an approved FAB")
+    q.add_argument("--policy", type=Path, required=True, help="the site's policy file (approved_fabs)")
+    q.add_argument("--port", type=int, default=9094, help="the SuperNode's local Runtime API port (its --port; default 9094)")
+    q = action("fab-hash", cmd_deploy_fab_hash, "print the sha256 of the FAB `flwr run` packs (for approved_fabs)", runs=False)
+    q.add_argument("app", nargs="?", type=Path, metavar="APP_DIR|FILE.fab",
+                   help="a Flower app folder or a .fab file (default: the installed cldlr checkout)")
     q = action("connection", cmd_deploy_connection, "write a SuperLink connection into $FLWR_HOME/config.toml", runs=False)
     q.add_argument("--name", required=True)
     q.add_argument("--address", required=True, metavar="HOST:PORT")

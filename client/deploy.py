@@ -11,15 +11,19 @@ import logging
 import os
 from pathlib import Path
 
+from cldlr.client.fab_gate import approved_fabs
 from cldlr.common.data.schema import Schema, load_schema
 from cldlr.common.data.validation import ValidationReport, validate_site
-from cldlr.common.deploy.launch import Command, check_address, existing_file, flower_command, key_values
+from cldlr.common.deploy.launch import Command, check_address, existing_file, flower_command, key_values, python_command
 from cldlr.common.deploy.pki import load_node_private_key
 from cldlr.common.errors import CldlrError, ContractError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 9094
+GATE_MODULE = "cldlr.client.fab_gate"
+NO_POLICY_NOTE = ("no --policy: this SuperNode runs whatever ClientApp the centre's FAB carries; pin the FABs this "
+                  "site approves with --policy FILE (approved_fabs) and `cldlr deploy clientapp` (docs/DEPLOY.md)")
 CONTRACT_ONLY = Schema(name="data contract only", version=1, parameters=())
 
 
@@ -64,12 +68,15 @@ def _check_key(key: str | os.PathLike[str]) -> Path:
 def supernode_command(superlink: str, ca: str | os.PathLike[str], key: str | os.PathLike[str],
                       data_path: str | os.PathLike[str], *, port: int = DEFAULT_PORT, site_name: str | None = None,
                       schema: str | os.PathLike[str] | None = None, state_dir: str | os.PathLike[str] | None = None,
-                      validate: bool = True) -> Command:
+                      validate: bool = True, policy: str | os.PathLike[str] | None = None) -> Command:
     """``flower-supernode`` over TLS with the hospital's key; the site is validated first.
 
     The node config hands the ClientApp its site folder (``data-path``), optionally its display
     name, the local copy of the schema (the handshake refuses a centre with another schema) and
     where run state goes. ``port`` is the local Runtime API (127.0.0.1 only; one per SuperNode).
+    With ``policy`` (the site's policy file, checked here, handed on as node config ``policy``)
+    the SuperNode runs ``--isolation process``: it starts no ClientApp itself, and
+    :func:`clientapp_command` (the FAB gate) starts one only for a FAB the policy approves.
     """
     check_address(superlink, "--superlink")
     ca_path = existing_file(ca, "CA certificate", "copy the federation's ca.crt from the centre")
@@ -86,9 +93,31 @@ def supernode_command(superlink: str, ca: str | os.PathLike[str], key: str | os.
         node_config["schema-path"] = str(schema_path)
     if state_dir is not None:
         node_config["state-dir"] = str(Path(state_dir).expanduser().resolve())
+    if policy is not None:
+        node_config["policy"] = str(_check_policy(policy))
     args = ["--superlink", superlink, "--root-certificates", str(ca_path), "--auth-supernode-private-key", str(key_path),
             "--port", str(port), "--node-config", key_values(node_config)]
+    if policy is not None:
+        args += ["--isolation", "process"]
     return flower_command("flower-supernode", args)
 
 
-__all__ = ["DEFAULT_PORT", "check_site", "find_schema", "supernode_command"]
+def _check_policy(policy: str | os.PathLike[str]) -> Path:
+    """The policy file's absolute path, after it loaded cleanly (a broken policy stops the start here)."""
+    path = existing_file(policy, "site policy", "copy configs/site-policy.yaml, set schema, folders and approved_fabs")
+    approved_fabs(path)
+    return path
+
+
+def clientapp_command(policy: str | os.PathLike[str], *, port: int = DEFAULT_PORT) -> Command:
+    """The FAB gate beside a ``--isolation process`` SuperNode whose local Runtime API is on 127.0.0.1:``port``.
+
+    It claims the SuperNode's tasks and starts Flower's ``flwr-clientapp`` only for a FAB whose
+    sha256 the site's policy lists in ``approved_fabs``; any other run is refused before any of
+    its code is unpacked (see :mod:`cldlr.client.fab_gate`).
+    """
+    path = _check_policy(policy)
+    return python_command(GATE_MODULE, ["--policy", str(path), "--runtime-api-address", f"127.0.0.1:{port}"])
+
+
+__all__ = ["DEFAULT_PORT", "NO_POLICY_NOTE", "check_site", "clientapp_command", "find_schema", "supernode_command"]

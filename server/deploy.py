@@ -19,7 +19,7 @@ import tomli_w
 from cryptography import x509
 
 import cldlr
-from cldlr.common.deploy.launch import Command, check_address, existing_file, flower_command, key_values
+from cldlr.common.deploy.launch import Command, check_address, existing_file, flower_command, is_loopback, key_values
 from cldlr.common.deploy.pki import CA_CERT, SERVER_CERT, SERVER_KEY, load_node_public_key
 from cldlr.common.errors import CldlrError
 from cldlr.common.io import atomic_write_text
@@ -28,17 +28,37 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 9092
 CONFIG_FILE = "config.toml"
+DEFAULT_HOST = "127.0.0.1"
 CONTROL_API_NOTE = ("the SuperLink's single port also serves its Control API, which has NO authentication in "
                     "Flower 1.41: allow only the hospitals' and the centre's addresses to reach it (see docs/DEPLOY.md)")
+LOOPBACK_NOTE = ("the SuperLink's single port also serves its Control API, which has NO authentication in Flower 1.41; "
+                 "it listens on this host only: let the hospitals in through `cldlr deploy proxy` (Fleet API only)")
 
 
-def superlink_command(certs: str | os.PathLike[str], *, host: str = "0.0.0.0", port: int = DEFAULT_PORT,
+def control_api_notes(host: str) -> list[str]:
+    """What the operator must know about the unauthenticated Control API on ``host``.
+
+    On a loopback address only this host reaches it (the hospitals come through the proxy); on
+    any other address whoever reaches the port can submit a run, whose code every SuperNode runs.
+    """
+    if is_loopback(host):
+        return [LOOPBACK_NOTE]
+    return [f"--host {host} EXPOSES the Control API: anyone who reaches this port can submit a run, and a run's code "
+            "executes on every hospital's SuperNode that has not pinned its FABs; keep 127.0.0.1 and use "
+            "`cldlr deploy proxy`, or firewall the port to an allow-list", CONTROL_API_NOTE]
+
+
+def superlink_command(certs: str | os.PathLike[str], *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                       database: str | os.PathLike[str] | None = None, log_file: str | os.PathLike[str] | None = None) -> Command:
     """``flower-superlink`` with TLS from ``certs`` (``cldlr certs server`` output), node auth, no uv sync.
 
     ``database`` keeps registered nodes and runs across restarts (else they live in memory and
-    every SuperNode must be registered again after a restart).
+    every SuperNode must be registered again after a restart). ``host`` is 127.0.0.1 by default:
+    the port also serves the unauthenticated Control API, so the hospitals reach the Fleet API
+    through ``cldlr deploy proxy``; any other address logs a warning.
     """
+    if not is_loopback(host):
+        log.warning(control_api_notes(host)[0])
     folder = Path(certs).expanduser().resolve()
     hint = f"issue them with `cldlr certs server {folder} --ca-dir CA_DIR --host <name hospitals dial>`"
     files = [existing_file(folder / name, name, hint) for name in (CA_CERT, SERVER_CERT, SERVER_KEY)]
@@ -156,5 +176,5 @@ def run_command(connection: str, config: str | os.PathLike[str], *, overrides: l
     return flower_command("flwr", args)
 
 
-__all__ = ["CONTROL_API_NOTE", "DEFAULT_PORT", "app_dir", "flwr_home", "register_command", "run_command",
-           "superlink_command", "write_connection"]
+__all__ = ["CONTROL_API_NOTE", "DEFAULT_HOST", "DEFAULT_PORT", "LOOPBACK_NOTE", "app_dir", "control_api_notes", "flwr_home",
+           "register_command", "run_command", "superlink_command", "write_connection"]

@@ -1,12 +1,15 @@
-"""Real Flower processes on 127.0.0.1 for tests/test_deployment.py: start, watch, kill whole trees.
+"""Real Flower processes on 127.0.0.1 for the deployed tests: start, watch, kill whole trees.
 
 Every process gets its own ``FLWR_HOME`` (never the user's ``~/.flwr``) and a log file, runs in
 its own session, and is killed together with everything it spawned (Flower's SuperExec starts
 detached children, so the tree is collected through ``/proc`` before anything is signalled).
+A :class:`Federation` is deployed the way docs/DEPLOY.md says: the SuperLink on 127.0.0.1, the
+hospitals' SuperNodes dialling the Fleet-only nginx proxy, each with its FAB gate beside it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -15,12 +18,21 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cldlr.common.deploy.launch import Command
+import yaml
+
+from cldlr.client.deploy import clientapp_command
+from cldlr.common.deploy.launch import Command, flower_command
+from cldlr.common.deploy.pki import create_ca, create_node_keys, create_server_cert
+from cldlr.server.deploy import register_command, superlink_command, write_connection
+from cldlr.server.proxy import find_nginx, proxy_command
 
 FAULTS_DIR = Path(__file__).resolve().parent / "deploy_faults"
+CONNECTION = "test-link"
+NGINX_MISSING = None if find_nginx() else "nginx is not installed: `make deploy-deps` (apt-get install nginx) before `-m slow`"
 T = TypeVar("T")
 
 
@@ -79,13 +91,13 @@ class Proc:
     """One started Flower command with its log; ``kill()`` ends it and all it spawned."""
 
     def __init__(self, name: str, command: Command, *, workdir: Path, home: Path,
-                 extra_env: Mapping[str, str] | None = None) -> None:
+                 extra_env: Mapping[str, str] | None = None, log_name: str | None = None) -> None:
         self.name, self.command = name, command
-        self.log_path = workdir / f"{name}.log"
+        self.log_path = workdir / f"{log_name or name}.log"  # a SuperNode and its FAB gate share one (appends)
         home.mkdir(parents=True, exist_ok=True)
         env = {**command.environ(), "FLWR_HOME": str(home), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
                **(extra_env or {})}
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - open for the process's lifetime, closed by kill()
         self.popen = subprocess.Popen(list(command.argv), env=env, cwd=workdir, stdout=self._log,
                                       stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -121,18 +133,14 @@ class Proc:
             return
         pids = [self.pid, *descendants(self.pid)]
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
         try:
             self.popen.wait(timeout=15)
         except subprocess.TimeoutExpired:
             for pid in pids:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             self.popen.wait(timeout=15)
         self._log.close()
 
@@ -166,3 +174,97 @@ def progress(run_dir: Path) -> dict[str, Any]:
     """The centre's checkpoint progress (completed rounds and their history), or {}."""
     path = run_dir / "checkpoints" / "progress.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def write_policy(path: Path, *, approved: Sequence[str], schema: Path, state: Path, min_parties: int = 2) -> Path:
+    """A site policy that lets the test studies through (few sites, tiny cohorts) and pins ``approved`` FABs."""
+    path.write_text(yaml.safe_dump({
+        "min_parties": min_parties, "min_class_count": 1, "share_training_metrics": True, "schema": str(schema),
+        "approved_fabs": list(approved), "folders": {"state": str(state)}}))
+    return path
+
+
+@dataclass
+class Federation:
+    """Certificates, data and the processes of one test federation (all under ``root``)."""
+
+    root: Path
+    port: int = field(default_factory=free_port)
+    proxy_port: int = field(default_factory=free_port)
+    procs: dict[str, Proc] = field(default_factory=dict)
+
+    @property
+    def cli_home(self) -> Path:
+        return self.root / "home-cli"
+
+    @property
+    def address(self) -> str:
+        """The SuperLink itself: 127.0.0.1 only, for the centre's ``flwr`` CLI."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def fleet_address(self) -> str:
+        """What the hospitals dial: the nginx proxy in front of the SuperLink (Fleet API only)."""
+        return f"127.0.0.1:{self.proxy_port}"
+
+    def make_pki(self, sites: tuple[str, ...]) -> None:
+        create_ca(self.root / "ca")
+        create_server_cert(self.root / "superlink", ca_dir=self.root / "ca", hosts=[])
+        for site in sites:
+            create_node_keys(self.root / "keys", name=site)
+        write_connection(CONNECTION, self.address, self.root / "ca" / "ca.crt", home=self.cli_home)
+
+    def start(self, name: str, command: Command, env: Mapping[str, str] | None = None, log_name: str | None = None) -> Proc:
+        proc = Proc(name, command, workdir=self.root, home=self.root / f"home-{name}", extra_env=env, log_name=log_name)
+        self.procs[name] = proc
+        return proc
+
+    def start_superlink(self, name: str = "superlink") -> Proc:
+        command = superlink_command(self.root / "superlink", port=self.port, database=self.root / "superlink.db")
+        link = self.start(name, command)
+        wait_for(lambda: "Uvicorn running" in link.log() or not link.alive(), 60, "the SuperLink to listen")
+        assert link.alive(), link.log()
+        return link
+
+    def start_proxy(self) -> Proc:
+        """``cldlr deploy proxy`` in front of the SuperLink, as its own nginx (own config, pid, temp folders)."""
+        command = proxy_command(self.root / "superlink", self.root / "proxy", listen=self.fleet_address,
+                                superlink=self.address)
+        proxy = self.start("proxy", command)
+
+        def listening() -> bool:
+            assert proxy.alive(), proxy.log() + (self.root / "proxy" / "logs" / "error.log").read_text()
+            try:
+                with socket.create_connection(("127.0.0.1", self.proxy_port), timeout=1):
+                    return True
+            except OSError:
+                return False
+
+        wait_for(listening, 30, "nginx to listen", poll=0.2)
+        return proxy
+
+    def start_site(self, site: str, supernode: Command, policy: Path, env: Mapping[str, str] | None = None) -> Proc:
+        """A hospital: its ``--isolation process`` SuperNode and, beside it, its FAB gate (one shared log)."""
+        self.start(f"{site}-gate", clientapp_command(policy, port=int(supernode.argv[supernode.argv.index("--port") + 1])),
+                   env, log_name=site)
+        return self.start(site, supernode, env)
+
+    def register(self, site: str) -> None:
+        result = run_cli(register_command(self.root / "keys" / f"supernode-{site}.pub", CONNECTION), home=self.cli_home)
+        assert result.returncode == 0 and "registered successfully" in result.stdout, result.stdout + result.stderr
+
+    def node_key(self, site: str) -> Path:
+        return self.root / "keys" / f"supernode-{site}.key"
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return list(flwr_json(["supernode", "list", CONNECTION], command=flower_command, home=self.cli_home)["nodes"])
+
+    def online(self) -> int:
+        return sum(n["status"] == "online" for n in self.nodes())
+
+    def flwr(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return run_cli(flower_command("flwr", list(args)), home=self.cli_home)
+
+    def close(self) -> None:
+        for proc in reversed(list(self.procs.values())):
+            proc.kill()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import shlex
+import shutil
 import tomllib
 import zipfile
 from pathlib import Path
@@ -16,15 +17,27 @@ import pytest
 from conftest import REPO, write_schema, write_site
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from deploy_harness import write_policy
 from flwr.cli.build import build_fab_from_disk
 from flwr.common.config import parse_config_args, validate_config
 
 from cldlr.cli import main
-from cldlr.client.deploy import check_site, supernode_command
+from cldlr.client.deploy import check_site, clientapp_command, supernode_command
+from cldlr.client.fab_gate import fab_sha256
 from cldlr.common.deploy.launch import key_values, toml_string
 from cldlr.common.deploy.pki import create_ca, create_node_keys, create_server_cert
-from cldlr.common.errors import CldlrError, ContractError
-from cldlr.server.deploy import app_dir, register_command, run_command, superlink_command, write_connection
+from cldlr.common.errors import CldlrError, ConfigError, ContractError
+from cldlr.server.deploy import (
+    CONTROL_API_NOTE,
+    LOOPBACK_NOTE,
+    app_dir,
+    control_api_notes,
+    register_command,
+    run_command,
+    superlink_command,
+    write_connection,
+)
+from cldlr.server.proxy import proxy_command, render_config
 
 
 def _option(argv: tuple[str, ...], flag: str) -> str:
@@ -161,3 +174,107 @@ def test_cli_prints_the_command_and_writes_the_connection(pki: Path, capsys: pyt
     assert "NO authentication" in out and "--enable-supernode-auth" in out.splitlines()[-1]
     assert main(["deploy", "connection", "--name", "c1", "--address", "127.0.0.1:9200", "--ca", str(pki / "ca" / "ca.crt")]) == 0
     assert "c1" in tomllib.loads((pki / "home" / "config.toml").read_text())["superlink"]
+
+
+# -- the centre's defaults: SuperLink on loopback, hospitals through the Fleet-only proxy ------------
+def test_superlink_listens_on_loopback_unless_told_and_then_warns(pki: Path, caplog: pytest.LogCaptureFixture) -> None:
+    argv = superlink_command(pki / "server").argv
+    assert _option(argv, "--host") == "127.0.0.1"
+    assert control_api_notes("127.0.0.1") == [LOOPBACK_NOTE] and "cldlr deploy proxy" in LOOPBACK_NOTE
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and "EXPOSES" in r.getMessage()]
+    argv = superlink_command(pki / "server", host="0.0.0.0").argv
+    assert _option(argv, "--host") == "0.0.0.0"
+    assert [r for r in caplog.records if r.levelname == "WARNING" and "EXPOSES the Control API" in r.getMessage()]
+    assert "EXPOSES" in control_api_notes("10.0.0.5")[0] and CONTROL_API_NOTE in control_api_notes("10.0.0.5")
+
+
+def _nginx_directives(text: str) -> dict[str, list[str]]:
+    """``directive -> [values]`` of a flat reading of an nginx config (enough to check what it says)."""
+    found: dict[str, list[str]] = {}
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line and line != "}":
+            name, _, value = line.rstrip(";{").strip().partition(" ")
+            found.setdefault(name + ("{" if line.endswith("{") else ""), []).append(value.strip())
+    return found
+
+
+def test_proxy_config_forwards_only_the_fleet_api_over_verified_tls(pki: Path, tmp_path: Path) -> None:
+    command = proxy_command(pki / "server", tmp_path / "proxy", listen="0.0.0.0:9092", superlink="127.0.0.1:9093",
+                            nginx="/usr/sbin/nginx")
+    conf = tmp_path / "proxy" / "nginx.conf"
+    base = tmp_path / "proxy"
+    assert command.argv == ("/usr/sbin/nginx", "-p", str(base), "-e", str(base / "logs" / "error.log"), "-c", str(conf),
+                            "-g", "daemon off;")
+    assert shlex.split(command.text()) == list(command.argv)
+    d = _nginx_directives(conf.read_text())
+    server = pki / "server"
+    assert d["listen"] == ["0.0.0.0:9092 ssl"] and d["server"] == ["127.0.0.1:9093"]
+    assert d["ssl_certificate"] == [f'"{server / "server.crt"}"'] and d["ssl_certificate_key"] == [f'"{server / "server.key"}"']
+    assert d["location{"] == ["/v1/fleet/", "= /v1/fleet", "/"] and d["return"] == ["404", "404"]
+    assert d["proxy_pass"] == ["https://superlink"] and d["limit_except{"] == ["POST"] and d["deny"] == ["all"]
+    assert d["proxy_ssl_verify"] == ["on"] and d["proxy_ssl_trusted_certificate"] == [f'"{server / "ca.crt"}"']
+    assert d["proxy_ssl_name"] == ["localhost"]  # always in `cldlr certs server`'s SANs; nginx checks names, not IPs
+    assert d["client_max_body_size"] == ["512m"] and d["proxy_request_buffering"] == ["off"]
+    assert d["underscores_in_headers"] == ["on"] and "proxy_hide_header" not in d
+    assert d["pid"] == [f'"{tmp_path / "proxy" / "nginx.pid"}"'] and "user" not in d
+    for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        assert (tmp_path / "proxy" / "tmp" / name).is_dir()
+    assert all(str(tmp_path / "proxy") in v[0] for k, v in d.items() if k.endswith("_temp_path") or k.endswith("_log"))
+    again = _nginx_directives(render_config(pki / "server", tmp_path / "p2", listen="[::]:9092", superlink="superlink.lan:9093",
+                                            max_body="2g", timeout_s=60, user="www-data"))
+    assert again["listen"] == ["[::]:9092 ssl"] and again["proxy_ssl_name"] == ["superlink.lan"]
+    assert again["client_max_body_size"] == ["2g"] and again["proxy_read_timeout"] == ["60s"] and again["user"] == ["www-data"]
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"listen": "https://0.0.0.0:9092"}, "without a scheme"),
+    ({"superlink": "10.0.0.5:9093"}, "IP address"),
+    ({"max_body": "lots"}, "--max-body"),
+    ({"timeout_s": 0}, "--timeout"),
+    ({"user": "root; evil"}, "--user"),
+])
+def test_proxy_refuses_what_it_cannot_configure(pki: Path, tmp_path: Path, kwargs: dict[str, object], match: str) -> None:
+    settings: dict[str, object] = {"listen": "0.0.0.0:9092", "superlink": "127.0.0.1:9093", **kwargs}
+    with pytest.raises(CldlrError, match=match):
+        render_config(pki / "server", tmp_path, **settings)  # type: ignore[arg-type]
+
+
+def test_proxy_needs_the_server_certificate_and_a_plain_output_path(pki: Path, tmp_path: Path) -> None:
+    with pytest.raises(CldlrError, match="cldlr certs server"):
+        render_config(pki / "ca", tmp_path, listen="0.0.0.0:9092", superlink="127.0.0.1:9093")
+    with pytest.raises(CldlrError, match="nginx's config syntax"):
+        render_config(pki / "server", tmp_path / "a$b", listen="0.0.0.0:9092", superlink="127.0.0.1:9093")
+
+
+def test_cli_proxy_prints_the_nginx_command_and_writes_the_config(pki: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "front"
+    assert main(["deploy", "proxy", str(out), "--certs", str(pki / "server"), "--listen", "0.0.0.0:9092",
+                 "--superlink", "127.0.0.1:9093", "--max-body", "1g"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert "only POST /v1/fleet/*" in printed[0]
+    argv = shlex.split(printed[-1])
+    assert argv[-2:] == ["-g", "daemon off;"] and argv[argv.index("-c") + 1] == str(out / "nginx.conf")
+    assert "client_max_body_size 1g;" in (out / "nginx.conf").read_text()
+
+
+# -- the hospital's code gate: a --policy SuperNode runs process-isolated, the gate beside it
+def test_supernode_with_a_policy_runs_process_isolated_and_names_the_policy(pki: Path, site: Path, tmp_path: Path) -> None:
+    policy = write_policy(tmp_path / "site-policy.yaml", approved=[fab_sha256(REPO)], schema=tmp_path / "schema.yaml",
+                          state=tmp_path / "state")
+    argv = supernode_command("127.0.0.1:9092", pki / "ca" / "ca.crt", pki / "keys" / "supernode-hospital-a.key", site,
+                             port=9100, policy=policy).argv
+    assert _option(argv, "--isolation") == "process"
+    assert parse_config_args([_option(argv, "--node-config")])["policy"] == str(policy.resolve())
+    plain = supernode_command("127.0.0.1:9092", pki / "ca" / "ca.crt", pki / "keys" / "supernode-hospital-a.key", site).argv
+    assert "--isolation" not in plain and "policy" not in parse_config_args([_option(plain, "--node-config")])
+    gate = clientapp_command(policy, port=9100)
+    assert gate.argv[1:] == ("-m", "cldlr.client.fab_gate", "--policy", str(policy.resolve()),
+                             "--runtime-api-address", "127.0.0.1:9100")
+    assert shutil.which("flwr-clientapp", path=gate.environ()["PATH"])  # the gate starts Flower's ClientApp by name
+    policy.write_text(policy.read_text().replace(fab_sha256(REPO), "not-a-hash"))
+    with pytest.raises(ConfigError, match="approved_fabs entry 'not-a-hash'"):
+        clientapp_command(policy)
+    with pytest.raises(CldlrError, match="site policy"):
+        clientapp_command(tmp_path / "missing.yaml")

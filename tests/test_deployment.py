@@ -1,8 +1,11 @@
 """A real deployment on 127.0.0.1: SuperLink (TLS + SuperNode auth), SuperNodes, ``flwr run``, and its faults.
 
 Everything runs as real Flower 1.41 processes started from the commands ``cldlr deploy`` prints,
-each with its own ``FLWR_HOME`` and a free loopback port, all killed in teardown. One scenario
-(module fixture) carries the study and its in-run faults; its tests read what it observed:
+each with its own ``FLWR_HOME`` and a free loopback port, all killed in teardown, deployed as
+docs/DEPLOY.md says: the SuperLink on 127.0.0.1, the SuperNodes dialling the Fleet-only nginx
+proxy, each SuperNode ``--isolation process`` with its FAB gate (the sites pin the cldlr FAB).
+One scenario (module fixture) carries the study and its in-run faults; its tests read what it
+observed:
 
 * site-4's data fails validation — it connects, refuses the handshake, its log says why (e);
 * site-2 sends NaN weights in round 1 — excluded from that round (f) (test-only fault injection
@@ -17,7 +20,8 @@ each with its own ``FLWR_HOME`` and a free loopback port, all killed in teardown
 
 Each SecAgg+ sum costs four message exchanges, each a fresh ClientApp process behind Flower's
 3-s polling (~35 s per sum here), so the study batches its secure sums (7-8 in all); the whole
-scenario takes ~8-10 min on 2 cores. Connection refusals (c, d) run against a SuperLink of their own.
+scenario takes ~8-10 min on 2 cores. Connection refusals (c, d) run against a SuperLink of their own;
+the proxy's refusals and an unapproved FAB are in tests/test_deployment_pinning.py.
 """
 
 from __future__ import annotations
@@ -35,18 +39,34 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from deploy_harness import FAULTS_DIR, Proc, descendants, flwr_json, free_port, ledger, progress, run_cli, running, wait_for
+from conftest import REPO
+from deploy_harness import (
+    CONNECTION,
+    FAULTS_DIR,
+    NGINX_MISSING,
+    Federation,
+    Proc,
+    descendants,
+    flwr_json,
+    free_port,
+    ledger,
+    progress,
+    run_cli,
+    running,
+    wait_for,
+    write_policy,
+)
 
 from cldlr.client.deploy import supernode_command
+from cldlr.client.fab_gate import fab_sha256
 from cldlr.common.deploy.launch import Command, flower_command
-from cldlr.common.deploy.pki import create_ca, create_node_keys, create_server_cert
-from cldlr.server.deploy import register_command, run_command, superlink_command, write_connection
+from cldlr.common.deploy.pki import create_ca
+from cldlr.server.deploy import run_command
 from cldlr.simulations.phantom import generate_phantom
 
 # the first test of the scenario carries its setup: bound it explicitly (waits inside are bounded too)
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 SITES = ("site-1", "site-2", "site-3", "site-4")
-CONNECTION = "test-link"
 STUDY = """\
 run: {{name: deployed, output_dir: {root}/runs}}
 data: {{root: {root}/data, schema: {root}/data/schema.yaml, image_size: 32, cache_dir: {root}/cache}}
@@ -56,63 +76,6 @@ svm: {{solver: rff, embedding_pca: 4, rff_features: 32}}
 federation: {{num_sites: 4, min_sites: 2, rounds: 2, local_epochs: 1}}
 evaluation: {{min_count: 1}}
 """
-
-
-@dataclass
-class Federation:
-    """Certificates, data and the processes of one test federation (all under ``root``)."""
-
-    root: Path
-    port: int = field(default_factory=free_port)
-    procs: dict[str, Proc] = field(default_factory=dict)
-
-    @property
-    def cli_home(self) -> Path:
-        return self.root / "home-cli"
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def make_pki(self, sites: tuple[str, ...]) -> None:
-        create_ca(self.root / "ca")
-        create_server_cert(self.root / "superlink", ca_dir=self.root / "ca", hosts=[])
-        for site in sites:
-            create_node_keys(self.root / "keys", name=site)
-        write_connection(CONNECTION, self.address, self.root / "ca" / "ca.crt", home=self.cli_home)
-
-    def start(self, name: str, command: Command, env: dict[str, str] | None = None) -> Proc:
-        proc = Proc(name, command, workdir=self.root, home=self.root / f"home-{name}", extra_env=env)
-        self.procs[name] = proc
-        return proc
-
-    def start_superlink(self, name: str = "superlink") -> Proc:
-        command = superlink_command(self.root / "superlink", host="127.0.0.1", port=self.port,
-                                    database=self.root / "superlink.db")
-        link = self.start(name, command)
-        wait_for(lambda: "Uvicorn running" in link.log() or not link.alive(), 60, "the SuperLink to listen")
-        assert link.alive(), link.log()
-        return link
-
-    def register(self, site: str) -> None:
-        result = run_cli(register_command(self.root / "keys" / f"supernode-{site}.pub", CONNECTION), home=self.cli_home)
-        assert result.returncode == 0 and "registered successfully" in result.stdout, result.stdout + result.stderr
-
-    def node_key(self, site: str) -> Path:
-        return self.root / "keys" / f"supernode-{site}.key"
-
-    def nodes(self) -> list[dict[str, Any]]:
-        return list(flwr_json(["supernode", "list", CONNECTION], command=flower_command, home=self.cli_home)["nodes"])
-
-    def online(self) -> int:
-        return sum(n["status"] == "online" for n in self.nodes())
-
-    def flwr(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return run_cli(flower_command("flwr", list(args)), home=self.cli_home)
-
-    def close(self) -> None:
-        for proc in reversed(list(self.procs.values())):
-            proc.kill()
 
 
 def _gone(pids: list[int]) -> bool:
@@ -132,8 +95,9 @@ def _submit(fed: Federation, study: Path, run_dir: Path, *, resume: bool = False
 
 
 def _train_messages(node: Proc, run_id: str) -> int:
-    """Train messages of run ``run_id`` the SuperNode has received (it logs "[RUN id]" before each)."""
-    return len(re.findall(rf"\[RUN {run_id}\][^\n]*\n[^\n]*Receiving: train message", node.log()))
+    """Train messages of run ``run_id`` the SuperNode has received (it logs "[RUN id, ROUND r]" before each;
+    its FAB gate and ClientApps write to the same log, so a few of their lines may come between)."""
+    return len(re.findall(rf"\[RUN {run_id}\b[^\n]*\n(?:[^\n]*\n){{0,5}}?[^\n]*Receiving: train message", node.log()))
 
 
 @dataclass
@@ -152,6 +116,8 @@ class Observed:
 
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
+    if NGINX_MISSING:
+        pytest.skip(NGINX_MISSING)
     root = tmp_path_factory.mktemp("deploy")
     fed = Federation(root)
     t0 = time.monotonic()
@@ -166,14 +132,19 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
         (root / "study.yaml").write_text(STUDY.format(root=root))
         fed.make_pki(SITES)
         fed.start_superlink()
+        fed.start_proxy()  # the hospitals come in through nginx (Fleet API only); the CLI uses 127.0.0.1
         for site in SITES:
             fed.register(site)
         faults = {"site-2": {"CLDLR_TEST_FAULT": "nan@1"}, "site-3": {"CLDLR_TEST_HEARTBEAT_S": "20"}}
+        approved = [fab_sha256(REPO)]  # each site pins the cldlr FAB; its gate starts only that ClientApp
         for site in SITES:
-            command = supernode_command(fed.address, root / "ca" / "ca.crt", fed.node_key(site), root / "data" / site,
-                                        port=free_port(), state_dir=root / f"state-{site}", validate=site != "site-4")
+            policy = write_policy(root / f"policy-{site}.yaml", approved=approved, schema=root / "data" / "schema.yaml",
+                                  state=root / f"state-{site}")
+            command = supernode_command(fed.fleet_address, root / "ca" / "ca.crt", fed.node_key(site), root / "data" / site,
+                                        port=free_port(), state_dir=root / f"state-{site}", validate=site != "site-4",
+                                        policy=policy)
             env = {"PYTHONPATH": str(FAULTS_DIR), **faults[site]} if site in faults else None
-            fed.start(site, command, env)
+            fed.start_site(site, command, policy, env)
         wait_for(lambda: fed.online() == 4, 90, "4 SuperNodes online")
         obs = Observed(fed, root / "runs" / "study")
         obs.timings["setup"] = time.monotonic() - t0
@@ -199,13 +170,15 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
         run_id = _submit(fed, root / "study.yaml", obs.run_dir, resume=True)
         wait_for(lambda: _train_messages(fed.procs["site-3"], run_id) > 0, 240, "site-3 to receive round 2", poll=0.2)
         fed.procs["site-3"].kill()  # SIGKILL mid-round: no goodbye to the SuperLink
+        fed.procs["site-3-gate"].kill()  # the hospital's machine is gone: its gate and ClientApp with it
         obs.killed_at = time.time()
         wait_for(lambda: progress(obs.run_dir).get("completed_rounds", 0) >= 2, 180, "round 2 checkpoint", poll=1)
         obs.timings["run2-round2"] = time.monotonic() - t0
         wait_for(lambda: (obs.run_dir / "report.json").is_file(), 1200, "the report", poll=2)
         obs.timings["report"] = time.monotonic() - t0
         wait_for(lambda: _run_finished(fed, run_id), 120, "the run to be marked finished", poll=2)
-        for name in ("site-1", "site-2", "site-4", "superlink-2"):  # the SuperNodes first, then the centre
+        for name in ("site-1", "site-1-gate", "site-2", "site-2-gate", "site-4", "site-4-gate", "superlink-2", "proxy"):
+            # the hospitals first (SuperNode, then its gate), then the centre
             obs.stopped_at_end[name] = fed.procs[name].stop()
         obs.timings["end"] = time.monotonic() - t0
         yield obs

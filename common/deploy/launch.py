@@ -9,6 +9,7 @@ start ``flower-superexec`` *by name*, so Flower's bin folder must be on ``PATH``
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import shlex
@@ -74,6 +75,26 @@ def flower_command(name: str, args: Sequence[str]) -> Command:
     return Command((program, *args), env)
 
 
+def python_command(module: str, args: Sequence[str]) -> Command:
+    """``python -m module args...`` with THIS interpreter, Flower's bin folder on PATH.
+
+    For cldlr's own long-running processes (the hospital's FAB gate): they start Flower's
+    ``flwr-clientapp`` by name, exactly like ``flower-supernode`` does.
+    """
+    env = flower_command("flwr-clientapp", []).env
+    return Command((sys.executable, "-m", module, *args), env)
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``: addresses no other machine can reach."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def toml_string(value: str, what: str) -> str:
     """``value`` as a TOML string that Flower's ``k=v`` parser (no escapes) reads back unchanged."""
     if '"' not in value and "\\" not in value and "\n" not in value:
@@ -125,4 +146,5 @@ def emit(command: Command, *, run: bool, notes: Sequence[str] = ()) -> str:
     return "\n".join([*(f"# {n}" for n in notes), command.text()])
 
 
-__all__ = ["Command", "check_address", "emit", "existing_file", "flower_command", "key_values", "toml_string"]
+__all__ = ["Command", "check_address", "emit", "existing_file", "flower_command", "is_loopback", "key_values",
+           "python_command", "toml_string"]

@@ -210,6 +210,28 @@ class SitePrivacy:
         """Noisy steps (Poisson draws) charged so far."""
         return sum(int(entry[2]) for entry in self._accountant.history)
 
+    @property
+    def history(self) -> list[tuple[float, float, int]]:
+        """The accountant's ``(noise multiplier, sample rate, steps)`` entries: what the lifetime ledger composes."""
+        return [(float(s), float(q), int(n)) for s, q, n in self._accountant.history]
+
+    def planned(self, epochs: int) -> tuple[float, float, int]:
+        """The history entry ``epochs`` more local epochs would add (for ledger checks before training)."""
+        return (self.plan.noise_multiplier, self.plan.sample_rate, epochs * self.plan.steps_per_epoch)
+
+    def continue_history(self, history: list[tuple[float, float, int]]) -> None:
+        """Take over a longer history of this run kept elsewhere (the lifetime ledger), e.g. after a crash.
+
+        A history drawn at another noise multiplier or sample rate belongs to another calibration
+        and is refused rather than mixed in.
+        """
+        ours = (self.plan.noise_multiplier, self.plan.sample_rate)
+        if any((float(s), float(q)) != ours for s, q, _ in history):
+            raise CldlrError(f"the recorded DP-SGD history of this run ({history}) was drawn at other settings than "
+                             f"sigma={ours[0]}, q={ours[1]}; resume with the same privacy/train/federation settings")
+        if sum(int(n) for _, _, n in history) > self.steps:
+            self._accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
+
     def epsilon(self) -> float:
         """Cumulative ε at the configured δ after every step so far."""
         return float(self._accountant.get_epsilon(delta=self.plan.delta, alphas=ALPHAS))

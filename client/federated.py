@@ -96,8 +96,7 @@ class FederatedSite:
                              "privacy ledger; build FederatedSite with run_id=context.run_id")
         ledger = LifetimeLedger(policy.state_dir, dataset_key(self.session.site), delta=policy.dp.delta,
                                 cap=policy.dp.epsilon_cap)
-        plan, fed = privacy.plan, self.config.federation
-        # the whole plan, this run's recorded steps included (a restart re-checks the same plan)
+        plan, fed = privacy.plan, self.config.federation  # the whole plan: a restart re-checks the same one
         ledger.check([privacy.planned(plan.total_epochs)], without=self.run_id, what=(
             f"site {self.name}: run {self.run_id} ({fed.rounds} rounds × {fed.local_epochs} local epochs × "
             f"{plan.steps_per_epoch} steps at σ={plan.noise_multiplier:.4g}, q={plan.sample_rate:.4g})"))

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,6 +34,10 @@ from cldlr.common.models.weights import arrays_to_model, arrays_to_tensors, mode
 from cldlr.common.secure.payload import answer_batch, selection_from_payload
 from cldlr.common.secure.tasks import BATCH_TASK, CLINICAL_STATS, ENCODER_SUMS, FUSION_SUMS, PLACEMENT_SUMS, SCORE_HISTOGRAMS
 
+if TYPE_CHECKING:  # Opacus-heavy: imported at run time only by DP studies
+    from cldlr.client.privacy import SitePrivacy
+    from cldlr.client.privacy_ledger import LifetimeLedger
+
 log = logging.getLogger(__name__)
 
 FINAL_MODEL = "final-global.safetensors"
@@ -43,18 +47,20 @@ class FederatedSite:
     """One site's state across the phases of a federated run."""
 
     def __init__(self, session: SiteSession, config: Config, state_dir: Path | None = None, *,
-                 policy: SitePolicy | None = None) -> None:
+                 policy: SitePolicy | None = None, run_id: str | int | None = None) -> None:
         self.session = session
         self.config = config
         # the hospital's own rules (never the centre's): what may leave, the lifetime ε cap, its folders
         self.policy = policy
+        self.run_id = None if run_id is None else str(run_id)  # Flower's run id: the lifetime ledger's entry
         # Flower may hand consecutive messages of one site to different processes (Ray actors in
         # simulation, a fresh ClientApp process per run in deployment): whatever must outlive a
         # message lives in files under state_dir, on the site's own disk.
         self.state_dir = state_dir
         torch.manual_seed(config.run.seed)
         self.model = build_model(config.model)
-        self.privacy = None
+        self.privacy: SitePrivacy | None = None
+        self.ledger: LifetimeLedger | None = None
         if config.privacy.enabled:
             from cldlr.client.privacy import SitePrivacy, check_private_compatible
 
@@ -64,6 +70,8 @@ class FederatedSite:
                 total_epochs=config.federation.rounds * config.federation.local_epochs, seed=config.run.seed,
                 max_physical_batch=config.privacy.max_physical_batch or None,
             )
+            if policy is not None:
+                self.ledger = self._lifetime_ledger(policy, self.privacy)
         self._embeddings: dict[str, np.ndarray] | None = None
         self._fusion_cache: dict[str, Any] = {}
         self._final_loaded = False
@@ -78,33 +86,67 @@ class FederatedSite:
     def name(self) -> str:
         return self.session.name
 
+    # -- DP-SGD budgets: this run's (privacy.json) and the dataset's lifetime one (the ledger) ---------
+    def _lifetime_ledger(self, policy: SitePolicy, privacy: SitePrivacy) -> LifetimeLedger:
+        """The data's ledger in the site's own state folder; refuses a study whose whole plan would pass the cap."""
+        from cldlr.client.privacy_ledger import LifetimeLedger, dataset_key
+
+        if self.run_id is None:
+            raise CldlrError(f"site {self.name}: a DP study under the site's policy needs the run id for the lifetime "
+                             "privacy ledger; build FederatedSite with run_id=context.run_id")
+        ledger = LifetimeLedger(policy.state_dir, dataset_key(self.session.site), delta=policy.dp.delta,
+                                cap=policy.dp.epsilon_cap)
+        plan, fed = privacy.plan, self.config.federation  # the whole plan: a restart re-checks the same one
+        ledger.check([privacy.planned(plan.total_epochs)], without=self.run_id, what=(
+            f"site {self.name}: run {self.run_id} ({fed.rounds} rounds × {fed.local_epochs} local epochs × "
+            f"{plan.steps_per_epoch} steps at σ={plan.noise_multiplier:.4g}, q={plan.sample_rate:.4g})"))
+        return ledger
+
+    def _record_privacy(self, privacy: SitePrivacy) -> None:
+        """Keep the run's accountant history in the lifetime ledger (first) and ``privacy.json``: no step is lost."""
+        if self.ledger is not None and self.run_id is not None and self.ledger.run_history(self.run_id) != privacy.history:
+            self.ledger.record(self.run_id, privacy.history, site=self.name, steps=privacy.steps,
+                               planned_steps=privacy.plan.total_epochs * privacy.plan.steps_per_epoch,
+                               delta=self.ledger.delta, cap=self.ledger.cap, study_delta=privacy.plan.delta)
+        if (path := self._state_file("privacy.json")) is not None:
+            atomic_write_json(path, privacy.state_dict())
+
+    def _check_privacy(self, privacy: SitePrivacy, epochs: int, server_round: int) -> None:
+        """Continue this run's accountant from what the files hold; refuse a round past either budget."""
+        saved = self._state_file("privacy.json")
+        if saved is not None and saved.is_file():  # the file is the truth: another process may have trained last
+            privacy.load_state_dict(json.loads(saved.read_text()))
+        if self.ledger is not None and self.run_id is not None:
+            privacy.continue_history(self.ledger.run_history(self.run_id))  # the longer of the two wins
+            self._record_privacy(privacy)  # the ledger now holds exactly this run's steps
+        if privacy.would_exceed(epochs):
+            from cldlr.client.privacy import PrivacyBudgetError
+
+            raise PrivacyBudgetError(
+                f"site {self.name}: round {server_round} would exceed ε={self.config.privacy.target_epsilon} "
+                f"(spent {privacy.epsilon():.3f}); the site stops training")
+        if self.ledger is not None:
+            self.ledger.check([privacy.planned(epochs)], what=f"site {self.name}: round {server_round} of run {self.run_id}")
+
     # -- phase 1: backbone ------------------------------------------------------------------
     def train_round(self, global_arrays: Mapping[str, np.ndarray], *, server_round: int,
                     proximal_mu: float = 0.0) -> tuple[dict[str, np.ndarray], int, dict[str, float]]:
         """Local epochs from the global weights; returns (weights, number of examples, metrics)."""
+        epochs = self.config.federation.local_epochs
+        if self.privacy is not None:  # refused before the model is touched
+            self._check_privacy(self.privacy, epochs, server_round)
         arrays_to_model(self.model, global_arrays)
         self._embeddings = None  # the backbone changes: embeddings must be recomputed
         self._final_loaded = False
-        epochs = self.config.federation.local_epochs
         train = partial(self.session.fit_backbone, self.model, epochs=epochs, seed=self.config.run.seed + server_round - 1,
                         proximal_mu=proximal_mu, progress=False,
                         global_params=arrays_to_tensors(global_arrays) if proximal_mu > 0 else None)
         if self.privacy is None:
             result = train()
         else:
-            saved = self._state_file("privacy.json")
-            if saved is not None and saved.is_file():  # the file is the truth: another process may have trained last
-                self.privacy.load_state_dict(json.loads(saved.read_text()))
-            if self.privacy.would_exceed(epochs):
-                from cldlr.client.privacy import PrivacyBudgetError
-
-                raise PrivacyBudgetError(
-                    f"site {self.name}: round {server_round} would exceed ε={self.config.privacy.target_epsilon} "
-                    f"(spent {self.privacy.epsilon():.3f}); the site stops training")
             with self.privacy.training() as hooks:  # Opacus hooks are removed again afterwards
                 result = train(**hooks)
-            if (path := self._state_file("privacy.json")) is not None:
-                atomic_write_json(path, self.privacy.state_dict())
+            self._record_privacy(self.privacy)
         last = result.history[-1] if result.history else {}
         metrics = {"train-loss": float(last.get("loss", float("nan"))),
                    "train-accuracy": float(last.get("accuracy", float("nan")))}

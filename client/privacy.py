@@ -9,6 +9,13 @@ assumes. A Poisson batch larger than ``max_physical_batch`` is run as chunks who
 per-sample gradients are summed before the single noisy step (Opacus's virtual steps), so the
 memory of a step never exceeds that of a batch of ``max_physical_batch`` images.
 
+DP's guarantee needs randomness nobody else knows: the Poisson draws and the Gaussian noise come
+from generators seeded by the operating system's CSPRNG (:func:`os_generator`), never from
+``run.seed``, which the centre sets (with it the centre could regenerate the noise and subtract
+it). Opacus's ``secure_mode`` noise is used too (robust to floating-point attacks); its
+``torchcsprng`` generator is not available for current PyTorch, hence the OS-seeded ones. Runs
+without DP keep their seeded reproducibility: only this module's hooks draw from the OS.
+
 Accounting uses Opacus's RDP accountant: deterministic, a few numbers of state, and slightly
 conservative (a larger ε) compared with the PRV accountant.
 """
@@ -18,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import secrets
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -160,22 +168,29 @@ def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
     return float(accountant.get_epsilon(delta=delta, alphas=ALPHAS))
 
 
+def os_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator seeded with 64 bits from the OS (``secrets``): DP randomness no config can set or replay."""
+    return torch.Generator(device=device).manual_seed(secrets.randbits(64))
+
+
 class SitePrivacy:
     """A site's DP-SGD hooks for :func:`~cldlr.client.training.train_classifier` and its ε ledger.
 
     Every Poisson draw is charged to the accountant when it is drawn (also an empty one, which
     the trainer skips), so each step is counted exactly once whatever the trainer does with it.
+    Draws and noise come from generators seeded by the OS at every :meth:`prepare`.
     """
 
     def __init__(self, plan: PrivacyPlan, *, seed: int = 0, max_physical_batch: int | None = None) -> None:
         if max_physical_batch is not None and max_physical_batch < 1:
             raise CldlrError(f"max_physical_batch must be >= 1 (or None for the batch size), got {max_physical_batch}")
         self.plan = plan
-        self.seed = seed  # recorded in the state; draws and noise use the trainer's seeded generator and RNG
+        self.seed = seed  # the run's seed, recorded in the state only: draws and noise never come from it
         self.max_physical_batch = max_physical_batch if max_physical_batch is not None else plan.batch_size
         self._accountant = RDPAccountant()
         self._module: GradSampleModule | None = None
         self._optimizer: DPOptimizer | None = None
+        self._sampling: torch.Generator | None = None
         self._draws = self._noisy_steps = 0
         self._inplace: list[nn.Module] = []
 
@@ -194,6 +209,28 @@ class SitePrivacy:
     def steps(self) -> int:
         """Noisy steps (Poisson draws) charged so far."""
         return sum(int(entry[2]) for entry in self._accountant.history)
+
+    @property
+    def history(self) -> list[tuple[float, float, int]]:
+        """The accountant's ``(noise multiplier, sample rate, steps)`` entries: what the lifetime ledger composes."""
+        return [(float(s), float(q), int(n)) for s, q, n in self._accountant.history]
+
+    def planned(self, epochs: int) -> tuple[float, float, int]:
+        """The history entry ``epochs`` more local epochs would add (for ledger checks before training)."""
+        return (self.plan.noise_multiplier, self.plan.sample_rate, epochs * self.plan.steps_per_epoch)
+
+    def continue_history(self, history: list[tuple[float, float, int]]) -> None:
+        """Take over a longer history of this run kept elsewhere (the lifetime ledger), e.g. after a crash.
+
+        A history drawn at another noise multiplier or sample rate belongs to another calibration
+        and is refused rather than mixed in.
+        """
+        ours = (self.plan.noise_multiplier, self.plan.sample_rate)
+        if any((float(s), float(q)) != ours for s, q, _ in history):
+            raise CldlrError(f"the recorded DP-SGD history of this run ({history}) was drawn at other settings than "
+                             f"sigma={ours[0]}, q={ours[1]}; resume with the same privacy/train/federation settings")
+        if sum(int(n) for _, _, n in history) > self.steps:
+            self._accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
 
     def epsilon(self) -> float:
         """Cumulative ε at the configured δ after every step so far."""
@@ -264,17 +301,24 @@ class SitePrivacy:
         for module in self._inplace:
             module.inplace = False
         self._module = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
+        device = next(model.parameters()).device  # the noise is drawn where the gradients are
         self._optimizer = DPOptimizer(optimizer, noise_multiplier=self.plan.noise_multiplier,
                                       max_grad_norm=self.plan.max_grad_norm,
-                                      expected_batch_size=self.plan.batch_size, loss_reduction="mean")
+                                      expected_batch_size=self.plan.batch_size, loss_reduction="mean",
+                                      generator=os_generator(device), secure_mode=True)
+        self._sampling = os_generator()
         self._optimizer.attach_step_hook(self._after_noise)
         self._draws = self._noisy_steps = 0
         return self._module, self._optimizer
 
     def poisson_batches(self, n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-        """One epoch of Poisson draws (charged now), each split into chunks of ≤ ``max_physical_batch``."""
+        """One epoch of Poisson draws (charged now), each split into chunks of ≤ ``max_physical_batch``.
+
+        ``generator`` is the trainer's seeded one and deliberately unused: the draws come from the
+        OS-seeded generator of :meth:`prepare`, so whoever knows ``run.seed`` cannot know the batches.
+        """
         plan = self.plan
-        if self._optimizer is None:
+        if self._optimizer is None or self._sampling is None:
             raise CldlrError("the Poisson sampler ran without the DP prepare hook; pass both entries of "
                              "SitePrivacy.train_kwargs() to train_classifier")
         if (n, batch_size) != (plan.n_train, plan.batch_size):
@@ -286,7 +330,7 @@ class SitePrivacy:
                                      f"{self.epsilon_after(1):.3f} > target {plan.target_epsilon}; training stops")
         batches: list[torch.Tensor] = []
         for _ in range(plan.steps_per_epoch):
-            drawn = torch.nonzero(torch.rand(n, generator=generator) < plan.sample_rate).flatten()
+            drawn = torch.nonzero(torch.rand(n, generator=self._sampling) < plan.sample_rate).flatten()
             self._accountant.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
             if drawn.numel() == 0:  # the trainer skips it; the draw is charged all the same
                 batches.append(drawn)
@@ -315,5 +359,5 @@ class SitePrivacy:
                 del p.summed_grad
         for module in self._inplace:
             module.inplace = True
-        self._module = self._optimizer = None
+        self._module = self._optimizer = self._sampling = None
         self._inplace = []

@@ -9,12 +9,14 @@ runs compose exactly as the RDP accountant composes steps. Training that would t
 past the policy's cap is refused *before* it starts.
 
 The file is rewritten atomically under an exclusive lock, so two runs on the same SuperNode
-cannot lose each other's entries.
+cannot lose each other's entries. :func:`dataset_key` names the data by its bytes (every image and
+mask, and ``clinical.csv``), so a copied or renamed folder still draws on the same budget.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 from collections.abc import Iterator
@@ -22,7 +24,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from cldlr.client.policy import PolicyRefusal
 from cldlr.client.privacy import epsilon_of
+from cldlr.common.data.contract import CLINICAL_CSV, SiteData
+from cldlr.common.data.roi import image_digests
 from cldlr.common.errors import CldlrError
 from cldlr.common.io import atomic_write_json
 
@@ -30,11 +35,35 @@ log = logging.getLogger(__name__)
 
 LEDGER_FILE = "privacy-ledger.json"
 FORMAT = 1
+DATASET_KEY_VERSION = "cldlr-dataset-v1"
 Entry = tuple[float, float, int]
 
 
-class LifetimeBudgetError(CldlrError):
-    """Training would take a dataset's lifetime ε past the site's cap."""
+def dataset_key(site: SiteData) -> str:
+    """sha256 of a site's data: every image's and mask's sha256 (by image id) and the bytes of ``clinical.csv``.
+
+    The budget follows the patients' data, not the folder or the centre's name for the site: the
+    same files anywhere give the same key, and any changed byte gives a new one.
+    """
+    clinical = site.root / CLINICAL_CSV
+    try:
+        with open(clinical, "rb") as handle:
+            clinical_sha = hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError as exc:
+        raise CldlrError(f"{clinical}: cannot read the site's clinical table to key its privacy budget ({exc})") from exc
+    payload = {"version": DATASET_KEY_VERSION, "images": image_digests(site), "clinical": clinical_sha}
+    return hashlib.sha256(json.dumps(payload, separators=(",", ":")).encode()).hexdigest()
+
+
+class LifetimeBudgetError(PolicyRefusal):
+    """Training would take a dataset's lifetime ε past the site's cap.
+
+    A policy refusal: the centre is told only that (``public``); how much was spent, and over how
+    many earlier runs, stays in ``detail`` for the site's log and audit file.
+    """
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("training would take this dataset past the site's lifetime ε cap", detail)
 
 
 class LifetimeLedger:
@@ -57,22 +86,34 @@ class LifetimeLedger:
         """Every run recorded for this dataset, oldest first."""
         return list(read_ledger(self.path)["datasets"].get(self.dataset, {}).get("runs", []))
 
-    def history(self) -> list[Entry]:
-        """The composed DP-SGD history of every run on this dataset."""
-        return [(float(s), float(q), int(n)) for run in self.runs() for s, q, n in run["history"]]
+    def history(self, *, without: str | None = None) -> list[Entry]:
+        """The composed DP-SGD history of every run on this dataset (but run ``without``)."""
+        return [(float(s), float(q), int(n)) for run in self.runs() if run["run"] != without
+                for s, q, n in run["history"]]
 
-    def epsilon(self, extra: list[Entry] | None = None) -> float:
-        """Lifetime ε at the policy's δ, with ``extra`` planned steps added."""
-        history = self.history() + list(extra or [])
+    def run_history(self, run: str) -> list[Entry]:
+        """What the ledger holds of one run (empty if it has not trained yet): a restart continues from it."""
+        return [(float(s), float(q), int(n)) for r in self.runs() if r["run"] == run for s, q, n in r["history"]]
+
+    def epsilon(self, extra: list[Entry] | None = None, *, without: str | None = None) -> float:
+        """Lifetime ε at the policy's δ, with ``extra`` planned steps added (and run ``without`` left out)."""
+        history = self.history(without=without) + list(extra or [])
         return epsilon_of(history, self.delta) if history else 0.0
 
-    def check(self, planned: list[Entry], *, what: str) -> float:
-        """Refuse ``planned`` steps that would pass the cap; return the ε it would end at."""
-        after = self.epsilon(planned)
+    def check(self, planned: list[Entry], *, what: str, without: str | None = None) -> float:
+        """Refuse ``planned`` steps that would pass the cap; return the ε it would end at.
+
+        ``without`` leaves one run's own entry out, for a ``planned`` that already holds that
+        run's whole history (a run re-checked after a restart is not counted twice).
+        """
+        after = self.epsilon(planned, without=without)
         if after > self.cap:
-            raise LifetimeBudgetError(
-                f"{what} would take this dataset's lifetime ε from {self.epsilon():.3f} to {after:.3f} > the site's "
-                f"cap {self.cap:g} (δ={self.delta:g}; {len(self.runs())} earlier run(s)); training refused")
+            earlier = sum(r["run"] != without for r in self.runs())
+            detail = (f"{what} would take this dataset's lifetime ε from {self.epsilon(without=without):.3f} to "
+                      f"{after:.3f} > the site's cap {self.cap:g} (δ={self.delta:g}; {earlier} earlier run(s)); "
+                      "training refused")
+            log.warning("policy refusal: %s", detail)
+            raise LifetimeBudgetError(detail)
         return after
 
     def record(self, run: str, history: list[Entry], **details: Any) -> None:
@@ -102,12 +143,22 @@ def read_ledger(path: str | Path) -> dict[str, Any]:
     return ledger
 
 
-def describe_ledger(state_dir: str | Path, delta: float) -> str:
-    """``cldlr privacy STATE_DIR``: ε per dataset and run, composed at ``delta``."""
+def recorded_delta(ledger: dict[str, Any]) -> float | None:
+    """The smallest δ the ledger's runs were stated at (the most conservative ε), or None if none says."""
+    deltas = [float(r["delta"]) for entry in ledger["datasets"].values() for r in entry["runs"] if "delta" in r]
+    return min(deltas) if deltas else None
+
+
+def describe_ledger(state_dir: str | Path, delta: float | None = None) -> str:
+    """``cldlr privacy STATE_DIR``: ε per dataset and run, composed at ``delta`` (default: the δ its runs recorded)."""
     path = Path(state_dir) / LEDGER_FILE
     ledger = read_ledger(path)
     if not ledger["datasets"]:
         return f"{path}: no DP training recorded"
+    if delta is None and (delta := recorded_delta(ledger)) is None:
+        raise CldlrError(f"{path}: its runs do not say at which δ ε is stated; pass --delta D or --policy FILE")
+    if not 0 < delta < 1:
+        raise CldlrError(f"δ must be in (0, 1), got {delta:g}")
     lines = [f"{path} (ε at δ={delta:g}, RDP accountant)"]
     for dataset, entry in ledger["datasets"].items():
         history: list[Entry] = []
@@ -115,6 +166,8 @@ def describe_ledger(state_dir: str | Path, delta: float) -> str:
         for run in entry["runs"]:
             history += [(float(s), float(q), int(n)) for s, q, n in run["history"]]
             steps = sum(int(n) for _, _, n in run["history"])
-            lines.append(f"  run {run['run']}: {steps} steps, lifetime ε after it {epsilon_of(history, delta):.3f}")
-        lines.append(f"  total: ε = {epsilon_of(history, delta) if history else 0.0:.3f}")
+            site = f" (site {run['site']})" if "site" in run else ""
+            lines.append(f"  run {run['run']}{site}: {steps} steps, lifetime ε after it {epsilon_of(history, delta):.3f}")
+        cap = next((f", cap {r['cap']:g} at run {r['run']}" for r in reversed(entry["runs"]) if "cap" in r), "")
+        lines.append(f"  total: ε = {epsilon_of(history, delta) if history else 0.0:.3f}{cap}")
     return "\n".join(lines)

@@ -172,6 +172,9 @@ def train_classifier(
 
     CPU runs are bit-reproducible for a given ``seed``; ``resume`` continues a checkpoint and ends
     with the same weights as an uninterrupted run. The caller's global RNG state is left untouched.
+    DP-SGD's hooks (``batch_sampler``, ``prepare`` from :mod:`cldlr.client.privacy`) draw their
+    batches and noise from the operating system instead, so a DP run is deliberately not
+    reproducible from ``seed``: whoever sets the seed must not be able to replay the noise.
     """
     labels = _check_inputs(model, images, labels)
     total = cfg.epochs if epochs is None else epochs

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import torchvision.models as tvm
 from torch import nn
 
+from cldlr.client import privacy as privacy_module
 from cldlr.client.privacy import (
     EPSILON_SLACK,
     PrivacyBudgetError,
@@ -52,6 +53,12 @@ def tiny_cnn(num_classes: int, norm: bool = False) -> nn.Module:
 def tiny(monkeypatch):
     monkeypatch.setitem(BACKBONES, TINY, Backbone(TINY, tiny_cnn))
     monkeypatch.setitem(BACKBONES, TINY_BN, Backbone(TINY_BN, lambda n: tiny_cnn(n, norm=True)))
+
+
+@pytest.fixture
+def pinned_entropy(monkeypatch):
+    """The same DP randomness in every training (it comes from the OS): for tests comparing two trainings."""
+    monkeypatch.setattr(privacy_module, "os_generator", lambda device="cpu": torch.Generator(device=device).manual_seed(0))
 
 
 def model(name: str = TINY, seed: int = 0) -> nn.Module:
@@ -99,7 +106,7 @@ def test_epsilon_grows_every_round_and_ends_within_target():
     assert summary["noise_multiplier"] == privacy.plan.noise_multiplier and summary["delta"] == DP.delta
 
 
-def test_state_round_trip_gives_the_same_epsilon_and_continues_identically():
+def test_state_round_trip_gives_the_same_epsilon_and_continues_identically(pinned_entropy):
     first, net = site(), model()
     train_round(first, net, seed=0)
     state = json.loads(json.dumps(first.state_dict()))  # what the Flower client keeps in context.state
@@ -192,7 +199,7 @@ def test_one_dp_step_without_noise_or_clipping_equals_plain_sgd():
         torch.testing.assert_close(results[1][key], value, rtol=1e-5, atol=1e-6)
 
 
-def test_chunked_poisson_batches_give_the_same_update_as_whole_ones():
+def test_chunked_poisson_batches_give_the_same_update_as_whole_ones(pinned_entropy):
     nets = [model(), model()]
     for net, chunk in zip(nets, (None, 3), strict=True):
         privacy = SitePrivacy(plain_plan(noise_multiplier=0.0, max_grad_norm=0.5), max_physical_batch=chunk)

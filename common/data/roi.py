@@ -92,16 +92,25 @@ def _file_sha256(path: str | Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
+def image_digests(site: SiteData) -> list[tuple[str, str, str]]:
+    """The sorted (image_id, image sha256, mask sha256) rows: the content of a site's pixels, in any row order.
+
+    The ROI cache key and the site's lifetime privacy ledger (which keys its ε budget by the
+    data's content, not by a folder name the centre could change) both hash these.
+    """
+    return sorted(
+        (str(r.image_id), _file_sha256(r.image_path), _file_sha256(r.mask_path))
+        for r in site.frame[["image_id", "image_path", "mask_path"]].itertuples(index=False)
+    )
+
+
 def cache_key(site: SiteData, image_size: int, margin: float) -> str:
     """sha256 over the sorted (image_id, image sha256, mask sha256) rows and the ROI settings.
 
     Row order does not matter (a reordered table reuses the file); any byte of any image or mask,
     the ROI size, the margin or :data:`PIPELINE_VERSION` changing gives a new key.
     """
-    rows = sorted(
-        (str(r.image_id), _file_sha256(r.image_path), _file_sha256(r.mask_path))
-        for r in site.frame[["image_id", "image_path", "mask_path"]].itertuples(index=False)
-    )
+    rows = image_digests(site)
     payload = {"rows": rows, "image_size": int(image_size), "margin": float(margin), "version": PIPELINE_VERSION}
     return hashlib.sha256(json.dumps(payload, separators=(",", ":")).encode()).hexdigest()
 
@@ -187,5 +196,5 @@ def build_site_cache(site: str | Path | SiteData, schema: Schema, data_cfg: Data
     return cache_for(site, data_cfg, weights)
 
 
-__all__ = ["PIPELINE_VERSION", "RoiCache", "build_site_cache", "cache_for", "cache_key", "extract_roi",
+__all__ = ["PIPELINE_VERSION", "RoiCache", "build_site_cache", "cache_for", "cache_key", "extract_roi", "image_digests",
            "load_roi_cache", "roi_box"]

@@ -330,7 +330,7 @@ def export_study_bundle(out_dir: str | Path, outcome: StudyOutcome, artifacts: A
     from cldlr.common.data.transforms import normalization_for
 
     spent = outcome.privacy_spent
-    privacy = {"spent": spent} if spent else {}
+    privacy: dict[str, Any] = {"spent": spent} if spent else {}
     if config.privacy.enabled:
         privacy |= {"target_epsilon": config.privacy.target_epsilon, "delta": config.privacy.delta,
                     "max_grad_norm": config.privacy.max_grad_norm}

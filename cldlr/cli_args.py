@@ -17,6 +17,7 @@ Add = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.Argumen
 
 
 def config_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """The config file and ``--set`` overrides, spelled alike by every command that reads a study config."""
     parser.add_argument("config", type=Path, nargs=None if required else "?", help="YAML config (see configs/)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -25,6 +26,7 @@ def config_args(parser: argparse.ArgumentParser, *, required: bool = True) -> No
 
 
 def force(parser: argparse.ArgumentParser) -> None:
+    """``--force``: a command never replaces an existing output folder unless asked to."""
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
 
 

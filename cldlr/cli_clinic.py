@@ -13,6 +13,7 @@ from .cli_args import force as _force
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """``cldlr predict``: score one lesion (image + mask + clinical values) or every case of a site folder."""
     from cldlr.client.predict import format_result, parse_clinical_args, predict_lesion, predict_site
 
     if args.site is not None:
@@ -37,6 +38,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_reader_packet(args: argparse.Namespace) -> int:
+    """``cldlr reader-study packet``: the reading rounds for radiologists, and the key kept apart from them."""
     from cldlr.simulations.reader_packet import make_packet
 
     out = make_packet(args.model, args.site, args.out, seed=args.seed, split=args.split,
@@ -47,6 +49,7 @@ def cmd_reader_packet(args: argparse.Namespace) -> int:
 
 
 def cmd_reader_analyze(args: argparse.Namespace) -> int:
+    """``cldlr reader-study analyze``: Table 3 (readers with and without the AI score) from the collected reads."""
     from cldlr.simulations.reader_study import analyze_reads
 
     out = analyze_reads(args.reads, args.truth, args.out, model_scores=args.model_scores, force=args.force)
@@ -56,6 +59,7 @@ def cmd_reader_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_reader_simulate(args: argparse.Namespace) -> int:
+    """``cldlr reader-study simulate-reads``: simulated readers' reads, to try the analysis before real ones take part."""
     from cldlr.simulations.reader_study import simulate_reads
 
     out = simulate_reads(args.truth, args.model_scores, args.out, readers=args.readers, seed=args.seed)

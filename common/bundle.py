@@ -82,6 +82,7 @@ class Prediction:
 
     @property
     def predicted_class(self) -> str:
+        """The class a reader is told: malignant at or above the bundle's operating threshold."""
         return "malignant" if self.ai_score >= self.threshold else "benign"
 
     def overlay(self, alpha: float = 0.4) -> np.ndarray:
@@ -90,10 +91,11 @@ class Prediction:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able scores and decision (no pixel arrays)."""
-        return jsonable({"id": self.id, "ai_score": self.ai_score, "dlr_score": self.dlr_score,
-                         "clinical_score": self.clinical_score, "predicted_class": self.predicted_class,
-                         "threshold": self.threshold, "fallback": self.fallback, "warnings": self.warnings,
-                         "clinical": self.clinical}, finite=True)
+        data: dict[str, Any] = jsonable({"id": self.id, "ai_score": self.ai_score, "dlr_score": self.dlr_score,
+                                         "clinical_score": self.clinical_score, "predicted_class": self.predicted_class,
+                                         "threshold": self.threshold, "fallback": self.fallback, "warnings": self.warnings,
+                                         "clinical": self.clinical}, finite=True)
+        return data
 
 
 @dataclass
@@ -333,7 +335,7 @@ def export_study_bundle(out_dir: str | Path, outcome: StudyOutcome, artifacts: A
     from cldlr.common.data.transforms import normalization_for
 
     spent = outcome.privacy_spent
-    privacy = {"spent": spent} if spent else {}
+    privacy: dict[str, Any] = {"spent": spent} if spent else {}
     if config.privacy.enabled:
         privacy |= {"target_epsilon": config.privacy.target_epsilon, "delta": config.privacy.delta,
                     "max_grad_norm": config.privacy.max_grad_norm}

@@ -14,12 +14,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 
 from cldlr.common.errors import ConfigError
 from cldlr.common.io import read_yaml
+
+_T = TypeVar("_T")  # the dataclass build_dataclass is asked for
 
 
 @dataclass(frozen=True)
@@ -206,7 +208,9 @@ class Config:
 
 
 def _dump_scalar(value: Any) -> str:
-    return yaml.safe_dump(list(value) if isinstance(value, tuple) else value, default_flow_style=True).strip().removesuffix("...").strip()
+    """``value`` as the YAML text an override parses back to it (a tuple as a flow list, no document end)."""
+    text: str = yaml.safe_dump(list(value) if isinstance(value, tuple) else value, default_flow_style=True)
+    return text.strip().removesuffix("...").strip()
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -280,9 +284,10 @@ def _build(cls: Any, data: Any, where: str) -> Any:
     return cls(**kwargs)
 
 
-def build_dataclass(cls: Any, data: Any, where: str = "") -> Any:
+def build_dataclass(cls: type[_T], data: Any, where: str = "") -> _T:
     """A frozen dataclass from a nested mapping, checked like the study config (a site's policy uses it)."""
-    return _build(cls, data, where)
+    built: _T = _build(cls, data, where)
+    return built
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
@@ -313,7 +318,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Build and validate a :class:`Config` from a nested dict."""
-    config = _build(Config, data, "")
+    config: Config = _build(Config, data, "")
     validate_config(config)
     return config
 
@@ -434,4 +439,5 @@ def dump_config(config: Config) -> str:
             return [plain(v) for v in obj]
         return obj
 
-    return yaml.safe_dump(plain(config.to_dict()), sort_keys=False)
+    text: str = yaml.safe_dump(plain(config.to_dict()), sort_keys=False)
+    return text

@@ -46,6 +46,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    """The ServerApp: read the study config Flower was given, then run every phase into one run folder."""
     configure_logging()  # INFO until the config is read (its errors must show)
     settings = run_settings(context)
     overrides = settings.get("overrides", "")

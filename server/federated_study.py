@@ -35,8 +35,12 @@ CLINICAL_BINS = 1000
 
 
 class SumFn(Protocol):
+    """The one primitive phases 2-4 need, so the same code runs over SecAgg+ and over in-process sites."""
+
     def __call__(self, task: str, payload: dict[str, Any], *, length: int, bound: Any,
-                 integer: bool = False) -> np.ndarray: ...
+                 integer: bool = False) -> np.ndarray:
+        """The sum over sites of each site's ``length``-vector for ``task``; ``bound`` caps one site's entries."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -129,7 +133,6 @@ def _fusion_shape(fitter: Any, request: Any, n_clinical: int, n_deep: int, n: in
     range. A site whose value exceeds its bound fails the round with an error naming the element,
     rather than being clipped silently by SecAgg+.
     """
-    p = n_clinical + n_deep
     clin = 1e3
     if fitter.phase == "moments":
         blocks = [(2, float(n)), (n_clinical, n * clin), (n_deep, n * feature_bound),
@@ -153,6 +156,8 @@ def _fusion_shape(fitter: Any, request: Any, n_clinical: int, n_deep: int, n: in
 
 @dataclass
 class FederatedEvaluation:
+    """Phase 4's pooled results: metrics per model and cohort, DeLong on the test cohort, ROC points to draw."""
+
     metrics: dict[str, dict[str, dict[str, float]]]
     delong: dict[str, dict[str, float]]
     roc: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
@@ -207,8 +212,8 @@ def run_federated_phases(sum_fn: SumFn, config: Config, schema: Schema, *, n_dee
     """Phases 2 (clinical), 3 (fusion) and 4 (evaluation) over ``sum_fn``."""
     selection, encoder, clinical_rounds = clinical_phase(sum_fn, schema, config, max_cases)
     fusion, fusion_rounds, fit_payload = fusion_phase(sum_fn, config, encoder, n_deep, max_cases, feature_bound)
-    fit = FederatedFit(selection, encoder, fusion, {"clinical": clinical_rounds, **{f"svm_{k}": v for k, v in fusion_rounds.items()}},
-                       fit_payload)
+    rounds = {"clinical": clinical_rounds, **{f"svm_{k}": v for k, v in fusion_rounds.items()}}
+    fit = FederatedFit(selection, encoder, fusion, rounds, fit_payload)
     models = tuple(m for m in ("clinical", "dlr", "cldlr") if m in fusion.models)
     evaluation = evaluation_phase(sum_fn, config, fit_payload, models, max_cases)
     fit.rounds["evaluation"] = 2

@@ -36,7 +36,7 @@ from cldlr.common.secure.tasks import FINALIZE, HANDSHAKE, LOCAL_METRICS, PLAIN_
 from cldlr.common.secure.wire import arrays_to_record, record_to_arrays
 from cldlr.server.checkpoint import Progress, load_checkpoint, save_checkpoint
 from cldlr.server.federated_study import run_federated_phases
-from cldlr.server.ledger import Ledger, LedgerGrid
+from cldlr.server.ledger import Ledger, LedgerGrid, error_reason
 from cldlr.server.secure_sum import secure_sum, wait_for_sites
 from cldlr.server.strategies import check_study_config, make_strategy
 
@@ -59,6 +59,10 @@ class FederatedRun:
 
     # -- phase 0 ------------------------------------------------------------------------------
     def handshake(self) -> list[int]:
+        """Phase 0: offer the config and schema to every connected site; the nodes whose site accepted.
+
+        Fewer than ``federation.min_sites`` acceptances stop the study before any training.
+        """
         fed = self.config.federation
         self.ledger.phase = "handshake"
         nodes = wait_for_sites(self.grid, fed.num_sites, self.connect_timeout_s)
@@ -69,12 +73,13 @@ class FederatedRun:
         for reply in self.grid.send_and_receive(messages, timeout=self.connect_timeout_s):
             node = reply.metadata.src_node_id
             if reply.has_error():
-                reason = reply.error.reason.strip().splitlines()[-1][:500]
+                reason = error_reason(reply).splitlines()[-1][:500]
                 log.error("site on node %d refused to join: %s", node, reason)
                 self.ledger.event("site-refused", node=node, reason=reason)
                 continue
             self.names[node] = str(reply.content.config_records["site"]["name"])
-            self.counts[node] = {k: int(v) for k, v in reply.content.metric_records["counts"].items()}
+            self.counts[node] = {k: int(_number(v, f"site {self.names[node]}: count {k!r}"))
+                                 for k, v in reply.content.metric_records["counts"].items()}
             members.append(node)
         if len(members) < fed.min_sites:
             raise CldlrError(f"only {len(members)} site(s) joined ({', '.join(self.names.values()) or 'none'}); "
@@ -85,6 +90,10 @@ class FederatedRun:
 
     # -- phase 1 ------------------------------------------------------------------------------
     def train_backbone(self) -> tuple[dict[str, np.ndarray], Progress]:
+        """Phase 1: the backbone over the configured rounds (resumed from the last checkpoint when asked).
+
+        Returns the final weights and the progress record the report's training curves come from.
+        """
         cfg, fed = self.config, self.config.federation
         torch.manual_seed(cfg.run.seed)
         model = build_model(cfg.model)
@@ -96,7 +105,7 @@ class FederatedRun:
         remaining = fed.rounds - progress.completed_rounds
         if remaining <= 0:
             return arrays, progress
-        strategy = make_strategy(fed.strategy, min_sites=min(fed.min_sites, len(self.grid.members)),
+        strategy = make_strategy(fed.strategy, min_sites=min(fed.min_sites, len(self.grid.joined)),
                                  proximal_mu=fed.proximal_mu, server_opt=fed.server_opt)
         strategy.setup(reference=arrays, min_sites=fed.min_sites, transfer_dtype=fed.transfer_dtype, node_names=self.names,
                        announced={n: c["n-train"] for n, c in self.counts.items()})
@@ -127,32 +136,42 @@ class FederatedRun:
         go on with the others, since waiting for a dead site would stall every secure sum.
         """
         connected = set(self.grid.get_node_ids())  # the SuperLink lists only nodes with live heartbeats
-        for node in sorted(self.grid.members - connected):
+        members = self.grid.joined
+        for node in sorted(members - connected):
             log.warning("site %s is gone (no heartbeat); the study goes on without it", self.names.get(node, node))
             self.ledger.event("site-dropped", node=node, reason="SuperNode disconnected (missed heartbeats or stopped)")
-        self.grid.members &= connected
+        self.grid.members = members & connected
         if len(self.grid.members) < self.config.federation.min_sites:
             raise CldlrError(f"only {len(self.grid.members)} site(s) still connected; federation.min_sites="
                              f"{self.config.federation.min_sites}. See {self.ledger.path}")
 
     def finalize(self, arrays: dict[str, np.ndarray]) -> float:
+        """Send the final backbone to every site; the largest bound a site reports on its embedding values.
+
+        That bound sets the scale of the fusion sums' deep block.
+        """
         self.drop_departed()
         self.ledger.phase, self.ledger.round = "finalize", 0
         record = arrays_to_record(arrays, "float32")
-        messages = [Message(RecordDict({"arrays": record}), dst_node_id=n, message_type=FINALIZE) for n in self.grid.members]
+        messages = [Message(RecordDict({"arrays": record}), dst_node_id=n, message_type=FINALIZE) for n in self.grid.joined]
         bounds = []
         for reply in self.grid.send_and_receive(messages):
+            site = self.names.get(reply.metadata.src_node_id)
             if reply.has_error():
-                raise CldlrError(f"site {self.names.get(reply.metadata.src_node_id)} failed to load the final model: "
-                                 f"{reply.error.reason[-300:]}")
-            bounds.append(float(reply.content.metric_records["bound"]["feature-bound"]))
+                raise CldlrError(f"site {site} failed to load the final model: {error_reason(reply)[-300:]}")
+            bound = reply.content.metric_records["bound"]["feature-bound"]
+            bounds.append(float(_number(bound, f"site {site}: feature-bound")))
         return max(bounds)
 
     def sum_fn(self, task: str, payload: dict[str, Any], *, length: int, bound: Any, integer: bool = False) -> np.ndarray:
+        """The :class:`~cldlr.server.federated_study.SumFn` of a deployment: SecAgg+ over the sites still connected.
+
+        A federation of one site gets its sum in plaintext (:meth:`_plain_sum`); the ledger says so.
+        """
         self.ledger.phase = f"secure:{batch_label(task, payload)}"
         self.ledger.round += 1
         self.drop_departed()
-        members = len(self.grid.members)
+        members = len(self.grid.joined)
         if members == 1:
             return self._plain_sum(task, payload, length)
         result = secure_sum(self.grid, self.context, task=task, length=length, bound=bound, num_sites_expected=members,
@@ -165,17 +184,18 @@ class FederatedRun:
         """A one-site federation: secure aggregation cannot hide a sum of one, so the site's
         aggregate vector travels in plaintext (the ledger marks it ``secure: false``).
         """
-        (node,) = self.grid.members
+        (node,) = self.grid.joined
         content = RecordDict({"sum": ConfigRecord({"task": task, "payload": json.dumps(payload)})})
         (reply,) = self.grid.send_and_receive([Message(content, dst_node_id=node, message_type=PLAIN_SUM)])
         if reply.has_error():
-            raise CldlrError(f"site {self.names.get(node)} failed task {task}: {reply.error.reason[-300:]}")
+            raise CldlrError(f"site {self.names.get(node)} failed task {task}: {error_reason(reply)[-300:]}")
         values = reply.content.array_records["sum"]["vector"].numpy()
         if values.shape != (length,):
             raise CldlrError(f"task {task}: the site sent {values.shape[0]} values, {length} expected")
         return values.astype(np.float64)
 
     def run(self) -> Path:
+        """Every phase in order, then the report, the model bundle and the ledger; returns the run folder."""
         start = time.monotonic()
         self.secure_seconds = 0.0
         members = self.handshake()
@@ -185,7 +205,7 @@ class FederatedRun:
         arrays, progress = self.train_backbone()
         t_train = time.monotonic() - start
         bound = self.finalize(arrays)
-        max_cases = max(c["n-train"] + c["n-test"] for n, c in self.counts.items() if n in self.grid.members)
+        max_cases = max(c["n-train"] + c["n-test"] for n, c in self.counts.items() if n in self.grid.joined)
         fit, evaluation = run_federated_phases(self.sum_fn, self.config, self.schema, n_deep=self.n_deep,
                                                max_cases=max_cases, feature_bound=bound)
         local = self.local_metrics(fit.payload)
@@ -203,12 +223,13 @@ class FederatedRun:
         """Each site scores the final models on its own cohorts; only opted-in sites share the numbers."""
         self.ledger.phase, self.ledger.round = "local-metrics", 0
         record = ConfigRecord({"payload": json.dumps(payload)})
-        messages = [Message(RecordDict({"fit": record}), dst_node_id=n, message_type=LOCAL_METRICS) for n in self.grid.members]
+        messages = [Message(RecordDict({"fit": record}), dst_node_id=n, message_type=LOCAL_METRICS)
+                    for n in self.grid.joined]
         out: dict[str, Any] = {}
         for reply in self.grid.send_and_receive(messages):
             name = self.names.get(reply.metadata.src_node_id, str(reply.metadata.src_node_id))
             if reply.has_error():
-                out[name] = f"failed: {reply.error.reason.strip().splitlines()[-1][:200]}"
+                out[name] = f"failed: {error_reason(reply).splitlines()[-1][:200]}"
                 continue
             local = reply.content.config_records["local"]
             out[name] = json.loads(str(local["metrics"])) if local["shared"] else "kept at the site"
@@ -216,7 +237,7 @@ class FederatedRun:
 
     def _site_rows(self) -> list[dict[str, Any]]:
         return [{"name": self.names[n], "n_train": c["n-train"], "n_test": c["n-test"]}
-                for n, c in self.counts.items() if n in self.grid.members]
+                for n, c in self.counts.items() if n in self.grid.joined]
 
     def _summary(self, progress: Progress, rounds: dict[str, int], t_train: float, t_total: float) -> FederationSummary:
         bytes_per_round = [{"round": h["round"], **{s["site"]: s["bytes"] for s in h["sites"].values()}}
@@ -236,6 +257,13 @@ class FederatedRun:
     def _export_bundle(self, arrays: dict[str, np.ndarray], fit: Any, outcome: StudyOutcome) -> None:
         export_federated_bundle(self.run_dir / "model", arrays=arrays, fit=fit, outcome=outcome, config=self.config,
                                 schema=self.schema)
+
+
+def _number(value: int | float | list[int] | list[float], what: str) -> float:
+    """A metric a site sent as one number; a list there means the site speaks another protocol."""
+    if isinstance(value, list):
+        raise CldlrError(f"{what}: expected a number, got a list; does the site run the centre's cldlr version?")
+    return value
 
 
 def _training_curves(progress: Progress) -> dict[str, list[dict[str, float]]]:

@@ -94,7 +94,7 @@ class _SumStrategy(FedAvg):
         return None, {}
 
 
-def _short_reason(reason: str, limit: int = 300) -> str:
+def _short_reason(reason: str | None, limit: int = 300) -> str:
     """Last meaningful line of a site's error (simulation wraps it in whole Ray tracebacks)."""
     lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", reason or "").splitlines() if line.strip()]
     text = lines[-1].removesuffix("'>") if lines else "no reason given"

@@ -18,6 +18,10 @@ log = logging.getLogger("cldlr.demo")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the demo end to end into ``--out``; 1 if a phantom site fails validation.
+
+    The phantom sites are generated on the first run and reused after that.
+    """
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("demo-out"))
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml")

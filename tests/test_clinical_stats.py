@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pandas as pd
@@ -11,7 +12,13 @@ from conftest import TINY_SCHEMA, write_site
 from scipy import stats as sps
 
 from cldlr.common.clinical.selection import normaltest_from_moments, select_parameters
-from cldlr.common.clinical.stats import ParameterStatistics, StatisticsLayout, compute_statistics, sum_statistics
+from cldlr.common.clinical.stats import (
+    ParameterStatistics,
+    StatisticsLayout,
+    class_mean_sd,
+    compute_statistics,
+    sum_statistics,
+)
 from cldlr.common.data.schema import Schema, schema_from_dict
 from cldlr.common.data.site import read_site
 from cldlr.common.errors import SchemaError
@@ -204,6 +211,16 @@ def test_numeric_without_range_needs_one_for_federation() -> None:
     local = compute_statistics(frame, y, schema, local_ranges=True)
     assert local.layout.parameters[1].range == (frame.size_mm.min(), frame.size_mm.max())
     assert row_of(select_parameters(local), "size_mm")["test"] == "Mann-Whitney U"
+
+
+def test_moments_or_a_range_a_parameter_lacks_are_named_not_a_type_error(tiny_schema: Schema) -> None:
+    frame, y = make_frame()
+    stats = compute_statistics(frame, y, tiny_schema)
+    with pytest.raises(ValueError, match="no moment sums"):
+        class_mean_sd(stats.by_parameter["side"][0], tiny_schema.get("side"))
+    unranged = dataclasses.replace(tiny_schema.get("age"), range=None)
+    with pytest.raises(SchemaError, match=r"'age' has no range; add `range: \[low, high\]`"):
+        class_mean_sd(stats.by_parameter["age"][0], unranged)
 
 
 def test_invalid_values_name_parameter_and_row(tiny_schema: Schema) -> None:

@@ -255,9 +255,9 @@ def _handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, hostname:
         thread = threading.Thread(target=serve, daemon=True)
         thread.start()
         try:
-            with socket.create_connection(listener.getsockname(), timeout=10) as raw:
-                with client_ctx.wrap_socket(raw, server_hostname=hostname) as tls:
-                    assert tls.version() is not None
+            with (socket.create_connection(listener.getsockname(), timeout=10) as raw,
+                  client_ctx.wrap_socket(raw, server_hostname=hostname) as tls):
+                assert tls.version() is not None
         finally:
             thread.join(timeout=10)
 
@@ -295,3 +295,17 @@ def test_cli_certs_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "ca.crt not found" in capsys.readouterr().err
     assert main(["certs", "show", str(link)]) == 0
     assert "server.crt" in capsys.readouterr().out
+
+
+def test_a_ca_certificate_with_a_non_ec_or_rsa_key_is_a_mismatch_not_a_crash(tmp_path: Path) -> None:
+    # ca.key is the EC key create_ca wrote, ca.crt a self-signed Ed25519 CA: key and certificate differ
+    create_ca(tmp_path / "ca", days=30)
+    other = ed25519.Ed25519PrivateKey.generate()
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "ed25519 CA")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(other.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True).sign(other, None))
+    (tmp_path / "ca" / "ca.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(PkiError, match="does not belong"):
+        create_server_cert(tmp_path / "link", ca_dir=tmp_path / "ca", hosts=HOSTS)

@@ -217,7 +217,8 @@ LONG = 513 * 513  # an LS-SVM Gram matrix of 512 random features + bias
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
     out = tmp_path_factory.mktemp("secagg")
-    settings = {"output": str(out / "result.json"), "sites": 3, "record-dir": str(out / "sent"), "long-length": LONG, "bad-task": True}
+    settings = {"output": str(out / "result.json"), "sites": 3, "record-dir": str(out / "sent"), "long-length": LONG,
+                "bad-task": True}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
         [sys.executable, str(TESTS / "secagg_app.py"), json.dumps(settings)],

@@ -126,6 +126,7 @@ class ClinicalEncoder:
 
     @property
     def feature_names(self) -> list[str]:
+        """Encoded column names in design-matrix order (a categorical parameter gives one per level)."""
         return [name for p in self.parameters for name in p.feature_names]
 
     @classmethod
@@ -138,7 +139,8 @@ class ClinicalEncoder:
         vec, k = _checked_sums(vec, parameters)
         total, observed, s1, s2 = vec[0], vec[1:1 + k], vec[1 + k:1 + 2 * k], vec[1 + 2 * k:]
         centre, half = _shift_scale(parameters)
-        mean_z, var_z, impute = np.zeros(k), np.zeros(k), []
+        mean_z, var_z = np.zeros(k), np.zeros(k)
+        impute: list[float | str] = []
         for p, cols in _columns(parameters):
             n_obs = float(np.rint(observed[cols.start]))
             if n_obs < 1:
@@ -184,7 +186,8 @@ class ClinicalEncoder:
             else:
                 block[missing] = float(value)
             matrix[:, cols] = block
-        return (matrix - self.mean) / self.sd
+        standardized: np.ndarray = (matrix - self.mean) / self.sd
+        return standardized
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form for model bundles (parameters as schema entries)."""

@@ -1,6 +1,6 @@
 """Clinical parameter selection (the seed study's Table 1, P < alpha) from additive per-class sums.
 
-The sums come from :mod:`.clinical_stats`.
+The sums come from :mod:`cldlr.common.clinical.stats`.
 
 A federation only sees sums over sites (SecAgg+), so every test here is computed from sufficient
 statistics that add up: per class and parameter, numeric ones keep n, Σz, Σz², Σz³, Σz⁴ (with
@@ -100,21 +100,23 @@ def select_clinical(frame: pd.DataFrame, labels: np.ndarray, schema: Schema, *, 
 
 def _counts(values: np.ndarray) -> np.ndarray:
     """Counts back from a (possibly securely summed, quantised) vector: nearest non-negative integer."""
-    return np.clip(np.rint(values), 0, None).astype(np.int64)
+    counts: np.ndarray = np.clip(np.rint(values), 0, None).astype(np.int64)
+    return counts
 
 
 def _numeric_row(p: Parameter, b: ClassStatistics, m: ClassStatistics, n_bins: int, normality_alpha: float) -> dict[str, Any]:
     (mean_b, sd_b), (mean_m, sd_m) = class_mean_sd(b, p), class_mean_sd(m, p)
-    norm_p = [normaltest_from_moments(s.moments)[1] for s in (b, m)]  # type: ignore[arg-type]
+    norm_p = [normaltest_from_moments(s.numeric_moments)[1] for s in (b, m)]
     def text(mean: float, sd: float) -> str:
         return "–" if math.isnan(mean) else f"{mean:.2f} ± " + ("–" if math.isnan(sd) else f"{sd:.2f}")
 
     row: dict[str, Any] = {"benign": text(mean_b, sd_b), "malignant": text(mean_m, sd_m),
                            "normality_p_benign": norm_p[0], "normality_p_malignant": norm_p[1]}
-    if min(b.moments[0], m.moments[0]) < 1:  # type: ignore[index]
+    n_b, n_m = b.numeric_moments[0], m.numeric_moments[0]
+    if min(n_b, n_m) < 1:
         return {**row, "test": "not testable", "note": "a class has no observed value"}
     if all(q >= normality_alpha for q in norm_p):  # NaN (n < 8, constant) compares False
-        res = sps.ttest_ind_from_stats(mean_b, sd_b, b.moments[0], mean_m, sd_m, m.moments[0], equal_var=False)  # type: ignore[index]
+        res = sps.ttest_ind_from_stats(mean_b, sd_b, n_b, mean_m, sd_m, n_m, equal_var=False)
         return {**row, "test": "t-test (Welch)", "statistic": float(res.statistic), "p": float(res.pvalue)}
     bins = np.arange(n_bins)
     x, y = np.repeat(bins, _counts(b.counts)), np.repeat(bins, _counts(m.counts))
@@ -205,6 +207,6 @@ def select_parameters(stats: ParameterStatistics, *, alpha: float = 0.05, normal
 
 
 __all__ = [
-    "BINARY_LEVELS", "CLASSES", "ClassStatistics", "ParameterStatistics", "SelectionResult", "StatisticsLayout",
-    "bin_index", "compute_statistics", "levels_of", "normaltest_from_moments", "select_parameters", "sum_statistics",
+    "BINARY_LEVELS", "CLASSES", "ClassStatistics", "ParameterStatistics", "SelectionResult", "compute_statistics",
+    "levels_of", "normaltest_from_moments", "select_clinical", "select_parameters",
 ]

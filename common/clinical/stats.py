@@ -1,6 +1,6 @@
 """Clinical parameter statistics as additive per-class sums: what a federation adds up (SecAgg+).
 
-A federation only sees sums over sites, so every clinical test (:mod:`.clinical_selection`) is
+A federation only sees sums over sites, so every clinical test (:mod:`cldlr.common.clinical.selection`) is
 computed from sufficient statistics that add up: per class and parameter, numeric ones keep n,
 Σz, Σz², Σz³, Σz⁴ (with z = (x − centre) / half-width of the schema ``range``, so every entry is
 bounded by n and the sums stay well conditioned) and a histogram on ``n_bins`` equal bins over
@@ -42,9 +42,16 @@ def bin_index(values: np.ndarray, value_range: tuple[float, float], n_bins: int)
     return np.clip(index, 0, n_bins - 1).astype(np.int64)
 
 
+def _value_range(parameter: Parameter) -> tuple[float, float]:
+    """The schema range of a numeric parameter: its bins and moment scaling are defined on it."""
+    if parameter.range is None:
+        raise SchemaError(f"numeric parameter {parameter.name!r} has no range; add `range: [low, high]` to it in the schema")
+    return parameter.range
+
+
 def _scale(parameter: Parameter) -> tuple[float, float]:
     """Centre and half-width of the range: the agreed shift/scale of the moment sums."""
-    low, high = parameter.range  # type: ignore[misc]
+    low, high = _value_range(parameter)
     half = (high - low) / 2.0
     return (low + high) / 2.0, half if half > 0 else 1.0
 
@@ -58,13 +65,18 @@ class StatisticsLayout:
     #: (name, low, high) of numeric histograms that use a refined range instead of the schema's
     histogram_ranges: tuple[tuple[str, float, float], ...] = ()
 
-    def histogram_range(self, parameter: Parameter) -> tuple[float, float]:
+    def histogram_range(self, parameter: Parameter) -> tuple[float, float] | None:
+        """Where a numeric histogram's bins lie: the refined range if the centre sent one, else the schema's.
+
+        ``None`` for a binary or categorical parameter, which has levels instead of a range.
+        """
         for name, low, high in self.histogram_ranges:
             if name == parameter.name:
                 return low, high
-        return parameter.range  # type: ignore[return-value]
+        return parameter.range
 
     def with_histogram_ranges(self, ranges: dict[str, tuple[float, float]] | None) -> StatisticsLayout:
+        """The layout of the second pass, whose histograms bin where the data lie (no ranges: unchanged)."""
         if not ranges:
             return self
         return dataclasses.replace(self, histogram_ranges=tuple(
@@ -101,12 +113,20 @@ class ClassStatistics:
     counts: np.ndarray  # histogram over the range (numeric) or counts per level
     moments: np.ndarray | None = None  # numeric only: n, Σz, Σz², Σz³, Σz⁴
 
+    @property
+    def numeric_moments(self) -> np.ndarray:
+        """The moment sums, which only a numeric parameter has (asking a level parameter for them is a bug)."""
+        if self.moments is None:
+            raise ValueError("these class statistics have no moment sums: they are of a binary or categorical parameter")
+        return self.moments
+
     def to_vector(self) -> np.ndarray:
+        """Flat form in the order :meth:`ParameterStatistics.from_vector` reads: n_missing, moments, counts."""
         parts = [np.array([self.n_missing])] + ([self.moments] if self.moments is not None else []) + [self.counts]
         return np.concatenate(parts).astype(np.float64)
 
     def __add__(self, other: ClassStatistics) -> ClassStatistics:
-        moments = None if self.moments is None else self.moments + other.moments  # type: ignore[operator]
+        moments = None if self.moments is None else self.moments + other.numeric_moments
         return ClassStatistics(self.n_missing + other.n_missing, self.counts + other.counts, moments)
 
 
@@ -163,7 +183,7 @@ def _column_codes(series: pd.Series, p: Parameter) -> np.ndarray:
     """Float values (numeric) or level indices (binary/categorical), NaN where missing."""
     missing = series.isna().to_numpy()
     if p.type == "numeric":
-        values = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64)
+        values: np.ndarray = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64)
         bad = ~missing & ~np.isfinite(values)
         if p.range is not None:
             bad |= ~missing & ((values < p.range[0]) | (values > p.range[1]))
@@ -180,7 +200,8 @@ def _column_codes(series: pd.Series, p: Parameter) -> np.ndarray:
     return values
 
 
-def _class_statistics(values: np.ndarray, p: Parameter, n_bins: int, hist_range: tuple[float, float] | None = None) -> ClassStatistics:
+def _class_statistics(values: np.ndarray, p: Parameter, n_bins: int,
+                      hist_range: tuple[float, float] | None = None) -> ClassStatistics:
     present = values[~np.isnan(values)]
     n_missing = float(values.size - present.size)
     if p.type != "numeric":
@@ -188,7 +209,7 @@ def _class_statistics(values: np.ndarray, p: Parameter, n_bins: int, hist_range:
     centre, half = _scale(p)
     z = (present - centre) / half
     moments = np.array([np.sum(z**k) for k in range(N_MOMENTS)], dtype=np.float64)
-    counts = np.bincount(bin_index(present, hist_range or p.range, n_bins), minlength=n_bins).astype(np.float64)  # type: ignore[arg-type]
+    counts = np.bincount(bin_index(present, hist_range or _value_range(p), n_bins), minlength=n_bins).astype(np.float64)
     return ClassStatistics(n_missing, counts, moments)
 
 
@@ -224,6 +245,7 @@ def compute_statistics(frame: pd.DataFrame, labels: np.ndarray, schema: Schema, 
     sizes = np.array([np.sum(labels == 0), np.sum(labels == 1)], dtype=np.float64)
     return ParameterStatistics(layout, sizes, by)
 
+
 def refined_histogram_ranges(stats: ParameterStatistics, width_sd: float = 5.0) -> dict[str, tuple[float, float]]:
     """Per numeric parameter: pooled mean ± ``width_sd`` SD, inside the schema range.
 
@@ -241,13 +263,14 @@ def refined_histogram_ranges(stats: ParameterStatistics, width_sd: float = 5.0) 
         mean, sd = class_mean_sd(total, p)
         if not (math.isfinite(mean) and math.isfinite(sd) and sd > 0):
             continue
-        low, high = p.range  # type: ignore[misc]
+        low, high = _value_range(p)
         ranges[p.name] = (max(low, mean - width_sd * sd), min(high, mean + width_sd * sd))
     return ranges
 
 
 def class_mean_sd(s: ClassStatistics, p: Parameter) -> tuple[float, float]:
-    n, s1, s2 = s.moments[:3]  # type: ignore[index]
+    """Mean and SD of a numeric parameter in its own units, from one class's moment sums (NaN when n is too small)."""
+    n, s1, s2 = s.numeric_moments[:3]
     centre, half = _scale(p)
     mean = s1 / n if n > 0 else math.nan
     var = max(s2 - s1 * mean, 0.0) / (n - 1) if n > 1 else math.nan

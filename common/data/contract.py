@@ -65,11 +65,13 @@ def find_files(folder: Path, image_id: str, extensions: tuple[str, ...]) -> list
 
 
 def image_path(root: str | Path, image_id: str) -> Path | None:
+    """The image file of ``image_id``; ``None`` when there is none or more than one (validation names which)."""
     files = find_files(Path(root) / IMAGES_DIR, image_id, IMAGE_EXTS)
     return files[0] if len(files) == 1 else None
 
 
 def mask_path(root: str | Path, image_id: str) -> Path | None:
+    """The lesion mask of ``image_id``; ``None`` when there is none or more than one (validation names which)."""
     files = find_files(Path(root) / MASKS_DIR, image_id, MASK_EXTS)
     return files[0] if len(files) == 1 else None
 
@@ -98,15 +100,20 @@ class SiteData:
 
     @property
     def labels(self) -> np.ndarray:
-        return self.frame["label"].to_numpy(dtype=np.int64)
+        """0 (benign) / 1 (malignant) per row, as int64 for metrics and stratified splits."""
+        labels: np.ndarray = self.frame["label"].to_numpy(dtype=np.int64)
+        return labels
 
     def subset(self, mask: np.ndarray | pd.Series) -> SiteData:
+        """The same site restricted to the rows where ``mask`` is true, renumbered from 0."""
         return SiteData(self.root, self.schema, self.frame[np.asarray(mask)].reset_index(drop=True), self.site_name)
 
     def renamed(self, name: str) -> SiteData:
+        """The same rows under another site name (a virtual site carved out of a pooled folder)."""
         return SiteData(self.root, self.schema, self.frame, name)
 
     def split_rows(self, split: str) -> SiteData:
+        """The rows of one split (``train`` / ``test``; ``''`` when the site has no split column)."""
         return self.subset(self.frame["split"] == split)
 
 
@@ -137,7 +144,8 @@ def encode_clinical(frame: pd.DataFrame, parameters: tuple[Parameter, ...] | lis
         values = frame[parameter.name]
         if parameter.type == "categorical":
             for level, name in zip(parameter.levels, parameter.feature_names):
-                col = np.array([np.nan if v is None or (isinstance(v, float) and np.isnan(v)) else float(v == level) for v in values])
+                col = np.array([np.nan if v is None or (isinstance(v, float) and np.isnan(v)) else float(v == level)
+                                for v in values])
                 columns.append(col)
                 names.append(name)
         else:

@@ -29,9 +29,8 @@ def _read_raster(path: Path) -> np.ndarray:
 
     with Image.open(path) as img:
         img.load()
-        if img.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LA", "PA"):
-            img = img.convert("L")
-        array = np.asarray(img)
+        colour = img.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LA", "PA")
+        array = np.asarray(img.convert("L") if colour else img)
     return array
 
 
@@ -80,7 +79,8 @@ def read_image(path: str | Path) -> np.ndarray:
 
 def read_mask(path: str | Path) -> np.ndarray:
     """Read a lesion mask as 2-D ``bool`` (nonzero = lesion)."""
-    return read_raw(path) != 0
+    mask: np.ndarray = read_raw(path) != 0
+    return mask
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

@@ -120,7 +120,8 @@ def load_roi_cache(path: str | Path) -> RoiCache:
     path = Path(path)
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
-        if metadata.get("format") != _FORMAT or _TENSOR not in handle.keys():
+        tensors = handle.keys()  # a safe_open handle has keys() but no `in`
+        if metadata.get("format") != _FORMAT or _TENSOR not in tensors:
             raise CldlrError(f"{path} is not a cldlr ROI cache; delete it and run `cldlr cache` again")
         images = handle.get_tensor(_TENSOR)
     image_ids = json.loads(metadata["image_ids"])

@@ -103,6 +103,7 @@ class Schema:
         return tuple(p for p in self.parameters if p.model_input)
 
     def get(self, name: str) -> Parameter:
+        """The parameter called ``name``; a ``KeyError`` naming the schema when it has none."""
         for parameter in self.parameters:
             if parameter.name == name:
                 return parameter
@@ -118,6 +119,7 @@ class Schema:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
+        """The schema as its YAML file would state it (optional keys left out when empty or default)."""
         params = []
         for p in self.parameters:
             entry: dict[str, Any] = {"name": p.name, "type": p.type}
@@ -136,7 +138,9 @@ class Schema:
         return {"name": self.name, "version": self.version, "parameters": params}
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """The schema as file text: the form the handshake sends to every site."""
+        text: str = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return text
 
 
 _PARAMETER_KEYS = {"name", "type", "unit", "range", "levels", "missing", "model_input", "description"}
@@ -164,7 +168,8 @@ def _parse_parameter(entry: Any, where: str) -> Parameter:
     if value_range is not None:
         if kind != "numeric":
             raise SchemaError(f"{where} ({name}): only numeric parameters take a range")
-        if not (isinstance(value_range, list) and len(value_range) == 2 and all(isinstance(v, (int, float)) for v in value_range)):
+        is_pair = isinstance(value_range, list) and len(value_range) == 2
+        if not (is_pair and all(isinstance(v, (int, float)) for v in value_range)):
             raise SchemaError(f"{where} ({name}): range must be [low, high]")
         if value_range[0] > value_range[1]:
             raise SchemaError(f"{where} ({name}): range low {value_range[0]} exceeds high {value_range[1]}")

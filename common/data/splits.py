@@ -78,7 +78,8 @@ def site_table(frame: pd.DataFrame, site_column: str) -> str:
         }
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = site_column
-    return table.to_string()
+    text: str = table.to_string()
+    return text
 
 
 def _site_name(value: object) -> str:

@@ -56,6 +56,7 @@ class Problem:
         return ", ".join(p for p in parts if p) or "site"
 
     def format(self) -> str:
+        """One line for the console: severity, place, message, code and the fix."""
         return f"{self.severity.upper():<7} {self.where}: {self.message} [{self.code}] -> fix: {self.fix}"
 
 
@@ -74,14 +75,17 @@ class ValidationReport:
 
     @property
     def errors(self) -> list[Problem]:
+        """The problems that keep the site out of a study."""
         return [p for p in self.problems if p.severity == "error"]
 
     @property
     def warnings(self) -> list[Problem]:
+        """The problems worth a look that do not block the site."""
         return [p for p in self.problems if p.severity == "warning"]
 
     @property
     def ok(self) -> bool:
+        """Whether the site may take part: no error (warnings allowed)."""
         return not self.errors
 
     def summary(self) -> str:

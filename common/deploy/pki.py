@@ -160,7 +160,7 @@ def _load_ca(ca_dir: str | os.PathLike[str]) -> tuple[x509.Certificate, ec.Ellip
         raise PkiError(f"{key_path} is not an unencrypted PEM private key: {exc}") from exc
     if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
         raise PkiError(f"{key_path}: only EC or RSA CA keys are supported, got {type(key).__name__}")
-    if key.public_key().public_numbers() != cert.public_key().public_numbers():
+    if key.public_key() != cert.public_key():  # any key type: a certificate's key need not be EC or RSA
         raise PkiError(f"{key_path} does not belong to {cert_path}; use the key created with that certificate")
     if not is_ca(cert):
         raise PkiError(f"{cert_path} is not a CA certificate (basicConstraints CA:TRUE missing)")

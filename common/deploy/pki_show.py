@@ -50,7 +50,8 @@ class _Found:
         if self.kind == "unreadable":
             return None
         public = self.obj.public_key() if self.kind in ("cert", "key", "ssh-private") else self.obj
-        return public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        der: bytes = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        return der
 
 
 def _classify(path: Path) -> _Found | None:

@@ -27,18 +27,22 @@ class EvaluationLayout:
 
     @property
     def histogram_length(self) -> int:
+        """Length of the score-histogram vector: one histogram per cohort, model and class."""
         return len(self.cohorts) * len(self.models) * 2 * self.n_bins
 
     @property
     def placement_block(self) -> int:
+        """Length of one cohort's placement sums: class counts, per-model sums and model × model cross sums."""
         m = len(self.models)
         return 2 + 2 * m + 2 * m * m
 
     @property
     def placement_length(self) -> int:
+        """Length of the placement vector (what DeLong's test needs): one block per cohort."""
         return len(self.cohorts) * self.placement_block
 
     def unpack_histograms(self, vec: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+        """Cohort → model → ``[2, n_bins]`` counts from a (securely summed) histogram vector, rounded to integers."""
         vec = np.rint(np.asarray(vec, dtype=np.float64)).astype(np.int64)
         if vec.size != self.histogram_length:
             raise CldlrError(f"histogram vector has {vec.size} entries, {self.histogram_length} expected")
@@ -46,9 +50,11 @@ class EvaluationLayout:
         return {c: {m: cube[i, j] for j, m in enumerate(self.models)} for i, c in enumerate(self.cohorts)}
 
     def pack_placements(self, sums: Mapping[str, np.ndarray]) -> np.ndarray:
+        """One cohort's placement sums (``n``, ``sum``, ``cross``) as the flat block :meth:`unpack_placements` reads."""
         return np.concatenate([np.ravel(sums["n"]), np.ravel(sums["sum"]), np.ravel(sums["cross"])]).astype(np.float64)
 
     def unpack_placements(self, vec: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+        """Cohort → ``n`` / ``sum`` / ``cross`` arrays from a (securely summed) placement vector, rounded to integers."""
         vec = np.rint(np.asarray(vec, dtype=np.float64)).astype(np.int64)
         if vec.size != self.placement_length:
             raise CldlrError(f"placement vector has {vec.size} entries, {self.placement_length} expected")
@@ -80,10 +86,12 @@ class EvaluationLayout:
         return blocks
 
     def to_payload(self) -> dict[str, Any]:
+        """The layout as JSON for an evaluation payload, so every site packs its vectors the same way."""
         return {"models": list(self.models), "n_bins": self.n_bins, "cohorts": list(self.cohorts)}
 
 
 def evaluation_layout(payload: Mapping[str, Any]) -> EvaluationLayout:
+    """The layout a site reads from the centre's evaluation payload (the inverse of :meth:`EvaluationLayout.to_payload`)."""
     layout = payload.get("layout")
     if not isinstance(layout, Mapping):
         raise CldlrError("evaluation payload lacks its 'layout'")

@@ -111,7 +111,8 @@ def _sample_cov(v: np.ndarray) -> np.ndarray:
     if count < 2:
         return np.full((k, k), np.nan)
     centred = v - v.mean(axis=1, keepdims=True)
-    return centred @ centred.T / (count - 1)
+    cov: np.ndarray = centred @ centred.T / (count - 1)
+    return cov
 
 
 def delong_covariance(y_true: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np.ndarray]:

@@ -92,7 +92,8 @@ def bin_index(score: ArrayLike, n_bins: int) -> np.ndarray:
     if not np.isfinite(s).all() or (s < 0).any() or (s > 1).any():
         bad = np.flatnonzero(~np.isfinite(s) | (s < 0) | (s > 1))[:5].tolist()
         raise ValueError(f"scores must be probabilities in [0, 1]; bad values at positions {bad}")
-    return np.digitize(s, bin_edges(n_bins)[1:-1], right=False)
+    bins: np.ndarray = np.digitize(s, bin_edges(n_bins)[1:-1], right=False)
+    return bins
 
 
 def score_histograms(y: ArrayLike, score: ArrayLike, n_bins: int) -> np.ndarray:

@@ -133,7 +133,9 @@ def build_model(cfg: ModelConfig, *, seed: int | None = None) -> nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = backbone.build(cfg.num_classes)
-    model.cldlr_backbone = backbone.name  # lets last_conv_layer find a registered Grad-CAM layer
+    # lets last_conv_layer find a registered Grad-CAM layer; torch types Module.__setattr__ for tensors and
+    # submodules only, but a plain attribute is set like on any object
+    model.cldlr_backbone = backbone.name  # type: ignore[assignment]
     if path is None:
         return model
     load_weights(model, _read_state_dict(path), source=str(path))

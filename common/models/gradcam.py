@@ -34,7 +34,7 @@ def grad_cam(model: nn.Module, images_uint8: torch.Tensor, normalization: Normal
     size = images_uint8.shape[-2:]
     captured: list[torch.Tensor] = []
 
-    def keep_output(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    def keep_output(_module: nn.Module, _inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
         # Return a copy so a following in-place ReLU cannot overwrite the captured activation.
         captured.append(output)
         return output.clone()

@@ -43,7 +43,9 @@ def arrays_to_model(model: torch.nn.Module, arrays: Mapping[str, np.ndarray]) ->
 
 
 def arrays_to_tensors(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in arrays.items() if np.issubdtype(np.asarray(v).dtype, np.floating)}
+    """The floating arrays as float32 tensors by name: the global model FedProx's proximal term measures against."""
+    return {k: torch.from_numpy(np.asarray(v, dtype=np.float32))
+            for k, v in arrays.items() if np.issubdtype(np.asarray(v).dtype, np.floating)}
 
 
 def check_arrays(arrays: Mapping[str, np.ndarray], *, reference: Mapping[str, np.ndarray]) -> None:
@@ -100,4 +102,5 @@ def weighted_average(updates: list[tuple[Mapping[str, np.ndarray], float]]) -> d
 
 
 def nbytes(arrays: Mapping[str, np.ndarray]) -> int:
+    """Bytes the arrays take in memory, the size of a model update before compression."""
     return int(sum(np.asarray(a).nbytes for a in arrays.values()))

@@ -26,6 +26,7 @@ def pack_array(array: np.ndarray) -> dict[str, Any]:
 
 
 def unpack_array(entry: Mapping[str, Any]) -> np.ndarray:
+    """The array :func:`pack_array` sent, as a writable copy; a dtype other than numbers or bools is refused."""
     dtype = np.dtype(entry["dtype"])
     if dtype.kind not in "fiub":
         raise CldlrError(f"refusing an array of dtype {dtype}")
@@ -33,6 +34,7 @@ def unpack_array(entry: Mapping[str, Any]) -> np.ndarray:
 
 
 def selection_from_payload(payload: Mapping[str, Any]) -> list[str]:
+    """The clinical parameters the centre selected, checked to be a list of names before a site uses them."""
     selected = payload.get("selected")
     if not isinstance(selected, list) or not all(isinstance(s, str) for s in selected):
         raise CldlrError("payload lacks the list of selected clinical parameters ('selected')")

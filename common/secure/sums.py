@@ -84,7 +84,8 @@ def round_to_integers(values: np.ndarray, error_bound: np.ndarray | float) -> np
             f"integer sums need a quantization error below 0.5, the bound is {worst:.3g}; "
             "lower the per-site bound, raise secagg.quantization_range, or split large integers into limbs"
         )
-    return np.rint(values)
+    rounded: np.ndarray = np.rint(values)
+    return rounded
 
 
 def check_capacity(num_sites: int, quantization_range: int, modulus_range: int) -> None:
@@ -106,7 +107,7 @@ def bound_blocks(bounds: BoundSpec, length: int) -> tuple[tuple[int, float], ...
     """Normalise a bound spec to run-length blocks covering exactly ``length`` elements."""
     if isinstance(bounds, (int, float, np.integer, np.floating)):
         return ((length, float(bounds)),)
-    items = list(bounds)  # type: ignore[arg-type]
+    items = list(bounds)
     if items and all(isinstance(b, (tuple, list)) and len(b) == 2 for b in items):
         blocks = tuple((int(n), float(b)) for n, b in items)
     else:
@@ -178,7 +179,8 @@ class ScalePlan:
         scaled_sum = np.asarray(scaled_sum, dtype=np.float64).ravel()
         if scaled_sum.size != self.length:
             raise SecureSumError(f"secure sum has {scaled_sum.size} elements, the plan expects {self.length}")
-        return scaled_sum / self.scales()
+        unscaled: np.ndarray = scaled_sum / self.scales()
+        return unscaled
 
     def error_bound(self, num_sites: int, quantization_range: int) -> np.ndarray:
         """Per-element hard bound on the error of the unscaled sum of ``num_sites`` sites."""

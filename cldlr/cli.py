@@ -28,6 +28,7 @@ log = logging.getLogger("cldlr")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    """`cldlr validate`: report every problem of a site folder; exit 1 when it is invalid."""
     from cldlr.common.data.schema import load_schema
     from cldlr.common.data.validation import validate_site
 
@@ -40,6 +41,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_import_bus_bra(args: argparse.Namespace) -> int:
+    """`cldlr import bus-bra`: the BUS-BRA release as site folders with lesion descriptors and a schema."""
     from cldlr.client.importers.bus_bra import import_bus_bra
 
     summary = import_bus_bra(
@@ -51,6 +53,7 @@ def cmd_import_bus_bra(args: argparse.Namespace) -> int:
 
 
 def cmd_import_class_folders(args: argparse.Namespace) -> int:
+    """`cldlr import class-folders`: benign/ and malignant/ folders as one site folder."""
     from cldlr.client.importers.class_folders import import_class_folders
 
     print(import_class_folders(args.src, args.out, force=args.force))
@@ -58,6 +61,7 @@ def cmd_import_class_folders(args: argparse.Namespace) -> int:
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
+    """`cldlr phantom`: deterministic synthetic multi-site data for demos and tests."""
     from cldlr.simulations.phantom import generate_phantom
 
     print(generate_phantom(
@@ -68,6 +72,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 
 
 def cmd_split(args: argparse.Namespace) -> int:
+    """`cldlr split`: a copy of a site with a patient-level stratified train/test split."""
     from cldlr.common.data.schema import load_schema
     from cldlr.common.data.splits import split_site
 
@@ -77,6 +82,7 @@ def cmd_split(args: argparse.Namespace) -> int:
 
 
 def cmd_partition(args: argparse.Namespace) -> int:
+    """`cldlr partition`: one dataset cut into patient-disjoint virtual sites."""
     from cldlr.common.data.schema import load_schema
     from cldlr.common.data.splits import partition_site
 
@@ -88,6 +94,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
+    """`cldlr cache`: decode a site's ROIs once into its content-addressed cache."""
     from cldlr.common.data.roi import build_site_cache
     from cldlr.common.data.schema import load_schema
 
@@ -98,6 +105,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    """`cldlr simulate`: a pooled, local or federated study (or a comparison) on this machine."""
     from cldlr.simulations.runner import simulate
 
     config = study_config(args)
@@ -107,6 +115,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare_backbones(args: argparse.Namespace) -> int:
+    """`cldlr compare-backbones`: every registry backbone on the same split (Table S2)."""
     from cldlr.simulations.backbones import compare_backbones
 
     config = study_config(args)
@@ -116,6 +125,7 @@ def cmd_compare_backbones(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The whole command line; sub-command groups live in ``cli_clinic``, ``cli_deploy`` and ``cli_site``."""
     parser = argparse.ArgumentParser(prog="cldlr", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"cldlr {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (= --log-level DEBUG)")
@@ -187,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("simulate", cmd_simulate, "run a study (pooled, local or federated) on one machine and write a report")
     _config_args(p)
-    p.add_argument("--compare", action="store_true", help="Pooled vs Local-i vs FedAvg vs FedProx table")
+    p.add_argument("--compare", action="store_true", help="Pooled vs Local-i vs the strategies of federation.compare_strategies")
     p.add_argument("--resume", type=Path, default=None, help="continue the run in this folder")
 
     p = add("compare-backbones", cmd_compare_backbones, "train every registry backbone on the same split (Table S2)")
@@ -200,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; a :class:`CldlrError` becomes its message on stderr and exit code 2, not a traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.verbose and args.log_level is None:

@@ -12,6 +12,7 @@ from .cli_args import config_args as _config_args
 
 
 def cmd_certs_ca(args: argparse.Namespace) -> int:
+    """`cldlr certs ca`: the federation's certificate authority (kept offline by the centre)."""
     from cldlr.common.deploy.pki import create_ca
 
     paths = create_ca(args.out, name=args.name, days=args.days, force=args.force)
@@ -21,6 +22,7 @@ def cmd_certs_ca(args: argparse.Namespace) -> int:
 
 
 def cmd_certs_server(args: argparse.Namespace) -> int:
+    """`cldlr certs server`: the SuperLink's TLS certificate, signed by the federation CA."""
     from cldlr.common.deploy.pki import create_server_cert
 
     paths = create_server_cert(args.out, ca_dir=args.ca_dir, hosts=args.hosts, days=args.days, force=args.force)
@@ -32,6 +34,7 @@ def cmd_certs_server(args: argparse.Namespace) -> int:
 
 
 def cmd_certs_node(args: argparse.Namespace) -> int:
+    """`cldlr certs node`: a hospital's SuperNode key pair (the public half is registered at the centre)."""
     from cldlr.common.deploy.pki import create_node_keys
 
     private, public = create_node_keys(args.out, name=args.name, force=args.force)
@@ -42,6 +45,7 @@ def cmd_certs_node(args: argparse.Namespace) -> int:
 
 
 def cmd_certs_show(args: argparse.Namespace) -> int:
+    """`cldlr certs show`: what each file of a PKI folder is and who must hold it."""
     from cldlr.common.deploy.pki_show import describe
 
     print(describe(args.dir))
@@ -49,6 +53,7 @@ def cmd_certs_show(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_superlink(args: argparse.Namespace) -> int:
+    """`cldlr deploy superlink`: the centre's SuperLink command (TLS, node auth, loopback by default)."""
     from cldlr.common.deploy.launch import emit
     from cldlr.server.deploy import control_api_notes, superlink_command
 
@@ -72,6 +77,7 @@ def cmd_deploy_proxy(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_register(args: argparse.Namespace) -> int:
+    """`cldlr deploy register`: register the hospitals' SuperNode public keys at the SuperLink."""
     from cldlr.common.deploy.launch import emit
     from cldlr.server.deploy import register_command, write_connection
 
@@ -82,6 +88,7 @@ def cmd_deploy_register(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_supernode(args: argparse.Namespace) -> int:
+    """`cldlr deploy supernode`: a hospital's SuperNode command, after its site folder validates."""
     from cldlr.client.deploy import NO_POLICY_NOTE, supernode_command
     from cldlr.common.deploy.launch import emit
 
@@ -114,6 +121,7 @@ def cmd_deploy_fab_hash(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_connection(args: argparse.Namespace) -> int:
+    """`cldlr deploy connection`: the ``flwr`` CLI's connection to the centre's SuperLink."""
     from cldlr.server.deploy import write_connection
 
     path = write_connection(args.name, args.address, args.ca, make_default=args.default, force=args.force)
@@ -123,6 +131,7 @@ def cmd_deploy_connection(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_run(args: argparse.Namespace) -> int:
+    """`cldlr deploy run`: submit the study with ``flwr run``."""
     from cldlr.common.deploy.launch import emit
     from cldlr.server.deploy import run_command
 

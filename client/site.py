@@ -41,6 +41,7 @@ class Cohort:
 
     @property
     def patients(self) -> np.ndarray:
+        """Patient id per image: the groups a validation split must keep together."""
         return self.site.frame["patient_id"].to_numpy()
 
     def __len__(self) -> int:
@@ -75,9 +76,11 @@ class SiteSession:
 
     @property
     def name(self) -> str:
+        """The site's display name (logs, reports)."""
         return self.site.name
 
     def cohort(self, split: str) -> Cohort:
+        """The ``train`` or ``test`` cohort; anything else is a programming error."""
         if split not in ("train", "test"):
             raise ValueError(f"unknown split {split!r}; expected 'train' or 'test'")
         return self.train if split == "train" else self.test
@@ -103,6 +106,7 @@ class SiteSession:
         return embed(model, self.cohort(split).images, self.normalization, batch_size=64)
 
     def cnn_probabilities(self, model: torch.nn.Module, split: str) -> np.ndarray:
+        """The CNN's own softmax probability of malignancy (Table S2 scores the backbone alone)."""
         return predict_proba(model, self.cohort(split).images, self.normalization)
 
     # -- clinical ---------------------------------------------------------------------------
@@ -112,7 +116,9 @@ class SiteSession:
                                   histogram_ranges=histogram_ranges)
 
     def clinical_block(self, encoder: ClinicalEncoder, split: str) -> np.ndarray:
+        """The SVM's clinical columns of one cohort, encoded with the training cohort's statistics."""
         return encoder.transform(self.cohort(split).site.frame)
 
     def model_parameters(self, names: list[str]) -> list[Parameter]:
+        """Schema entries of the selected parameters, in the selection's order."""
         return [self.site.schema.get(n) for n in names]

@@ -25,6 +25,7 @@ from cldlr.common.errors import CldlrError
 from cldlr.common.evaluation import secure_metrics
 from cldlr.common.evaluation.layout import EvaluationLayout, confusion_from_histogram
 from cldlr.common.evaluation.metrics import metrics_from_counts
+from cldlr.common.evaluation.outcome import MODELS
 from cldlr.common.fusion import PLATT_HIST_BINS, PLATT_HIST_RANGE, FusionModels, FusionPayload, fusion_fitter
 from cldlr.common.secure.sums import bound_blocks
 from cldlr.common.secure.tasks import BATCH_TASK, CLINICAL_STATS, ENCODER_SUMS, FUSION_SUMS, PLACEMENT_SUMS, SCORE_HISTOGRAMS
@@ -214,7 +215,7 @@ def run_federated_phases(sum_fn: SumFn, config: Config, schema: Schema, *, n_dee
     fusion, fusion_rounds, fit_payload = fusion_phase(sum_fn, config, encoder, n_deep, max_cases, feature_bound)
     rounds = {"clinical": clinical_rounds, **{f"svm_{k}": v for k, v in fusion_rounds.items()}}
     fit = FederatedFit(selection, encoder, fusion, rounds, fit_payload)
-    models = tuple(m for m in ("clinical", "dlr", "cldlr") if m in fusion.models)
+    models = tuple(m for m in MODELS if m in fusion.models)
     evaluation = evaluation_phase(sum_fn, config, fit_payload, models, max_cases)
     fit.rounds["evaluation"] = 2
     return fit, evaluation

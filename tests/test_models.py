@@ -169,10 +169,10 @@ def test_numpy_state_round_trip_by_name(tiny):
 
 
 def test_wrapper_prefixes_and_legacy_densenet_names_are_understood():
-    from cldlr.common.models.backbones import _normalize_keys
+    from cldlr.common.models.backbones import normalize_keys
 
     value = torch.zeros(1)
-    renamed = _normalize_keys({
+    renamed = normalize_keys({
         "module.features.denseblock1.denselayer1.norm.1.weight": value,
         "_module.features.denseblock1.denselayer12.conv.2.weight": value,
         "features.norm5.running_mean": value,

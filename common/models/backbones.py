@@ -158,7 +158,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 _LEGACY_DENSENET = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 
 
-def _normalize_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def normalize_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Strip wrapper prefixes (DataParallel, Opacus) and rename old DenseNet keys (``norm.1`` → ``norm1``)."""
     out = {}
     for key, value in state.items():
@@ -172,7 +172,7 @@ def _normalize_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "state dict") -> None:
     """Load ``state`` strictly, except a classification head of another size, which is skipped with a log line."""
-    state = _normalize_keys(state)
+    state = normalize_keys(state)
     own = model.state_dict()
     head_name, _ = head_layer(model)
     head_keys = {k for k in own if k.startswith(head_name + ".")}

@@ -73,7 +73,7 @@ def check_task_names(spec: SecureSumSpec) -> None:
 
 
 class SecureRoundGuard:
-    """Policy checks at the SecAgg+ setup, share-keys and collect stages of one site (see the module)."""
+    """Policy checks at the SecAgg+ setup, share-keys, collect and unmask stages of one site (see the module)."""
 
     def __init__(self, policy_for: Callable[[Context], SitePolicy]) -> None:
         self.policy_for = policy_for

@@ -83,17 +83,22 @@ def attach_site_log(policy: SitePolicy) -> None:
     path = str(policy.log_dir / SITE_LOG)
     if path in _LOG_HANDLERS:
         return
-    logger = logging.getLogger("cldlr")
-    for old in _LOG_HANDLERS.values():
-        logger.removeHandler(old)
-        old.close()
-    _LOG_HANDLERS.clear()
+    detach_site_log()
     policy.log_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger.addHandler(handler)
+    logging.getLogger("cldlr").addHandler(handler)
     _LOG_HANDLERS[path] = handler
 
 
-__all__ = ["ENV_POLICY", "NO_POLICY", "POLICY_KEY", "SITE_LOG", "attach_site_log", "node_policy", "policy_path",
-           "site_schema"]
+def detach_site_log() -> None:
+    """Stop copying the log to the site's log file (a process that leaves the site, e.g. a test)."""
+    logger = logging.getLogger("cldlr")
+    for handler in _LOG_HANDLERS.values():
+        logger.removeHandler(handler)
+        handler.close()
+    _LOG_HANDLERS.clear()
+
+
+__all__ = ["ENV_POLICY", "NO_POLICY", "POLICY_KEY", "SITE_LOG", "attach_site_log", "detach_site_log", "node_policy",
+           "policy_path", "site_schema"]

@@ -25,7 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.app.message_type import MessageType
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.constant import ErrorCode
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from cldlr.client.audit import AuditEntry, AuditLog, RecordSummary
 from cldlr.client.policy import PolicyRefusal, SitePolicy
@@ -89,6 +89,8 @@ def message_phase(msg: Message, context: Context) -> str:
         return PHASES.get(kind, kind)
     stage = str(configs.get(Key.STAGE, "?"))
     task = ""
+    if stage == Stage.SETUP:  # a new round: the task is named only at its collect stage
+        context.state.config_records.pop(_TASK_KEY, None)
     fitins = msg.content.config_records.get("fitins.config")
     if fitins is not None and SPEC_KEY in fitins:
         try:
@@ -97,9 +99,27 @@ def message_phase(msg: Message, context: Context) -> str:
         except (ValueError, KeyError, TypeError, AttributeError):
             task = "(malformed request)"
         context.state.config_records[_TASK_KEY] = ConfigRecord({"task": task})
-    elif stage != "setup" and _TASK_KEY in context.state.config_records:
+    elif stage == Stage.UNMASK and _TASK_KEY in context.state.config_records:
         task = str(context.state.config_records[_TASK_KEY]["task"])
     return f"secure-sum {task}: {stage}" if task else f"secure-sum: {stage}"
+
+
+def _value_bytes(value: object) -> int:
+    if isinstance(value, (str, bytes)):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_value_bytes(v) for v in value)
+    return 1 if isinstance(value, bool) else 8
+
+
+def record_bytes(record: ArrayRecord | MetricRecord | ConfigRecord) -> int:
+    """Bytes of a record as Flower counts them (``count_bytes``), also for empty strings and lists.
+
+    Flower 1.41's ``ConfigRecord.count_bytes`` raises on ``""`` and on an empty list.
+    """
+    if isinstance(record, ArrayRecord):
+        return int(record.count_bytes())
+    return sum(_value_bytes(value) + len(key) for key, value in record.items())
 
 
 def describe_reply(reply: Message) -> tuple[RecordSummary, ...]:
@@ -116,7 +136,7 @@ def describe_reply(reply: Message) -> tuple[RecordSummary, ...]:
             kind, entries = "config", {name: type(value).__name__ for name, value in record.items()}
         else:  # pragma: no cover - Flower has no other record kind
             kind, entries = type(record).__name__, {}
-        out.append(RecordSummary(key=key, kind=kind, entries=entries, nbytes=int(record.count_bytes())))
+        out.append(RecordSummary(key=key, kind=kind, entries=entries, nbytes=record_bytes(record)))
     return tuple(out)
 
 
@@ -155,12 +175,12 @@ def make_outbound_mod(policy_for: Callable[[Context], SitePolicy]) -> Mod:
                           exc_info=exc)
             try:
                 audit.write(entry(f"refused: {public} ({_detail(exc)})"))
-            except OSError as failure:
+            except Exception as failure:  # noqa: BLE001 - the refusal goes out either way; it carries nothing
                 log.error("cannot write the audit log %s: %s", audit.path, failure)
             return error_reply(msg, public)
         try:
             audit.write(entry("sent", reply))
-        except OSError as failure:
+        except Exception as failure:  # noqa: BLE001 - unaudited, nothing leaves
             log.error("cannot write the audit log %s (%s): the reply to %s is not sent", audit.path, failure,
                       msg.metadata.message_type)
             return error_reply(msg, "the site could not write its audit log, so it sends nothing")
@@ -169,4 +189,5 @@ def make_outbound_mod(policy_for: Callable[[Context], SitePolicy]) -> Mod:
     return mod
 
 
-__all__ = ["PublicError", "describe_reply", "error_reply", "make_outbound_mod", "message_phase", "public_reason"]
+__all__ = ["PublicError", "describe_reply", "error_reply", "make_outbound_mod", "message_phase", "public_reason",
+           "record_bytes"]

@@ -14,6 +14,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest import write_schema, write_site
-from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import encrypt, generate_shared_key
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_concat
@@ -36,6 +37,8 @@ from flwr.supercore.primitives.asymmetric import (
 from cldlr import __version__
 from cldlr.client import app as client_app
 from cldlr.client.audit import read_audit
+from cldlr.client.node_policy import detach_site_log
+from cldlr.client.outbound import describe_reply
 from cldlr.client.secure_sum import FITINS_CONFIG
 from cldlr.common.clinical.stats import StatisticsLayout
 from cldlr.common.config import Config, dump_config, load_config
@@ -73,6 +76,12 @@ class Hospital:
         """The centre's study config (its cache folder is the centre's, not the site's)."""
         return load_config(None, [f"data.schema={self.schema_path}", f"data.cache_dir={self.root / 'centre-cache'}",
                                   *TINY, "federation.num_sites=3", *overrides])
+
+
+@pytest.fixture(autouse=True)
+def _site_log_detached() -> Iterator[None]:
+    yield
+    detach_site_log()  # the site's log file belongs to this test's hospital only
 
 
 @pytest.fixture(scope="module")
@@ -241,8 +250,8 @@ def test_the_same_sum_over_another_set_of_sites_is_refused(hospital: Hospital, c
     assert_refused(tricked, "refused by the site's policy: a site both active and dropped in one secure round", caplog,
                    policy, f"nodes [{a.nid}] are in both lists")
     phases = [e["phase"] for e in audit(policy) if e["decision"] == "sent"]
-    assert f"secure-sum {CLINICAL_STATS}: collect_masked_vectors" in phases
-    assert f"secure-sum {CLINICAL_STATS}: unmask" in phases
+    assert phases[1:5] == ["secure-sum: setup", "secure-sum: share_keys", f"secure-sum {CLINICAL_STATS}: collect_masked_vectors",
+                           f"secure-sum {CLINICAL_STATS}: unmask"]
     assert all(e["secure"] for e in audit(policy) if e["decision"] == "sent" and e["phase"].startswith("secure-sum"))
 
 
@@ -309,3 +318,14 @@ def test_the_audit_line_is_on_disk_before_the_reply_leaves(hospital: Hospital, m
     monkeypatch.setattr(audit_module.AuditLog, "write", fail)
     reply = handshake(hospital, context, hospital.study())
     assert reply.has_error() and "audit" in reply.error.reason and not reply.has_content()  # joined, but said nothing
+
+
+def test_the_audit_names_every_record_and_entry_but_no_value() -> None:
+    content = RecordDict({"local": ConfigRecord({"shared": False, "metrics": "", "ids": []}),
+                          "scores": MetricRecord({"auc": 0.9317})})
+    metadata = Metadata(run_id=1, message_id="m", src_node_id=NODE, dst_node_id=CENTRE, reply_to_message_id="", group_id="",
+                        created_at=0.0, ttl=60.0, message_type="query.local_metrics")
+    local, scores = describe_reply(Message(content, metadata=metadata))
+    assert (local.key, local.kind, local.entries) == ("local", "config", {"shared": "bool", "metrics": "str", "ids": "list"})
+    assert local.nbytes == len("shared") + 1 + len("metrics") + len("ids")  # Flower's count_bytes raises on "" and []
+    assert (scores.kind, scores.entries) == ("metrics", {"auc": "float"}) and "0.93" not in json.dumps(scores.__dict__)

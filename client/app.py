@@ -132,7 +132,8 @@ def _build_site(context: Context, config: Config, schema: Schema, folder: Path, 
         log.warning("node config state-dir=%s is ignored: the site's folders come from its policy (folders.state=%s)",
                     node_state, policy.state_dir)
     federated = FederatedSite(SiteSession(site.renamed(name), config, cache_dir=policy.cache_dir), config,
-                              policy.state_dir / f"run-{context.run_id}" / f"node-{context.node_id}", policy=policy)
+                              policy.state_dir / f"run-{context.run_id}" / f"node-{context.node_id}", policy=policy,
+                              run_id=context.run_id)
     _SITES[(context.run_id, context.node_id)] = federated
     return federated
 

@@ -288,17 +288,24 @@ def test_a_supernode_without_a_policy_refuses_to_join(hospital: Hospital) -> Non
 
 
 # -- attack 6: plaintext training metrics -------------------------------------------------------------------------
-@pytest.mark.parametrize(("rules", "shared"), [({}, False), ({"share_training_metrics": True}, True)])
+DP = ("privacy.enabled=true", "privacy.target_epsilon=8", "privacy.delta=1e-5", "privacy.max_grad_norm=1.0")
+
+
+@pytest.mark.parametrize(("rules", "study", "expected"), [
+    ({}, (), {"num-examples"}),
+    ({"share_training_metrics": True}, (), {"num-examples", "train-loss", "train-accuracy"}),
+    ({"share_training_metrics": True}, DP, {"num-examples", "epsilon", "delta"}),  # never un-noised metrics under DP
+], ids=["default", "shared", "shared-but-dp"])
 def test_train_metrics_stay_at_the_site_unless_its_policy_shares_them(hospital: Hospital, rules: dict[str, Any],
-                                                                     shared: bool) -> None:
-    policy = hospital.policy(f"metrics-{shared}", **rules)
-    context = joined(hospital, policy)
-    config = hospital.study()
+                                                                     study: tuple[str, ...], expected: set[str]) -> None:
+    policy = hospital.policy(f"metrics-{len(rules)}-{len(study)}", **rules)
+    context = joined(hospital, policy, *study)
+    config = hospital.study(*study)
     weights = arrays_to_record(model_to_arrays(build_model(config.model)))
     reply = deliver(context, "train", RecordDict({"arrays": weights, "config": ConfigRecord({"global-round": 1})}))
     assert not reply.has_error(), reply.error.reason
     metrics = set(reply.content.metric_records["metrics"])
-    assert metrics == ({"num-examples", "train-loss", "train-accuracy"} if shared else {"num-examples"})
+    assert metrics == expected
     (entry,) = [e for e in audit(policy) if e["phase"] == "train"]
     assert entry["decision"] == "sent" and not entry["secure"]
     records = {r["key"]: r for r in entry["records"]}

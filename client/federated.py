@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
-from cldlr.client.policy import SitePolicy
+from cldlr.client.policy import SitePolicy, check_class_counts, check_histogram_ranges
 from cldlr.client.site import SiteSession
 from cldlr.common.clinical.features import ClinicalEncoder, encoder_sums
 from cldlr.common.config import Config
@@ -202,8 +202,12 @@ class FederatedSite:
 
     # -- phase 2: clinical selection and encoder ---------------------------------------------
     def clinical_statistics(self, payload: Mapping[str, Any]) -> np.ndarray:
+        """Per-class sums of the clinical parameters; the centre's histogram ranges must suit the site's policy."""
         ranges = {k: (float(v[0]), float(v[1])) for k, v in payload.get("histogram_ranges", {}).items()}
-        return self.session.clinical_statistics(ranges or None).to_vector()
+        stats = self.session.clinical_statistics(ranges or None)
+        if self.policy is not None and ranges:  # bins on a centre-chosen range: no finer than the policy allows
+            check_histogram_ranges(self.policy, self.session.site.schema, ranges, stats.layout.n_bins)
+        return stats.to_vector()
 
     def encoder_sums(self, payload: Mapping[str, Any]) -> np.ndarray:
         selected = selection_from_payload(payload)
@@ -266,19 +270,24 @@ class FederatedSite:
             parts.append(layout.pack_placements(sums))
         return np.concatenate(parts)
 
+    def _min_count(self) -> int:
+        """Fewest cases of a class in a cohort the site reports on: the study's and its policy's minimum."""
+        policy_min = self.policy.min_class_count if self.policy is not None else 0
+        return max(self.config.evaluation.min_count, policy_min)
+
     def local_metrics(self, payload: Mapping[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
         """The federation's models scored on this site's own cohorts, written to its state folder.
 
         The file stays at the site; the ClientApp shares it only when the site opts in. A cohort
-        with fewer than ``evaluation.min_count`` cases of a class is left out (too few patients
-        to publish anything about them).
+        with fewer than ``evaluation.min_count`` cases of a class (or the policy's
+        ``min_class_count``) is left out (too few patients to publish anything about them).
         """
         from cldlr.common.evaluation.metrics import model_metrics
 
         out: dict[str, dict[str, dict[str, float]]] = {}
         for split in ("train", "test"):
             labels = self.session.cohort(split).labels
-            if not secure_metrics.local_report_allowed(labels, self.config.evaluation.min_count):
+            if not secure_metrics.local_report_allowed(labels, self._min_count()):
                 continue
             for model, prob in self._scores(payload, split).items():
                 out.setdefault(model, {})[split] = model_metrics(labels, prob, self.config.svm.threshold)
@@ -287,14 +296,35 @@ class FederatedSite:
             log.info("site %s: its own metrics are in %s", self.name, path)
         return out
 
+    def released_cohorts(self, task: str, payload: Mapping[str, Any]) -> tuple[str, ...]:
+        """The cohorts whose cases a task's answer sums over (the evaluation's layout names its own)."""
+        if task in (SCORE_HISTOGRAMS, PLACEMENT_SUMS):
+            return tuple(evaluation_layout(payload).cohorts)
+        return ("train",)
+
+    def check_release(self, task: str, payload: Mapping[str, Any]) -> None:
+        """Refuse a task over a cohort with fewer cases of a class than the site's policy allows."""
+        if self.policy is None:
+            return
+        counts = {}
+        for split in self.released_cohorts(task, payload):
+            labels = np.asarray(self.session.cohort(split).labels)
+            counts[split] = (int(np.sum(labels == 0)), int(np.sum(labels == 1)))
+        check_class_counts(self.policy, counts)
+
     def tasks(self) -> dict[str, Any]:
-        """Secure-sum task name → callable(payload) returning this site's vector."""
-        tasks: dict[str, Any] = {
+        """Secure-sum task name → callable(payload) returning this site's vector (checked against the policy)."""
+        answers: dict[str, Any] = {
             CLINICAL_STATS: self.clinical_statistics,
             ENCODER_SUMS: self.encoder_sums,
             FUSION_SUMS: self.fusion_sums,
             SCORE_HISTOGRAMS: self.score_histograms,
             PLACEMENT_SUMS: self.placement_sums,
         }
+        tasks = {name: partial(self._checked_answer, name, fn) for name, fn in answers.items()}
         tasks[BATCH_TASK] = partial(answer_batch, tasks)
         return tasks
+
+    def _checked_answer(self, task: str, fn: Any, payload: Mapping[str, Any]) -> np.ndarray:
+        self.check_release(task, payload)
+        return fn(payload)

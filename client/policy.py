@@ -68,6 +68,7 @@ class SitePolicy:
     max_histogram_bins: int = 64  # finest clinical histogram: bins per parameter's schema range
     max_rounds: int = 500  # most training rounds one study may ask for
     share_training_metrics: bool = False  # per-round train loss/accuracy (never under DP)
+    share_local_metrics: bool = False  # the site's own scores of the final models on its cohorts
     schema: str = ""  # the site's own copy of the federation schema; the centre's must equal it
     approved_fabs: tuple[str, ...] = ()  # sha256 of the Flower app bundles (FABs) this site runs
     dp: DPPolicy = field(default_factory=DPPolicy)

@@ -9,6 +9,7 @@ each stage exists once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,9 @@ class SiteSession:
 
     site: SiteData
     config: Config
+    #: where the decoded ROIs go; a SuperNode passes its policy's cache folder, never the centre's
+    #: ``data.cache_dir`` (which pooled and simulated studies, run by one researcher, keep using)
+    cache_dir: Path | None = None
     train: Cohort = field(init=False)
     test: Cohort = field(init=False)
     normalization: Normalization = field(init=False)
@@ -62,7 +66,8 @@ class SiteSession:
         data = self.config.data
         self.site = with_split(self.site, test_fraction=data.test_fraction, seed=data.split_seed,
                                use_existing=data.use_existing_split)
-        cache = cache_for(self.site, data, self.config.model.weights)
+        local = data if self.cache_dir is None else dataclasses.replace(data, cache_dir=str(self.cache_dir))
+        cache = cache_for(self.site, local, self.config.model.weights)
         split = self.site.frame["split"].to_numpy()
         labels = self.site.labels
         self.normalization = normalization_for(data, self.config.model.weights)

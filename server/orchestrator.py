@@ -267,11 +267,21 @@ def _number(value: int | float | list[int] | list[float], what: str) -> float:
 
 
 def _training_curves(progress: Progress) -> dict[str, list[dict[str, float]]]:
-    """Per site: train loss/accuracy of its last local epoch in each round."""
+    """Per site: train loss/accuracy of its last local epoch in each round, for the sites that share them.
+
+    A site's policy may keep them (and does under DP): its rounds have no points, and a site that
+    shares none has no curve.
+    """
     curves: dict[str, list[dict[str, float]]] = {}
+    kept: set[str] = set()
     for h in progress.history:
         for s in h["sites"].values():
-            curves.setdefault(s["site"], []).append({"epoch": h["round"], "loss": s.get("train-loss"),
-                                                     "accuracy": s.get("train-accuracy")})
+            point = {key: s[name] for key, name in (("loss", "train-loss"), ("accuracy", "train-accuracy")) if name in s}
+            if point:
+                curves.setdefault(s["site"], []).append({"epoch": h["round"], **point})
+            else:
+                kept.add(s["site"])
+    if kept - set(curves):
+        log.info("training curves not shared by %s (their site policy)", ", ".join(sorted(kept - set(curves))))
     return curves
 

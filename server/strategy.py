@@ -184,12 +184,14 @@ class CheckedStrategy(Strategy):
             )
         inner_round = round_number - self.round_offset if server_round is None else server_round
         self.reference = self._checked_aggregate(entry.round, inner_round, updates)
-        total = sum(w for _, w in updates)
-        loss = sum(a.get("train-loss", 0.0) * a[WEIGHT_KEY] for a in entry.accepted.values()) / total
-        log.info("round %d: %s over %d site(s), train loss %.4f, %s bytes/site", entry.round,
-                 "averaged" if self.fast_average else f"{type(self.strategy).__name__} step", len(updates), loss,
+        shared = [a for a in entry.accepted.values() if "train-loss" in a]  # a site's policy may keep its loss
+        loss = sum(a["train-loss"] * a[WEIGHT_KEY] for a in shared) / sum(a[WEIGHT_KEY] for a in shared) if shared else None
+        shown = "not shared" if loss is None else f"{loss:.4f}" + (
+            "" if len(shared) == len(updates) else f" (of the {len(shared)} site(s) that share it)")
+        log.info("round %d: %s over %d site(s), train loss %s, %s bytes/site", entry.round,
+                 "averaged" if self.fast_average else f"{type(self.strategy).__name__} step", len(updates), shown,
                  sorted(a["bytes"] for a in entry.accepted.values()))
-        return self.reference, {"train-loss": float(loss), "num-sites": len(updates)}
+        return self.reference, {"num-sites": len(updates), **({} if loss is None else {"train-loss": float(loss)})}
 
     def _checked_weight(self, item: Reply) -> float:
         """The reply's weight, after its arrays passed :func:`check_arrays` against the global model."""

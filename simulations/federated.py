@@ -4,6 +4,14 @@ Flower 1.41's ``run_simulation`` (deprecated in favour of ``flwr run``, but the 
 entry point) passes no run config, so the resolved study config is written into the run folder
 and named through ``$CLDLR_RUN``. Site folders are made absolute; partitioned virtual sites are
 written out as real site folders first, exactly what hospitals would hold.
+
+Every simulated site enforces a site policy as a deployed SuperNode does. The researcher holds
+every site here, so :func:`simulation_policy` derives one from the study that lets it through —
+as few parties as the study has sites, its rounds, its δ, no histogram cap, the study's
+``data.cache_dir`` as the site's cache and ``<cache_dir>/state`` as its state folder (audit log,
+release ledger, per-run state) — writes it to ``<run dir>/site-policy.yaml`` and names it in
+``$CLDLR_SITE_POLICY`` (which :mod:`cldlr.client.node_policy` reads for simulated nodes only).
+``run_federated_simulation(..., policy=FILE)`` enforces a policy file of one's own instead.
 """
 
 from __future__ import annotations
@@ -13,7 +21,12 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
+import yaml
+
+from cldlr.client.node_policy import ENV_POLICY
+from cldlr.client.policy import load_policy
 from cldlr.common.config import Config, apply_overrides, dump_config
 from cldlr.common.data.contract import CLINICAL_CSV, IMAGES_DIR, MASKS_DIR, SiteData
 from cldlr.common.errors import CldlrError
@@ -68,6 +81,44 @@ def simulation_config(config: Config, site_paths: list[Path], run_dir: Path) -> 
     return path
 
 
+#: The researcher holds every simulated site: histograms as fine as the protocol asks, and a lifetime ε cap
+#: that never binds (a deployed site sets its own: configs/policy/site.yaml).
+SIMULATION_MAX_BINS = 2**31 - 1
+SIMULATION_EPSILON_CAP = 1e9
+DEFAULT_DELTA = 1e-5
+
+
+def simulation_policy(config: Config) -> dict[str, Any]:
+    """A site policy under which the study runs as configured (its sites, rounds, δ, folders)."""
+    fed, privacy = config.federation, config.privacy
+    cache = Path(config.data.cache_dir).expanduser().resolve()
+    return {
+        "min_parties": max(2, min(fed.min_sites, fed.num_sites)),
+        "allow_single_site": fed.num_sites == 1,
+        "min_class_count": 1,
+        "max_histogram_bins": SIMULATION_MAX_BINS,
+        "max_rounds": max(1, fed.rounds),
+        "share_training_metrics": True,
+        "share_local_metrics": False,
+        "schema": str(Path(config.data.schema).expanduser().resolve()),
+        "dp": {"required": False, "epsilon_cap": SIMULATION_EPSILON_CAP,
+               "delta": privacy.delta if privacy.enabled and 0 < privacy.delta < 1 else DEFAULT_DELTA},
+        "folders": {"state": str(cache / "state"), "cache": str(cache)},
+    }
+
+
+def write_simulation_policy(config: Config, run_dir: Path, policy: Path | None = None) -> Path:
+    """The policy file every simulated site enforces: ``policy`` (checked), or one derived from the study."""
+    if policy is not None:
+        load_policy(policy)  # a broken file fails here, not in every Ray actor
+        return Path(policy).expanduser().resolve()
+    path = run_dir / "site-policy.yaml"
+    atomic_write_text(path, "# derived from the study by cldlr.simulations.federated (every site is the researcher's)\n"
+                      + yaml.safe_dump(simulation_policy(config), sort_keys=False))
+    load_policy(path)
+    return path.resolve()
+
+
 def ray_backend_config(config: Config, num_sites: int) -> dict:
     """Flower's Ray backend settings: this machine by default, or an existing cluster.
 
@@ -86,8 +137,12 @@ def ray_backend_config(config: Config, num_sites: int) -> dict:
     return {"client_resources": resources, "init_args": {"num_cpus": cpus}}
 
 
-def run_federated_simulation(sites: list[SiteData], config: Config, run_dir: Path, *, resume: bool = False) -> Path:
-    """Start Flower's simulation engine with one virtual SuperNode per site and wait for the report."""
+def run_federated_simulation(sites: list[SiteData], config: Config, run_dir: Path, *, resume: bool = False,
+                             policy: Path | None = None) -> Path:
+    """Start Flower's simulation engine with one virtual SuperNode per site and wait for the report.
+
+    Every site enforces ``policy`` (a site policy file), by default one derived from the study.
+    """
     from flwr.simulation import run_simulation
 
     from cldlr.client.app import app as client_app
@@ -102,6 +157,8 @@ def run_federated_simulation(sites: list[SiteData], config: Config, run_dir: Pat
     paths = materialize_sites(sites, run_dir / "sites")
     config_path = simulation_config(config, paths, run_dir)
     os.environ[ENV_KEY] = json.dumps({"config": str(config_path), "run-dir": str(run_dir.resolve()), "resume": resume})
+    resolved = apply_overrides(config, [f"federation.num_sites={len(paths)}"])
+    os.environ[ENV_POLICY] = str(write_simulation_policy(resolved, run_dir, policy))  # Ray's workers inherit it
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per virtual site: they share the machine's cores
     log.info("simulating %d sites with Flower's Ray engine", len(paths))
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(paths),

@@ -84,6 +84,7 @@ class FederatedSite:
 
     @property
     def name(self) -> str:
+        """The site's name in logs, the audit file and (once joined) the centre's report."""
         return self.session.name
 
     # -- DP-SGD budgets: this run's (privacy.json) and the dataset's lifetime one (the ledger) ---------
@@ -206,10 +207,13 @@ class FederatedSite:
         ranges = {k: (float(v[0]), float(v[1])) for k, v in payload.get("histogram_ranges", {}).items()}
         stats = self.session.clinical_statistics(ranges or None)
         if self.policy is not None and ranges:  # bins on a centre-chosen range: no finer than the policy allows
-            check_histogram_ranges(self.policy, self.session.site.schema, ranges, stats.layout.n_bins)
+            frame = self.session.train.site.frame
+            spread = {name: float(np.nanstd(np.asarray(frame[name], dtype=np.float64))) for name in ranges if name in frame}
+            check_histogram_ranges(self.policy, self.session.site.schema, ranges, stats.layout.n_bins, spread)
         return stats.to_vector()
 
     def encoder_sums(self, payload: Mapping[str, Any]) -> np.ndarray:
+        """Count, Σz and Σz² of the selected parameters' encodings (the centre standardizes from them)."""
         selected = selection_from_payload(payload)
         return encoder_sums(self.session.train.site.frame, self.session.model_parameters(selected))
 
@@ -236,6 +240,7 @@ class FederatedSite:
                          **{f"a:{k}": v for k, v in self._fusion_cache["arrays"].items()})
 
     def fusion_sums(self, payload: Mapping[str, Any]) -> np.ndarray:
+        """The site's sums for the current round of the secure SVM fit (the request keeps earlier arrays)."""
         request = FusionPayload.decode(payload, self._load_fusion_cache())
         self._save_fusion_cache()
         clinical = self._clinical(payload, "train")

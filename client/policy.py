@@ -65,7 +65,8 @@ class SitePolicy:
     min_parties: int = 3  # fewest sites in any release: SecAgg+ group, shares, and a sum's contributors
     allow_single_site: bool = False  # plaintext answers of this site alone (a one-site study) only if true
     min_class_count: int = 5  # fewest cases of each class this site puts into any release
-    max_histogram_bins: int = 64  # finest clinical histogram: bins per parameter's schema range
+    max_histogram_bins: int = 1000  # most bins in one clinical histogram (the protocol's own passes use 1000)
+    finest_bin_sd: float = 0.005  # no bin narrower than this fraction of the site's own SD of the parameter (0: no floor)
     max_rounds: int = 500  # most training rounds one study may ask for
     share_training_metrics: bool = False  # per-round train loss/accuracy (never under DP)
     share_local_metrics: bool = False  # the site's own scores of the final models on its cohorts
@@ -100,6 +101,7 @@ def policy_from_dict(data: Mapping[str, Any], source: str = "policy") -> SitePol
         (policy.min_parties >= 2, "min_parties must be >= 2 (a sum of one site is that site's data)"),
         (policy.min_class_count >= 1, "min_class_count must be >= 1"),
         (policy.max_histogram_bins >= 2, "max_histogram_bins must be >= 2"),
+        (policy.finest_bin_sd >= 0 and math.isfinite(policy.finest_bin_sd), "finest_bin_sd must be a finite number >= 0"),
         (policy.max_rounds >= 1, "max_rounds must be >= 1"),
         (policy.dp.epsilon_cap > 0 and math.isfinite(policy.dp.epsilon_cap), "dp.epsilon_cap must be a finite number > 0"),
         (0 < policy.dp.delta < 1, "dp.delta must be in (0, 1)"),
@@ -171,8 +173,16 @@ def check_neighbours(policy: SitePolicy, neighbours: int) -> None:
 
 
 def check_histogram_ranges(policy: SitePolicy, schema: Schema, ranges: Mapping[str, tuple[float, float]],
-                           bins: int) -> None:
-    """Refuse histogram bins finer than the policy allows, or ranges outside the schema's."""
+                           bins: int, spread: Mapping[str, float] | None = None) -> None:
+    """Refuse histograms with too many bins, ranges outside the schema's, or bins finer than the data warrant.
+
+    ``spread`` is the site's own SD of each parameter (training cohort). The protocol's second pass
+    bins the pooled mean ± 5 SD into ``bins`` bins, i.e. bins of about SD/100; a centre that asks for
+    bins far below the site's own SD (0.01-year age bins, say) is asking for single patients' values.
+    """
+    if bins > policy.max_histogram_bins:
+        raise _refuse("histogram with more bins than the site allows",
+                      f"{bins} bins > max_histogram_bins={policy.max_histogram_bins}")
     for name, (low, high) in ranges.items():
         parameter = schema.get(name)
         if parameter.range is None:
@@ -180,10 +190,11 @@ def check_histogram_ranges(policy: SitePolicy, schema: Schema, ranges: Mapping[s
         s_low, s_high = parameter.range
         if not (math.isfinite(low) and math.isfinite(high) and s_low <= low < high <= s_high):
             raise _refuse("histogram range outside the schema's", f"{name}: [{low}, {high}] not inside [{s_low}, {s_high}]")
-        finest = (s_high - s_low) / policy.max_histogram_bins
-        if (high - low) / bins < finest * (1 - 1e-9):
+        sd = float((spread or {}).get(name, float("nan")))
+        finest = policy.finest_bin_sd * sd
+        if math.isfinite(finest) and finest > 0 and (high - low) / bins < finest * (1 - 1e-9):
             raise _refuse("histogram bins finer than the site allows", f"{name}: bin width {(high - low) / bins:g} < "
-                          f"{finest:g} (max_histogram_bins={policy.max_histogram_bins})")
+                          f"{finest:g} ({policy.finest_bin_sd:g} × this site's SD {sd:g})")
 
 
 def check_class_counts(policy: SitePolicy, counts: Mapping[str, tuple[int, int]]) -> None:

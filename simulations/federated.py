@@ -97,6 +97,7 @@ def simulation_policy(config: Config) -> dict[str, Any]:
         "allow_single_site": fed.num_sites == 1,
         "min_class_count": 1,
         "max_histogram_bins": SIMULATION_MAX_BINS,
+        "finest_bin_sd": 0.0,
         "max_rounds": max(1, fed.rounds),
         "share_training_metrics": True,
         "share_local_metrics": False,

@@ -184,7 +184,7 @@ def write_policy(path: Path, *, approved: Sequence[str], schema: Path, state: Pa
     """
     path.write_text(yaml.safe_dump({
         "min_parties": min_parties, "min_class_count": 1, "share_training_metrics": True, "schema": str(schema),
-        "max_histogram_bins": 2**31 - 1, "approved_fabs": list(approved), "folders": {"state": str(state)}}))
+        "approved_fabs": list(approved), "folders": {"state": str(state)}}))
     return path
 
 

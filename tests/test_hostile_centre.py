@@ -200,14 +200,14 @@ def test_a_one_site_study_is_refused_and_no_plaintext_sum_leaves(hospital: Hospi
 
 
 def test_histogram_bins_finer_than_the_policy_allows_are_refused(hospital: Hospital, caplog) -> None:
-    policy = hospital.policy("single", allow_single_site=True, max_histogram_bins=1000)
+    policy = hospital.policy("single", allow_single_site=True)
     context = joined(hospital, policy, "federation.num_sites=1")
 
     def plain_sum(payload: dict[str, Any]) -> Message:
         request = ConfigRecord({"task": CLINICAL_STATS, "payload": json.dumps(payload)})
         return deliver(context, PLAIN_SUM, RecordDict({"sum": request}))
 
-    coarse = plain_sum({"histogram_ranges": {"age": [18, 100]}})  # the schema's range, 1000 bins: allowed here
+    coarse = plain_sum({"histogram_ranges": {"age": [18, 100]}})  # the schema's range, 1000 bins: the default allows it
     assert not coarse.has_error(), coarse.error.reason
     assert coarse.content.array_records["sum"]["vector"].numpy().shape == (StatisticsLayout.from_schema(hospital.schema).size,)
     fine = plain_sum({"histogram_ranges": {"age": [40, 50]}})  # 0.01-year bins: close to one patient per bin

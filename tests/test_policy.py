@@ -98,13 +98,20 @@ def test_secagg_groups_need_enough_parties_and_a_majority_threshold(policy, samp
             check_secagg_group(policy, sample_num=sample, share_num=shares, threshold=threshold)
 
 
-def test_histograms_finer_than_the_policy_or_outside_the_schema_are_refused(policy):
+def test_histograms_finer_than_the_data_or_outside_the_schema_are_refused(policy):
     schema = schema_from_dict(SCHEMA, source="t")
-    check_histogram_ranges(policy, schema, {"age": (18.0, 98.0)}, bins=64)
-    with pytest.raises(PolicyRefusal, match="finer"):  # the attack: 0.01-year bins on [40, 50]
-        check_histogram_ranges(policy, schema, {"age": (40.0, 50.0)}, bins=1000)
+    age_sd = {"age": 12.0}
+    check_histogram_ranges(policy, schema, {"age": (18.0, 98.0)}, bins=1000, spread=age_sd)  # the first pass
+    check_histogram_ranges(policy, schema, {"age": (25.0, 85.0)}, bins=1000, spread=age_sd)  # mean ± 5 SD
+    with pytest.raises(PolicyRefusal, match="finer") as info:  # the attack: 0.01-year bins on [40, 50]
+        check_histogram_ranges(policy, schema, {"age": (40.0, 50.0)}, bins=1000, spread=age_sd)
+    assert "age: bin width 0.01 < 0.06" in info.value.detail
+    with pytest.raises(PolicyRefusal, match="more bins"):
+        check_histogram_ranges(policy, schema, {"age": (18.0, 98.0)}, bins=5000, spread=age_sd)
     with pytest.raises(PolicyRefusal, match="outside"):
-        check_histogram_ranges(policy, schema, {"age": (0.0, 120.0)}, bins=10)
+        check_histogram_ranges(policy, schema, {"age": (0.0, 120.0)}, bins=10, spread=age_sd)
+    no_floor = policy_from_dict({"schema": "s", "folders": {"state": "x"}, "finest_bin_sd": 0.0})
+    check_histogram_ranges(no_floor, schema, {"age": (40.0, 50.0)}, bins=1000, spread=age_sd)
 
 
 def test_class_counts_below_the_minimum_are_refused(policy):

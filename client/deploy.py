@@ -104,7 +104,7 @@ def supernode_command(superlink: str, ca: str | os.PathLike[str], key: str | os.
 
 def _check_policy(policy: str | os.PathLike[str]) -> Path:
     """The policy file's absolute path, after it loaded cleanly (a broken policy stops the start here)."""
-    path = existing_file(policy, "site policy", "copy configs/site-policy.yaml, set schema, folders and approved_fabs")
+    path = existing_file(policy, "site policy", "copy configs/policy/site.yaml, set schema, folders and approved_fabs")
     approved_fabs(path)
     return path
 

@@ -176,15 +176,15 @@ def progress(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def write_policy(path: Path, *, approved: Sequence[str], schema: Path, state: Path, min_parties: int = 2) -> Path:
+def write_policy(path: Path, *, approved: Sequence[str], schema: Path, state: Path, min_parties: int = 2,
+                 **extra: Any) -> Path:
     """A site policy that lets the test studies through (few sites, tiny cohorts) and pins ``approved`` FABs.
 
-    No histogram cap: the protocol's second clinical pass puts 1000 bins on mean ± 5 SD, finer
-    than any cap below 1000 bins per schema range (the default policy's 64 would refuse it).
+    ``extra`` adds or overrides policy keys (a stricter site, say).
     """
     path.write_text(yaml.safe_dump({
         "min_parties": min_parties, "min_class_count": 1, "share_training_metrics": True, "schema": str(schema),
-        "approved_fabs": list(approved), "folders": {"state": str(state)}}))
+        "approved_fabs": list(approved), "folders": {"state": str(state)}, **extra}))
     return path
 
 

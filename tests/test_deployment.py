@@ -8,6 +8,8 @@ One scenario (module fixture) carries the study and its in-run faults; its tests
 observed:
 
 * site-4's data fails validation — it connects, refuses the handshake, its log says why (e);
+* site-5's policy requires DP-SGD, which the study does not use — it refuses to join, and the
+  centre is told the policy's public reason only;
 * site-2 sends NaN weights in round 1 — excluded from that round (f) (test-only fault injection
   through ``tests/deploy_faults/sitecustomize.py`` on that SuperNode's PYTHONPATH: the real FAB
   and the real cldlr code run, only its reply is corrupted);
@@ -33,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,14 +69,14 @@ from cldlr.simulations.phantom import generate_phantom
 
 # the first test of the scenario carries its setup: bound it explicitly (waits inside are bounded too)
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
-SITES = ("site-1", "site-2", "site-3", "site-4")
+SITES = ("site-1", "site-2", "site-3", "site-4", "site-5")
 STUDY = """\
 run: {{name: deployed, output_dir: {root}/runs}}
 data: {{root: {root}/data, schema: {root}/data/schema.yaml, image_size: 32, cache_dir: {root}/cache}}
 model: {{backbone: tiny, weights: none}}
 train: {{epochs: 1, batch_size: 8}}
 svm: {{solver: rff, embedding_pca: 4, rff_features: 32}}
-federation: {{num_sites: 4, min_sites: 2, rounds: 2, local_epochs: 1}}
+federation: {{num_sites: 5, min_sites: 2, rounds: 2, local_epochs: 1}}
 evaluation: {{min_count: 1}}
 """
 
@@ -112,6 +115,7 @@ class Observed:
     killed_at: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     stopped_at_end: dict[str, bool] = field(default_factory=dict)
+    run_id: str = ""
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +126,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
     fed = Federation(root)
     t0 = time.monotonic()
     try:
-        generate_phantom(root / "data", sites=4, images_per_site=24, image_size=96, seed=0)
+        generate_phantom(root / "data", sites=5, images_per_site=24, image_size=96, seed=0)
         clinical = root / "data" / "site-4" / "clinical.csv"
         lines = clinical.read_text().splitlines()
         header = lines[0].split(",")
@@ -138,14 +142,15 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
         faults = {"site-2": {"CLDLR_TEST_FAULT": "nan@1"}, "site-3": {"CLDLR_TEST_HEARTBEAT_S": "20"}}
         approved = [fab_sha256(REPO)]  # each site pins the cldlr FAB; its gate starts only that ClientApp
         for site in SITES:
+            strict = {"dp": {"required": True}} if site == "site-5" else {}  # stricter than the study
             policy = write_policy(root / f"policy-{site}.yaml", approved=approved, schema=root / "data" / "schema.yaml",
-                                  state=root / f"state-{site}")
+                                  state=root / f"state-{site}", **strict)
             command = supernode_command(fed.fleet_address, root / "ca" / "ca.crt", fed.node_key(site), root / "data" / site,
                                         port=free_port(), state_dir=root / f"state-{site}", validate=site != "site-4",
                                         policy=policy)
             env = {"PYTHONPATH": str(FAULTS_DIR), **faults[site]} if site in faults else None
             fed.start_site(site, command, policy, env)
-        wait_for(lambda: fed.online() == 4, 90, "4 SuperNodes online")
+        wait_for(lambda: fed.online() == len(SITES), 90, f"{len(SITES)} SuperNodes online")
         obs = Observed(fed, root / "runs" / "study")
         obs.timings["setup"] = time.monotonic() - t0
 
@@ -161,13 +166,14 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
 
         # restart on the same database; the SuperNodes reconnect; resubmit with resume
         fed.start_superlink("superlink-2")
-        wait_for(lambda: fed.online() == 4, 90, "SuperNodes back online after the restart")
+        wait_for(lambda: fed.online() == len(SITES), 90, "SuperNodes back online after the restart")
         # the runbook: the interrupted run is still "running" and its pushed round-2 messages are
         # still delivered after the restart; stop it, and watch only the resumed run's messages
         stopped = fed.flwr("stop", first_run, CONNECTION)
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
         obs.run2_start = time.time()
         run_id = _submit(fed, root / "study.yaml", obs.run_dir, resume=True)
+        obs.run_id = run_id
         wait_for(lambda: _train_messages(fed.procs["site-3"], run_id) > 0, 240, "site-3 to receive round 2", poll=0.2)
         fed.procs["site-3"].kill()  # SIGKILL mid-round: no goodbye to the SuperLink
         fed.procs["site-3-gate"].kill()  # the hospital's machine is gone: its gate and ClientApp with it
@@ -177,7 +183,8 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
         wait_for(lambda: (obs.run_dir / "report.json").is_file(), 1200, "the report", poll=2)
         obs.timings["report"] = time.monotonic() - t0
         wait_for(lambda: _run_finished(fed, run_id), 120, "the run to be marked finished", poll=2)
-        for name in ("site-1", "site-1-gate", "site-2", "site-2-gate", "site-4", "site-4-gate", "superlink-2", "proxy"):
+        for name in ("site-1", "site-1-gate", "site-2", "site-2-gate", "site-4", "site-4-gate", "site-5", "site-5-gate",
+                     "superlink-2", "proxy"):
             # the hospitals first (SuperNode, then its gate), then the centre
             obs.stopped_at_end[name] = fed.procs[name].stop()
         obs.timings["end"] = time.monotonic() - t0
@@ -203,6 +210,27 @@ def test_invalid_site_never_joins_and_its_log_says_why(scenario: Observed) -> No
     assert "this site cannot join" in log4 and "maybe" in log4 and "clinical.csv" in log4, log4[-3000:]
     sites_seen = {s["site"] for h in progress(scenario.run_dir)["history"] for s in h["sites"].values()}
     assert "site-4" not in sites_seen
+
+
+def test_a_site_whose_policy_is_stricter_than_the_study_refuses_to_join(scenario: Observed) -> None:
+    log5 = scenario.fed.procs["site-5"].log()
+    assert "the site requires DP-SGD training" in log5 and "privacy.enabled is false" in log5, log5[-3000:]
+    reasons = [e["reason"] for e in ledger(scenario.run_dir) if e.get("event") == "site-refused"]
+    assert any("the site requires DP-SGD training" in r for r in reasons), reasons
+    assert not any("privacy.enabled is false" in r for r in reasons), reasons  # the detail stays at the site
+    sites_seen = {s["site"] for h in progress(scenario.run_dir)["history"] for s in h["sites"].values()}
+    assert "site-5" not in sites_seen
+    audit = [json.loads(line) for line in (scenario.fed.root / "state-site-5" / "audit.jsonl").read_text().splitlines()]
+    assert any(e["phase"] == "handshake" and e["decision"].startswith("refused") for e in audit), audit
+
+
+def test_the_sites_audit_and_the_centres_ledger_agree_message_for_message(scenario: Observed) -> None:
+    """What site-1 wrote down before sending in the resumed run is what the centre received from it."""
+    audit = [json.loads(line) for line in (scenario.fed.root / "state-site-1" / "audit.jsonl").read_text().splitlines()]
+    sent = Counter(e["message_type"] for e in audit if str(e["run"]) == scenario.run_id)
+    received = Counter(e["message_type"] for e in ledger(scenario.run_dir)
+                       if e.get("site") == "site-1" and "event" not in e and e["time"] >= scenario.run2_start)
+    assert sent and sent == received, (sent, received)
 
 
 def test_corrupt_update_is_excluded_from_its_round(scenario: Observed) -> None:

@@ -206,7 +206,7 @@ class FederatedSite:
         """Per-class sums of the clinical parameters; the centre's histogram ranges must suit the site's policy."""
         ranges = {k: (float(v[0]), float(v[1])) for k, v in payload.get("histogram_ranges", {}).items()}
         stats = self.session.clinical_statistics(ranges or None)
-        if self.policy is not None and ranges:  # bins on a centre-chosen range: no finer than the policy allows
+        if self.policy is not None:  # the bin count always; ranges the centre chose: inside the schema, not too fine
             frame = self.session.train.site.frame
             spread = {name: float(np.nanstd(np.asarray(frame[name], dtype=np.float64))) for name in ranges if name in frame}
             check_histogram_ranges(self.policy, self.session.site.schema, ranges, stats.layout.n_bins, spread)

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cldlr.common.config import Config, build_dataclass
+from cldlr.common.config import Config
 from cldlr.common.data.schema import Schema
 from cldlr.common.errors import CldlrError, ConfigError
 from cldlr.common.io import read_yaml
+from cldlr.common.typed import build_dataclass
 
 log = logging.getLogger(__name__)
 

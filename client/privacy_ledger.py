@@ -15,7 +15,6 @@ mask, and ``clinical.csv``), so a copied or renamed folder still draws on the sa
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -29,7 +28,7 @@ from cldlr.client.privacy import epsilon_of
 from cldlr.common.data.contract import CLINICAL_CSV, SiteData
 from cldlr.common.data.roi import image_digests
 from cldlr.common.errors import CldlrError
-from cldlr.common.io import atomic_write_json
+from cldlr.common.io import atomic_write_json, exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +76,7 @@ class LifetimeLedger:
 
     @contextmanager
     def _locked(self) -> Iterator[dict[str, Any]]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with exclusive_lock(self.path):
             yield read_ledger(self.path)
 
     def runs(self) -> list[dict[str, Any]]:

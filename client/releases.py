@@ -14,7 +14,6 @@ share one state folder.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 from collections.abc import Iterable, Iterator, Mapping
@@ -26,7 +25,7 @@ import numpy as np
 
 from cldlr.client.policy import PolicyRefusal
 from cldlr.common.errors import CldlrError
-from cldlr.common.io import atomic_write_json, jsonable
+from cldlr.common.io import atomic_write_json, exclusive_lock, jsonable
 
 RELEASES_FILE = "releases.json"
 FORMAT = 1
@@ -56,9 +55,7 @@ class ReleaseLedger:
 
     @contextmanager
     def _locked(self) -> Iterator[dict[str, Any]]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with exclusive_lock(self.path):
             yield self.read()
 
     def read(self) -> dict[str, Any]:

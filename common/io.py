@@ -7,6 +7,7 @@ use it, so a value is written the same way wherever it goes.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -88,6 +89,16 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     """Write ``obj`` as indented JSON atomically (through :func:`jsonable`)."""
     return atomic_write_text(path, json.dumps(jsonable(obj), indent=2, sort_keys=False) + "\n")
+
+
+@contextmanager
+def exclusive_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive lock on ``<path>.lock`` (processes on one machine take turns at a read-modify-write)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 @contextmanager

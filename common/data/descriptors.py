@@ -24,7 +24,7 @@ import pandas as pd
 from cldlr.common.data.imaging import file_ext, read_mask, read_spacing
 from cldlr.common.data.lesion import lesion_descriptors
 from cldlr.common.data.schema import Parameter, Schema
-from cldlr.common.data.units import DESCRIPTOR_UNITS, PHYSICAL_UNITS, SPACING_COLUMN, Spacing, parse_spacing
+from cldlr.common.data.units import DESCRIPTOR_UNITS, PHYSICAL_UNITS, SPACING_COLUMN, Spacing, parse_spacing, same_spacing
 from cldlr.common.errors import ImageReadError
 
 #: Relative (and tiny absolute) tolerance between a recorded and a computed descriptor: the
@@ -95,6 +95,24 @@ def spacing_column(raw: pd.DataFrame, image_paths: Iterable[str | None]) -> list
     """:func:`row_spacing` of every row of a raw ``clinical.csv`` table (empty when it has no column)."""
     cells = raw[SPACING_COLUMN] if SPACING_COLUMN in raw.columns else [""] * len(raw)
     return [row_spacing(cell, None if path in (None, "None") else path) for cell, path in zip(cells, image_paths)]
+
+
+def known_spacings(frame: pd.DataFrame) -> list[Spacing] | None:
+    """The distinct pixel spacings of a site frame's images; ``None`` when any image's is unknown.
+
+    A bundle records this for its training images (``None`` = not recorded), so predict can tell
+    whether a pixel-unit input was measured at a spacing the model has seen.
+    """
+    if "spacing" not in frame.columns or frame.empty:
+        return None
+    spacings = list(frame["spacing"])
+    if any(s is None or (isinstance(s, float) and math.isnan(s)) for s in spacings):
+        return None
+    distinct: list[Spacing] = []
+    for spacing in spacings:
+        if not any(same_spacing(spacing, d, 1e-9) for d in distinct):
+            distinct.append((float(spacing[0]), float(spacing[1])))
+    return sorted(distinct)
 
 
 def fill_derived(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
@@ -182,4 +200,5 @@ def recorded_values(record: Mapping[str, object], parameters: Iterable[Parameter
 
 
 __all__ = ["AGREEMENT_ATOL", "AGREEMENT_RTOL", "SpacingUnknownError", "all_descriptors", "derive_from_mask",
-           "derived_problems", "disagreement", "fill_derived", "recorded_values", "row_spacing", "spacing_column"]
+           "derived_problems", "disagreement", "fill_derived", "known_spacings", "recorded_values", "row_spacing",
+           "spacing_column"]

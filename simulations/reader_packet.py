@@ -159,7 +159,8 @@ def make_packet(model: str | Path | Bundle, site: str | Path, out: str | Path, *
             "# Reading packet\n\nGive readers: `round1.html`, then (after a wash-out) `round2.html`, and "
             "`reads_template.csv` (one row per reader, round and case; malignant 0/1; confidence 1-5: "
             + ", ".join(f"{k} {v}" for k, v in CONFIDENCE_LEVELS.items()) + ").\n\nKeep private: `key.csv` "
-            "(case -> image id, truth, and the clinical values imputed as in training) and `model_scores.csv`.\n\nImages are shown as stored (file names and DICOM "
+            "(case -> image id, truth, and the clinical values imputed as in training) and "
+            "`model_scores.csv`.\n\nImages are shown as stored (file names and DICOM "
             "tags never enter the pages); text burned into the pixels is not removed, so look through the pages "
             "before handing them out.\n\nAnalyse: `cldlr reader-study analyze "
             "reads.csv --truth key.csv --model-scores model_scores.csv --out table3/`\n", "utf-8")

@@ -24,8 +24,8 @@ from cldlr.common.data.columns import ColumnMapError, apply_column_map, parse_co
 from cldlr.common.data.descriptors import all_descriptors, derive_from_mask, known_spacings
 from cldlr.common.data.imaging import read_image, read_mask, read_spacing
 from cldlr.common.data.lesion import descriptor_parameters, lesion_descriptors
-from cldlr.common.data.scoring import read_site_for_scoring
 from cldlr.common.data.schema import load_schema, schema_from_dict
+from cldlr.common.data.scoring import read_site_for_scoring
 from cldlr.common.data.site import read_site
 from cldlr.common.data.units import parse_spacing
 from cldlr.common.data.validation import validate_site

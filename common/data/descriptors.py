@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -138,7 +139,7 @@ def fill_derived(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
 
 
 #: One problem with a derived value: (code, severity, message, fix, column) — validation adds the place.
-DerivedProblem = tuple[str, str, str, str, str]
+DerivedProblem = tuple[str, Literal["error", "warning"], str, str, str]
 
 
 def derived_problems(schema: Schema, record: Mapping[str, str], mask: np.ndarray,

@@ -28,11 +28,12 @@ log = logging.getLogger("cldlr")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """`cldlr validate`: report every problem of a site folder; exit 1 when it is invalid."""
+    """`cldlr validate`: report every problem of a site folder and which commands it serves; exit 1 when invalid."""
+    from cldlr.common.data.columns import parse_column_map
     from cldlr.common.data.schema import load_schema
     from cldlr.common.data.validation import validate_site
 
-    report = validate_site(args.site, load_schema(args.schema))
+    report = validate_site(args.site, load_schema(args.schema), purpose=args.purpose, columns=parse_column_map(args.map))
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -142,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("site", type=Path)
     p.add_argument("--schema", type=Path, required=True)
     p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.add_argument("--for", dest="purpose", choices=["any", "study", "predict"], default="any",
+                   help="what the folder must serve (default any: say which commands it serves; an unlabelled "
+                        "folder serves predict only)")
+    p.add_argument("--map", action="append", default=[], metavar="SITE_COLUMN=SCHEMA_NAME",
+                   help="read the site's column SITE_COLUMN as SCHEMA_NAME (repeatable)")
 
     p = add("import", lambda a: a.import_func(a), "turn a public/in-house layout into site folders")
     isub = p.add_subparsers(dest="layout", required=True, metavar="LAYOUT")

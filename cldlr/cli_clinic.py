@@ -15,21 +15,27 @@ from .cli_args import force as _force
 def cmd_predict(args: argparse.Namespace) -> int:
     """``cldlr predict``: score one lesion (image + mask + clinical values) or every case of a site folder."""
     from cldlr.client.predict import format_result, parse_clinical_args, predict_lesion, predict_site
+    from cldlr.common.data.columns import parse_column_map
 
     if args.site is not None:
-        if args.mask is not None or args.clinical or args.overlay is not None:
-            raise CldlrError("--site takes its masks and clinical values from the site folder; "
-                             "drop --mask/--clinical/--overlay")
+        if args.mask is not None or args.clinical or args.overlay is not None or args.spacing is not None:
+            raise CldlrError("--site takes its masks, clinical values and spacings from the site folder; "
+                             "drop --mask/--clinical/--overlay/--spacing (spacings: its spacing_mm column)")
         if args.out is None:
             raise CldlrError("--site needs --out OUTDIR (predictions.csv and overlays/ are written there)")
         out = predict_site(args.model, args.site, args.out, split=args.split,
-                           allow_missing_clinical=args.allow_missing_clinical, force=args.force)
+                           allow_missing_clinical=args.allow_missing_clinical, force=args.force,
+                           columns=parse_column_map(args.map), accept_pixel_units=args.accept_pixel_units)
         print(f"predictions: {out / 'predictions.csv'}\noverlays:    {out / 'overlays'}")
         return 0
     if args.mask is None:
         raise CldlrError("--image needs --mask MASK (the lesion outline the ROI is cut from)")
+    if args.map:
+        raise CldlrError("--map renames a site folder's columns: use it with --site (for --image, name the "
+                         "values with --clinical NAME=VALUE)")
     result = predict_lesion(args.model, args.image, args.mask, parse_clinical_args(args.clinical), out=args.out,
-                            overlay=args.overlay, allow_missing_clinical=args.allow_missing_clinical)
+                            overlay=args.overlay, allow_missing_clinical=args.allow_missing_clinical,
+                            spacing=args.spacing, accept_pixel_units=args.accept_pixel_units)
     if args.out is None:
         print(format_result(result))
     else:
@@ -81,7 +87,15 @@ def add_clinic_commands(sub: Any, add: Add) -> None:
     p.add_argument("--overlay", type=Path, help="Grad-CAM overlay PNG (default: beside --out, else in the cwd)")
     p.add_argument("--split", choices=["train", "test"], help="--site: score only this split")
     p.add_argument("--allow-missing-clinical", action="store_true",
-                   help="score a lesion lacking a clinical value with the DLR model (recorded as fallback: dlr)")
+                   help="score a lesion lacking a (missing: error) clinical value with the DLR model (fallback: dlr); "
+                        "missing: impute values are always imputed as in training")
+    p.add_argument("--spacing", metavar="MM", help="--image: pixel spacing in mm (0.1, or ROWxCOLUMN) when the file "
+                                                   "does not state it (DICOM PixelSpacing is read)")
+    p.add_argument("--accept-pixel-units", action="store_true",
+                   help="score pixel-unit inputs (width_px, …) although this image's spacing differs from training")
+    p.add_argument("--map", action="append", default=[], metavar="SITE_COLUMN=SCHEMA_NAME",
+                   help="--site: read the site's column SITE_COLUMN as the schema's SCHEMA_NAME (repeatable; the "
+                        "folder is not changed)")
     _force(p)
 
     p = add("reader-study", lambda a: a.reader_func(a), "radiologist reading study: packet, simulated reads, Table 3")

@@ -2,7 +2,9 @@
 
 The bundle is verified on load (see :mod:`cldlr.common.bundle`); clinical values are parsed with
 the bundle's own schema, so a value the model was never trained on is refused with its valid
-range or levels instead of being scored.
+range or levels instead of being scored. Descriptors the bundle computes from the mask need no
+value, a missing ``missing: impute`` value is imputed as in training (the output lists it), and a
+site folder needs only the model's input columns (labels optional; ``--map`` renames columns).
 """
 
 from __future__ import annotations
@@ -21,15 +23,17 @@ from PIL import Image
 from tqdm import tqdm
 
 from cldlr.common.bundle import Bundle, Prediction, load_bundle
+from cldlr.common.data.descriptors import row_spacing
 from cldlr.common.data.imaging import read_image, read_mask
-from cldlr.common.data.site import read_site
+from cldlr.common.data.scoring import read_site_for_scoring
+from cldlr.common.data.units import Spacing, format_spacing
 from cldlr.common.errors import CldlrError
 from cldlr.common.io import atomic_directory, atomic_write_bytes, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 CSV_COLUMNS = ("image_id", "ai_score", "dlr_score", "clinical_score", "predicted_class", "threshold", "fallback",
-               "overlay")
+               "overlay", "imputed")
 
 
 def parse_clinical_args(items: Sequence[str]) -> dict[str, str]:
@@ -62,25 +66,37 @@ def _model_info(bundle: Bundle) -> dict[str, Any]:
             "selected_clinical_parameters": bundle.selected}
 
 
+def imputed_text(imputed: Mapping[str, float | str]) -> str:
+    """``family_history=0; side=left``: the predictions.csv cell naming what was imputed."""
+    return "; ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in imputed.items())
+
+
 def predict_lesion(model: str | Path | Bundle, image: str | Path, mask: str | Path, clinical: Mapping[str, Any], *,
                    out: str | Path | None = None, overlay: str | Path | None = None,
-                   allow_missing_clinical: bool = False) -> dict[str, Any]:
+                   allow_missing_clinical: bool = False, spacing: Spacing | str | None = None,
+                   accept_pixel_units: bool = False) -> dict[str, Any]:
     """Score one lesion; writes the overlay PNG (and ``out`` JSON when given) and returns the result dict.
 
     The overlay goes to ``overlay``, else beside ``out`` (``<out stem>_overlay.png``), else to
-    ``<image stem>_overlay.png`` in the working directory.
+    ``<image stem>_overlay.png`` in the working directory. ``spacing`` (mm per pixel, ``0.1`` or
+    ``0.1x0.12``) is the image's pixel spacing when its file does not state one (DICOM does).
     """
     bundle = _as_bundle(model)
     image, mask = Path(image), Path(mask)
+    try:
+        pixel_spacing = spacing if isinstance(spacing, tuple) else row_spacing(spacing, image)
+    except ValueError as exc:
+        raise CldlrError(f"--spacing: {exc}") from None
     started = time.perf_counter()
-    prediction = bundle.predict(read_image(image), read_mask(mask), clinical,
-                                allow_missing_clinical=allow_missing_clinical)
+    prediction = bundle.predict(read_image(image), read_mask(mask), clinical, spacing=pixel_spacing,
+                                allow_missing_clinical=allow_missing_clinical, accept_pixel_units=accept_pixel_units)
     seconds = time.perf_counter() - started
     if overlay is None:
         overlay = Path(out).with_name(Path(out).stem + "_overlay.png") if out else Path.cwd() / f"{image.stem}_overlay.png"
     atomic_write_bytes(overlay, png_bytes(prediction.overlay()))
     result = {**{k: v for k, v in prediction.to_dict().items() if k != "id"}, "image": str(image), "mask": str(mask),
-              "overlay": str(overlay), "model": _model_info(bundle), "seconds": round(seconds, 3)}
+              "overlay": str(overlay), "spacing_mm": format_spacing(pixel_spacing) or None, "model": _model_info(bundle),
+              "seconds": round(seconds, 3)}
     log.info("%s: AI score %.3f (%s at threshold %.2f) in %.2f s", image.name, prediction.ai_score,
              prediction.predicted_class, prediction.threshold, seconds)
     if out is not None:
@@ -90,24 +106,28 @@ def predict_lesion(model: str | Path | Bundle, image: str | Path, mask: str | Pa
 
 def _csv_row(prediction: Prediction, overlay: str) -> dict[str, Any]:
     row = prediction.to_dict()
-    return {"image_id": prediction.id, **{k: row[k] for k in CSV_COLUMNS[1:-1]}, "overlay": overlay}
+    return {"image_id": prediction.id, **{k: row[k] for k in CSV_COLUMNS[1:-2]}, "overlay": overlay,
+            "imputed": imputed_text(prediction.imputed)}
 
 
 def predict_site(model: str | Path | Bundle, site: str | Path, out_dir: str | Path, *, split: str | None = None,
-                 allow_missing_clinical: bool = False, force: bool = False, batch_size: int = 16) -> Path:
+                 allow_missing_clinical: bool = False, force: bool = False, batch_size: int = 16,
+                 columns: dict[str, str] | None = None, accept_pixel_units: bool = False) -> Path:
     """Score every lesion of a site folder: ``out_dir/predictions.csv`` and ``out_dir/overlays/<image_id>.png``.
 
-    The site must follow the data contract with the bundle's schema; ``split`` keeps only the
-    rows of that split. The folder appears only when every lesion was scored.
+    The site must follow the data contract for the bundle's *inputs*
+    (:func:`~cldlr.common.data.scoring.read_site_for_scoring`: labels, splits and columns the model
+    never uses may be absent; ``columns`` renames site columns); ``split`` keeps only the rows of
+    that split. The folder appears only when every lesion was scored.
     """
     bundle = _as_bundle(model)
-    data = read_site(site, bundle.schema)
+    data = read_site_for_scoring(site, bundle.schema, bundle.selected, columns)
     if split is not None:
         data = data.split_rows(split)
         if len(data) == 0:
             raise CldlrError(f"site {site} has no rows with split {split!r}")
-    frame, names = data.frame, [p.name for p in bundle.schema.parameters]
-    started, rows, n_fallback = time.perf_counter(), [], 0
+    frame, names = data.frame, list(bundle.selected)
+    started, rows, n_fallback, n_imputed = time.perf_counter(), [], 0, 0
     with atomic_directory(out_dir, overwrite=force) as tmp:
         (tmp / "overlays").mkdir()
         starts = range(0, len(frame), batch_size)
@@ -116,12 +136,14 @@ def predict_site(model: str | Path | Bundle, site: str | Path, out_dir: str | Pa
             predictions = bundle.predict_many(
                 [read_image(p) for p in chunk["image_path"]], [read_mask(p) for p in chunk["mask_path"]],
                 [{n: r[n] for n in names} for _, r in chunk.iterrows()], ids=[str(i) for i in chunk["image_id"]],
-                allow_missing_clinical=allow_missing_clinical, batch_size=batch_size)
+                allow_missing_clinical=allow_missing_clinical, batch_size=batch_size,
+                spacings=list(chunk["spacing"]), accept_pixel_units=accept_pixel_units)
             for prediction in predictions:
                 relative = f"overlays/{prediction.id}.png"
                 (tmp / relative).write_bytes(png_bytes(prediction.overlay()))
                 rows.append(_csv_row(prediction, relative))
                 n_fallback += prediction.fallback is not None
+                n_imputed += bool(prediction.imputed)
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS, lineterminator="\n")
         writer.writeheader()
@@ -130,6 +152,7 @@ def predict_site(model: str | Path | Bundle, site: str | Path, out_dir: str | Pa
         seconds = time.perf_counter() - started
         atomic_write_json(tmp / "summary.json", {"model": _model_info(bundle), "site": str(site), "split": split,
                                                  "n": len(rows), "n_dlr_fallback": n_fallback,
+                                                 "n_imputed": n_imputed, "column_map": columns or {},
                                                  "seconds": round(seconds, 2)})
     log.info("%d lesion(s) scored in %.1f s (%.2f s each); %d DLR fallback(s): %s", len(rows), seconds,
              seconds / max(len(rows), 1), n_fallback, out_dir)

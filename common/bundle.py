@@ -26,10 +26,21 @@ from safetensors import torch as st_torch
 from torch import nn
 
 from cldlr.common.clinical.features import ClinicalEncoder
+from cldlr.common.clinical.inputs import (  # the input rules live there; names kept here for callers
+    ClinicalInputError,
+    check_pixel_units,
+    expected_values,
+    missing_message,
+    parse_given,
+    pixel_inputs,
+    prepare_inputs,
+    training_spacings,
+)
 from cldlr.common.config import DataConfig, ModelConfig
 from cldlr.common.data.roi import extract_roi
-from cldlr.common.data.schema import Parameter, Schema, schema_from_dict
+from cldlr.common.data.schema import Schema, schema_from_dict
 from cldlr.common.data.transforms import Normalization
+from cldlr.common.data.units import Spacing
 from cldlr.common.errors import CldlrError
 from cldlr.common.evaluation.outcome import StudyOutcome
 from cldlr.common.fusion import FusionModels
@@ -53,18 +64,6 @@ class BundleError(CldlrError):
     """A model bundle is missing, damaged, edited or from an incompatible cldlr version."""
 
 
-class ClinicalInputError(CldlrError):
-    """A clinical value given for prediction is missing, unknown or outside the schema."""
-
-
-def expected_values(p: Parameter) -> str:
-    """What a parameter accepts, for error messages (range and unit, or levels)."""
-    if p.type == "numeric":
-        span = f" in [{p.range[0]:g}, {p.range[1]:g}]" if p.range else ""
-        return f"a number{span}{' ' + p.unit if p.unit else ''}"
-    return "0/1 (yes/no)" if p.type == "binary" else "one of " + ", ".join(p.levels)
-
-
 @dataclass
 class Prediction:
     """One lesion: the AI score (CLDLR probability), the DLR/clinical scores and the Grad-CAM map on its ROI."""
@@ -79,6 +78,8 @@ class Prediction:
     heatmap: np.ndarray
     fallback: str | None = None
     warnings: list[str] = field(default_factory=list)
+    imputed: dict[str, float | str] = field(default_factory=dict)  # missing: impute values filled as in training
+    derived: dict[str, float] = field(default_factory=dict)  # descriptors computed from the mask
 
     @property
     def predicted_class(self) -> str:
@@ -94,7 +95,8 @@ class Prediction:
         data: dict[str, Any] = jsonable({"id": self.id, "ai_score": self.ai_score, "dlr_score": self.dlr_score,
                                          "clinical_score": self.clinical_score, "predicted_class": self.predicted_class,
                                          "threshold": self.threshold, "fallback": self.fallback, "warnings": self.warnings,
-                                         "clinical": self.clinical}, finite=True)
+                                         "clinical": self.clinical, "imputed": self.imputed,
+                                         "derived": self.derived}, finite=True)
         return data
 
 
@@ -117,46 +119,48 @@ class Bundle:
 
     def parse_clinical(self, raw: Mapping[str, Any]) -> tuple[dict[str, float | str | None], list[str]]:
         """Selected parameters parsed with the schema; returns the values and the names still missing."""
-        unknown = sorted(set(raw) - {p.name for p in self.schema.parameters})
-        if unknown:
-            raise ClinicalInputError(f"unknown clinical parameter(s) {', '.join(unknown)}; the model's schema has: "
-                                     + ", ".join(p.name for p in self.schema.parameters))
-        values: dict[str, float | str | None] = {}
-        for p in self.encoder.parameters:
-            try:
-                values[p.name] = p.parse(raw.get(p.name))
-            except ValueError as exc:
-                raise ClinicalInputError(f"clinical parameter {p.name!r}: {exc}; expected {expected_values(p)}") from None
+        values = parse_given(raw, self.encoder, self.schema)
         return values, [name for name, value in values.items() if value is None]
 
     def predict(self, image: np.ndarray, mask: np.ndarray, clinical: Mapping[str, Any], *,
-                allow_missing_clinical: bool = False) -> Prediction:
+                allow_missing_clinical: bool = False, spacing: Spacing | None = None,
+                accept_pixel_units: bool = False) -> Prediction:
         """Score one lesion (see :meth:`predict_many`)."""
-        return self.predict_many([image], [mask], [clinical], allow_missing_clinical=allow_missing_clinical)[0]
+        return self.predict_many([image], [mask], [clinical], allow_missing_clinical=allow_missing_clinical,
+                                 spacings=[spacing], accept_pixel_units=accept_pixel_units)[0]
 
     def predict_many(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
                      clinicals: Sequence[Mapping[str, Any]], *, ids: Sequence[str] | None = None,
-                     allow_missing_clinical: bool = False, batch_size: int = 16) -> list[Prediction]:
+                     allow_missing_clinical: bool = False, batch_size: int = 16,
+                     spacings: Sequence[Spacing | None] | None = None,
+                     accept_pixel_units: bool = False) -> list[Prediction]:
         """Score many lesions exactly as the study did: ROI → embedding → encoder → SVMs, plus Grad-CAM.
 
-        A missing selected clinical value is an error unless ``allow_missing_clinical``; then that
-        lesion's AI score is its DLR score (``fallback="dlr"``) and a warning says why.
+        Clinical inputs are prepared as in training (:func:`~cldlr.common.clinical.inputs.prepare_inputs`):
+        descriptors nobody gave are computed from the mask (at ``spacings``, one per image, for
+        sizes in mm), a missing ``missing: impute`` value gets the encoder's training value and is
+        listed in :attr:`Prediction.imputed`. A missing ``missing: error`` value is an error unless
+        ``allow_missing_clinical``; then that lesion's AI score is its DLR score (``fallback="dlr"``)
+        and a warning says why. Pixel-unit inputs at a spacing other than the training sites' are
+        refused unless ``accept_pixel_units`` (:func:`~cldlr.common.clinical.inputs.check_pixel_units`).
         """
         ids = list(ids) if ids is not None else [f"lesion {i + 1}" for i in range(len(images))]
         if not len(images) == len(masks) == len(clinicals) == len(ids):
             raise CldlrError(f"{len(images)} images, {len(masks)} masks, {len(clinicals)} clinical rows, {len(ids)} ids")
-        rows, missing = [], []
-        for name, raw in zip(ids, clinicals):
+        spacings = list(spacings) if spacings is not None else [None] * len(ids)
+        trained, in_pixels = training_spacings(self.meta), pixel_inputs(self.encoder)
+        inputs, rows, missing = [], [], []
+        for name, raw, mask, spacing in zip(ids, clinicals, masks, spacings):
             try:
-                values, absent = self.parse_clinical(raw)
+                prepared = prepare_inputs(raw, self.encoder, self.schema, mask, spacing)
+                prepared.warnings += check_pixel_units(in_pixels, trained, spacing, accept=accept_pixel_units)
             except ClinicalInputError as exc:
                 raise ClinicalInputError(f"{name}: {exc}") from None
-            if absent and not allow_missing_clinical:
-                need = "; ".join(f"{n} ({expected_values(self.schema.get(n))})" for n in absent)
-                raise ClinicalInputError(f"{name}: missing clinical value(s): {need}; give them, or allow the DLR "
-                                         "fallback (--allow-missing-clinical)")
-            rows.append(values)
-            missing.append(absent)
+            if prepared.missing and not allow_missing_clinical:
+                raise ClinicalInputError(missing_message(name, prepared.missing, self.schema))
+            inputs.append(prepared)
+            rows.append(prepared.values)
+            missing.append(prepared.missing)
         rois = np.empty((len(ids), 1, self.image_size, self.image_size), np.uint8)
         for i, (name, image, mask) in enumerate(zip(ids, images, masks)):
             try:
@@ -176,7 +180,8 @@ class Bundle:
                 log.warning("%s: %s", name, warnings[0])
             clinical = None if fallback or "clinical" not in scores else float(scores["clinical"][i])
             out.append(Prediction(name, dlr if fallback else float(scores["cldlr"][i]), dlr, clinical, self.threshold,
-                                  rows[i], rois[i, 0], heatmaps[i], "dlr" if fallback else None, warnings))
+                                  rows[i], rois[i, 0], heatmaps[i], "dlr" if fallback else None,
+                                  warnings + inputs[i].warnings, dict(inputs[i].imputed), dict(inputs[i].derived)))
         return out
 
 
@@ -205,8 +210,12 @@ def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def export_bundle(out_dir: str | Path, *, model: nn.Module, model_config: ModelConfig, data_config: DataConfig,
                   normalization: Normalization, schema: Schema, selected: list[str], encoder: ClinicalEncoder,
                   fusion: FusionModels, threshold: float, model_card: dict[str, Any],
-                  overwrite: bool = False) -> Path:
-    """Write the bundle folder atomically (nothing appears unless every file was written and hashed)."""
+                  overwrite: bool = False, training_spacing: list[Spacing] | None = None) -> Path:
+    """Write the bundle folder atomically (nothing appears unless every file was written and hashed).
+
+    ``training_spacing``: the pixel spacings of the training images, when every one is known
+    (``None``: unknown); predict compares a new image's spacing with them for pixel-unit inputs.
+    """
     encoded = [p.name for p in encoder.parameters]
     if list(selected) != encoded:
         raise BundleError(f"selected parameters {list(selected)} differ from the encoder's {encoded}")
@@ -221,6 +230,7 @@ def export_bundle(out_dir: str | Path, *, model: nn.Module, model_config: ModelC
         "normalization": {"mean": list(normalization.mean), "std": list(normalization.std)},
         "schema": schema.to_dict(), "selected": list(selected), "encoder": encoder.to_dict(),
         "fusion": fusion_meta, "threshold": float(threshold), "model_card": jsonable(model_card, finite=True),
+        "units": {"training_spacing_mm": None if training_spacing is None else [list(s) for s in training_spacing]},
     }
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
@@ -325,7 +335,8 @@ DP_COVERS = ("the DP-SGD training of the backbone only; clinical statistics, enc
              "released exactly (SecAgg+ hides each site's share of a sum, not a patient's contribution to it)")
 
 
-def export_study_bundle(out_dir: str | Path, outcome: StudyOutcome, artifacts: Any, config: Any, schema: Schema) -> Path:
+def export_study_bundle(out_dir: str | Path, outcome: StudyOutcome, artifacts: Any, config: Any, schema: Schema,
+                        training_spacing: list[Spacing] | None = None) -> Path:
     """Bundle a finished study (``run_study``'s outcome and artifacts) with its model card; replaces ``out_dir``.
 
     The model card holds aggregate facts only: cohort sizes, sites, split, Table 2 metrics, DeLong
@@ -361,7 +372,7 @@ def export_study_bundle(out_dir: str | Path, outcome: StudyOutcome, artifacts: A
         out_dir, model=artifacts.model, model_config=config.model, data_config=config.data,
         normalization=normalization_for(config.data, config.model.weights), schema=schema,
         selected=list(outcome.selected), encoder=artifacts.encoder, fusion=artifacts.fusion,
-        threshold=config.svm.threshold, model_card=card, overwrite=True,
+        threshold=config.svm.threshold, model_card=card, overwrite=True, training_spacing=training_spacing,
     )
 
 

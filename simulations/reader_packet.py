@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cldlr.client.predict import png_bytes
+from cldlr.client.predict import imputed_text, png_bytes
 from cldlr.common.bundle import Bundle, Prediction, load_bundle
 from cldlr.common.data.imaging import read_image, read_mask, to_uint8
 from cldlr.common.data.roi import roi_box
@@ -143,7 +143,7 @@ def make_packet(model: str | Path | Bundle, site: str | Path, out: str | Path, *
         for (_, row), case, image, mask, p in zip(chunk.iterrows(), cases, images, masks, predictions):
             panels[case] = {"image": _data_uri(full_image_with_box(image, mask, bundle.margin)),
                             "roi": _data_uri(p.roi), "overlay": _data_uri(p.overlay()), "ai": _ai_box(p)}
-            key_rows.append([case, row["image_id"], int(row["label"])])
+            key_rows.append([case, row["image_id"], int(row["label"]), imputed_text(p.imputed)])
             score_rows.append([case, p.ai_score, p.dlr_score, "" if p.clinical_score is None else p.clinical_score,
                                p.fallback or "", p.threshold])
         log.info("packet: %d/%d cases rendered", min(start + batch_size, n), n)
@@ -152,14 +152,15 @@ def make_packet(model: str | Path | Bundle, site: str | Path, out: str | Path, *
         for round_no, order in ((1, order1), (2, order2)):
             (tmp / f"round{round_no}.html").write_text(render_round(round_no, order, panels, bundle.bundle_id), "utf-8")
         (tmp / "reads_template.csv").write_text(_csv_text(READ_COLUMNS, template), "utf-8")
-        (tmp / "key.csv").write_text(_csv_text(["case", "image_id", "label"], sorted(key_rows)), "utf-8")
+        (tmp / "key.csv").write_text(_csv_text(["case", "image_id", "label", "imputed"], sorted(key_rows)), "utf-8")
         (tmp / "model_scores.csv").write_text(_csv_text(
             ["case", "ai_score", "dlr_score", "clinical_score", "fallback", "threshold"], sorted(score_rows)), "utf-8")
         (tmp / "README.md").write_text(
             "# Reading packet\n\nGive readers: `round1.html`, then (after a wash-out) `round2.html`, and "
             "`reads_template.csv` (one row per reader, round and case; malignant 0/1; confidence 1-5: "
             + ", ".join(f"{k} {v}" for k, v in CONFIDENCE_LEVELS.items()) + ").\n\nKeep private: `key.csv` "
-            "(case -> image id and truth) and `model_scores.csv`.\n\nImages are shown as stored (file names and DICOM "
+            "(case -> image id, truth, and the clinical values imputed as in training) and "
+            "`model_scores.csv`.\n\nImages are shown as stored (file names and DICOM "
             "tags never enter the pages); text burned into the pixels is not removed, so look through the pages "
             "before handing them out.\n\nAnalyse: `cldlr reader-study analyze "
             "reads.csv --truth key.csv --model-scores model_scores.csv --out table3/`\n", "utf-8")

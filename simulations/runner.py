@@ -8,6 +8,7 @@ from pathlib import Path
 
 from cldlr.common.bundle import export_study_bundle
 from cldlr.common.config import Config
+from cldlr.common.data.descriptors import known_spacings
 from cldlr.common.evaluation.report import table2_markdown, write_report
 from cldlr.common.logs import configure_logging
 from cldlr.common.runs import new_run_dir
@@ -41,7 +42,7 @@ def simulate(config: Config, *, compare: bool = False, resume: Path | None = Non
     if mode == "pooled":
         site = merge_sites(sites)
         outcome, artifacts = run_study(site, config, run_dir, resume=resume is not None)
-        export_study_bundle(run_dir / "model", outcome, artifacts, config, site.schema)
+        export_study_bundle(run_dir / "model", outcome, artifacts, config, site.schema, known_spacings(site.frame))
         title = "CLDLR study — single site" if len(sites) == 1 else f"CLDLR study — pooled ({len(sites)} sites)"
         return write_report(run_dir, outcome, config, title=title)
     if mode == "local":
@@ -59,7 +60,7 @@ def _run_local(sites: list, config: Config, run_dir: Path, resume: bool) -> Path
         site_dir = run_dir / f"local-{site.name}"
         site_dir.mkdir(exist_ok=True)
         outcome, artifacts = run_study(site, config, site_dir, resume=resume)
-        export_study_bundle(site_dir / "model", outcome, artifacts, config, site.schema)
+        export_study_bundle(site_dir / "model", outcome, artifacts, config, site.schema, known_spacings(site.frame))
         write_report(site_dir, outcome, config, title=f"CLDLR study — local training at {site.name}")
         sections[f"Local — {site.name}"] = table2_markdown(outcome.metrics)
         first = first or outcome

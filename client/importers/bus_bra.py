@@ -22,8 +22,10 @@ import pandas as pd
 from PIL import Image
 
 from cldlr.common.data.contract import CLINICAL_CSV, IMAGES_DIR, MASKS_DIR, parse_label
+from cldlr.common.data.descriptors import derive_from_mask
 from cldlr.common.data.imaging import read_mask
-from cldlr.common.data.lesion import DESCRIPTOR_NAMES, descriptor_parameters, lesion_descriptors, schema_yaml
+from cldlr.common.data.lesion import descriptor_parameters, schema_yaml
+from cldlr.common.data.schema import schema_from_dict
 from cldlr.common.data.splits import site_table
 from cldlr.common.errors import CldlrError
 from cldlr.common.io import atomic_directory
@@ -162,6 +164,7 @@ def import_bus_bra(src: str | Path, out: str | Path, *, birads: list[int] | None
 
     sources = {}
     descriptors = []
+    derived = schema_from_dict({"name": "bus-bra", "version": 1, "parameters": BUS_BRA_PARAMETERS}).derived_parameters
     for image_id in frame["image_id"]:
         image = src / "Images" / f"{image_id}.png"
         mask = src / "Masks" / f"{image_id.replace('bus_', 'mask_', 1)}.png"
@@ -174,12 +177,12 @@ def import_bus_bra(src: str | Path, out: str | Path, *, birads: list[int] | None
                 raise CldlrError(f"{mask}: {lesion.shape[1]}x{lesion.shape[0]} px but its image {image} is "
                                  f"{img.size[0]}x{img.size[1]} px")
         try:
-            descriptors.append(lesion_descriptors(lesion))
+            descriptors.append(derive_from_mask(derived, lesion, None))  # what validate and predict compute
         except ValueError as exc:
             raise CldlrError(f"{mask}: {exc}") from exc
         sources[image_id] = (image, mask)
-    for name in DESCRIPTOR_NAMES:
-        frame[name] = [format_number(d[name]) for d in descriptors]
+    for parameter in derived:
+        frame[parameter.name] = [format_number(d[parameter.name]) for d in descriptors]
 
     with atomic_directory(out, overwrite=force) as tmp:
         for site, rows in frame.groupby("site", sort=True):

@@ -22,8 +22,10 @@ import pandas as pd
 from PIL import Image
 
 from cldlr.common.data.contract import CLINICAL_CSV, IMAGES_DIR, MASKS_DIR
+from cldlr.common.data.descriptors import derive_from_mask
 from cldlr.common.data.imaging import RASTER_EXTS, file_ext, read_mask
-from cldlr.common.data.lesion import DESCRIPTOR_NAMES, descriptor_parameters, lesion_descriptors, schema_yaml
+from cldlr.common.data.lesion import descriptor_parameters, schema_yaml
+from cldlr.common.data.schema import schema_from_dict
 from cldlr.common.data.splits import site_table
 from cldlr.common.errors import CldlrError, ImageReadError
 from cldlr.common.io import atomic_directory
@@ -153,6 +155,8 @@ def import_class_folders(src: str | Path, out: str | Path, *, force: bool = Fals
     site = safe_id(src.resolve().name) or "site"
 
     rows = []
+    derived = schema_from_dict({"name": "class-folders", "version": 1,
+                                "parameters": descriptor_parameters()}).derived_parameters
     with atomic_directory(out, overwrite=force) as tmp:
         root = tmp / site
         (root / IMAGES_DIR).mkdir(parents=True)
@@ -163,9 +167,9 @@ def import_class_folders(src: str | Path, out: str | Path, *, force: bool = Fals
             buffer = io.BytesIO()
             Image.fromarray(mask.astype(np.uint8) * 255).save(buffer, format="PNG")
             (root / MASKS_DIR / f"{image_id}.png").write_bytes(buffer.getvalue())
-            descriptors = lesion_descriptors(mask)
+            descriptors = derive_from_mask(derived, mask, None)  # what validate and predict compute
             rows.append({"image_id": image_id, "patient_id": image_id, "label": label,
-                         **{k: round(descriptors[k], 6) for k in DESCRIPTOR_NAMES}})
+                         **{k: round(v, 6) for k, v in descriptors.items()}})
             if len(masks) > 1:
                 log.debug("%s: %d masks merged", image, len(masks))
         table = pd.DataFrame(rows)

@@ -83,6 +83,36 @@ def read_mask(path: str | Path) -> np.ndarray:
     return mask
 
 
+#: DICOM tags that give the pixel spacing in mm as "row\\column" (first found wins).
+SPACING_TAGS = ("0028|0030", "0018|1164")  # PixelSpacing, ImagerPixelSpacing
+
+
+def read_spacing(path: str | Path) -> tuple[float, float] | None:
+    """A DICOM file's pixel spacing ``(row_mm, column_mm)`` from its header; ``None`` when it states none.
+
+    Only DICOM carries a spacing the contract trusts (a PNG's DPI is not a physical size); the
+    header is read without decoding the pixels.
+    """
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise ImageReadError(f"{path}: cannot read the DICOM header ({exc})") from exc
+    for tag in SPACING_TAGS:
+        if reader.HasMetaDataKey(tag):
+            parts = reader.GetMetaData(tag).replace("\\", " ").split()
+            try:
+                values = [float(v) for v in parts]
+            except ValueError:
+                continue
+            if len(values) == 2 and all(0 < v <= 10 for v in values):
+                return values[0], values[1]
+    return None
+
+
 def to_uint8(image: np.ndarray) -> np.ndarray:
     """Scale a 16-bit image to 8 bits (min-max); 8-bit images pass through."""
     if image.dtype == np.uint8:

@@ -108,7 +108,7 @@ class FederatedRun:
         strategy = make_strategy(fed.strategy, min_sites=min(fed.min_sites, len(self.grid.joined)),
                                  proximal_mu=fed.proximal_mu, server_opt=fed.server_opt)
         strategy.setup(reference=arrays, min_sites=fed.min_sites, transfer_dtype=fed.transfer_dtype, node_names=self.names,
-                       announced={n: c["n-train"] for n, c in self.counts.items()})
+                       announced={n: c.get("n-backbone", c["n-train"]) for n, c in self.counts.items()})
         strategy.round_offset = progress.completed_rounds
         self.ledger.phase = "backbone"
 

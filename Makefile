@@ -46,7 +46,7 @@ lint: $(STAMP)
 	@rm -rf $(TYPED) && mkdir -p $(TYPED)/cldlr
 	@for f in cldlr/*.py; do ln -s "$(CURDIR)/$$f" $(TYPED)/cldlr/; done
 	@for d in common client server simulations; do ln -s "$(CURDIR)/$$d" $(TYPED)/cldlr/$$d; done
-	cd $(TYPED) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p cldlr.common -p cldlr.server
+	cd $(TYPED) && $(abspath $(BIN))/mypy --config-file $(CURDIR)/pyproject.toml -p cldlr.common -p cldlr.server
 
 test: lint
 	$(PYTEST) -q

@@ -187,6 +187,9 @@ class FederationConfig:
     local_epochs: int = 1
     min_sites: int = 2
     transfer_dtype: Literal["float32", "float16"] = "float16"
+    #: ``backbone`` stops after the training rounds and writes only the global backbone
+    #: (``backbone.safetensors``, which ``model.weights`` takes): federated pretraining (``cldlr pretrain``)
+    phases: Literal["all", "backbone"] = "all"
     # simulation only: an existing Ray cluster ("ray://host:10001" or "auto"), and what each virtual site gets
     ray_address: str = ""
     client_cpus: float = 1.0

@@ -37,7 +37,7 @@ def repeat_config(config: Config, r: int) -> Config:
 
 
 def _test_aucs(report_dir: Path, compare: bool) -> dict[str, dict[str, dict[str, float]]]:
-    """arm → model → {"test": AUC, "train": AUC (when known)} from one repeat's outputs."""
+    """Arm → model → {"test": AUC, "train": AUC (when known)} from one repeat's outputs."""
     if compare:
         rows = json.loads((report_dir / "comparison.json").read_text(encoding="utf-8"))
         return {arm: {m: {"test": float(v["auc"])} for m, v in models.items()} for arm, models in rows.items()}

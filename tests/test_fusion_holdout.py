@@ -58,7 +58,8 @@ def test_the_backbone_trains_on_the_backbone_rows_only(phantom: Path, tmp_path: 
 
 def test_pooled_study_fits_the_fusion_on_the_hold_out(phantom: Path, tmp_path: Path) -> None:
     cfg = config(phantom, tmp_path, "fusion.fit_on=holdout")
-    outcome, artifacts = run_study(read_site(phantom / "site-1", load_schema(phantom / "schema.yaml")), cfg, tmp_path, progress=False)
+    site = read_site(phantom / "site-1", load_schema(phantom / "schema.yaml"))
+    outcome, artifacts = run_study(site, cfg, tmp_path, progress=False)
     expected = session(phantom, cfg)
     np.testing.assert_array_equal(artifacts.labels["train"], expected.train.labels[expected.fusion_rows])
     assert outcome.metrics["cldlr"]["train"]["n"] == len(expected.fusion_rows)

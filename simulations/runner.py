@@ -8,6 +8,7 @@ from pathlib import Path
 
 from cldlr.common.bundle import export_study_bundle
 from cldlr.common.config import Config
+from cldlr.common.data.contract import SiteData
 from cldlr.common.errors import ConfigError
 from cldlr.common.evaluation.report import table2_markdown, write_report
 from cldlr.common.logs import configure_logging
@@ -37,21 +38,21 @@ def simulate(config: Config, *, compare: bool = False, resume: Path | None = Non
     check_study_config(config)  # names and DP compatibility, before any site is read or anything trains
     if repeats < 1:
         raise ConfigError(f"--repeats {repeats}: give 1 (one split) or more")
+    sites = load_sites(config)  # an invalid site stops here, before a run folder exists
     run_dir = _run_dir(config, resume)
     logging.getLogger("cldlr").info("run folder: %s", run_dir)
     if repeats != 1:
         from cldlr.simulations.repeats import run_repeats
 
-        def one(cfg: Config, folder: Path, again: bool) -> Path:
-            return _simulate_into(cfg, folder, compare=compare, resume=again)
+        def one(cfg: Config, folder: Path, again: bool) -> Path:  # each repeat has its own split
+            return _simulate_into(cfg, load_sites(cfg), folder, compare=compare, resume=again)
 
         return run_repeats(config, run_dir, repeats, one, compare=compare, resume=resume is not None)
-    return _simulate_into(config, run_dir, compare=compare, resume=resume is not None)
+    return _simulate_into(config, sites, run_dir, compare=compare, resume=resume is not None)
 
 
-def _simulate_into(config: Config, run_dir: Path, *, compare: bool, resume: bool) -> Path:
-    """One study (or comparison) into an existing ``run_dir``."""
-    sites = load_sites(config)
+def _simulate_into(config: Config, sites: list[SiteData], run_dir: Path, *, compare: bool, resume: bool) -> Path:
+    """One study (or comparison) of ``sites`` into an existing ``run_dir``."""
     mode = config.federation.mode
     if compare:
         from cldlr.simulations.compare import run_comparison

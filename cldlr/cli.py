@@ -110,8 +110,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from cldlr.simulations.runner import simulate
 
     config = study_config(args)
-    run_dir = simulate(config, compare=args.compare, resume=args.resume)
+    run_dir = simulate(config, compare=args.compare, resume=args.resume, repeats=args.repeats)
     print(f"report: {run_dir / 'report.md'}")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """`cldlr pretrain`: the backbone on the sites' archives outside the study cohort → a model.weights file."""
+    from cldlr.simulations.pretrain import pretrain
+
+    out = pretrain(study_config(args), args.archive, args.out, force=args.force)
+    print(f"weights: {out} (use --set model.weights={out})")
     return 0
 
 
@@ -205,6 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--compare", action="store_true", help="Pooled vs Local-i vs the strategies of federation.compare_strategies")
     p.add_argument("--resume", type=Path, default=None, help="continue the run in this folder")
+    p.add_argument("--repeats", type=int, default=1, metavar="N",
+                   help="run over N patient-level splits (split and seed + r) and report mean ± sd; resumable")
+
+    p = add("pretrain", cmd_pretrain, "pretrain the backbone on images outside the study cohort (federated or pooled)")
+    _config_args(p)
+    p.add_argument("--archive", type=Path, required=True,
+                   help="a site folder or folder of sites with the images outside the study cohort (other BI-RADS)")
+    p.add_argument("--out", type=Path, required=True, help="the weights file to write (.pt, or .safetensors)")
+    p.add_argument("--force", action="store_true", help="replace an existing weights file")
 
     p = add("compare-backbones", cmd_compare_backbones, "train every registry backbone on the same split (Table S2)")
     _config_args(p)

@@ -66,7 +66,7 @@ class FederatedSite:
 
             check_private_compatible(self.model)
             self.privacy = SitePrivacy.from_config(
-                config.privacy, n_train=len(session.train), batch_size=config.train.batch_size,
+                config.privacy, n_train=session.n_backbone, batch_size=config.train.batch_size,
                 total_epochs=config.federation.rounds * config.federation.local_epochs, seed=config.run.seed,
                 max_physical_batch=config.privacy.max_physical_batch or None,
             )
@@ -154,7 +154,7 @@ class FederatedSite:
         if self.privacy is not None:
             metrics["epsilon"] = float(self.privacy.epsilon())
             metrics["delta"] = float(self.config.privacy.delta)
-        return model_to_arrays(self.model, self.config.federation.transfer_dtype), len(self.session.train), metrics
+        return model_to_arrays(self.model, self.config.federation.transfer_dtype), self.session.n_backbone, metrics
 
     def set_global_model(self, global_arrays: Mapping[str, np.ndarray]) -> None:
         """Load the final global backbone (phases 3 and 4 embed with it) and keep a copy on disk."""
@@ -243,13 +243,18 @@ class FederatedSite:
         """The site's sums for the current round of the secure SVM fit (the request keeps earlier arrays)."""
         request = FusionPayload.decode(payload, self._load_fusion_cache())
         self._save_fusion_cache()
-        clinical = self._clinical(payload, "train")
-        return site_sums(request, clinical, self.embeddings("train"), self.session.train.labels)
+        rows = self.session.fusion_view("train")  # fusion.fit_on=holdout: only rows the backbone never saw
+        clinical = self._clinical(payload, "train")[rows]
+        return site_sums(request, clinical, self.embeddings("train")[rows], self.session.train.labels[rows])
 
     # -- phase 4: evaluation ----------------------------------------------------------------
+    def _labels(self, split: str) -> np.ndarray:
+        return self.session.cohort(split).labels[self.session.fusion_view(split)]
+
     def _scores(self, payload: Mapping[str, Any], split: str) -> dict[str, np.ndarray]:
         fusion = fusion_models_from_payload(payload, self._load_fusion_cache())
-        return fusion.predict_proba(self._clinical(payload, split), self.embeddings(split))
+        rows = self.session.fusion_view(split)
+        return fusion.predict_proba(self._clinical(payload, split)[rows], self.embeddings(split)[rows])
 
     def score_histograms(self, payload: Mapping[str, Any]) -> np.ndarray:
         """Per cohort and model: per-class score histograms (the centre sees only their sum)."""
@@ -257,7 +262,7 @@ class FederatedSite:
         parts = []
         for split in layout.cohorts:
             scores = self._scores(payload, split)
-            labels = self.session.cohort(split).labels
+            labels = self._labels(split)
             for model in layout.models:
                 parts.append(secure_metrics.score_histograms(labels, scores[model], layout.n_bins).ravel())
         return np.concatenate(parts).astype(np.float64)
@@ -269,7 +274,7 @@ class FederatedSite:
         parts = []
         for split in layout.cohorts:
             scores = self._scores(payload, split)
-            labels = self.session.cohort(split).labels
+            labels = self._labels(split)
             sums = secure_metrics.placement_sums(labels, {m: scores[m] for m in layout.models},
                                                  global_hists[split], layout.n_bins)
             parts.append(layout.pack_placements(sums))
@@ -291,7 +296,7 @@ class FederatedSite:
 
         out: dict[str, dict[str, dict[str, float]]] = {}
         for split in ("train", "test"):
-            labels = self.session.cohort(split).labels
+            labels = self._labels(split)
             if not secure_metrics.local_report_allowed(labels, self._min_count()):
                 continue
             for model, prob in self._scores(payload, split).items():
@@ -313,7 +318,7 @@ class FederatedSite:
             return
         counts = {}
         for split in self.released_cohorts(task, payload):
-            labels = np.asarray(self.session.cohort(split).labels)
+            labels = np.asarray(self._labels(split))
             counts[split] = (int(np.sum(labels == 0)), int(np.sum(labels == 1)))
         check_class_counts(self.policy, counts)
 

@@ -164,6 +164,7 @@ def run_federated_simulation(sites: list[SiteData], config: Config, run_dir: Pat
     log.info("simulating %d sites with Flower's Ray engine", len(paths))
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(paths),
                    backend_config=ray_backend_config(config, len(paths)))
-    if not (run_dir / "report.json").is_file():
-        raise CldlrError(f"the federated simulation ended without a report in {run_dir}; see the log above")
+    expected = "pretrain.json" if config.federation.phases == "backbone" else "report.json"
+    if not (run_dir / expected).is_file():
+        raise CldlrError(f"the federated simulation ended without {expected} in {run_dir}; see the log above")
     return run_dir

@@ -86,7 +86,7 @@ def test_ledger_shows_no_per_case_array_or_clinical_value(federated_run: Path, p
                     assert value["type"] != "float" or key in {"code"}, (entry["phase"], key)
         for metrics in entry["metrics"].values():
             assert set(metrics) <= {"num-examples", "train-loss", "train-accuracy", "epsilon", "delta",
-                                    "n-train", "n-test", "feature-bound", "num_examples"}, metrics
+                                    "n-train", "n-test", "n-backbone", "feature-bound", "num_examples"}, metrics
     secure = [e for e in replies if e["phase"].startswith("secure:")]
     assert any(e["secure"] for e in secure)  # SecAgg+ stages carry its config record
 
@@ -126,3 +126,17 @@ def test_differential_privacy_reports_epsilon_per_round(phantom: Path, tmp_path:
     for site in privacy:
         eps = [s["epsilon"] for h in progress["history"] for s in h["sites"].values() if s["site"] == site]
         assert len(eps) == 2 and 0 < eps[0] < eps[1] <= 8.0 + 1e-6
+
+
+def test_fusion_hold_out_works_federated(phantom: Path, tmp_path: Path) -> None:
+    """Each site keeps its own hold-out from the backbone; the secure SVM fit and the train metrics use only it."""
+    from cldlr.client.site import SiteSession
+    from cldlr.common.data.schema import load_schema
+    from cldlr.common.data.site import read_site
+
+    config = study_config(phantom, tmp_path, "run.name=holdout", "fusion.fit_on=holdout")
+    report = json.loads((simulate(config) / "report.json").read_text())
+    schema = load_schema(phantom / "schema.yaml")
+    sessions = [SiteSession(read_site(phantom / f"site-{i}", schema), config) for i in (1, 2, 3)]
+    assert report["metrics"]["cldlr"]["train"]["n"] == sum(len(s.fusion_rows) for s in sessions)
+    assert report["metrics"]["cldlr"]["test"]["n"] == sum(len(s.test) for s in sessions)

@@ -29,15 +29,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cldlr.common.evaluation.metrics import delong_test
-from cldlr.common.evaluation.mrmc import (
+from cldlr.common.evaluation.mrmc import mrmc_auc, mrmc_binary, or_hillis
+from cldlr.common.evaluation.mrmc_fom import (
     auc_leave_one_out,
     binary_leave_one_out,
     delong_covariance,
     empirical_auc,
     jackknife_covariance,
-    mrmc_auc,
-    mrmc_binary,
-    or_hillis,
 )
 
 MRMC_DATA = Path(os.environ.get("CLDLR_MRMC_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mrmc")

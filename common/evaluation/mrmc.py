@@ -42,8 +42,18 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy import stats
 
+from cldlr.common.evaluation.mrmc_fom import (
+    BinaryMetric,
+    FloatArray,
+    auc_leave_one_out,
+    binary_leave_one_out,
+    delong_covariance,
+    empirical_auc,
+    fom_binary,
+    jackknife_covariance,
+)
+
 Covariance = Literal["delong", "jackknife"]
-FloatArray = NDArray[np.float64]
 
 
 @dataclass(frozen=True)
@@ -131,99 +141,6 @@ class MRMCResult:
         """Cov1-3 divided by the error variance (MRMCaov prints them as "Correlation")."""
         c = self.components
         return c.cov1 / c.var_error, c.cov2 / c.var_error, c.cov3 / c.var_error
-
-
-# ----------------------------------------------------------------------------- figures of merit and covariances
-
-def _split(truth: ArrayLike, scores: ArrayLike) -> tuple[FloatArray, FloatArray]:
-    y, s = np.asarray(truth), np.asarray(scores, dtype=float)
-    if y.shape != s.shape[-1:]:
-        raise ValueError(f"truth has {y.shape} entries but the scores have shape {s.shape}")
-    if not ((y == 0) | (y == 1)).all():
-        raise ValueError("truth must hold 0 (negative) and 1 (positive) only")
-    if y.sum() == 0 or y.sum() == y.size:
-        raise ValueError("the cases hold only one class; an AUC needs positive and negative cases")
-    return s[..., y == 1], s[..., y == 0]
-
-
-def placements(truth: ArrayLike, scores: ArrayLike) -> tuple[float, FloatArray, FloatArray]:
-    """Empirical AUC and DeLong's structural components V10 (per positive) and V01 (per negative) [DeLong].
-
-    ψ(x, y) = 1 if x > y, ½ if x = y, 0 otherwise; AUC = mean ψ over positive×negative pairs
-    (the Mann–Whitney statistic), V10_k = mean_l ψ(x_k, y_l), V01_l = mean_k ψ(x_k, y_l).
-    """
-    pos, neg = _split(truth, scores)
-    psi = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
-    return float(psi.mean()), psi.mean(axis=1), psi.mean(axis=0)
-
-
-def empirical_auc(truth: ArrayLike, scores: ArrayLike) -> float:
-    """The empirical (trapezoidal) ROC AUC with ties counted ½ — the MRMC figure of merit."""
-    return placements(truth, scores)[0]
-
-
-def delong_covariance(truth: ArrayLike, ratings: ArrayLike) -> FloatArray:
-    """Covariance of K empirical AUCs on the same cases (``ratings`` shape (K, cases)) [DeLong]:
-    S10/m + S01/n, with S10, S01 the sample covariances (divisor m−1, n−1) of V10 and V01.
-    """
-    rows = np.atleast_2d(np.asarray(ratings, dtype=float))
-    parts = [placements(truth, r) for r in rows]
-    v10 = np.array([p[1] for p in parts])
-    v01 = np.array([p[2] for p in parts])
-    m, n = v10.shape[1], v01.shape[1]
-    return np.asarray(np.atleast_2d(np.cov(v10, ddof=1)) / m + np.atleast_2d(np.cov(v01, ddof=1)) / n, dtype=float)
-
-
-def auc_leave_one_out(truth: ArrayLike, ratings: ArrayLike) -> FloatArray:
-    """AUCs with each case left out in turn, shape (cases, K), exactly from the placements:
-    dropping positive k gives (m·AUC − V10_k)/(m − 1), dropping negative l gives (n·AUC − V01_l)/(n − 1).
-    """
-    y = np.asarray(truth)
-    rows = np.atleast_2d(np.asarray(ratings, dtype=float))
-    out = np.empty((y.size, rows.shape[0]))
-    m, n = int(y.sum()), int(y.size - y.sum())
-    if m < 2 or n < 2:
-        raise ValueError("the jackknife needs at least two positive and two negative cases")
-    for k, r in enumerate(rows):
-        auc, v10, v01 = placements(y, r)
-        out[y == 1, k] = (m * auc - v10) / (m - 1)
-        out[y == 0, k] = (n * auc - v01) / (n - 1)
-    return out
-
-
-def binary_leave_one_out(truth: ArrayLike, decisions: ArrayLike,
-                         metric: Literal["sensitivity", "specificity"]) -> FloatArray:
-    """Sensitivity (or specificity) of K 0/1 decision vectors with each case *of its class* left out in turn,
-    shape (cases of that class, K): the other cases do not change the FOM, so the jackknife runs over the
-    positive (negative) cases only, as MRMCaov's does.
-    """
-    y = np.asarray(truth)
-    d = np.atleast_2d(np.asarray(decisions, dtype=float))
-    cls, hit = (1, 1.0) if metric == "sensitivity" else (0, 0.0)
-    own = y == cls
-    count = int(own.sum())
-    if count < 2:
-        raise ValueError(f"{metric} by jackknife needs at least two cases of its class")
-    correct = (d[:, own] == hit).astype(float)  # (K, count)
-    return np.asarray(((correct.sum(axis=1)[:, None] - correct) / (count - 1)).T, dtype=float)
-
-
-def fom_binary(truth: ArrayLike, decisions: ArrayLike, metric: Literal["sensitivity", "specificity"]) -> FloatArray:
-    """Sensitivity or specificity of each row of 0/1 ``decisions`` (K, cases)."""
-    y = np.asarray(truth)
-    d = np.atleast_2d(np.asarray(decisions, dtype=float))
-    cls = 1 if metric == "sensitivity" else 0
-    return np.asarray((d[:, y == cls] == cls).mean(axis=1), dtype=float)
-
-
-def jackknife_covariance(leave_one_out: ArrayLike) -> FloatArray:
-    """Case-jackknife covariance of K FOMs from their leave-one-out values (cases, K) [OR]:
-    (N − 1)/N · Σ_k (θ̂_(k) − θ̄_(·))(θ̂_(k) − θ̄_(·))ᵀ.
-    """
-    loo = np.asarray(leave_one_out, dtype=float)
-    centred = loo - loo.mean(axis=0)
-    n = loo.shape[0]
-    return np.asarray((n - 1) / n * centred.T @ centred, dtype=float)
 
 
 # ----------------------------------------------------------------------------- OR-Hillis
@@ -402,7 +319,7 @@ def mrmc_auc(truth: ArrayLike, ratings: ArrayLike, *, covariance: Covariance = "
     return or_hillis(fom, cov, tests=tests, readers=readers, method=covariance, alpha=alpha)
 
 
-def mrmc_binary(truth: ArrayLike, decisions: ArrayLike, metric: Literal["sensitivity", "specificity"], *,
+def mrmc_binary(truth: ArrayLike, decisions: ArrayLike, metric: BinaryMetric, *,
                 tests: tuple[str, ...] | None = None, readers: tuple[str, ...] | None = None,
                 alpha: float = 0.05) -> MRMCResult:
     """OR-Hillis on sensitivity or specificity of 0/1 ``decisions`` (tests, readers, cases), jackknife covariance."""
@@ -417,5 +334,4 @@ def mrmc_binary(truth: ArrayLike, decisions: ArrayLike, metric: Literal["sensiti
 
 
 __all__ = ["Analysis", "Covariance", "Difference", "GlobalTest", "MRMCResult", "TestMean", "VarianceComponents",
-           "auc_leave_one_out", "binary_leave_one_out", "delong_covariance", "empirical_auc", "fom_binary",
-           "jackknife_covariance", "mrmc_auc", "mrmc_binary", "or_hillis", "placements", "variance_components"]
+           "mrmc_auc", "mrmc_binary", "or_hillis", "variance_components"]

@@ -16,30 +16,23 @@ from typing import Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from cldlr.common.evaluation.metrics import check_labels, check_scores, delong_placements
+from cldlr.common.evaluation.metrics import delong_covariance as metrics_delong_covariance
+
 FloatArray = NDArray[np.float64]
 BinaryMetric = Literal["sensitivity", "specificity"]
-
-
-def _split(truth: ArrayLike, scores: ArrayLike) -> tuple[FloatArray, FloatArray]:
-    y, s = np.asarray(truth), np.asarray(scores, dtype=float)
-    if y.shape != s.shape[-1:]:
-        raise ValueError(f"truth has {y.shape} entries but the scores have shape {s.shape}")
-    if not ((y == 0) | (y == 1)).all():
-        raise ValueError("truth must hold 0 (negative) and 1 (positive) only")
-    if y.sum() == 0 or y.sum() == y.size:
-        raise ValueError("the cases hold only one class; an AUC needs positive and negative cases")
-    return s[..., y == 1], s[..., y == 0]
 
 
 def placements(truth: ArrayLike, scores: ArrayLike) -> tuple[float, FloatArray, FloatArray]:
     """Empirical AUC and DeLong's structural components V10 (per positive) and V01 (per negative) [DeLong].
 
-    ψ(x, y) = 1 if x > y, ½ if x = y, 0 otherwise; AUC = mean ψ over positive×negative pairs
-    (the Mann–Whitney statistic), V10_k = mean_l ψ(x_k, y_l), V01_l = mean_k ψ(x_k, y_l).
+    ψ(x, y) = 1 if x > y, ½ if x = y, 0 otherwise; AUC = mean ψ over positive×negative pairs (the
+    Mann–Whitney statistic), V10_k = mean_l ψ(x_k, y_l), V01_l = mean_k ψ(x_k, y_l); computed by
+    midranks in :func:`cldlr.common.evaluation.metrics.delong_placements` (checked against pROC).
     """
-    pos, neg = _split(truth, scores)
-    psi = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
-    return float(psi.mean()), psi.mean(axis=1), psi.mean(axis=0)
+    y = check_labels(truth)
+    v10, v01, auc = delong_placements(y, check_scores(scores, y.size))
+    return float(auc[0]), np.asarray(v10[0], dtype=float), np.asarray(v01[0], dtype=float)
 
 
 def empirical_auc(truth: ArrayLike, scores: ArrayLike) -> float:
@@ -52,11 +45,9 @@ def delong_covariance(truth: ArrayLike, ratings: ArrayLike) -> FloatArray:
     S10/m + S01/n, with S10, S01 the sample covariances (divisor m−1, n−1) of V10 and V01.
     """
     rows = np.atleast_2d(np.asarray(ratings, dtype=float))
-    parts = [placements(truth, r) for r in rows]
-    v10 = np.array([p[1] for p in parts])
-    v01 = np.array([p[2] for p in parts])
-    m, n = v10.shape[1], v01.shape[1]
-    return np.asarray(np.atleast_2d(np.cov(v10, ddof=1)) / m + np.atleast_2d(np.cov(v01, ddof=1)) / n, dtype=float)
+    for row in rows:
+        placements(truth, row)  # the same checks as for one AUC
+    return np.asarray(metrics_delong_covariance(truth, rows)[1], dtype=float)
 
 
 def auc_leave_one_out(truth: ArrayLike, ratings: ArrayLike) -> FloatArray:

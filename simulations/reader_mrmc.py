@@ -128,7 +128,8 @@ def mrmc_markdown(mrmc: dict[str, Any]) -> list[str]:
     lines += [f"{mrmc['readers']} reader(s) × {mrmc['cases']} case(s) read by every reader in both rounds"
               + (f" ({mrmc['cases_not_read_by_all']} case(s) read by fewer are left out)" if mrmc["cases_not_read_by_all"]
                  else "") + f"; AUC = empirical AUC of the {mrmc['score']}, sensitivity and specificity of the "
-              "malignant decision.", "",
+              "malignant decision." + (" With one reader only the fixed-reader analysis applies."
+                                       if mrmc["readers"] == 1 else ""), "",
               "| Figure of merit | Readers, cases | Covariance | Without AI (95% CI) | With AI (95% CI) | "
               "With − without AI (95% CI) | Test | P |", "|---|---|---|---|---|---|---|---|"]
     for fom, key, kind, factors, cov in ROWS:
@@ -138,7 +139,7 @@ def mrmc_markdown(mrmc: dict[str, Any]) -> list[str]:
         lines.append(f"| {fom} | {factors} | {cov} | {_mean(a['means'][0])} | {_mean(a['means'][1])} | "
                      f"{_change(a['differences'][0], -1)} | {_statistic(a)} | {_p(a['global_test']['p'])} |")
     model_rows = [(r, mrmc["analyses"].get(f"model_vs_readers_round{r}")) for r in (1, 2)]
-    if any(a for _, a in model_rows):
+    if any(a and a["random_readers_random_cases"] for _, a in model_rows):
         lines += ["", "The CLDLR model alone against the readers (OR-Hillis, random readers and cases, DeLong; the "
                   "model as a second test read alike by every reader, RJafroc's 2T-RRRC = 1T-RRRC):", "",
                   "| Round | Readers' mean AUC (95% CI) | CLDLR model AUC | Readers − model (95% CI) | Test | P |",
@@ -153,7 +154,8 @@ def mrmc_markdown(mrmc: dict[str, Any]) -> list[str]:
     for cov in ("delong", "jackknife"):
         c = mrmc["analyses"][f"auc_{cov}"]["components"]
         lines.append(f"| {'DeLong' if cov == 'delong' else 'jackknife'} | "
-                     + " | ".join(f"{c[k]:.3e}" for k in ("var_r", "var_tr", "var_error", "cov1", "cov2", "cov3")) + " |")
+                     + " | ".join("–" if c[k] != c[k] else f"{c[k]:.3e}"
+                                  for k in ("var_r", "var_tr", "var_error", "cov1", "cov2", "cov3")) + " |")
     readers = mrmc["analyses"]["auc_delong"]["readers"]
     lines += ["", "Readers: " + ", ".join(markdown_text(r) for r in readers) + ". Random readers and cases: "
               "inference for readers and cases like these; fixed readers: for these readers; fixed cases: for these "

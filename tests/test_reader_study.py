@@ -371,3 +371,14 @@ def test_simulated_reads_are_deterministic_and_seeded(tmp_path):
     assert simulate_reads(truth, scores, tmp_path / "b.csv", readers=2, seed=3).read_text() == a
     assert simulate_reads(truth, scores, tmp_path / "c.csv", readers=2, seed=4).read_text() != a
     assert a.splitlines()[0] == ",".join(READ_COLUMNS)
+
+
+def test_one_reader_gets_the_fixed_reader_analysis_only(tmp_path):
+    truth, scores, _ = truth_and_scores(tmp_path, n=30)
+    reads = simulate_reads(truth, scores, tmp_path / "reads.csv", readers=1, seed=2)
+    out = analyze_reads(reads, truth, tmp_path / "t3", model_scores=scores)
+    md = (out / "table3.md").read_text()
+    assert "With one reader only the fixed-reader analysis applies." in md and "| AUC | fixed, random |" in md
+    assert "| AUC | random, random |" not in md and "CLDLR model alone against the readers" not in md
+    assert "| nan" not in md and "nan |" not in md
+    assert json.loads((out / "table3.json").read_text())["mrmc"]["analyses"]["auc_delong"]["random_readers_random_cases"] is None

@@ -61,6 +61,7 @@ def cmd_reader_analyze(args: argparse.Namespace) -> int:
     out = analyze_reads(args.reads, args.truth, args.out, model_scores=args.model_scores, force=args.force)
     print((out / "table3.md").read_text(encoding="utf-8"))
     print(f"table: {out / 'table3.md'}  json: {out / 'table3.json'}  figure: {out / 'reader_roc.png'}")
+    print(f"for MRMCaov / iMRMC: {out / 'mrmcaov.csv'}, {out / 'reads.imrmc'}")
     return 0
 
 
@@ -110,7 +111,7 @@ def add_clinic_commands(sub: Any, add: Add) -> None:
                    help="rows to read (default test; a site without splits is read whole)")
     q.add_argument("--allow-missing-clinical", action="store_true", help="DLR score for lesions lacking a value")
     _force(q)
-    q = rsub.add_parser("analyze", help="Table 3 (AUC, accuracy, sens., spec., PPV, NPV; DeLong) and the reader ROC figure")
+    q = rsub.add_parser("analyze", help="Table 3 (AUC, accuracy, sens., spec., PPV, NPV; DeLong; MRMC OR-Hillis) and Fig. 6")
     q.set_defaults(reader_func=cmd_reader_analyze)
     q.add_argument("reads", type=Path, metavar="READS.csv")
     q.add_argument("--truth", type=Path, required=True, metavar="KEY_OR_TRUTH.csv", help="columns case, label")

@@ -28,7 +28,7 @@ from cldlr.common.io import atomic_directory
 log = logging.getLogger(__name__)
 
 #: The reads file: one row per reader, round and case.
-READ_COLUMNS = ("reader", "round", "case", "malignant", "confidence")
+READ_COLUMNS = ("reader", "round", "case", "malignant", "birads4", "likelihood", "confidence", "seconds", "comment")
 #: The confidence column is a 5-point confidence-of-malignancy score (the ordinal score for the ROC).
 CONFIDENCE_LEVELS = {1: "definitely benign", 2: "probably benign", 3: "indeterminate", 4: "probably malignant",
                      5: "definitely malignant"}
@@ -147,7 +147,7 @@ def make_packet(model: str | Path | Bundle, site: str | Path, out: str | Path, *
             score_rows.append([case, p.ai_score, p.dlr_score, "" if p.clinical_score is None else p.clinical_score,
                                p.fallback or "", p.threshold])
         log.info("packet: %d/%d cases rendered", min(start + batch_size, n), n)
-    template = [["", r, case, "", ""] for r, order in ((1, order1), (2, order2)) for case in order]
+    template = [["", r, case] + [""] * (len(READ_COLUMNS) - 3) for r, order in ((1, order1), (2, order2)) for case in order]
     with atomic_directory(out, overwrite=force) as tmp:
         for round_no, order in ((1, order1), (2, order2)):
             (tmp / f"round{round_no}.html").write_text(render_round(round_no, order, panels, bundle.bundle_id), "utf-8")

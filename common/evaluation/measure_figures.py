@@ -50,7 +50,8 @@ def plot_calibration(panels: Panels, path: str | Path) -> Path:
             bins = cal["bins"]
             x = np.array([b["mean_predicted"] for b in bins])
             y = np.array([b["observed"] for b in bins])
-            err = np.array([[b["observed"] - b["ci_low"] for b in bins], [b["ci_high"] - b["observed"] for b in bins]]).clip(min=0.0)
+            err = np.array([[b["observed"] - b["ci_low"] for b in bins],
+                            [b["ci_high"] - b["observed"] for b in bins]]).clip(min=0.0)
             ax.errorbar(x, y, yerr=err, fmt="o-", color=f"C{i}", capsize=3, linewidth=1.4,
                         label=f"{name} (slope {cal['slope']:.2f}, int. {cal['intercept']:.2f})")
         ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", linewidth=1)

@@ -57,9 +57,9 @@ def calibration(scopes: Scopes) -> str:
                          f"{fmt(c['brier'])} | {fmt(c['scaled_brier'])} | {fmt(c['mean_predicted'])} | "
                          f"{fmt(c['observed_rate'])} |")
     return "\n".join(lines + ["", "Perfect calibration: intercept 0 (calibration-in-the-large, logit offset), slope 1 "
-                                  "(logistic recalibration on logit p); – where no maximum-likelihood fit exists (the scores separate the "
-                                  "classes perfectly). Reliability bins with Wilson 95% CIs are in "
-                                  "report.json and the calibration figure."])
+                                  "(logistic recalibration on logit p); – where no maximum-likelihood fit exists "
+                                  "(the scores separate the classes perfectly). Reliability bins with Wilson 95% CIs "
+                                  "are in report.json and the calibration figure."])
 
 
 def utility(scopes: Scopes) -> str:

@@ -28,6 +28,12 @@ log = logging.getLogger(__name__)
 TITLES = {"cldlr": "CLDLR (AI score)", "dlr": "DLR", "clinical": "Clinical"}
 
 
+def bundle_name(bundle: Bundle) -> str:
+    """How a report names a bundle: its folder, with the run folder when it is a run's ``model/``."""
+    path = bundle.path
+    return f"{path.parent.name}/{path.name}" if path.name == "model" and path.parent.name else path.name
+
+
 def _info(bundle: Bundle) -> dict[str, Any]:
     card = bundle.meta.get("model_card", {})
     return {"bundle": str(bundle.path), "bundle_id": bundle.bundle_id, "backbone": bundle.meta["model"]["backbone"],
@@ -36,7 +42,7 @@ def _info(bundle: Bundle) -> dict[str, Any]:
 
 
 def _titles(other: Bundle | None) -> dict[str, str]:
-    return {**TITLES, "against": f"Against: {other.path.name}" if other is not None else "Against"}
+    return {**TITLES, "against": f"Against: {bundle_name(other)}" if other is not None else "Against"}
 
 
 def _titled(ev: Evaluation, titles: dict[str, str]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -69,12 +75,12 @@ def _markdown(bundle: Bundle, other: Bundle | None, ev: Evaluation, settings: Ev
               recal: dict[str, Any] | None, titles: dict[str, str], figures: dict[str, str]) -> str:
     titled = _titled(ev, titles)
     last = list(ev.units)[-1]
-    lines = [f"# External testing of {markdown_text(bundle.path.name)}", "",
+    lines = [f"# External testing of {markdown_text(bundle_name(bundle))}", "",
              f"Bundle `{bundle.bundle_id[:16]}` ({markdown_text(bundle.meta['model']['backbone'])}, threshold "
              f"{bundle.threshold:g}); trained on: {markdown_text(', '.join(map(str, _info(bundle)['trained_on'] or [])))}.",
              ""]
     if other is not None:
-        lines += [f"Compared against {markdown_text(other.path.name)} (`{other.bundle_id[:16]}`) on the same cases.", ""]
+        lines += [f"Compared against {markdown_text(bundle_name(other))} (`{other.bundle_id[:16]}`) on the same cases.", ""]
     lines += [unit_statement(settings.unit, ev.units[last].counts), "",
               "| Site | Images | Lesions | Patients | Units | Malignant units | DLR fallbacks |", "|---|---|---|---|---|---|---|"]
     for s in _sites(ev):
@@ -117,7 +123,7 @@ def write_evaluation(out_dir: str | Path, bundle: Bundle, other: Bundle | None, 
         atomic_write_text(tmp / "units.csv", csv_text(list(units.columns), units.itertuples(index=False)))
         figures = _figures(tmp, ev, titles)
         report = {
-            "title": f"External testing of {bundle.path.name}", "model": _info(bundle),
+            "title": f"External testing of {bundle_name(bundle)}", "model": _info(bundle),
             "against": _info(other) if other is not None else None,
             "unit": settings.unit, "aggregation": AGGREGATION if settings.unit != "image" else None,
             "unit_statement": unit_statement(settings.unit, ev.units[last].counts),
@@ -140,4 +146,4 @@ def write_evaluation(out_dir: str | Path, bundle: Bundle, other: Bundle | None, 
     return out_dir
 
 
-__all__ = ["TITLES", "write_evaluation"]
+__all__ = ["TITLES", "bundle_name", "write_evaluation"]

@@ -100,6 +100,7 @@ def test_full_report_is_written(report: Path) -> None:
     for heading in ("Table 2", "Calibration", "biopsies avoided", "Paired tests", "Subgroups by birads",
                     "Unit of analysis: lesion"):
         assert heading in text, heading
+    assert "# External testing of a/model" in text and "Against: b/model" in text
     data = json.loads((report / "report.json").read_text())
     assert set(data["measures"]) == {"site-2", "site-3", "pooled"}
     assert data["unit"] == "lesion" and data["aggregation"] == "mean"

@@ -22,6 +22,7 @@ from .cli_args import force as _force
 from .cli_args import study_config
 from .cli_clinic import add_clinic_commands
 from .cli_deploy import add_deploy_commands
+from .cli_evaluate import add_evaluate_commands
 from .cli_site import add_site_commands
 
 log = logging.getLogger("cldlr")
@@ -229,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbones", nargs="+", default=None)
 
     add_clinic_commands(sub, add)
+    add_evaluate_commands(sub, add)
     add_site_commands(sub, add)
     return parser
 

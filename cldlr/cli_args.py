@@ -30,6 +30,14 @@ def force(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
 
 
+def bundle_trust(parser: argparse.ArgumentParser) -> None:
+    """``--trust`` / ``--allow-unsigned``: which signers a command accepts for a model bundle (signed bundles, #14)."""
+    parser.add_argument("--trust", type=Path, action="append", default=[], metavar="CERT",
+                        help="a signer certificate (or trust folder) accepted for the bundle (repeatable)")
+    parser.add_argument("--allow-unsigned", action="store_true",
+                        help="accept a bundle that carries no signature (its hashes are still checked)")
+
+
 def study_config(args: argparse.Namespace) -> Config:
     """The command's config (file, then ``--set``) with ``-v``/``--log-level`` as ``run.log_level``, now applied.
 

@@ -26,6 +26,7 @@ from cldlr.common.clinical.selection import select_clinical
 from cldlr.common.config import Config
 from cldlr.common.data.contract import COHORTS, SiteData
 from cldlr.common.errors import CldlrError
+from cldlr.common.evaluation.measures import cohort_measures
 from cldlr.common.evaluation.outcome import MODELS, StudyOutcome, evaluate_predictions
 from cldlr.common.fusion import FusionModels
 from cldlr.common.io import atomic_write_json
@@ -140,10 +141,13 @@ def run_study(site: SiteData, config: Config, run_dir: Path, *, resume: bool = F
             f"DP-SGD (Opacus, {privacy['accountant'].upper()} accountant): ε = {privacy['epsilon']:.2f} at "
             f"δ = {privacy['delta']:g} after {privacy['epochs']} epochs (target ε = {privacy['target_epsilon']:g}; "
             f"noise multiplier {privacy['noise_multiplier']:.3f}, clipping norm {privacy['max_grad_norm']:g}).")
+    measures = cohort_measures({m: probabilities[m]["test"] for m in probabilities}, labels["test"],
+                               config.svm.threshold, patients=session.test.patients,
+                               seed=config.run.seed)
     outcome = StudyOutcome(
         metrics=metrics, delong=delong, roc=roc, selection_table=selection.table, selected=selection.selected,
         history=result.history, sites=[site_summary(session)],
         gradcam=gradcam_examples(model, session, config.evaluation.gradcam_examples // 2 or 1),
-        privacy=privacy, sections=sections,
+        privacy=privacy, sections=sections, measures=measures,
     )
     return outcome, StudyArtifacts(model, encoder, fusion, probabilities, labels)

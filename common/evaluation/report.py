@@ -110,6 +110,7 @@ def _write_figures(run_dir: Path, outcome: StudyOutcome) -> dict[str, str]:
     if outcome.gradcam:
         rois, overlays, titles = zip(*outcome.gradcam)
         written["gradcam"] = str(figures.plot_gradcam_grid(list(rois), list(overlays), list(titles), fig_dir / "gradcam.png"))
+    written |= _write_measure_figures(run_dir, outcome)
     return {k: str(Path(v).relative_to(run_dir)) for k, v in written.items()}
 
 
@@ -126,7 +127,34 @@ def _optional_fields(outcome: StudyOutcome) -> dict[str, Any]:
         fields["markdown_sections"] = outcome.sections
     if outcome.privacy is not None:
         fields["privacy"] = outcome.privacy
+    if outcome.measures is not None:
+        fields["measures"] = outcome.measures
     return fields
+
+
+def _measures_markdown(measures: dict[str, Any], threshold: float) -> str:
+    """The calibration and clinical-utility section of the test cohort (clustered by patient)."""
+    from cldlr.common.evaluation import measures_report as mr
+
+    c = measures["counts"]
+    scopes = {"test": {MODEL_TITLES.get(m, m): v for m, v in measures["models"].items()}}
+    tests = {"test": {" vs ".join(MODEL_TITLES.get(x, x) for x in k.split(" vs ")): v
+                      for k, v in measures["paired"].items()}}
+    return "\n".join([
+        f"Unit of analysis: image ({c['images']} images, {c['patients']} patients); AUC CIs, paired tests and the "
+        "bootstrap account for several images of one patient (Obuchowski's clustered ROC, patient = cluster).", "",
+        "AUC with clustered 95% CI:", "", mr.table2(scopes, threshold), "", mr.calibration(scopes), "",
+        mr.utility(scopes), "", "Paired tests (clustered):", "", mr.paired(tests)])
+
+
+def _write_measure_figures(run_dir: Path, outcome: StudyOutcome) -> dict[str, str]:
+    from cldlr.common.evaluation.measure_figures import plot_calibration, plot_decision_curves
+
+    if outcome.measures is None:
+        return {}
+    panels = {"test cohort": {MODEL_TITLES.get(m, m): v for m, v in outcome.measures["models"].items()}}
+    return {"calibration": str(plot_calibration(panels, run_dir / "figures" / "calibration.png")),
+            "decision_curve": str(plot_decision_curves(panels, run_dir / "figures" / "decision_curve.png"))}
 
 
 def write_report(run_dir: Path, outcome: StudyOutcome, config: Config, *, title: str = "CLDLR study") -> Path:
@@ -166,6 +194,9 @@ def write_report(run_dir: Path, outcome: StudyOutcome, config: Config, *, title:
         md += ["## DeLong tests (test cohort)", "", "| Comparison | z | P |", "|---|---|---|"]
         md += [f"| {k} | {_fmt(v['z'])} | {_p(v['p'])} |" for k, v in outcome.delong.items()]
         md.append("")
+    if outcome.measures is not None:
+        md += ["## Calibration and clinical utility (test cohort)", "",
+               _measures_markdown(outcome.measures, config.svm.threshold), ""]
     if outcome.federation is not None:
         md += ["## Federation", "", _federation_markdown(outcome.federation), ""]
     for section, text in outcome.sections.items():

@@ -9,7 +9,6 @@ compare round 2 with round 1 and each round with the CLDLR model on the same cas
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
 import math
@@ -25,8 +24,10 @@ from scipy.stats import norm
 
 from cldlr.common.data.contract import parse_label
 from cldlr.common.errors import CldlrError
+from cldlr.common.evaluation.figures import save_figure
 from cldlr.common.evaluation.metrics import auc_ci, classification_metrics, delong_test, model_metrics, roc_curve_points
-from cldlr.common.io import atomic_directory, atomic_path, atomic_write_text, jsonable
+from cldlr.common.io import atomic_directory, atomic_write_text, check_output_apart, jsonable
+from cldlr.common.text import csv_text, markdown_text
 from cldlr.simulations.reader_packet import CONFIDENCE_LEVELS, READ_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -202,7 +203,8 @@ def table3_markdown(result: dict[str, Any]) -> str:
                 f"{_f(m['specificity'])} | {_f(m['ppv'])} | {_f(m['npv'])} | {n} |")
 
     titles = {1: "1 (without AI)", 2: "2 (with AI)"}
-    lines = head + [row(name, titles[r], e[f"round{r}"]) for name, e in result["readers"].items() for r in ROUNDS]
+    lines = head + [row(markdown_text(name), titles[r], e[f"round{r}"]) for name, e in result["readers"].items()
+                    for r in ROUNDS]
     lines += [row("Readers (mean)", titles[r], result["reader_mean"][f"round{r}"]) for r in ROUNDS]
     if "model" in result:
         lines.append(row("CLDLR model", f"threshold {result['model']['threshold']:g}", result["model"]))
@@ -211,7 +213,7 @@ def table3_markdown(result: dict[str, Any]) -> str:
         pairs = [("with AI − without AI", e["round2_vs_round1"])]
         pairs += [(f"{titles[r].split(' ', 1)[1][1:-1]} − CLDLR model", e["vs_model"][f"round{r}"])
                   for r in ROUNDS if "vs_model" in e]
-        tests += [f"| {name} | {what} | {_f(t['delta_auc'])} | {_f(t['z'])} | {_p(t['p'])} |" for what, t in pairs]
+        tests += [f"| {markdown_text(name)} | {what} | {_f(t['delta_auc'])} | {_f(t['z'])} | {_p(t['p'])} |" for what, t in pairs]
     scale = ", ".join(f"{k} {v}" for k, v in CONFIDENCE_LEVELS.items())
     notes = ["", f"AUC from the confidence score ({scale}); 95% CI by DeLong. Accuracy, sensitivity, specificity, "
              "PPV and NPV from the malignant 0/1 decision."]
@@ -241,14 +243,13 @@ def plot_reader_roc(result: dict[str, Any], path: str | Path) -> Path:
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize="small")
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png")
-    return Path(path)
+    return save_figure(figure, path)  # names as plain text: a reader called "$x$" is not mathtext
 
 
 def analyze_reads(reads: str | Path, truth: str | Path, out: str | Path, *, model_scores: str | Path | None = None,
                   force: bool = False) -> Path:
     """Validate every input, then write ``table3.md``, ``table3.json`` and ``reader_roc.png`` into ``out``."""
+    check_output_apart(out, [reads, truth, model_scores])
     labels = read_truth(truth)
     model, threshold = read_model_scores(model_scores, labels) if model_scores is not None else (None, 0.5)
     frame = read_reads(reads, labels)
@@ -274,6 +275,7 @@ def simulate_reads(truth: str | Path, model_scores: str | Path, out: str | Path,
     """
     if readers < 1:
         raise CldlrError(f"--readers must be at least 1, got {readers}")
+    check_output_apart(out, [truth, model_scores])
     labels = read_truth(truth)
     scores, _ = read_model_scores(model_scores, labels)
     cases = sorted(labels)
@@ -296,11 +298,7 @@ def simulate_reads(truth: str | Path, model_scores: str | Path, out: str | Path,
         for round_no, latent in ((1, first), (2, second)):
             for k in rng.permutation(y.size):
                 rows.append([name, round_no, cases[k], int(latent[k] > bias), 1 + int(np.searchsorted(cuts, latent[k]))])
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(READ_COLUMNS)
-    writer.writerows(rows)
-    atomic_write_text(out, buffer.getvalue())
+    atomic_write_text(out, csv_text(READ_COLUMNS, rows))
     log.info("simulated %d reads by %d reader(s) on %d cases: %s", len(rows), readers, len(cases), out)
     return Path(out)
 

@@ -195,3 +195,29 @@ def test_forced_replacement_never_leaves_the_output_missing(tmp_path, monkeypatc
         (tmp / "new.txt").write_text("new")
     assert calls[0][1] == "out" and calls[1][1] == "out"  # old aside first, then the new one in
     assert _tree(out) == {"old.txt": b"old"} and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_single_lesion_predict_never_writes_over_its_image_mask_or_bundle(study_bundle, tmp_path, capsys):
+    study, bundle = study_bundle
+    row = study.site.frame.iloc[0]
+    image = Path(row["image_path"])
+    before = image.read_bytes()
+    base = ["predict", "--model", str(bundle), "--image", str(image), "--mask", row["mask_path"],
+            "--clinical", f"age={row['age']:g}", "--clinical", f"palpable={int(row['palpable'])}",
+            "--clinical", f"side={row['side']}"]
+    assert main([*base, "--overlay", str(image)]) == 2
+    assert main([*base, "--out", str(bundle / "x.json")]) == 2
+    assert image.read_bytes() == before and not (bundle / "x.json").exists()
+    assert capsys.readouterr().err.count("apart from every input") == 2
+
+
+@pytest.mark.parametrize("name", ["../escape", "/tmp/abs", "a b", ""])
+def test_a_run_name_is_a_safe_id(tmp_path, name):
+    from cldlr.common.config import Config
+    from cldlr.common.errors import ConfigError
+    from cldlr.common.runs import new_run_dir
+
+    config = Config().replace(**{"run.name": name, "run.output_dir": str(tmp_path / "runs")})
+    with pytest.raises(ConfigError, match="run.name .* is not a safe id"):
+        new_run_dir(config)
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "runs").exists()

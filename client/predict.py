@@ -9,7 +9,6 @@ site folder needs only the model's input columns (labels optional; ``--map`` ren
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import logging
@@ -28,7 +27,15 @@ from cldlr.common.data.imaging import read_image, read_mask
 from cldlr.common.data.scoring import read_site_for_scoring
 from cldlr.common.data.units import Spacing, format_spacing
 from cldlr.common.errors import CldlrError
-from cldlr.common.io import atomic_directory, atomic_write_bytes, atomic_write_json, atomic_write_text
+from cldlr.common.io import (
+    atomic_directory,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    check_output_apart,
+    contained_path,
+)
+from cldlr.common.text import csv_text
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +100,9 @@ def predict_lesion(model: str | Path | Bundle, image: str | Path, mask: str | Pa
     seconds = time.perf_counter() - started
     if overlay is None:
         overlay = Path(out).with_name(Path(out).stem + "_overlay.png") if out else Path.cwd() / f"{image.stem}_overlay.png"
+    for written in (overlay, out):
+        if written is not None:
+            check_output_apart(written, [image, mask, bundle.path])
     atomic_write_bytes(overlay, png_bytes(prediction.overlay()))
     result = {**{k: v for k, v in prediction.to_dict().items() if k != "id"}, "image": str(image), "mask": str(mask),
               "overlay": str(overlay), "spacing_mm": format_spacing(pixel_spacing) or None, "model": _model_info(bundle),
@@ -110,6 +120,11 @@ def _csv_row(prediction: Prediction, overlay: str) -> dict[str, Any]:
             "imputed": imputed_text(prediction.imputed)}
 
 
+def predictions_csv(rows: Sequence[Mapping[str, Any]]) -> str:
+    """``predictions.csv``: one row per lesion in :data:`CSV_COLUMNS` order, every cell spreadsheet-safe."""
+    return csv_text(CSV_COLUMNS, ([row.get(k) for k in CSV_COLUMNS] for row in rows))
+
+
 def predict_site(model: str | Path | Bundle, site: str | Path, out_dir: str | Path, *, split: str | None = None,
                  allow_missing_clinical: bool = False, force: bool = False, batch_size: int = 16,
                  columns: dict[str, str] | None = None, accept_pixel_units: bool = False) -> Path:
@@ -120,6 +135,7 @@ def predict_site(model: str | Path | Bundle, site: str | Path, out_dir: str | Pa
     never uses may be absent; ``columns`` renames site columns); ``split`` keeps only the rows of
     that split. The folder appears only when every lesion was scored.
     """
+    check_output_apart(out_dir, [site, getattr(model, "path", model)])
     bundle = _as_bundle(model)
     data = read_site_for_scoring(site, bundle.schema, bundle.selected, columns)
     if split is not None:
@@ -139,16 +155,12 @@ def predict_site(model: str | Path | Bundle, site: str | Path, out_dir: str | Pa
                 allow_missing_clinical=allow_missing_clinical, batch_size=batch_size,
                 spacings=list(chunk["spacing"]), accept_pixel_units=accept_pixel_units)
             for prediction in predictions:
-                relative = f"overlays/{prediction.id}.png"
-                (tmp / relative).write_bytes(png_bytes(prediction.overlay()))
-                rows.append(_csv_row(prediction, relative))
+                name = f"{prediction.id}.png"
+                contained_path(tmp / "overlays", name).write_bytes(png_bytes(prediction.overlay()))
+                rows.append(_csv_row(prediction, f"overlays/{name}"))
                 n_fallback += prediction.fallback is not None
                 n_imputed += bool(prediction.imputed)
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
-        atomic_write_text(tmp / "predictions.csv", text.getvalue())
+        atomic_write_text(tmp / "predictions.csv", predictions_csv(rows))
         seconds = time.perf_counter() - started
         atomic_write_json(tmp / "summary.json", {"model": _model_info(bundle), "site": str(site), "split": split,
                                                  "n": len(rows), "n_dlr_fallback": n_fallback,
@@ -164,4 +176,5 @@ def format_result(result: Mapping[str, Any]) -> str:
     return json.dumps(result, indent=2)
 
 
-__all__ = ["CSV_COLUMNS", "format_result", "parse_clinical_args", "png_bytes", "predict_lesion", "predict_site"]
+__all__ = ["CSV_COLUMNS", "format_result", "parse_clinical_args", "png_bytes", "predict_lesion", "predict_site",
+           "predictions_csv"]

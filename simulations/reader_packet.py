@@ -8,9 +8,7 @@ is one file that opens offline and loads nothing from anywhere.
 from __future__ import annotations
 
 import base64
-import csv
 import html
-import io
 import logging
 from pathlib import Path
 
@@ -23,7 +21,8 @@ from cldlr.common.data.imaging import read_image, read_mask, to_uint8
 from cldlr.common.data.roi import roi_box
 from cldlr.common.data.site import read_site
 from cldlr.common.errors import CldlrError
-from cldlr.common.io import atomic_directory
+from cldlr.common.io import atomic_directory, check_output_apart
+from cldlr.common.text import csv_text
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +106,6 @@ def _rows_to_read(site: Path, bundle: Bundle, split: str) -> tuple:
     return data
 
 
-def _csv_text(header: tuple[str, ...] | list[str], rows: list[list[object]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
 def make_packet(model: str | Path | Bundle, site: str | Path, out: str | Path, *, seed: int = 0, split: str = "test",
                 allow_missing_clinical: bool = False, force: bool = False, batch_size: int = 16) -> Path:
     """Write ``round1.html``, ``round2.html``, ``reads_template.csv`` (for readers) and ``key.csv``,
@@ -122,6 +113,7 @@ def make_packet(model: str | Path | Bundle, site: str | Path, out: str | Path, *
 
     Case ids follow a seeded shuffle; round 2 shows the same cases in another seeded order.
     """
+    check_output_apart(out, [site, model.path if isinstance(model, Bundle) else model])
     bundle = model if isinstance(model, Bundle) else load_bundle(model)
     data = _rows_to_read(Path(site), bundle, split)
     frame, n = data.frame.reset_index(drop=True), len(data)
@@ -151,9 +143,9 @@ def make_packet(model: str | Path | Bundle, site: str | Path, out: str | Path, *
     with atomic_directory(out, overwrite=force) as tmp:
         for round_no, order in ((1, order1), (2, order2)):
             (tmp / f"round{round_no}.html").write_text(render_round(round_no, order, panels, bundle.bundle_id), "utf-8")
-        (tmp / "reads_template.csv").write_text(_csv_text(READ_COLUMNS, template), "utf-8")
-        (tmp / "key.csv").write_text(_csv_text(["case", "image_id", "label", "imputed"], sorted(key_rows)), "utf-8")
-        (tmp / "model_scores.csv").write_text(_csv_text(
+        (tmp / "reads_template.csv").write_text(csv_text(READ_COLUMNS, template), "utf-8")
+        (tmp / "key.csv").write_text(csv_text(["case", "image_id", "label", "imputed"], sorted(key_rows)), "utf-8")
+        (tmp / "model_scores.csv").write_text(csv_text(
             ["case", "ai_score", "dlr_score", "clinical_score", "fallback", "threshold"], sorted(score_rows)), "utf-8")
         (tmp / "README.md").write_text(
             "# Reading packet\n\nGive readers: `round1.html`, then (after a wash-out) `round2.html`, and "

@@ -19,7 +19,7 @@ import numpy as np
 from scipy.stats import norm
 
 from cldlr.common.errors import CldlrError
-from cldlr.common.io import atomic_write_text
+from cldlr.common.io import atomic_write_text, check_output_apart
 from cldlr.common.text import csv_text
 from cldlr.simulations.reader_packet import READ_COLUMNS
 from cldlr.simulations.reader_reads import read_model_scores, read_truth
@@ -43,6 +43,7 @@ def simulate_reads(truth: str | Path, model_scores: str | Path, out: str | Path,
     """Write realistic reads (``READ_COLUMNS``, both rounds, each in its own shuffled order) for ``readers`` readers."""
     if readers < 1:
         raise CldlrError(f"--readers must be at least 1, got {readers}")
+    check_output_apart(out, [truth, model_scores])
     labels = read_truth(truth)
     scores, _ = read_model_scores(model_scores, labels)
     cases = sorted(labels)

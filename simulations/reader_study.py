@@ -22,8 +22,9 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from cldlr.common.evaluation.figures import save_figure
 from cldlr.common.evaluation.metrics import auc_ci, classification_metrics, delong_test, model_metrics, roc_curve_points
-from cldlr.common.io import atomic_directory, atomic_path, jsonable
+from cldlr.common.io import atomic_directory, check_output_apart, jsonable
 from cldlr.common.text import markdown_text
 from cldlr.simulations.reader_exports import imrmc_text, mrmcaov_csv
 from cldlr.simulations.reader_mrmc import compute_mrmc, mean_auc_ci, mrmc_markdown, score_column, score_name
@@ -173,14 +174,13 @@ def plot_reader_roc(result: dict[str, Any], path: str | Path) -> Path:
         ax.set_aspect("equal")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize="x-small")
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png")
-    return Path(path)
+    return save_figure(figure, path)  # names as plain text: a reader called "$x$" is not mathtext
 
 
 def analyze_reads(reads: str | Path, truth: str | Path, out: str | Path, *, model_scores: str | Path | None = None,
                   force: bool = False) -> Path:
     """Validate every input, then write ``OUTPUTS`` (Table 3, its JSON, Fig. 6, the MRMCaov and iMRMC files)."""
+    check_output_apart(out, [reads, truth, model_scores])
     labels = read_truth(truth)
     model, threshold = read_model_scores(model_scores, labels) if model_scores is not None else (None, 0.5)
     frame = read_reads(reads, labels)

@@ -23,12 +23,13 @@ from PIL import Image
 
 from cldlr.common.data.contract import CLINICAL_CSV, IMAGES_DIR, MASKS_DIR, parse_label
 from cldlr.common.data.descriptors import derive_from_mask
+from cldlr.common.data.ids import ID_RULE, is_safe_id
 from cldlr.common.data.imaging import read_mask
 from cldlr.common.data.lesion import descriptor_parameters, schema_yaml
 from cldlr.common.data.schema import schema_from_dict
 from cldlr.common.data.splits import site_table
 from cldlr.common.errors import CldlrError
-from cldlr.common.io import atomic_directory
+from cldlr.common.io import atomic_directory, check_output_apart, contained_path
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,8 @@ def read_table(src: Path) -> pd.DataFrame:
         raise CldlrError(f"{path}: column(s) {', '.join(missing)} missing (found: {', '.join(table.columns)}); "
                          f"the import needs {', '.join(REQUIRED_COLUMNS)}")
     for column, ok, expected in (
-        ("ID", table["ID"].str.fullmatch(r"bus_\w+-\w+"), "bus_NNNN-x"),
-        ("Case", table["Case"] != "", "a patient number"),
+        ("ID", table["ID"].str.fullmatch(r"bus_\w+-\w+") & table["ID"].map(is_safe_id), f"bus_NNNN-x ({ID_RULE})"),
+        ("Case", table["Case"].map(is_safe_id), f"a patient number ({ID_RULE})"),
         ("Pathology", table["Pathology"].map(parse_label).notna(), "benign or malignant"),
         ("BIRADS", table["BIRADS"].isin(BIRADS), "one of " + "/".join(BIRADS)),
         ("Side", table["Side"].isin(SIDES + ("",)), "one of " + "/".join(SIDES)),
@@ -151,6 +152,7 @@ def import_bus_bra(src: str | Path, out: str | Path, *, birads: list[int] | None
     all, and an existing ``out`` is kept unless ``force``. Returns the per-site summary.
     """
     src, out = Path(src), Path(out)
+    check_output_apart(out, [src])
     if out.exists() and not force:
         raise CldlrError(f"{out} already exists; choose another folder or pass --force to replace it")
     table = select(read_table(src), birads)
@@ -191,8 +193,8 @@ def import_bus_bra(src: str | Path, out: str | Path, *, birads: list[int] | None
             (root / MASKS_DIR).mkdir()
             for image_id in rows["image_id"]:
                 image, mask = sources[image_id]
-                shutil.copyfile(image, root / IMAGES_DIR / f"{image_id}.png")
-                shutil.copyfile(mask, root / MASKS_DIR / f"{image_id}.png")
+                shutil.copyfile(image, contained_path(root / IMAGES_DIR, f"{image_id}.png"))
+                shutil.copyfile(mask, contained_path(root / MASKS_DIR, f"{image_id}.png"))
             csv = rows.drop(columns="site").to_csv(index=False, lineterminator="\n")
             (root / CLINICAL_CSV).write_text(csv, encoding="utf-8")
             log.info("BUS-BRA site %s: %d images", site, len(rows))

@@ -28,9 +28,11 @@ import numpy as np
 import pandas as pd
 
 from cldlr.common.data.descriptors import spacing_column
+from cldlr.common.data.ids import check_id
 from cldlr.common.data.imaging import IMAGE_EXTS, MASK_EXTS, file_ext
 from cldlr.common.data.schema import Parameter, Schema
 from cldlr.common.errors import ConfigError, ContractError
+from cldlr.common.io import contained_path
 
 if TYPE_CHECKING:
     from cldlr.common.config import Config
@@ -56,17 +58,20 @@ def read_clinical_csv(root: str | Path) -> pd.DataFrame:
 
 
 def find_files(folder: Path, image_id: str, extensions: tuple[str, ...]) -> list[Path]:
-    """All files in ``folder`` named ``<image_id><ext>`` for an allowed extension."""
+    """All files in ``folder`` named ``<image_id><ext>`` for an allowed extension.
+
+    ``image_id`` must be a safe id (:mod:`cldlr.common.data.ids`; validation reports one that is
+    not), and every candidate is checked to stay inside ``folder``, so no id reads elsewhere.
+    """
+    check_id(image_id, "image_id")
     if not folder.is_dir():
         return []
     found = []
     for ext in extensions:
-        candidate = folder / f"{image_id}{ext}"
-        if candidate.is_file():
-            found.append(candidate)
-        upper = folder / f"{image_id}{ext.upper()}"
-        if upper != candidate and upper.is_file():
-            found.append(upper)
+        for name in dict.fromkeys((f"{image_id}{ext}", f"{image_id}{ext.upper()}")):
+            contained_path(folder, name)
+            if (folder / name).is_file():
+                found.append(folder / name)
     return found
 
 

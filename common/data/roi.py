@@ -26,7 +26,7 @@ from cldlr.common.data.contract import SiteData
 from cldlr.common.data.schema import Schema
 from cldlr.common.data.site import read_site
 from cldlr.common.errors import CldlrError
-from cldlr.common.io import atomic_path
+from cldlr.common.io import atomic_path, contained_path
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,7 @@ def cache_for(site: SiteData, data_cfg: DataConfig, weights: str = "none") -> Ro
         raise CldlrError(f"site {site.root} has no rows to cache")
     key = cache_key(site, data_cfg.image_size, data_cfg.margin)
     path = Path(data_cfg.cache_dir).expanduser() / f"{site.name}-{key[:16]}.safetensors"
+    contained_path(path.parent, path.name)  # a site name is a plain file name, never a way out of the cache
     image_ids = [str(i) for i in site.frame["image_id"]]
     if path.is_file():
         try:

@@ -14,6 +14,7 @@ label is a warning, and :attr:`ValidationReport.serves` says which commands the 
 from __future__ import annotations
 
 import logging
+import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from cldlr.common.data.contract import (
     read_clinical_csv,
 )
 from cldlr.common.data.descriptors import derived_problems
+from cldlr.common.data.ids import id_error, is_safe_id
 from cldlr.common.data.imaging import IMAGE_EXTS, MASK_EXTS, file_ext, read_image, read_raw
 from cldlr.common.data.schema import RESERVED_COLUMNS, Parameter, Schema
 from cldlr.common.data.units import SPACING_COLUMN, parse_spacing
@@ -47,6 +49,7 @@ Purpose = Literal["study", "predict", "any"]
 #: What a labelled, valid folder serves; an unlabelled one serves only the first.
 LABELLED_COMMANDS = ("predict", "study", "evaluate", "reader-study")
 LOSSY_EXTS = (".jpg", ".jpeg")
+ID_FIX = "rename it in clinical.csv (and the files of an image_id in images/ and masks/) to follow the rule"
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,7 @@ class _Checker:
 
     def add(self, code: str, severity: Severity, message: str, fix: str, file: str | None = None,
             row: int | None = None, column: str | None = None) -> None:
+        message = " ".join(message.split())  # decoders' messages span lines; a problem is one line
         self.report.problems.append(Problem(code, severity, message, fix, file, row, column))
 
     def cell(self, code: str, message: str, fix: str, row: int, column: str, severity: Severity = "error") -> None:
@@ -195,9 +199,10 @@ class _Checker:
             self.add("column-map", "error", str(exc), "fix the --map SITE_COLUMN=SCHEMA_NAME arguments", CLINICAL_CSV)
             return None
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as exc:
+            line = re.search(r"\bline (\d+)", str(exc))
             self.add("csv-unreadable", "error", f"cannot be read as CSV ({type(exc).__name__}: {exc})",
                      "save it as UTF-8, comma-separated, one header line, the same number of fields in every row",
-                     CLINICAL_CSV)
+                     CLINICAL_CSV, int(line.group(1)) if line else None)
             return None
 
     def check_columns(self, table: pd.DataFrame) -> None:
@@ -240,16 +245,21 @@ class _Checker:
             if not image_id:
                 self.cell("empty-image-id", "image_id is empty",
                           "give every row the file name (without extension) of its image in images/", line, "image_id")
+            elif "image_id" in record and not is_safe_id(image_id):  # never looked up as a file
+                self.cell("unsafe-id", id_error("image_id", image_id), ID_FIX, line, "image_id")
             elif image_id in first_line:
                 self.cell("duplicate-image-id", f"image_id {image_id!r} already on line {first_line[image_id]}",
                           "keep one row per image (remove or rename the duplicate)", line, "image_id")
             elif "image_id" in record:
                 first_line[image_id] = line
-            if not record.get("patient_id", "-").strip():
+            patient_id = record.get("patient_id", "-").strip()
+            if not patient_id:
                 self.cell("empty-patient-id", "patient_id is empty",
                           "give every row its (pseudonymised) patient id, shared by the patient's images", line,
                           "patient_id")
-            if "image_id" in record and image_id:
+            elif "patient_id" in record and not is_safe_id(patient_id):
+                self.cell("unsafe-id", id_error("patient_id", patient_id), ID_FIX, line, "patient_id")
+            if "image_id" in record and image_id and is_safe_id(image_id):
                 self.records.setdefault(image_id, record)
             label = record.get("label", "")
             if not label.strip():

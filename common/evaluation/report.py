@@ -20,6 +20,7 @@ from cldlr.common.config import Config, dump_config
 from cldlr.common.data.contract import COHORTS
 from cldlr.common.evaluation.outcome import MODEL_TITLES, MODELS, FederationSummary, Metrics, StudyOutcome
 from cldlr.common.io import atomic_write_json, atomic_write_text
+from cldlr.common.text import markdown_text
 from cldlr.common.versions import runtime_versions
 
 log = logging.getLogger(__name__)
@@ -60,11 +61,19 @@ def _table1_markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| Parameter | Benign | Malignant | Test | Statistic | P | Selected |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(
-            f"| {row['parameter']} | {row.get('benign', '')} | {row.get('malignant', '')} | {row.get('test', '')} | "
+            f"| {markdown_text(row['parameter'])} | {row.get('benign', '')} | {row.get('malignant', '')} | "
+            f"{row.get('test', '')} | "
             f"{_fmt(row.get('statistic'))} | {_p(row['p']) if row.get('p') is not None and not math.isnan(row['p']) else '–'} | "
             f"{'yes' if row.get('selected') else 'no'} |"
         )
     return "\n".join(lines)
+
+
+def _names_markdown(value: Any) -> str:
+    """A mapping keyed by site names, written like its ``repr`` but with every string as literal Markdown."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_names_markdown(k)}: {_names_markdown(v)}" for k, v in value.items()) + "}"
+    return f"'{markdown_text(value)}'" if isinstance(value, str) else repr(value)
 
 
 def _federation_markdown(fed: FederationSummary) -> str:
@@ -74,13 +83,14 @@ def _federation_markdown(fed: FederationSummary) -> str:
     if fed.uplink_bytes_per_site_round:
         first = fed.uplink_bytes_per_site_round[0]
         sizes = {k: v for k, v in first.items() if k != "round"}
-        lines.append(f"- Uplink bytes per site per round: {sizes}")
+        lines.append(f"- Uplink bytes per site per round: {_names_markdown(sizes)}")
     if fed.privacy:
         lines.append("- Differential privacy (ε, δ) per site: " + ", ".join(
-            f"{site} ε={v['epsilon']:.2f} (δ={v['delta']:g}, after round {v['after_round']})" for site, v in fed.privacy.items())
+            f"{markdown_text(site)} ε={v['epsilon']:.2f} (δ={v['delta']:g}, after round {v['after_round']})"
+            for site, v in fed.privacy.items())
             + "; ε covers the backbone's DP-SGD only: the secure sums (clinical statistics, SVM, evaluation) are exact")
     if fed.dropped:
-        lines.append(f"- Sites dropped or rejected: {fed.dropped}")
+        lines.append(f"- Sites dropped or rejected: {_names_markdown(fed.dropped)}")
     lines.append("- Every message that left a site is listed in `ledger.jsonl`.")
     return "\n".join(lines)
 
@@ -181,13 +191,13 @@ def write_report(run_dir: Path, outcome: StudyOutcome, config: Config, *, title:
     if outcome.sites:
         md += ["## Sites", "", "| Site | Train images | Test images | Train malignant | Test malignant |",
                "|---|---|---|---|---|"]
-        md += [f"| {s['name']} | {s['n_train']} | {s['n_test']} | {s.get('n_train_malignant', '–')} | "
+        md += [f"| {markdown_text(s['name'])} | {s['n_train']} | {s['n_test']} | {s.get('n_train_malignant', '–')} | "
                f"{s.get('n_test_malignant', '–')} |" for s in outcome.sites]
         if not all("n_train_malignant" in s for s in outcome.sites):
             md += ["", "_Per-site class counts stay at the sites; the federation sees only their sums._"]
         md.append("")
     md += ["## Table 1 — clinical parameters (training cohort)", "", _table1_markdown(outcome.selection_table), "",
-           f"Selected (P < {config.clinical.alpha}): {', '.join(outcome.selected) or 'none'}", "",
+           f"Selected (P < {config.clinical.alpha}): {', '.join(map(markdown_text, outcome.selected)) or 'none'}", "",
            "## Table 2 — diagnostic performance", "", table2_markdown(outcome.metrics), "",
            f"Threshold {config.svm.threshold} on the probability; AUC 95% CI by DeLong.", ""]
     if outcome.delong:

@@ -103,12 +103,12 @@ def _manifest(folder: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         weights = data["weights"]
-        manifest = {"completed_rounds": int(data["completed_rounds"]), "history": list(data["history"]),
+        manifest: dict[str, Any] = {"completed_rounds": int(data["completed_rounds"]), "history": list(data["history"]),
                     "file": str(weights["file"]), "sha256": str(weights["sha256"])}
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path} is not a checkpoint manifest ({type(exc).__name__}: {exc}); it may come from an "
                               "older cldlr or be damaged: start a new run (another run.name) instead of --resume") from exc
-    if not _WEIGHTS_FILE.match(manifest["file"]):  # a bare name inside the folder, nothing else
+    if not _WEIGHTS_FILE.match(str(manifest["file"])):  # a bare name inside the folder, nothing else
         raise CheckpointError(f"{path} names weights file {manifest['file']!r}, not global-r<round>.safetensors")
     return manifest
 

@@ -31,10 +31,15 @@ log = logging.getLogger("cldlr")
 def cmd_validate(args: argparse.Namespace) -> int:
     """`cldlr validate`: report every problem of a site folder and which commands it serves; exit 1 when invalid."""
     from cldlr.common.data.columns import parse_column_map
+    from cldlr.common.data.imaging import DEFAULT_MAX_IMAGE_PIXELS
     from cldlr.common.data.schema import load_schema
     from cldlr.common.data.validation import validate_site
 
-    report = validate_site(args.site, load_schema(args.schema), purpose=args.purpose, columns=parse_column_map(args.map))
+    cap = DEFAULT_MAX_IMAGE_PIXELS if args.max_image_pixels is None else args.max_image_pixels
+    if cap < 1:
+        raise CldlrError(f"--max-image-pixels must be >= 1, got {cap}")
+    report = validate_site(args.site, load_schema(args.schema), purpose=args.purpose, columns=parse_column_map(args.map),
+                           max_image_pixels=cap)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -158,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "folder serves predict only)")
     p.add_argument("--map", action="append", default=[], metavar="SITE_COLUMN=SCHEMA_NAME",
                    help="read the site's column SITE_COLUMN as SCHEMA_NAME (repeatable)")
+    p.add_argument("--max-image-pixels", type=int, metavar="N",
+                   help="most pixels an image or mask header may declare, checked before decoding "
+                        "(default 67108864 = 8192 x 8192)")
 
     p = add("import", lambda a: a.import_func(a), "turn a public/in-house layout into site folders")
     isub = p.add_subparsers(dest="layout", required=True, metavar="LAYOUT")

@@ -134,7 +134,8 @@ def _build_site(context: Context, config: Config, schema: Schema, folder: Path, 
     from cldlr.client.federated import FederatedSite
     from cldlr.client.site import SiteSession
 
-    site = read_site(folder, schema)  # validates; an invalid site raises with the full report
+    # validates (under the site's own image cap, not the centre's); an invalid site raises with the full report
+    site = read_site(folder, schema, max_image_pixels=policy.max_image_pixels)
     name = str(context.node_config.get("site-name", site.name))
     node_state = context.node_config.get("state-dir")
     if node_state and Path(str(node_state)).expanduser().resolve() != policy.state_dir.resolve():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from cldlr.client.policy import SitePolicy, check_class_counts, check_histogram_ranges
@@ -41,6 +43,7 @@ if TYPE_CHECKING:  # Opacus-heavy: imported at run time only by DP studies
 log = logging.getLogger(__name__)
 
 FINAL_MODEL = "final-global.safetensors"
+MODEL_ID = "model_id"  # a fresh id per final model, in its metadata and in every cache derived from it
 
 
 class FederatedSite:
@@ -75,6 +78,7 @@ class FederatedSite:
         self._embeddings: dict[str, np.ndarray] | None = None
         self._fusion_cache: dict[str, Any] = {}
         self._final_loaded = False
+        self._final_id: str | None = None
 
     def _state_file(self, name: str) -> Path | None:
         if self.state_dir is None:
@@ -161,12 +165,29 @@ class FederatedSite:
         arrays_to_model(self.model, global_arrays)
         self._embeddings = None
         self._final_loaded = True
+        self._final_id = uuid.uuid4().hex
         if (path := self._state_file(FINAL_MODEL)) is not None:
+            # the caches name the model they came from: one left by a crash before the unlink below is ignored
             with atomic_path(path) as tmp:
                 save_file({k: np.ascontiguousarray(v, dtype=np.float32) if np.issubdtype(np.asarray(v).dtype, np.floating)
-                           else np.ascontiguousarray(v) for k, v in global_arrays.items()}, str(tmp))
+                           else np.ascontiguousarray(v) for k, v in global_arrays.items()}, str(tmp),
+                          metadata={MODEL_ID: self._final_id})
             for stale in ("embeddings.npz", "fusion.npz"):
                 self._state_file(stale).unlink(missing_ok=True)
+
+    def _final_model_id(self) -> str:
+        """The id of the final model on disk (read from its header; '' when there is none or it has none)."""
+        if self._final_id is None:
+            path = self._state_file(FINAL_MODEL)
+            if path is None or not path.is_file():
+                return ""
+            with safe_open(str(path), framework="numpy") as handle:
+                self._final_id = (handle.metadata() or {}).get(MODEL_ID, "")
+        return self._final_id or ""
+
+    def _current(self, saved: Any) -> bool:
+        """Whether a cache file (an open ``.npz``) was derived from the final model now on disk."""
+        return MODEL_ID in saved.files and str(saved[MODEL_ID]) == self._final_model_id() != ""
 
     def _final_model(self) -> None:
         if self._final_loaded:
@@ -192,13 +213,14 @@ class FederatedSite:
             path = self._state_file("embeddings.npz")
             if path is not None and path.is_file():
                 with np.load(path) as saved:
-                    self._embeddings = {k: saved[k] for k in ("train", "test")}
-            else:
+                    if self._current(saved):
+                        self._embeddings = {k: saved[k] for k in ("train", "test")}
+            if self._embeddings is None:
                 self._final_model()
                 self._embeddings = {s: self.session.embeddings(self.model, s) for s in ("train", "test")}
                 if path is not None:
                     with atomic_path(path) as tmp:
-                        np.savez(tmp, **self._embeddings)
+                        np.savez(tmp, **self._embeddings, **{MODEL_ID: np.array(self._final_model_id())})
         return self._embeddings[split]
 
     # -- phase 2: clinical selection and encoder ---------------------------------------------
@@ -228,15 +250,16 @@ class FederatedSite:
         if path is not None and path.is_file():
             self._fusion_cache.clear()
             with np.load(path) as saved:
-                self._fusion_cache.update({"fit_id": str(saved["fit_id"]),
-                                           "arrays": {k[2:]: saved[k] for k in saved.files if k.startswith("a:")}})
+                if self._current(saved):  # arrays of a fit against an earlier final model are not this fit's
+                    self._fusion_cache.update({"fit_id": str(saved["fit_id"]),
+                                               "arrays": {k[2:]: saved[k] for k in saved.files if k.startswith("a:")}})
         return self._fusion_cache
 
     def _save_fusion_cache(self) -> None:
         path = self._state_file("fusion.npz")
         if path is not None and self._fusion_cache:
             with atomic_path(path) as tmp:
-                np.savez(tmp, fit_id=np.array(self._fusion_cache["fit_id"]),
+                np.savez(tmp, fit_id=np.array(self._fusion_cache["fit_id"]), **{MODEL_ID: np.array(self._final_model_id())},
                          **{f"a:{k}": v for k, v in self._fusion_cache["arrays"].items()})
 
     def fusion_sums(self, payload: Mapping[str, Any]) -> np.ndarray:

@@ -46,6 +46,7 @@ class DataConfig:
     test_fraction: float = 0.3
     split_seed: int = 0
     use_existing_split: bool = True
+    max_image_pixels: int = 8192 * 8192  # most pixels an image/mask header may declare (checked before decoding)
 
 
 @dataclass(frozen=True)
@@ -330,6 +331,7 @@ def validate_config(config: Config) -> None:
         (0.0 < config.data.test_fraction < 1.0, "data.test_fraction must be in (0, 1)"),
         (config.data.margin >= 0, "data.margin must be >= 0"),
         (config.data.std > 0, "data.std must be > 0"),
+        (config.data.max_image_pixels >= 1, "data.max_image_pixels must be >= 1"),
         (config.train.epochs >= 0, "train.epochs must be >= 0"),
         (config.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (config.train.lr > 0, "train.lr must be > 0"),

@@ -229,6 +229,7 @@ def test_spacing_syntax_and_millimetre_descriptors():
 
 def test_dicom_pixel_spacing_is_read(tmp_path):
     image = sitk.GetImageFromArray(np.zeros((20, 30), np.uint8))
+    image.SetSpacing((0.12, 0.1))  # (column, row): the DICOM writer derives PixelSpacing from it
     image.SetMetaData("0028|0030", "0.1\\0.12")
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()

@@ -14,6 +14,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from cldlr.common.config import Config, load_config
+from cldlr.server.checkpoint import checkpoint_weights
 from cldlr.simulations.phantom import generate_phantom
 from cldlr.simulations.runner import simulate
 
@@ -69,7 +70,7 @@ def test_ledger_shows_no_per_case_array_or_clinical_value(federated_run: Path, p
     replies = [e for e in entries if "message_type" in e]
     assert replies and {e["phase"] for e in replies} >= {"handshake", "backbone", "secure:clinical-stats", "secure:fusion-sums",
                                                         "secure:score-histograms", "secure:placement-sums"}
-    weights = load_file(str(federated_run / "checkpoints" / "global.safetensors"))
+    weights = load_file(str(checkpoint_weights(federated_run / "checkpoints")))
     model_shapes = {tuple(v.shape) for v in weights.values()}
     site_sizes = {len(pd.read_csv(p / "clinical.csv")) for p in phantom.iterdir() if (p / "clinical.csv").is_file()}
     for entry in replies:
@@ -97,8 +98,8 @@ def test_resume_gives_the_same_final_model(federated_run: Path, phantom: Path, t
     resumed = simulate(study_config(phantom, tmp_path, "run.name=stopped"), resume=first)
     progress = json.loads((resumed / "checkpoints" / "progress.json").read_text())
     assert [h["round"] for h in progress["history"]] == [1, 2]  # round 1 was not redone
-    a = load_file(str(federated_run / "checkpoints" / "global.safetensors"))
-    b = load_file(str(resumed / "checkpoints" / "global.safetensors"))
+    a = load_file(str(checkpoint_weights(federated_run / "checkpoints")))
+    b = load_file(str(checkpoint_weights(resumed / "checkpoints")))
     for name in a:
         np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
 

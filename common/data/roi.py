@@ -137,7 +137,8 @@ def _decode(site: SiteData, data_cfg: DataConfig) -> torch.Tensor:
     rows = site.frame[["image_id", "image_path", "mask_path"]].itertuples(index=False)
     for i, row in enumerate(tqdm(rows, total=len(site), desc=f"ROIs {site.name}", unit="img", disable=None)):
         try:
-            image, mask = imaging.read_image(row.image_path), imaging.read_mask(row.mask_path)
+            cap = data_cfg.max_image_pixels
+            image, mask = imaging.read_image(row.image_path, max_pixels=cap), imaging.read_mask(row.mask_path, max_pixels=cap)
             out[i, 0] = extract_roi(image, mask, size, data_cfg.margin)
         except ValueError as exc:
             raise CldlrError(f"{site.root}: image_id {row.image_id!r} ({row.image_path}): {exc}; "
@@ -194,7 +195,7 @@ def build_site_cache(site: str | Path | SiteData, schema: Schema, data_cfg: Data
                      weights: str = "none") -> RoiCache:
     """Decode a site's ROIs once into the cache (or load them); a path is read and validated first."""
     if not isinstance(site, SiteData):
-        site = read_site(site, schema)
+        site = read_site(site, schema, max_image_pixels=data_cfg.max_image_pixels)
     return cache_for(site, data_cfg, weights)
 
 

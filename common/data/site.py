@@ -12,14 +12,18 @@ from pathlib import Path
 from cldlr.common.data.columns import apply_column_map
 from cldlr.common.data.contract import CLINICAL_CSV, SiteData, parse_frame, read_clinical_csv
 from cldlr.common.data.descriptors import fill_derived
+from cldlr.common.data.imaging import DEFAULT_MAX_IMAGE_PIXELS
 from cldlr.common.data.schema import Schema
 from cldlr.common.data.validation import Purpose, validate_site
 from cldlr.common.errors import ContractError
 
 
 def read_site(root: str | Path, schema: Schema, *, check: bool = True, purpose: Purpose = "study",
-              columns: dict[str, str] | None = None) -> SiteData:
+              columns: dict[str, str] | None = None, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> SiteData:
     """Read a site folder; with ``check`` (default) a site that fails validation raises.
+
+    ``max_image_pixels`` (``data.max_image_pixels``, a site policy's ``max_image_pixels``) caps
+    what an image header may declare.
 
     The raised :class:`~cldlr.common.errors.ContractError` carries the whole report, so a
     command fed an invalid site stops before doing any work and shows every problem. ``purpose``
@@ -28,7 +32,7 @@ def read_site(root: str | Path, schema: Schema, *, check: bool = True, purpose: 
     """
     root = Path(root)
     if check:
-        report = validate_site(root, schema, purpose=purpose, columns=columns)
+        report = validate_site(root, schema, purpose=purpose, columns=columns, max_image_pixels=max_image_pixels)
         if not report.ok:
             raise ContractError(f"site {root} does not follow the data contract ({report.summary()})", report)
     raw = apply_column_map(read_clinical_csv(root), columns, CLINICAL_CSV)

@@ -13,6 +13,8 @@ label is a warning, and :attr:`ValidationReport.serves` says which commands the 
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import logging
 import re
 from collections import defaultdict
@@ -37,7 +39,16 @@ from cldlr.common.data.contract import (
 )
 from cldlr.common.data.descriptors import derived_problems
 from cldlr.common.data.ids import id_error, is_safe_id
-from cldlr.common.data.imaging import IMAGE_EXTS, MASK_EXTS, file_ext, read_image, read_raw
+from cldlr.common.data.imaging import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    IMAGE_EXTS,
+    MASK_EXTS,
+    ImageTooLargeError,
+    NonFiniteImageError,
+    file_ext,
+    read_image,
+    read_raw,
+)
 from cldlr.common.data.schema import RESERVED_COLUMNS, Parameter, Schema
 from cldlr.common.data.units import SPACING_COLUMN, parse_spacing
 from cldlr.common.errors import ImageReadError
@@ -151,10 +162,14 @@ class _Checker:
     """Walks one site and collects problems (state, so that every check can add to the same list)."""
 
     def __init__(self, root: Path, schema: Schema, purpose: Purpose = "study",
-                 columns: dict[str, str] | None = None) -> None:
+                 columns: dict[str, str] | None = None, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         self.root, self.schema, self.purpose, self.columns = root, schema, purpose, columns
+        self.max_pixels = max_image_pixels
         self.report = ValidationReport(site=str(root))
         self.records: dict[str, dict[str, str]] = {}  # first row of each image id (derived checks need it)
+        # each image file once: by resolved path (an error) and by content (a warning) -> (image_id, line)
+        self.image_files: dict[Path, tuple[str, int]] = {}
+        self.image_digests: dict[str, tuple[str, int]] = {}
 
     def add(self, code: str, severity: Severity, message: str, fix: str, file: str | None = None,
             row: int | None = None, column: str | None = None) -> None:
@@ -205,7 +220,25 @@ class _Checker:
                      CLINICAL_CSV, int(line.group(1)) if line else None)
             return None
 
+    def check_header(self, table: pd.DataFrame) -> set[str]:
+        """A name twice in the header is an error (pandas would rename the second ``age.1``); returns those names."""
+        try:
+            with open(self.root / CLINICAL_CSV, encoding="utf-8-sig", newline="") as handle:
+                header = next(csv.reader(handle), [])
+        except (OSError, UnicodeDecodeError, csv.Error):
+            return set()  # pandas read it: nothing more to say about its header here
+        positions: dict[str, list[int]] = defaultdict(list)
+        for index, name in enumerate(header, start=1):
+            positions[name].append(index)
+        for name, where in positions.items():
+            if len(where) > 1:
+                self.cell("duplicate-column", f"column {name!r} appears {len(where)} times in the header (fields "
+                          f"{', '.join(map(str, where))}); only the first would be read",
+                          "keep one column of that name (merge or rename the others)", 1, name)
+        return {str(c) for c in table.columns} - set(header)  # the renamed copies
+
     def check_columns(self, table: pd.DataFrame) -> None:
+        renamed = self.check_header(table)
         for name in REQUIRED_COLUMNS:
             if name == "label" and name not in table.columns:
                 self.labelled_only("missing-column", "unlabelled", f"required column {name!r} is missing from the "
@@ -228,6 +261,8 @@ class _Checker:
                           "when its policy is missing: impute)", 1, parameter.name)
         declared = {p.name for p in self.schema.parameters} | RESERVED_COLUMNS
         for name in table.columns:
+            if name in renamed:
+                continue
             if name not in declared and mapped:
                 self.cell("unused-column", f"column {name!r} is not an input of the model: ignored",
                           "nothing to do (or drop it from the folder)", 1, name, "warning")
@@ -359,24 +394,58 @@ class _Checker:
                      self.rel(files[0]), line, "image_id")
         return None
 
+    def check_same_file(self, image_id: str, line: int, path: Path) -> None:
+        """One image file under two ids (``x`` and ``./x``, a symlink, a copy) could sit in train and test."""
+        where = (self.rel(path), line, "image_id")
+        resolved = path.resolve()
+        if (first := self.image_files.setdefault(resolved, (image_id, line))) != (image_id, line):
+            self.add("image-same-file", "error", f"image_id {image_id!r} (line {line}) and image_id {first[0]!r} "
+                     f"(line {first[1]}) are the same file {resolved}", "give each row its own image file (one "
+                     "image under two ids can land in both train and test)", *where)
+            return
+        try:
+            with path.open("rb") as handle:
+                digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        except OSError:
+            return  # reading it fails again below, with its own problem
+        if (first := self.image_digests.setdefault(digest, (image_id, line))) != (image_id, line):
+            self.add("image-same-content", "warning", f"image_id {image_id!r} (line {line}) has the same bytes as "
+                     f"image_id {first[0]!r} (line {first[1]})", "remove the duplicate, or check the export did "
+                     "not write one image twice (a copy in train and test inflates the test results)", *where)
+
+    def read_problem(self, kind: str, exc: ImageReadError, where: tuple[str, int, str]) -> None:
+        """An image or mask that cannot be used: too large by its header, non-finite pixels, or undecodable."""
+        if isinstance(exc, ImageTooLargeError):
+            self.add(f"{kind}-too-large", "error", f"{kind} is too large: {exc}", "crop or downscale it, or raise "
+                     "data.max_image_pixels (cldlr validate --max-image-pixels; a site policy's max_image_pixels)",
+                     *where)
+        elif isinstance(exc, NonFiniteImageError):
+            self.add(f"{kind}-not-finite", "error", f"{kind} has non-finite pixels: {exc}",
+                     "re-export it with finite values (or as an integer PNG)", *where)
+        elif kind == "image":
+            self.add("image-unreadable", "error", f"image cannot be read: {exc}",
+                     "re-export the image as PNG (8- or 16-bit) or DICOM", *where)
+        else:
+            self.add("mask-unreadable", "error", f"mask cannot be read: {exc}",
+                     "re-export the mask as a 2-D PNG, NIfTI or NRRD", *where)
+
     def check_image(self, image_id: str, line: int, folders: set[str]) -> None:
         shape = None
         path = self.one_file(IMAGES_DIR, image_id, line, IMAGE_EXTS) if IMAGES_DIR in folders else None
         if path is not None:
+            self.check_same_file(image_id, line, path)
             try:
-                shape = read_image(path).shape
+                shape = read_image(path, max_pixels=self.max_pixels).shape
             except ImageReadError as exc:
-                self.add("image-unreadable", "error", f"image cannot be read: {exc}",
-                         "re-export the image as PNG (8- or 16-bit) or DICOM", self.rel(path), line, "image_id")
+                self.read_problem("image", exc, (self.rel(path), line, "image_id"))
         path = self.one_file(MASKS_DIR, image_id, line, MASK_EXTS) if MASKS_DIR in folders else None
         if path is None:
             return
         where = (self.rel(path), line, "image_id")
         try:
-            raw = read_raw(path)  # the raw values: read_mask's bool array would hide a non-binary mask
+            raw = read_raw(path, max_pixels=self.max_pixels)  # raw values: read_mask's bool would hide a non-binary mask
         except ImageReadError as exc:
-            self.add("mask-unreadable", "error", f"mask cannot be read: {exc}",
-                     "re-export the mask as a 2-D PNG, NIfTI or NRRD", *where)
+            self.read_problem("mask", exc, where)
             return
         values = np.unique(raw)
         if not np.any(values != 0):
@@ -440,13 +509,15 @@ def _expected(parameter: Parameter) -> str:
 
 
 def validate_site(root: str | Path, schema: Schema, *, purpose: Purpose = "study",
-                  columns: dict[str, str] | None = None) -> ValidationReport:
+                  columns: dict[str, str] | None = None,
+                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ValidationReport:
     """Check ``root`` against the contract and ``schema``; read-only, reports every problem.
 
     ``purpose``: what the folder is checked for (module docstring); ``columns``: site column →
-    schema name, applied to the header before any check (:mod:`cldlr.common.data.columns`).
+    schema name, applied to the header before any check (:mod:`cldlr.common.data.columns`);
+    ``max_image_pixels`` caps what an image or mask header may declare (checked before decoding).
     """
-    checker = _Checker(Path(root), schema, purpose, columns)
+    checker = _Checker(Path(root), schema, purpose, columns, max_image_pixels)
     table = checker.read_table()
     if table is None:
         return checker.report

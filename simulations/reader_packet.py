@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image, ImageDraw
 
 from cldlr.client.predict import png_bytes
@@ -36,12 +37,12 @@ log = logging.getLogger(__name__)
 
 #: The reads file: one row per reader, round and case.
 READ_COLUMNS = ("reader", "round", "case", "malignant", "birads4", "likelihood", "confidence", "seconds", "comment")
-#: Sub-categories of BI-RADS 4 a reader chooses from (the ``birads4`` column).
-BIRADS4 = ("4a", "4b", "4c")
-#: The legacy confidence column: a 5-point confidence-of-malignancy score (old reads files; the app leaves it empty).
+#: The confidence column is a 5-point confidence-of-malignancy score (the ordinal score for the ROC).
 CONFIDENCE_LEVELS = {1: "definitely benign", 2: "probably benign", 3: "indeterminate", 4: "probably malignant",
                      5: "definitely malignant"}
 ROUND_TITLES = {1: "without AI", 2: "with AI (score and heat map)"}
+#: Sub-categories of BI-RADS 4 a reader chooses from (the ``birads4`` column; the app leaves ``confidence`` empty).
+BIRADS4 = ("4a", "4b", "4c")
 MAX_SIDE = 560  # px of the embedded full image; larger images are shrunk for the page
 
 _STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1150px;color:#222;background:#fafafa}
@@ -159,6 +160,24 @@ def _packet_readme(study: str, options: AppOptions) -> str:
             "reads.csv --truth key.csv --model-scores model_scores.csv --out table3/`\n")
 
 
+def _write_reader_apps(tmp: Path, bundle: Bundle, frame: pd.DataFrame, panels: dict[str, dict[str, str]],
+                       readers: list[str], seed: int, options: AppOptions) -> str:
+    """``readers/<id>.html``, ``orders.csv`` and ``unlock_codes.csv`` into ``tmp``; returns the study id."""
+    study = study_id_for(bundle.bundle_id, seed, [str(v) for v in frame["image_id"]])
+    sections = {case: case_section(case, _figure(panel["image"], "B-mode image", case, "full")
+                                   + _figure(panel["roi"], "lesion region", case, "roi"),
+                                   _figure(panel["overlay"], "heat map (Grad-CAM)", case, "roi") + panel["ai"])
+                for case, panel in panels.items()}
+    apps = build_reader_apps(study=study, readers=readers, sections=sections, seed=seed, bundle_id=bundle.bundle_id,
+                             options=options, created=datetime.now(UTC).isoformat(timespec="seconds"))
+    (tmp / "readers").mkdir()
+    for reader, page in apps.pages.items():
+        (tmp / "readers" / f"{reader}.html").write_text(page, "utf-8")
+    (tmp / "orders.csv").write_text(csv_text(["reader", "round", "position", "case"], apps.order_rows), "utf-8")
+    (tmp / "unlock_codes.csv").write_text(csv_text(["reader", "code"], apps.code_rows), "utf-8")
+    return study
+
+
 def make_packet(model: str | Path | Bundle, site: str | Path, out: str | Path, *, seed: int = 0, split: str = "test",
                 allow_missing_clinical: bool = False, force: bool = False, batch_size: int = 16,
                 readers: str | int | Sequence[str] = 3, options: AppOptions | None = None) -> Path:
@@ -197,23 +216,11 @@ def make_packet(model: str | Path | Bundle, site: str | Path, out: str | Path, *
             score_rows.append([case, p.ai_score, p.dlr_score, "" if p.clinical_score is None else p.clinical_score,
                                p.fallback or "", p.threshold])
         log.info("packet: %d/%d cases rendered", min(start + batch_size, n), n)
-    study = study_id_for(bundle.bundle_id, seed, [str(v) for v in frame["image_id"]])
-    sections = {case: case_section(case, _figure(panel["image"], "B-mode image", case, "full")
-                                   + _figure(panel["roi"], "lesion region", case, "roi"),
-                                   _figure(panel["overlay"], "heat map (Grad-CAM)", case, "roi") + panel["ai"])
-                for case, panel in panels.items()}
-    apps = build_reader_apps(study=study, readers=names_of_readers, sections=sections, seed=seed,
-                             bundle_id=bundle.bundle_id, options=options,
-                             created=datetime.now(UTC).isoformat(timespec="seconds"))
     template = [["", r, case] + [""] * (len(READ_COLUMNS) - 3) for r, order in ((1, order1), (2, order2)) for case in order]
     with atomic_directory(out, overwrite=force) as tmp:
         for round_no, order in ((1, order1), (2, order2)):
             (tmp / f"round{round_no}.html").write_text(render_round(round_no, order, panels, bundle.bundle_id), "utf-8")
-        (tmp / "readers").mkdir()
-        for reader, page in apps.pages.items():
-            (tmp / "readers" / f"{reader}.html").write_text(page, "utf-8")
-        (tmp / "orders.csv").write_text(csv_text(["reader", "round", "position", "case"], apps.order_rows), "utf-8")
-        (tmp / "unlock_codes.csv").write_text(csv_text(["reader", "code"], apps.code_rows), "utf-8")
+        study = _write_reader_apps(tmp, bundle, frame, panels, names_of_readers, seed, options)
         (tmp / "reads_template.csv").write_text(_csv_text(READ_COLUMNS, template), "utf-8")
         (tmp / "key.csv").write_text(_csv_text(["case", "image_id", "label"], sorted(key_rows)), "utf-8")
         (tmp / "model_scores.csv").write_text(_csv_text(

@@ -196,7 +196,8 @@ def merge_reads(reads: Sequence[str | Path], key: str | Path, out: str | Path, *
         if len(in_file) == 1 and washout != "off":
             log_path = path.with_name(path.name.removesuffix(".csv") + ".log.json")
             if not log_path.is_file():
-                warnings.append(f"{path}: no session log {log_path.name} beside it; the wash-out cannot be checked")
+                warnings.append(f"{path}: no session log {log_path.name} beside it; the wash-out cannot be checked "
+                                "(a browser renames a repeated download: give the pair matching names)")
             else:
                 summary, problems = check_washout(log_path, in_file[0], washout_days)
                 washout_lines[in_file[0]] = summary

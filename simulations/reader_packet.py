@@ -153,8 +153,9 @@ def _packet_readme(study: str, options: AppOptions) -> str:
             "from the printable `round1.html`, then (after the wash-out) `round2.html`: one row per reader, round and "
             "case; malignant 0/1; birads4 4a/4b/4c; likelihood 0-100; confidence 1-5 optional ("
             + ", ".join(f"{k} {v}" for k, v in CONFIDENCE_LEVELS.items()) + ").\n\nKeep private: `key.csv` "
-            "(case -> image id and truth), `model_scores.csv`, `unlock_codes.csv`; `orders.csv` records every reader's "
-            "case order.\n\nImages are shown as stored (file names and DICOM tags never enter the pages); text burned "
+            "(case -> image id, truth, and the clinical values imputed as in training), `model_scores.csv`, "
+            "`unlock_codes.csv`; `orders.csv` records every reader's case order.\n\nImages are shown as stored "
+            "(file names and DICOM tags never enter the pages); text burned "
             "into the pixels is not removed, so look through the pages before handing them out.\n\nMerge and check: "
             "`cldlr reader-study merge reads_*.csv --key key.csv --out reads.csv`; analyse: `cldlr reader-study analyze "
             "reads.csv --truth key.csv --model-scores model_scores.csv --out table3/`\n")

@@ -45,12 +45,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_reader_packet(args: argparse.Namespace) -> int:
     """``cldlr reader-study packet``: the reading rounds for radiologists, and the key kept apart from them."""
+    from cldlr.simulations.reader_app.page import AppOptions
     from cldlr.simulations.reader_packet import make_packet
 
+    options = AppOptions(washout_days=args.washout_days, show_round1=args.show_round1)
     out = make_packet(args.model, args.site, args.out, seed=args.seed, split=args.split,
-                      allow_missing_clinical=args.allow_missing_clinical, force=args.force)
-    print(f"reading packet: {out / 'round1.html'}, {out / 'round2.html'}, {out / 'reads_template.csv'}")
-    print(f"keep private:   {out / 'key.csv'} (case → image id and truth), {out / 'model_scores.csv'}")
+                      allow_missing_clinical=args.allow_missing_clinical, force=args.force, readers=args.readers,
+                      options=options)
+    print(f"reading apps:   {out / 'readers'}/<reader>.html (one offline file per reader; both rounds)")
+    print(f"printable:      {out / 'round1.html'}, {out / 'round2.html'}, {out / 'reads_template.csv'}")
+    print(f"keep private:   {out / 'key.csv'} (case → image id and truth), {out / 'model_scores.csv'}, "
+          f"{out / 'unlock_codes.csv'}, {out / 'orders.csv'}")
+    return 0
+
+
+def cmd_reader_merge(args: argparse.Namespace) -> int:
+    """``cldlr reader-study merge``: the readers' exports checked against the key and merged into one reads file."""
+    from cldlr.simulations.reader_app.merge import merge_reads
+
+    result = merge_reads(args.reads, args.key, args.out, washout_days=args.washout_days, washout=args.washout,
+                         force=args.force)
+    for line in result.washout.values():
+        print(line)
+    for line in result.warnings:
+        print(f"warning: {line}")
+    print(f"merged reads: {result.path} ({len(result.readers)} reader(s) × 2 rounds × {result.cases} cases)")
     return 0
 
 
@@ -99,7 +118,7 @@ def add_clinic_commands(sub: Any, add: Add) -> None:
                         "folder is not changed)")
     _force(p)
 
-    p = add("reader-study", lambda a: a.reader_func(a), "radiologist reading study: packet, simulated reads, Table 3")
+    p = add("reader-study", lambda a: a.reader_func(a), "radiologist reading study: packet, merge, simulated reads, Table 3")
     rsub = p.add_subparsers(dest="reader_command", required=True, metavar="ACTION")
     q = rsub.add_parser("packet", help="de-identified, shuffled HTML reading packets (without/with AI) and a key")
     q.set_defaults(reader_func=cmd_reader_packet)
@@ -110,6 +129,21 @@ def add_clinic_commands(sub: Any, add: Add) -> None:
     q.add_argument("--split", choices=["test", "train", "all"], default="test",
                    help="rows to read (default test; a site without splits is read whole)")
     q.add_argument("--allow-missing-clinical", action="store_true", help="DLR score for lesions lacking a value")
+    q.add_argument("--readers", default="3", metavar="N|ID,ID…", help="reader count (R01…) or ids (default 3)")
+    q.add_argument("--washout-days", type=float, default=28.0,
+                   help="days between a reader finishing round 1 and round 2 opening (default 28, FDA CADe guidance; "
+                        "0 = none; unlock_codes.csv opens it earlier)")
+    q.add_argument("--show-round1", action="store_true", help="round 2 shows the reader's own round-1 answer")
+    _force(q)
+    q = rsub.add_parser("merge", help="check the readers' exported reads against the key and merge them")
+    q.set_defaults(reader_func=cmd_reader_merge)
+    q.add_argument("reads", type=Path, nargs="+", metavar="READS.csv", help="the readers' reads_*.csv (logs beside)")
+    q.add_argument("--key", type=Path, required=True, metavar="KEY.csv", help="the packet's key.csv")
+    q.add_argument("--out", type=Path, required=True, metavar="MERGED.csv")
+    q.add_argument("--washout-days", type=float, default=28.0, help="the wash-out to check (default 28)")
+    q.add_argument("--washout", choices=["error", "warn", "off"], default="error",
+                   help="a wash-out shorter than --washout-days (without the unlock code) is an error (default), "
+                        "a warning, or not checked")
     _force(q)
     q = rsub.add_parser("analyze", help="Table 3 (AUC, accuracy, sens., spec., PPV, NPV; DeLong; MRMC OR-Hillis) and Fig. 6")
     q.set_defaults(reader_func=cmd_reader_analyze)

@@ -155,10 +155,11 @@ class FusionConfig:
     embeddings are far more separable than a new patient's (DLR train AUC ≈ 0.98 against ≈ 0.71 on
     test), so the fusion learns to trust the deep block more than it deserves (stacking leakage).
     ``holdout``: a stratified, patient-disjoint ``holdout_fraction`` of each site's training cohort is
-    kept from the backbone; the SVMs and their calibration are fitted on its embeddings only, so no
-    embedding used to fit the fusion comes from a backbone that trained on it. Clinical selection and
-    the encoder still use the whole training cohort (the backbone never sees clinical values). In a
-    federation each site holds out its own rows; the secure sums are the same in kind.
+    kept from the backbone; the DLR and CLDLR SVMs and their calibration are fitted on its embeddings
+    only, so no embedding used to fit the fusion comes from a backbone that trained on it. Clinical
+    selection, the encoder and (pooled) the Clinical SVM still use the whole training cohort (the
+    backbone never sees clinical values). In a federation each site holds out its own rows and the one
+    secure fit of all three SVMs uses them; the secure sums are the same in kind.
     """
 
     fit_on: Literal["train", "holdout"] = "train"

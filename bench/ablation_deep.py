@@ -85,7 +85,8 @@ def table(out: Path) -> str:
         if not runs:
             continue
         m = list(runs.values())
-        auc = {k: [x[k]["test"]["auc"] for x in m] for k in ("clinical", "dlr", "cldlr")}
+        auc = {k: [x[k]["test"]["auc"] for x in m] for k in ("dlr", "cldlr")}
+        auc["clinical"] = [clinical[r] for r in runs if r in clinical] or [float("nan")]
         diff = [runs[r]["cldlr"]["test"]["auc"] - clinical[r] for r in runs if r in clinical]
         gap = [x["dlr"]["train"]["auc"] - x["dlr"]["test"]["auc"] for x in m]
         paired = f"{_cell(diff)} ({sum(d > 0 for d in diff)}/{len(diff)} > 0)" if diff else "–"

@@ -32,6 +32,9 @@ Who holds what
           --auth-supernode-private-key supernode-<site>.key
   registration: the hospital sends supernode-<site>.pub to the centre, which runs
       flwr supernode register supernode-<site>.pub <connection>
+  model bundles: the centre signs with bundle-signer.key (SECRET; `cldlr certs bundle-signer`)
+      cldlr certs sign-bundle RUN/model --signer DIR
+  each hospital verifies them: cldlr predict --trust ca.crt (or bundle-signer.pem) ...
 """
 
 

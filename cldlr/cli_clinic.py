@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,16 @@ from cldlr.common.errors import CldlrError
 
 from .cli_args import Add
 from .cli_args import force as _force
+
+
+def _bundle(args: argparse.Namespace) -> Any:
+    """The ``--model`` bundle, verified against ``--trust``/``--policy``; an unverified one is announced on stderr."""
+    from cldlr.client.predict import open_bundle, site_trust
+
+    bundle = open_bundle(args.model, trust=site_trust(args.trust, args.policy), allow_unsigned=args.allow_unsigned)
+    if not bundle.signer.verified:
+        print(f"WARNING: model bundle {args.model}: signature {bundle.signer.text}", file=sys.stderr)
+    return bundle
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -22,18 +33,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
                              "drop --mask/--clinical/--overlay")
         if args.out is None:
             raise CldlrError("--site needs --out OUTDIR (predictions.csv and overlays/ are written there)")
-        out = predict_site(args.model, args.site, args.out, split=args.split,
+        bundle = _bundle(args)
+        out = predict_site(bundle, args.site, args.out, split=args.split,
                            allow_missing_clinical=args.allow_missing_clinical, force=args.force)
-        print(f"predictions: {out / 'predictions.csv'}\noverlays:    {out / 'overlays'}")
+        print(f"predictions: {out / 'predictions.csv'}\noverlays:    {out / 'overlays'}\nsignature:   {bundle.signer.text}")
         return 0
     if args.mask is None:
         raise CldlrError("--image needs --mask MASK (the lesion outline the ROI is cut from)")
-    result = predict_lesion(args.model, args.image, args.mask, parse_clinical_args(args.clinical), out=args.out,
+    bundle = _bundle(args)
+    result = predict_lesion(bundle, args.image, args.mask, parse_clinical_args(args.clinical), out=args.out,
                             overlay=args.overlay, allow_missing_clinical=args.allow_missing_clinical)
     if args.out is None:
         print(format_result(result))
     else:
-        print(f"prediction: {args.out}\noverlay:    {result['overlay']}")
+        print(f"prediction: {args.out}\noverlay:    {result['overlay']}\nsignature:  {bundle.signer.text}")
     return 0
 
 
@@ -41,9 +54,11 @@ def cmd_reader_packet(args: argparse.Namespace) -> int:
     """``cldlr reader-study packet``: the reading rounds for radiologists, and the key kept apart from them."""
     from cldlr.simulations.reader_packet import make_packet
 
-    out = make_packet(args.model, args.site, args.out, seed=args.seed, split=args.split,
+    bundle = _bundle(args)
+    out = make_packet(bundle, args.site, args.out, seed=args.seed, split=args.split,
                       allow_missing_clinical=args.allow_missing_clinical, force=args.force)
     print(f"reading packet: {out / 'round1.html'}, {out / 'round2.html'}, {out / 'reads_template.csv'}")
+    print(f"model bundle:   signature {bundle.signer.text}")
     print(f"keep private:   {out / 'key.csv'} (case → image id and truth), {out / 'model_scores.csv'}")
     return 0
 
@@ -67,6 +82,16 @@ def cmd_reader_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def trust_args(p: argparse.ArgumentParser) -> None:
+    """``--trust``, ``--policy`` and ``--allow-unsigned``: what a command that loads a model bundle verifies it against."""
+    p.add_argument("--trust", action="append", default=[], type=Path, metavar="PEM",
+                   help="a CA certificate (the federation's ca.crt) or the signer's certificate/public key that model "
+                        "bundles must be signed by (repeatable)")
+    p.add_argument("--policy", type=Path, metavar="FILE", help="the site's policy: trust its trusted_bundle_signers")
+    p.add_argument("--allow-unsigned", action="store_true",
+                   help="use an unsigned or untrusted bundle anyway; outputs record 'signature: unverified'")
+
+
 def add_clinic_commands(sub: Any, add: Add) -> None:
     """Register ``predict`` and ``reader-study``."""
     p = add("predict", cmd_predict, "AI score (CLDLR probability) and Grad-CAM overlay from a model bundle")
@@ -82,6 +107,7 @@ def add_clinic_commands(sub: Any, add: Add) -> None:
     p.add_argument("--split", choices=["train", "test"], help="--site: score only this split")
     p.add_argument("--allow-missing-clinical", action="store_true",
                    help="score a lesion lacking a clinical value with the DLR model (recorded as fallback: dlr)")
+    trust_args(p)
     _force(p)
 
     p = add("reader-study", lambda a: a.reader_func(a), "radiologist reading study: packet, simulated reads, Table 3")
@@ -95,6 +121,7 @@ def add_clinic_commands(sub: Any, add: Add) -> None:
     q.add_argument("--split", choices=["test", "train", "all"], default="test",
                    help="rows to read (default test; a site without splits is read whole)")
     q.add_argument("--allow-missing-clinical", action="store_true", help="DLR score for lesions lacking a value")
+    trust_args(q)
     _force(q)
     q = rsub.add_parser("analyze", help="Table 3 (AUC, accuracy, sens., spec., PPV, NPV; DeLong) and the reader ROC figure")
     q.set_defaults(reader_func=cmd_reader_analyze)

@@ -1,8 +1,10 @@
 """``cldlr predict``: the AI score and Grad-CAM overlay of one lesion, or of every lesion in a site folder.
 
-The bundle is verified on load (see :mod:`cldlr.common.bundle`); clinical values are parsed with
-the bundle's own schema, so a value the model was never trained on is refused with its valid
-range or levels instead of being scored.
+The bundle is verified on load (see :mod:`cldlr.common.bundle`): its files, and its signature
+against what this site trusts (``--trust`` PEM files or the policy's ``trusted_bundle_signers``);
+an unsigned or foreign bundle is scored only with ``--allow-unsigned``, and every output then says
+"signature: unverified". Clinical values are parsed with the bundle's own schema, so a value the
+model was never trained on is refused with its valid range or levels instead of being scored.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from cldlr.common.bundle import Bundle, Prediction, load_bundle
+from cldlr.common.bundle import Bundle, Prediction, TrustAnchor, load_bundle
 from cldlr.common.data.imaging import read_image, read_mask
 from cldlr.common.data.site import read_site
 from cldlr.common.errors import CldlrError
@@ -29,7 +31,7 @@ from cldlr.common.io import atomic_directory, atomic_write_bytes, atomic_write_j
 log = logging.getLogger(__name__)
 
 CSV_COLUMNS = ("image_id", "ai_score", "dlr_score", "clinical_score", "predicted_class", "threshold", "fallback",
-               "overlay")
+               "overlay", "signature")
 
 
 def parse_clinical_args(items: Sequence[str]) -> dict[str, str]:
@@ -53,24 +55,41 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _as_bundle(model: str | Path | Bundle) -> Bundle:
-    return model if isinstance(model, Bundle) else load_bundle(model)
+def site_trust(trust: Sequence[str | Path] = (), policy: str | Path | None = None) -> TrustAnchor | None:
+    """What this site trusts to sign bundles: ``--trust`` files plus its policy's ``trusted_bundle_signers``.
+
+    None when neither names anything (a bundle then loads only with ``allow_unsigned``).
+    """
+    files = [Path(p) for p in trust]
+    if policy is not None:
+        from cldlr.client.policy import load_policy
+
+        files += load_policy(policy).bundle_trust_files(Path(policy).expanduser().parent)
+    return TrustAnchor.from_files(files) if files else None
+
+
+def open_bundle(model: str | Path | Bundle, *, trust: TrustAnchor | None = None, allow_unsigned: bool = False) -> Bundle:
+    """``model`` as a loaded bundle: a :class:`Bundle` is used as it is (its signer was checked when it was loaded)."""
+    return model if isinstance(model, Bundle) else load_bundle(model, trust=trust, allow_unsigned=allow_unsigned)
 
 
 def _model_info(bundle: Bundle) -> dict[str, Any]:
     return {"bundle": str(bundle.path), "bundle_id": bundle.bundle_id, "backbone": bundle.meta["model"]["backbone"],
-            "selected_clinical_parameters": bundle.selected}
+            "selected_clinical_parameters": bundle.selected, "signature": bundle.signer.text,
+            "signer": bundle.signer.to_dict()}
 
 
 def predict_lesion(model: str | Path | Bundle, image: str | Path, mask: str | Path, clinical: Mapping[str, Any], *,
                    out: str | Path | None = None, overlay: str | Path | None = None,
-                   allow_missing_clinical: bool = False) -> dict[str, Any]:
+                   allow_missing_clinical: bool = False, trust: TrustAnchor | None = None,
+                   allow_unsigned: bool = False) -> dict[str, Any]:
     """Score one lesion; writes the overlay PNG (and ``out`` JSON when given) and returns the result dict.
 
     The overlay goes to ``overlay``, else beside ``out`` (``<out stem>_overlay.png``), else to
-    ``<image stem>_overlay.png`` in the working directory.
+    ``<image stem>_overlay.png`` in the working directory. The result's ``signature`` says who
+    signed the bundle, or that it is unverified.
     """
-    bundle = _as_bundle(model)
+    bundle = open_bundle(model, trust=trust, allow_unsigned=allow_unsigned)
     image, mask = Path(image), Path(mask)
     started = time.perf_counter()
     prediction = bundle.predict(read_image(image), read_mask(mask), clinical,
@@ -80,7 +99,8 @@ def predict_lesion(model: str | Path | Bundle, image: str | Path, mask: str | Pa
         overlay = Path(out).with_name(Path(out).stem + "_overlay.png") if out else Path.cwd() / f"{image.stem}_overlay.png"
     atomic_write_bytes(overlay, png_bytes(prediction.overlay()))
     result = {**{k: v for k, v in prediction.to_dict().items() if k != "id"}, "image": str(image), "mask": str(mask),
-              "overlay": str(overlay), "model": _model_info(bundle), "seconds": round(seconds, 3)}
+              "overlay": str(overlay), "signature": bundle.signer.text, "model": _model_info(bundle),
+              "seconds": round(seconds, 3)}
     log.info("%s: AI score %.3f (%s at threshold %.2f) in %.2f s", image.name, prediction.ai_score,
              prediction.predicted_class, prediction.threshold, seconds)
     if out is not None:
@@ -88,19 +108,22 @@ def predict_lesion(model: str | Path | Bundle, image: str | Path, mask: str | Pa
     return result
 
 
-def _csv_row(prediction: Prediction, overlay: str) -> dict[str, Any]:
+def _csv_row(prediction: Prediction, overlay: str, signature: str) -> dict[str, Any]:
     row = prediction.to_dict()
-    return {"image_id": prediction.id, **{k: row[k] for k in CSV_COLUMNS[1:-1]}, "overlay": overlay}
+    return {"image_id": prediction.id, **{k: row[k] for k in CSV_COLUMNS[1:-2]}, "overlay": overlay,
+            "signature": signature}
 
 
 def predict_site(model: str | Path | Bundle, site: str | Path, out_dir: str | Path, *, split: str | None = None,
-                 allow_missing_clinical: bool = False, force: bool = False, batch_size: int = 16) -> Path:
+                 allow_missing_clinical: bool = False, force: bool = False, batch_size: int = 16,
+                 trust: TrustAnchor | None = None, allow_unsigned: bool = False) -> Path:
     """Score every lesion of a site folder: ``out_dir/predictions.csv`` and ``out_dir/overlays/<image_id>.png``.
 
     The site must follow the data contract with the bundle's schema; ``split`` keeps only the
-    rows of that split. The folder appears only when every lesion was scored.
+    rows of that split. The folder appears only when every lesion was scored. Every row's
+    ``signature`` column says who signed the bundle, or that it is unverified.
     """
-    bundle = _as_bundle(model)
+    bundle = open_bundle(model, trust=trust, allow_unsigned=allow_unsigned)
     data = read_site(site, bundle.schema)
     if split is not None:
         data = data.split_rows(split)
@@ -120,7 +143,7 @@ def predict_site(model: str | Path | Bundle, site: str | Path, out_dir: str | Pa
             for prediction in predictions:
                 relative = f"overlays/{prediction.id}.png"
                 (tmp / relative).write_bytes(png_bytes(prediction.overlay()))
-                rows.append(_csv_row(prediction, relative))
+                rows.append(_csv_row(prediction, relative, bundle.signer.text))
                 n_fallback += prediction.fallback is not None
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS, lineterminator="\n")
@@ -141,4 +164,5 @@ def format_result(result: Mapping[str, Any]) -> str:
     return json.dumps(result, indent=2)
 
 
-__all__ = ["CSV_COLUMNS", "format_result", "parse_clinical_args", "png_bytes", "predict_lesion", "predict_site"]
+__all__ = ["CSV_COLUMNS", "format_result", "open_bundle", "parse_clinical_args", "png_bytes", "predict_lesion",
+           "predict_site", "site_trust"]

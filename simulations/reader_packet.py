@@ -17,13 +17,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cldlr.client.predict import png_bytes
-from cldlr.common.bundle import Bundle, Prediction, load_bundle
+from cldlr.client.predict import open_bundle, png_bytes
+from cldlr.common.bundle import Bundle, Prediction, TrustAnchor
 from cldlr.common.data.imaging import read_image, read_mask, to_uint8
 from cldlr.common.data.roi import roi_box
 from cldlr.common.data.site import read_site
 from cldlr.common.errors import CldlrError
 from cldlr.common.io import atomic_directory
+from cldlr.common.text import markdown_text
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +117,16 @@ def _csv_text(header: tuple[str, ...] | list[str], rows: list[list[object]]) -> 
 
 
 def make_packet(model: str | Path | Bundle, site: str | Path, out: str | Path, *, seed: int = 0, split: str = "test",
-                allow_missing_clinical: bool = False, force: bool = False, batch_size: int = 16) -> Path:
+                allow_missing_clinical: bool = False, force: bool = False, batch_size: int = 16,
+                trust: TrustAnchor | None = None, allow_unsigned: bool = False) -> Path:
     """Write ``round1.html``, ``round2.html``, ``reads_template.csv`` (for readers) and ``key.csv``,
     ``model_scores.csv`` (for the coordinator) into ``out``, atomically.
 
-    Case ids follow a seeded shuffle; round 2 shows the same cases in another seeded order.
+    Case ids follow a seeded shuffle; round 2 shows the same cases in another seeded order. The
+    bundle must verify against ``trust`` unless ``allow_unsigned``; the coordinator's README
+    records who signed it (or that it is unverified).
     """
-    bundle = model if isinstance(model, Bundle) else load_bundle(model)
+    bundle = open_bundle(model, trust=trust, allow_unsigned=allow_unsigned)
     data = _rows_to_read(Path(site), bundle, split)
     frame, n = data.frame.reset_index(drop=True), len(data)
     rng = np.random.default_rng(seed)
@@ -162,7 +166,8 @@ def make_packet(model: str | Path | Bundle, site: str | Path, out: str | Path, *
             "(case -> image id and truth) and `model_scores.csv`.\n\nImages are shown as stored (file names and DICOM "
             "tags never enter the pages); text burned into the pixels is not removed, so look through the pages "
             "before handing them out.\n\nAnalyse: `cldlr reader-study analyze "
-            "reads.csv --truth key.csv --model-scores model_scores.csv --out table3/`\n", "utf-8")
+            "reads.csv --truth key.csv --model-scores model_scores.csv --out table3/`\n\nModel bundle "
+            f"{bundle.bundle_id[:12]}, signature: {markdown_text(bundle.signer.text)}\n", "utf-8")
     log.info("reading packet for %d cases written to %s", n, out)
     return Path(out)
 

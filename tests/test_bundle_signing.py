@@ -270,3 +270,14 @@ def test_trust_files_that_hold_no_key_are_errors_naming_the_file(tmp_path):
         TrustAnchor.from_files([junk])
     with pytest.raises(SignatureError, match="cannot read"):
         TrustAnchor.from_files([tmp_path / "absent.pem"])
+
+
+def test_certs_show_names_the_bundle_signer_without_tls_warnings(federation, tmp_path, capsys):
+    folder = tmp_path / "pki"
+    folder.mkdir()
+    for src in (federation["ca"], federation["signer"] / "bundle-signer.pem"):
+        (folder / src.name).write_bytes(src.read_bytes())
+    assert main(["certs", "show", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "bundle-signer certificate" in out and "signed by: ca.crt" in out
+    assert "subjectAltName" not in out and "sign-bundle" in out

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from cldlr.client.policy import load_policy
 from cldlr.common.bundle import Bundle, Prediction, TrustAnchor, load_bundle
 from cldlr.common.data.imaging import read_image, read_mask
 from cldlr.common.data.site import read_site
@@ -62,8 +63,6 @@ def site_trust(trust: Sequence[str | Path] = (), policy: str | Path | None = Non
     """
     files = [Path(p) for p in trust]
     if policy is not None:
-        from cldlr.client.policy import load_policy
-
         files += load_policy(policy).bundle_trust_files(Path(policy).expanduser().parent)
     return TrustAnchor.from_files(files) if files else None
 

@@ -99,7 +99,7 @@ class BundleSigner:
     def throwaway(cls, name: str = STUDY_LOCAL_NAME) -> BundleSigner:
         """A fresh self-signed signer held in memory only: a simulation's study-local key."""
         key = ec.generate_private_key(SIGNER_CURVE)
-        cert = signer_certificate(name, key, issuer=None, issuer_key=key, not_after=utc_now() + dt.timedelta(days=3650))
+        cert = signer_certificate(name, key, issuer=None, issuer_key=None, not_after=utc_now() + dt.timedelta(days=3650))
         return cls(key, cert, study_local=True)
 
     @property

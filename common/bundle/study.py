@@ -40,7 +40,7 @@ def study_signer(config: Any, run_dir: str | Path) -> BundleSigner:
 
     A study-local key exists in memory only; its certificate is written to ``<run>/model-signer.pem``.
     """
-    folder = str(getattr(config.run, "bundle_signer", "") or "")
+    folder = config.run.bundle_signer
     if folder:
         return BundleSigner.load(Path(folder).expanduser())
     signer = BundleSigner.throwaway()

@@ -14,7 +14,7 @@ import os
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from cldlr.common.deploy.pki import (
@@ -37,19 +37,19 @@ SIGNER_CURVE = NODE_CURVE  # ECDSA P-384, signed with SHA-384
 
 
 def signer_certificate(name: str, key: ec.EllipticCurvePrivateKey, *, issuer: x509.Certificate | None,
-                       issuer_key: ec.EllipticCurvePrivateKey | object, not_after: dt.datetime) -> x509.Certificate:
-    """A bundle-signing leaf certificate for ``key`` (self-signed when ``issuer`` is None).
+                       issuer_key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | None,
+                       not_after: dt.datetime) -> x509.Certificate:
+    """A bundle-signing leaf certificate for ``key``, issued by ``issuer`` (self-signed when it is None).
 
     Leaf (CA:FALSE), digitalSignature only, extended key usage codeSigning: what
     :class:`~cldlr.common.bundle.signing.TrustAnchor` demands of a CA-issued bundle signer.
     """
-    signing_key = key if issuer is None else issuer_key
-    public_issuer = signing_key.public_key()  # type: ignore[attr-defined]
-    builder = (certificate_builder(name, None if issuer is None else issuer.subject, key.public_key(), public_issuer,
-                                   not_after, ca=False)
+    signing_key = key if issuer is None or issuer_key is None else issuer_key
+    builder = (certificate_builder(name, None if issuer is None else issuer.subject, key.public_key(),
+                                   signing_key.public_key(), not_after, ca=False)
                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False))
     digest = hashes.SHA384() if isinstance(signing_key, ec.EllipticCurvePrivateKey) else hashes.SHA256()
-    return builder.sign(signing_key, digest)  # type: ignore[arg-type]
+    return builder.sign(signing_key, digest)
 
 
 def create_bundle_signer(out_dir: str | os.PathLike[str], *, ca_dir: str | os.PathLike[str],

@@ -63,6 +63,11 @@ def trust_pem(where: Path) -> Path:
     return path
 
 
+def model_args(bundle: Path) -> list[str]:
+    """``--model BUNDLE --trust centre.pem``: a bundle signed by the test centre, and that key as the site's trust."""
+    return ["--model", str(bundle), "--trust", str(trust_pem(bundle.parent))]
+
+
 def centre_trust(where: Path) -> TrustAnchor:
     """A trust anchor pinning the test centre's key (read from a PEM file, as a site would)."""
     return TrustAnchor.from_files([trust_pem(where)])
@@ -104,16 +109,18 @@ class TinyStudy:
             extract_roi(read_image(i), read_mask(m), self.data_cfg.image_size, self.data_cfg.margin)
             for i, m in zip(rows["image_path"], rows["mask_path"])])[:, None])
 
-    def direct_scores(self) -> dict[str, np.ndarray]:
-        """The study pipeline called directly, without the bundle code."""
+    def direct_scores(self, frame=None) -> dict[str, np.ndarray]:
+        """The study pipeline called directly, without the bundle code (on ``frame``'s clinical values if given)."""
         emb = embed(self.model, self.rois(), self.normalization, batch_size=16)
-        return self.fusion.predict_proba(self.encoder.transform(self.site.frame), emb)
+        return self.fusion.predict_proba(self.encoder.transform(self.site.frame if frame is None else frame), emb)
 
 
 def make_tiny_study(root: Path, *, backbone: str = TINY, size: int = 32, n_patients: int = 12,
-                    selected: tuple[str, ...] = ("age", "palpable", "side"), margin: float = 0.1) -> TinyStudy:
-    site_dir = write_site(root / "site", n_patients=n_patients, size=48, with_split=True)
-    schema = load_schema(write_schema(root / "schema.yaml"))
+                    selected: tuple[str, ...] = ("age", "palpable", "side"), margin: float = 0.1,
+                    site_dir: Path | None = None, schema_path: Path | None = None) -> TinyStudy:
+    """A tiny study on a fresh tiny site, or on ``site_dir`` read with ``schema_path`` when given."""
+    site_dir = site_dir or write_site(root / "site", n_patients=n_patients, size=48, with_split=True)
+    schema = load_schema(schema_path or write_schema(root / "schema.yaml"))
     site = read_site(site_dir, schema)
     model_cfg = ModelConfig(backbone=backbone, weights="none")
     model = build_model(model_cfg, seed=0).eval()

@@ -25,6 +25,7 @@ from cldlr.common.bundle import (
     BundleSigner,
     SignatureError,
     TrustAnchor,
+    export_bundle,
     load_bundle,
     manifest_of,
     signature_section,
@@ -46,6 +47,14 @@ def federation(tmp_path_factory) -> dict[str, Path]:
     return {"ca": root / "federation" / "ca" / "ca.crt", "signer": root / "federation" / "signer",
             "stranger": root / "stranger" / "signer", "stranger_ca": root / "stranger" / "ca" / "ca.crt",
             "server": root / "server"}
+
+
+def export_bundle_spaced(study, out: Path, spacing) -> Path:
+    """The tiny bundle, signed by the test centre, recording ``spacing`` as its training images' pixel spacing."""
+    return export_bundle(out, model=study.model, model_config=study.model_cfg, data_config=study.data_cfg,
+                         normalization=study.normalization, schema=study.schema, selected=study.selected,
+                         encoder=study.encoder, fusion=study.fusion, threshold=0.4, signer=CENTRE,
+                         model_card={"sites": ["site"]}, training_spacing=spacing)
 
 
 @pytest.fixture(scope="module")
@@ -229,12 +238,28 @@ def test_a_signature_outside_the_certificates_validity_is_refused(federation, st
     (lambda m: m["encoder"]["mean"].__setitem__(0, math.inf), "encoder.mean[0]"),
     (lambda m: m["fusion"].update(n_deep=-3), "fusion.n_deep"),
     (lambda m: m["fusion"].update(n_clinical=99), "fusion.n_clinical"),
+    (lambda m: m.update(units={"training_spacing_mm": [[0.1, 0.0]]}), "units.training_spacing_mm"),
+    (lambda m: m.update(units={"training_spacing_mm": [[0.1, 50.0]]}), "units.training_spacing_mm"),
+    (lambda m: m.update(units={"training_spacing_mm": [[0.1]]}), "units.training_spacing_mm"),
+    (lambda m: m.update(units={"training_spacing_mm": "0.1"}), "units.training_spacing_mm"),
+    (lambda m: m.update(units=[0.1]), "units"),
 ])
 def test_a_signed_bundle_with_bad_numbers_is_refused_naming_the_field(study, tmp_path, edit, field):
     bundle = export_tiny(study, tmp_path / "bundle")
     reseal(bundle, edit, signer=CENTRE)  # signed by the trusted centre: the signature alone would pass
     with pytest.raises(BundleError, match=rf"{META_FILE}: field(s)? {re.escape(field)}"):
         load_bundle(bundle, trust=TrustAnchor.from_files([trust_pem(tmp_path)]))
+
+
+def test_training_spacing_round_trips_and_an_unrecorded_one_loads(study, tmp_path):
+    trust = TrustAnchor.from_files([trust_pem(tmp_path)])
+    spaced = export_bundle_spaced(study, tmp_path / "spaced", [(0.1, 0.12)])
+    assert load_bundle(spaced, trust=trust).meta["units"] == {"training_spacing_mm": [[0.1, 0.12]]}
+    unknown = export_tiny(study, tmp_path / "unknown")
+    assert load_bundle(unknown, trust=trust).meta["units"] == {"training_spacing_mm": None}
+    with pytest.raises(BundleError, match="field units.training_spacing_mm"):
+        export_bundle_spaced(study, tmp_path / "bad", [(0.1, -1.0)])
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("threshold", [0.0, 1.0, -0.5, math.nan])
@@ -281,3 +306,19 @@ def test_certs_show_names_the_bundle_signer_without_tls_warnings(federation, tmp
     out = capsys.readouterr().out
     assert "bundle-signer certificate" in out and "signed by: ca.crt" in out
     assert "subjectAltName" not in out and "sign-bundle" in out
+
+
+def test_a_recalibrated_bundle_is_signed_by_its_own_key_and_keeps_the_training_spacing(study, tmp_path):
+    from cldlr.common.recalibrate import RECALIBRATION_LOCAL_NAME, recalibration_signer, write_recalibrated_bundle
+
+    trust = TrustAnchor.from_files([trust_pem(tmp_path)])
+    bundle = load_bundle(export_bundle_spaced(study, tmp_path / "spaced", [(0.1, 0.12)]), trust=trust)
+    signer = recalibration_signer(None)
+    new = write_recalibrated_bundle(bundle, {"cldlr": (0.2, 0.9)}, {"site": "local"}, tmp_path / "new", signer=signer)
+    with pytest.raises(SignatureError, match="does not trust"):  # the centre never signed the recalibrated model
+        load_bundle(new, trust=trust)
+    (tmp_path / "local.pem").write_bytes(signer.certificate_pem)
+    loaded = load_bundle(new, trust=TrustAnchor.from_files([tmp_path / "local.pem"]))
+    assert loaded.meta["units"] == {"training_spacing_mm": [[0.1, 0.12]]}
+    signed_by = loaded.meta["model_card"]["recalibration"]["signed_by"]
+    assert RECALIBRATION_LOCAL_NAME in signed_by["subject"] and signed_by["key"].startswith("recalibration-local")

@@ -14,6 +14,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from cldlr.common.config import Config, load_config
+from cldlr.server.checkpoint import checkpoint_weights
 from cldlr.simulations.phantom import generate_phantom
 from cldlr.simulations.runner import simulate
 
@@ -77,7 +78,7 @@ def test_ledger_shows_no_per_case_array_or_clinical_value(federated_run: Path, p
     replies = [e for e in entries if "message_type" in e]
     assert replies and {e["phase"] for e in replies} >= {"handshake", "backbone", "secure:clinical-stats", "secure:fusion-sums",
                                                         "secure:score-histograms", "secure:placement-sums"}
-    weights = load_file(str(federated_run / "checkpoints" / "global.safetensors"))
+    weights = load_file(str(checkpoint_weights(federated_run / "checkpoints")))
     model_shapes = {tuple(v.shape) for v in weights.values()}
     site_sizes = {len(pd.read_csv(p / "clinical.csv")) for p in phantom.iterdir() if (p / "clinical.csv").is_file()}
     for entry in replies:
@@ -94,7 +95,7 @@ def test_ledger_shows_no_per_case_array_or_clinical_value(federated_run: Path, p
                     assert value["type"] != "float" or key in {"code"}, (entry["phase"], key)
         for metrics in entry["metrics"].values():
             assert set(metrics) <= {"num-examples", "train-loss", "train-accuracy", "epsilon", "delta",
-                                    "n-train", "n-test", "feature-bound", "num_examples"}, metrics
+                                    "n-train", "n-test", "n-backbone", "feature-bound", "num_examples"}, metrics
     secure = [e for e in replies if e["phase"].startswith("secure:")]
     assert any(e["secure"] for e in secure)  # SecAgg+ stages carry its config record
 
@@ -105,8 +106,8 @@ def test_resume_gives_the_same_final_model(federated_run: Path, phantom: Path, t
     resumed = simulate(study_config(phantom, tmp_path, "run.name=stopped"), resume=first)
     progress = json.loads((resumed / "checkpoints" / "progress.json").read_text())
     assert [h["round"] for h in progress["history"]] == [1, 2]  # round 1 was not redone
-    a = load_file(str(federated_run / "checkpoints" / "global.safetensors"))
-    b = load_file(str(resumed / "checkpoints" / "global.safetensors"))
+    a = load_file(str(checkpoint_weights(federated_run / "checkpoints")))
+    b = load_file(str(checkpoint_weights(resumed / "checkpoints")))
     for name in a:
         np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
@@ -134,3 +135,17 @@ def test_differential_privacy_reports_epsilon_per_round(phantom: Path, tmp_path:
     for site in privacy:
         eps = [s["epsilon"] for h in progress["history"] for s in h["sites"].values() if s["site"] == site]
         assert len(eps) == 2 and 0 < eps[0] < eps[1] <= 8.0 + 1e-6
+
+
+def test_fusion_hold_out_works_federated(phantom: Path, tmp_path: Path) -> None:
+    """Each site keeps its own hold-out from the backbone; the secure SVM fit and the train metrics use only it."""
+    from cldlr.client.site import SiteSession
+    from cldlr.common.data.schema import load_schema
+    from cldlr.common.data.site import read_site
+
+    config = study_config(phantom, tmp_path, "run.name=holdout", "fusion.fit_on=holdout")
+    report = json.loads((simulate(config) / "report.json").read_text())
+    schema = load_schema(phantom / "schema.yaml")
+    sessions = [SiteSession(read_site(phantom / f"site-{i}", schema), config) for i in (1, 2, 3)]
+    assert report["metrics"]["cldlr"]["train"]["n"] == sum(len(s.fusion_rows) for s in sessions)
+    assert report["metrics"]["cldlr"]["test"]["n"] == sum(len(s.test) for s in sessions)

@@ -115,22 +115,24 @@ def test_site_folder_predictions_csv_and_overlays(study_bundle, tmp_path, capsys
     assert list(pd.read_csv(out / "predictions.csv")["image_id"]) == list(test_ids)
 
 
-def test_site_with_a_missing_value_needs_the_fallback_flag(study_bundle, tmp_path, capsys):
+def test_site_with_a_missing_impute_value_is_imputed_not_refused(study_bundle, tmp_path, capsys):
+    # changed on purpose (issue 15, item 4): a missing value under missing: impute is imputed with the training
+    # encoder's value and listed, instead of needing --allow-missing-clinical (tests/test_clinic.py checks the score)
     study, bundle = study_bundle
     csv_path = study.site.root / "clinical.csv"
     raw = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     raw.loc[2, "palpable"] = ""  # palpable has missing: impute in the schema, so the site still validates
     raw.to_csv(csv_path, index=False)
     out = tmp_path / "pred"
-    assert main(["predict", *model(bundle), "--site", str(study.site.root), "--out", str(out)]) == 2
-    assert f"{raw.loc[2, 'image_id']}: missing clinical value(s): palpable" in capsys.readouterr().err
-    assert not out.exists()
-    assert main(["predict", *model(bundle), "--site", str(study.site.root), "--out", str(out),
-                 "--allow-missing-clinical"]) == 0
+    assert main(["predict", *model(bundle), "--site", str(study.site.root), "--out", str(out)]) == 0
     table = pd.read_csv(out / "predictions.csv")
-    assert table["fallback"].fillna("").tolist() == ["dlr" if i == 2 else "" for i in range(len(table))]
-    assert table.loc[2, "ai_score"] == table.loc[2, "dlr_score"] and np.isnan(table.loc[2, "clinical_score"])
-    assert json.loads((out / "summary.json").read_text())["n_dlr_fallback"] == 1
+    assert table["fallback"].isna().all() and table["imputed"].notna().tolist() == [i == 2 for i in range(len(table))]
+    assert json.loads((out / "summary.json").read_text())["n_dlr_fallback"] == 0
+    raw.loc[2, "age"] = ""  # age has missing: error: the site is refused before anything is scored
+    raw.to_csv(csv_path, index=False)
+    assert main(["predict", *model(bundle), "--site", str(study.site.root), "--out", str(tmp_path / "p2")]) == 2
+    captured = capsys.readouterr()
+    assert "age is empty" in captured.out + captured.err
 
 
 def test_predict_argument_errors(study_bundle, capsys):

@@ -34,13 +34,12 @@ from cldlr.common.bundle.format import (
     META_FILE,
     SIGNATURE_FILE,
     BundleError,
-    ClinicalInputError,
     manifest_of,
     manifest_text,
     sha256_file,
 )
 from cldlr.common.bundle.load import Verification, load_bundle, verify_bundle
-from cldlr.common.bundle.model import Bundle, Prediction, expected_values
+from cldlr.common.bundle.model import Bundle, ClinicalInputError, Prediction, expected_values
 from cldlr.common.bundle.signing import BundleSigner, SignatureError, SignerInfo, TrustAnchor, fingerprint
 from cldlr.common.bundle.study import (
     DP_COVERS,

@@ -17,6 +17,7 @@ from cldlr.common.bundle.format import BundleError
 MAX_IMAGE_SIZE = 4096  # px of the square ROI; far above any backbone's input, far below a memory bomb
 MIN_IMAGE_SIZE = 32  # what the study config allows (data.image_size)
 MAX_CLASSES = 1000
+MAX_SPACING_MM = 10.0  # mm per pixel; what a site's spacing_mm column allows (no ultrasound image has more)
 
 
 def _numbers(value: Any, path: str) -> Iterator[tuple[str, float]]:
@@ -85,6 +86,27 @@ def check_meta(meta: Any, where: Path) -> None:
     mean, std = meta["normalization"]["mean"], meta["normalization"]["std"]
     if len(mean) != len(std):
         raise BundleError(f"{where}: fields normalization.mean and normalization.std differ in length")
+    _check_units(meta, where)
+
+
+def _spacing(value: Any) -> bool:
+    return (isinstance(value, list) and len(value) == 2
+            and all(_number(x) and 0 < x <= MAX_SPACING_MM for x in value))
+
+
+def _check_units(meta: dict[str, Any], where: Path) -> None:
+    """``units.training_spacing_mm``: absent or null (not recorded) or a non-empty list of [row_mm, column_mm]."""
+    units = meta.get("units")
+    if units is None:
+        return
+    if not isinstance(units, dict):
+        raise BundleError(f"{where}: field units must be a JSON object, got {units!r}; do not use this bundle")
+    spacings = units.get("training_spacing_mm")
+    if spacings is None:
+        return
+    if not isinstance(spacings, list) or not spacings or not all(_spacing(s) for s in spacings):
+        raise BundleError(f"{where}: field units.training_spacing_mm must be null or a list of [row_mm, column_mm] "
+                          f"pairs in (0, {MAX_SPACING_MM:g}] mm, got {spacings!r}; do not use this bundle")
 
 
 def check_consistent(*, where: Path, selected: list[str], encoded: list[str], n_clinical: int, n_features: int,
@@ -97,4 +119,4 @@ def check_consistent(*, where: Path, selected: list[str], encoded: list[str], n_
                           f"encoder ({n_features}) and the backbone ({embedding})")
 
 
-__all__ = ["MAX_IMAGE_SIZE", "MIN_IMAGE_SIZE", "check_consistent", "check_meta"]
+__all__ = ["MAX_IMAGE_SIZE", "MAX_SPACING_MM", "MIN_IMAGE_SIZE", "check_consistent", "check_meta"]

@@ -37,6 +37,7 @@ from cldlr.common.clinical.features import ClinicalEncoder
 from cldlr.common.config import DataConfig, ModelConfig
 from cldlr.common.data.schema import Schema
 from cldlr.common.data.transforms import Normalization
+from cldlr.common.data.units import Spacing
 from cldlr.common.fusion import FusionModels
 from cldlr.common.io import atomic_directory, atomic_write_text, jsonable
 from cldlr.common.models.backbones import embedding_dim
@@ -57,10 +58,13 @@ def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def export_bundle(out_dir: str | Path, *, model: nn.Module, model_config: ModelConfig, data_config: DataConfig,
                   normalization: Normalization, schema: Schema, selected: list[str], encoder: ClinicalEncoder,
                   fusion: FusionModels, threshold: float, model_card: dict[str, Any],
-                  signer: BundleSigner | None = None, overwrite: bool = False) -> Path:
+                  signer: BundleSigner | None = None, overwrite: bool = False,
+                  training_spacing: list[Spacing] | None = None) -> Path:
     """Write the bundle folder atomically (nothing appears unless every file was written, hashed and signed).
 
     Without ``signer`` the bundle is unsigned: sites refuse it unless told ``--allow-unsigned``.
+    ``training_spacing``: the pixel spacings of the training images, when every one is known
+    (``None``: unknown); predict compares a new image's spacing with them for pixel-unit inputs.
     """
     check_consistent(where=Path(out_dir) / META_FILE, selected=list(selected), encoded=[p.name for p in encoder.parameters],
                      n_clinical=fusion.n_clinical, n_features=len(encoder.feature_names), n_deep=fusion.n_deep,
@@ -73,6 +77,7 @@ def export_bundle(out_dir: str | Path, *, model: nn.Module, model_config: ModelC
         "normalization": {"mean": list(normalization.mean), "std": list(normalization.std)},
         "schema": schema.to_dict(), "selected": list(selected), "encoder": encoder.to_dict(),
         "fusion": fusion_meta, "threshold": float(threshold), "model_card": jsonable(model_card, finite=True),
+        "units": {"training_spacing_mm": None if training_spacing is None else [list(s) for s in training_spacing]},
     })
     check_meta(meta, Path(out_dir) / META_FILE)
     if not all(np.isfinite(np.asarray(v)).all() for v in arrays.values() if np.asarray(v).dtype.kind == "f"):

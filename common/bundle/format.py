@@ -36,10 +36,6 @@ class BundleError(CldlrError):
     """A model bundle is missing, damaged, edited, unsigned, untrusted or from an incompatible cldlr version."""
 
 
-class ClinicalInputError(CldlrError):
-    """A clinical value given for prediction is missing, unknown or outside the schema."""
-
-
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, read in chunks."""
     with open(path, "rb") as handle:
@@ -121,6 +117,6 @@ def check_files(path: str | Path) -> Manifest:
     return manifest
 
 
-__all__ = ["BACKBONE_FILE", "BUNDLE_FILES", "BundleError", "ClinicalInputError", "FORMAT", "FORMAT_VERSION",
+__all__ = ["BACKBONE_FILE", "BUNDLE_FILES", "BundleError", "FORMAT", "FORMAT_VERSION",
            "FUSION_FILE", "HASHED_FILES", "HASHES_FILE", "META_FILE", "Manifest", "SIGNATURE_FILE", "check_files",
            "manifest_of", "manifest_text", "sha256_file"]

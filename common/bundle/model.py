@@ -17,12 +17,22 @@ import pandas as pd
 import torch
 from torch import nn
 
-from cldlr.common.bundle.format import ClinicalInputError
 from cldlr.common.bundle.signing import SignerInfo
 from cldlr.common.clinical.features import ClinicalEncoder
+from cldlr.common.clinical.inputs import (  # the input rules live there; names kept here for callers
+    ClinicalInputError,
+    check_pixel_units,
+    expected_values,
+    missing_message,
+    parse_given,
+    pixel_inputs,
+    prepare_inputs,
+    training_spacings,
+)
 from cldlr.common.data.roi import extract_roi
-from cldlr.common.data.schema import Parameter, Schema
+from cldlr.common.data.schema import Schema
 from cldlr.common.data.transforms import Normalization
+from cldlr.common.data.units import Spacing
 from cldlr.common.errors import CldlrError
 from cldlr.common.fusion import FusionModels
 from cldlr.common.io import jsonable
@@ -30,14 +40,6 @@ from cldlr.common.models.backbones import embed
 from cldlr.common.models.gradcam import grad_cam, overlay
 
 log = logging.getLogger(__name__)
-
-
-def expected_values(p: Parameter) -> str:
-    """What a parameter accepts, for error messages (range and unit, or levels)."""
-    if p.type == "numeric":
-        span = f" in [{p.range[0]:g}, {p.range[1]:g}]" if p.range else ""
-        return f"a number{span}{' ' + p.unit if p.unit else ''}"
-    return "0/1 (yes/no)" if p.type == "binary" else "one of " + ", ".join(p.levels)
 
 
 @dataclass
@@ -54,6 +56,8 @@ class Prediction:
     heatmap: np.ndarray
     fallback: str | None = None
     warnings: list[str] = field(default_factory=list)
+    imputed: dict[str, float | str] = field(default_factory=dict)  # missing: impute values filled as in training
+    derived: dict[str, float] = field(default_factory=dict)  # descriptors computed from the mask
 
     @property
     def predicted_class(self) -> str:
@@ -69,7 +73,8 @@ class Prediction:
         data: dict[str, Any] = jsonable({"id": self.id, "ai_score": self.ai_score, "dlr_score": self.dlr_score,
                                          "clinical_score": self.clinical_score, "predicted_class": self.predicted_class,
                                          "threshold": self.threshold, "fallback": self.fallback, "warnings": self.warnings,
-                                         "clinical": self.clinical}, finite=True)
+                                         "clinical": self.clinical, "imputed": self.imputed,
+                                         "derived": self.derived}, finite=True)
         return data
 
 
@@ -97,46 +102,48 @@ class Bundle:
 
     def parse_clinical(self, raw: Mapping[str, Any]) -> tuple[dict[str, float | str | None], list[str]]:
         """Selected parameters parsed with the schema; returns the values and the names still missing."""
-        unknown = sorted(set(raw) - {p.name for p in self.schema.parameters})
-        if unknown:
-            raise ClinicalInputError(f"unknown clinical parameter(s) {', '.join(unknown)}; the model's schema has: "
-                                     + ", ".join(p.name for p in self.schema.parameters))
-        values: dict[str, float | str | None] = {}
-        for p in self.encoder.parameters:
-            try:
-                values[p.name] = p.parse(raw.get(p.name))
-            except ValueError as exc:
-                raise ClinicalInputError(f"clinical parameter {p.name!r}: {exc}; expected {expected_values(p)}") from None
+        values = parse_given(raw, self.encoder, self.schema)
         return values, [name for name, value in values.items() if value is None]
 
     def predict(self, image: np.ndarray, mask: np.ndarray, clinical: Mapping[str, Any], *,
-                allow_missing_clinical: bool = False) -> Prediction:
+                allow_missing_clinical: bool = False, spacing: Spacing | None = None,
+                accept_pixel_units: bool = False) -> Prediction:
         """Score one lesion (see :meth:`predict_many`)."""
-        return self.predict_many([image], [mask], [clinical], allow_missing_clinical=allow_missing_clinical)[0]
+        return self.predict_many([image], [mask], [clinical], allow_missing_clinical=allow_missing_clinical,
+                                 spacings=[spacing], accept_pixel_units=accept_pixel_units)[0]
 
     def predict_many(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
                      clinicals: Sequence[Mapping[str, Any]], *, ids: Sequence[str] | None = None,
-                     allow_missing_clinical: bool = False, batch_size: int = 16) -> list[Prediction]:
+                     allow_missing_clinical: bool = False, batch_size: int = 16,
+                     spacings: Sequence[Spacing | None] | None = None,
+                     accept_pixel_units: bool = False) -> list[Prediction]:
         """Score many lesions exactly as the study did: ROI → embedding → encoder → SVMs, plus Grad-CAM.
 
-        A missing selected clinical value is an error unless ``allow_missing_clinical``; then that
-        lesion's AI score is its DLR score (``fallback="dlr"``) and a warning says why.
+        Clinical inputs are prepared as in training (:func:`~cldlr.common.clinical.inputs.prepare_inputs`):
+        descriptors nobody gave are computed from the mask (at ``spacings``, one per image, for
+        sizes in mm), a missing ``missing: impute`` value gets the encoder's training value and is
+        listed in :attr:`Prediction.imputed`. A missing ``missing: error`` value is an error unless
+        ``allow_missing_clinical``; then that lesion's AI score is its DLR score (``fallback="dlr"``)
+        and a warning says why. Pixel-unit inputs at a spacing other than the training sites' are
+        refused unless ``accept_pixel_units`` (:func:`~cldlr.common.clinical.inputs.check_pixel_units`).
         """
         ids = list(ids) if ids is not None else [f"lesion {i + 1}" for i in range(len(images))]
         if not len(images) == len(masks) == len(clinicals) == len(ids):
             raise CldlrError(f"{len(images)} images, {len(masks)} masks, {len(clinicals)} clinical rows, {len(ids)} ids")
-        rows, missing = [], []
-        for name, raw in zip(ids, clinicals):
+        spacings = list(spacings) if spacings is not None else [None] * len(ids)
+        trained, in_pixels = training_spacings(self.meta), pixel_inputs(self.encoder)
+        inputs, rows, missing = [], [], []
+        for name, raw, mask, spacing in zip(ids, clinicals, masks, spacings):
             try:
-                values, absent = self.parse_clinical(raw)
+                prepared = prepare_inputs(raw, self.encoder, self.schema, mask, spacing)
+                prepared.warnings += check_pixel_units(in_pixels, trained, spacing, accept=accept_pixel_units)
             except ClinicalInputError as exc:
                 raise ClinicalInputError(f"{name}: {exc}") from None
-            if absent and not allow_missing_clinical:
-                need = "; ".join(f"{n} ({expected_values(self.schema.get(n))})" for n in absent)
-                raise ClinicalInputError(f"{name}: missing clinical value(s): {need}; give them, or allow the DLR "
-                                         "fallback (--allow-missing-clinical)")
-            rows.append(values)
-            missing.append(absent)
+            if prepared.missing and not allow_missing_clinical:
+                raise ClinicalInputError(missing_message(name, prepared.missing, self.schema))
+            inputs.append(prepared)
+            rows.append(prepared.values)
+            missing.append(prepared.missing)
         rois = np.empty((len(ids), 1, self.image_size, self.image_size), np.uint8)
         for i, (name, image, mask) in enumerate(zip(ids, images, masks)):
             try:
@@ -156,8 +163,9 @@ class Bundle:
                 log.warning("%s: %s", name, warnings[0])
             clinical = None if fallback or "clinical" not in scores else float(scores["clinical"][i])
             out.append(Prediction(name, dlr if fallback else float(scores["cldlr"][i]), dlr, clinical, self.threshold,
-                                  rows[i], rois[i, 0], heatmaps[i], "dlr" if fallback else None, warnings))
+                                  rows[i], rois[i, 0], heatmaps[i], "dlr" if fallback else None,
+                                  warnings + inputs[i].warnings, dict(inputs[i].imputed), dict(inputs[i].derived)))
         return out
 
 
-__all__ = ["Bundle", "Prediction", "expected_values"]
+__all__ = ["Bundle", "ClinicalInputError", "Prediction", "expected_values"]

@@ -23,6 +23,7 @@ from cldlr.common.bundle.signing import BundleSigner, fingerprint
 from cldlr.common.config import ModelConfig
 from cldlr.common.data.schema import Schema
 from cldlr.common.data.transforms import normalization_for
+from cldlr.common.data.units import Spacing
 from cldlr.common.evaluation.outcome import StudyOutcome
 from cldlr.common.io import atomic_write_bytes
 from cldlr.common.models.backbones import build_model
@@ -72,11 +73,12 @@ DP_COVERS = ("the DP-SGD training of the backbone only; clinical statistics, enc
              "released exactly (SecAgg+ hides each site's share of a sum, not a patient's contribution to it)")
 
 
-def export_study_bundle(out_dir: str | Path, outcome: StudyOutcome, artifacts: Any, config: Any, schema: Schema, *,
-                        signer: BundleSigner | None = None) -> Path:
+def export_study_bundle(out_dir: str | Path, outcome: StudyOutcome, artifacts: Any, config: Any, schema: Schema,
+                        training_spacing: list[Spacing] | None = None, *, signer: BundleSigner | None = None) -> Path:
     """Bundle a finished study (``run_study``'s outcome and artifacts) with its model card; replaces ``out_dir``.
 
     ``signer`` signs it (see :func:`study_signer`); without one the bundle is unsigned.
+    ``training_spacing``: the training images' pixel spacings (see :func:`~cldlr.common.bundle.export_bundle`).
 
     The model card holds aggregate facts only: cohort sizes, sites, split, Table 2 metrics, DeLong
     tests, SVM solver and the DP budget (config targets plus :attr:`StudyOutcome.privacy_spent`
@@ -110,6 +112,7 @@ def export_study_bundle(out_dir: str | Path, outcome: StudyOutcome, artifacts: A
         normalization=normalization_for(config.data, config.model.weights), schema=schema,
         selected=list(outcome.selected), encoder=artifacts.encoder, fusion=artifacts.fusion,
         threshold=config.svm.threshold, model_card=card, signer=signer, overwrite=True,
+        training_spacing=training_spacing,
     )
 
 

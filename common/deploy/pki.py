@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,10 +88,35 @@ def write_pki_files(files: list[tuple[Path, bytes, bool]], *, force: bool) -> No
         raise
 
 
+def tighten_pki_dir(folder: str | os.PathLike[str]) -> None:
+    """Make an existing PKI folder owner-only (0700) and its private keys (``*.key``) 0600, logging each change.
+
+    ``mkdir(mode=0o700)`` only applies to a folder it creates: one made earlier by hand (often
+    0755) would keep its keys listable and, with a loose key file, readable by every local user.
+    Symbolic links are left alone (``chmod`` would change whatever they point at).
+    """
+    folder = Path(folder)
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    mode = stat.S_IMODE(folder.stat().st_mode)
+    if mode & 0o077:
+        os.chmod(folder, mode & 0o700)
+        log.warning("PKI folder %s had mode %04o; tightened to %04o (it holds private keys)", folder, mode,
+                    mode & 0o700)
+    for path in sorted(folder.glob("*.key")):
+        if path.is_symlink() or not path.is_file():
+            continue
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            os.chmod(path, mode & 0o600)
+            log.warning("private key %s had mode %04o; tightened to %04o", path, mode, mode & 0o600)
+
+
 def prepare_pki_dir(out_dir: str | os.PathLike[str]) -> Path:
-    """Create the output folder owner-only (it will hold secrets)."""
+    """Create the output folder owner-only (it will hold secrets); an existing one is tightened."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tighten_pki_dir(out)
     return out
 
 
@@ -153,6 +179,7 @@ def load_ca(ca_dir: str | os.PathLike[str]) -> tuple[x509.Certificate, ec.Ellipt
     for path in (cert_path, key_path):
         if not path.is_file():
             raise PkiError(f"{path} not found; create a CA first with `cldlr certs ca {ca_dir}`")
+    tighten_pki_dir(ca_dir)  # the CA folder holds the federation's most valuable key
     try:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     except ValueError as exc:

@@ -29,6 +29,7 @@ class RunConfig:
     output_dir: str = "runs"
     seed: int = 0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"  # the CLI's -v/--log-level override it
+    bundle_signer: str = ""  # folder with the centre's bundle-signer.key/.pem; empty: a study-local key signs the bundle
 
 
 @dataclass(frozen=True)
@@ -341,7 +342,7 @@ def validate_config(config: Config) -> None:
         (0.05 <= config.fusion.holdout_fraction <= 0.5, "fusion.holdout_fraction must be in [0.05, 0.5]"),
         (config.svm.ridge > 0, "svm.ridge must be > 0"),
         (config.svm.rff_features >= 1, "svm.rff_features must be >= 1"),
-        (0.0 <= config.svm.threshold <= 1.0, "svm.threshold must be in [0, 1]"),
+        (0.0 < config.svm.threshold < 1.0, "svm.threshold must be in (0, 1)"),
         (config.svm.embedding_pca >= 0, "svm.embedding_pca must be >= 0 (0 = keep all)"),
         (config.federation.rounds >= 0, "federation.rounds must be >= 0"),
         (config.federation.min_sites >= 1, "federation.min_sites must be >= 1"),

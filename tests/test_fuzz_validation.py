@@ -192,15 +192,17 @@ IDS = st.lists(st.one_of(st.sampled_from(HOSTILE_IDS[:12]),
                                                                 HealthCheck.too_slow])
 @given(ids=IDS, command=st.sampled_from(["predict", "packet"]))
 def test_predict_and_packet_write_nothing_outside_their_output(tiny_bundle, fuzz_root, ids, command):
+    from test_bundle import model_args
+
     source, bundle = tiny_bundle
     root = Path(tempfile.mkdtemp(dir=fuzz_root))
     site = _crafted_site(source, root, ids)
     out = root / "a" / "b" / "out"
     before = _snapshot(root, out)
     if command == "predict":
-        code = main(["predict", "--model", str(bundle), "--site", str(site), "--out", str(out)])
+        code = main(["predict", *model_args(bundle), "--site", str(site), "--out", str(out)])
     else:
-        code = main(["reader-study", "packet", "--model", str(bundle), "--site", str(site), "--out", str(out),
+        code = main(["reader-study", "packet", *model_args(bundle), "--site", str(site), "--out", str(out),
                      "--split", "all"])
     assert _snapshot(root, out) == before
     assert sorted(p.name for p in out.parent.iterdir()) == (["out", "site"] if code == 0 else ["site"])

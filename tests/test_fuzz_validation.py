@@ -50,6 +50,14 @@ def _cell() -> st.SearchStrategy[str]:
     )
 
 
+def _csv(header: list[str], rows: list[list[str]], quoting: int) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, quoting=quoting, escapechar="\\")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
 @st.composite
 def clinical_bytes(draw: st.DrawFn) -> bytes:
     """A clinical.csv as a hospital export could break it."""
@@ -59,12 +67,11 @@ def clinical_bytes(draw: st.DrawFn) -> bytes:
     if draw(st.booleans()):
         header = COLUMNS + header[:2]  # mostly well-formed: the row checks get exercised
     rows = draw(st.lists(st.lists(_cell(), min_size=0, max_size=len(header) + 2), max_size=6))
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, quoting=draw(st.sampled_from([csv.QUOTE_MINIMAL, csv.QUOTE_ALL, csv.QUOTE_NONE])),
-                        escapechar="\\")
-    writer.writerow(header)
-    writer.writerows(rows)
-    text = buffer.getvalue()
+    quoting = draw(st.sampled_from([csv.QUOTE_MINIMAL, csv.QUOTE_ALL, csv.QUOTE_NONE]))
+    try:
+        text = _csv(header, rows, quoting)
+    except csv.Error:  # QUOTE_NONE cannot write a record of one empty field
+        text = _csv(header, rows, csv.QUOTE_MINIMAL)
     encoding = draw(st.sampled_from(["utf-8", "utf-8-sig", "latin-1", "utf-16", "cp1252"]))
     return text.encode(encoding, errors="replace")
 

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> None:
             if backbone == "pretrained" and not weights.is_file():
                 cfg = base_config(args.bi4, args.out, ["federation.mode=pooled", "train.epochs=10",
                                                        f"run.output_dir={args.out}"])
-                pretrain(cfg, args.archive, weights)
+                pretrain(cfg, args.archive, weights, drop_overlap=True)  # BUS-BRA: one patient is in both
             folder = arm_dir(args.out, backbone, fusion)
             if (folder / f"repeat-{r + 1}" / "report.json").is_file():
                 continue

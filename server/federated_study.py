@@ -80,6 +80,11 @@ class FederatedFit:
     payload: dict[str, Any] = field(default_factory=dict)  # lets a site rebuild the fitted models
 
 
+def noisy_sums(config: Config) -> bool:
+    """Whether the study's secure sums carry the sites' DP noise (``privacy.secure_sums``): fits repair them."""
+    return config.privacy.enabled and config.privacy.secure_sums.enabled
+
+
 def clinical_phase(sum_fn: SumFn, schema: Schema, config: Config, max_cases: int) -> tuple[SelectionResult, ClinicalEncoder, int]:
     """Select parameters from summed statistics (round 1 on schema bins, round 2 on bins where the
     data lie) and fit their encoder — as :func:`select_clinical` does. The encoder sums of every
@@ -91,15 +96,19 @@ def clinical_phase(sum_fn: SumFn, schema: Schema, config: Config, max_cases: int
     if candidates:
         requests.append(SumRequest(ENCODER_SUMS, {"selected": [p.name for p in candidates]},
                                    encoder_sums_length(candidates), float(max_cases)))
+    noisy = noisy_sums(config)  # DP-noised sums: counts and moments repaired before any test
+    statistics = ParameterStatistics.from_noisy_vector if noisy else ParameterStatistics.from_vector
     summed, *encoder_summed = sum_together(sum_fn, requests)
-    ranges = refined_histogram_ranges(ParameterStatistics.from_vector(summed, layout))
+    ranges = refined_histogram_ranges(statistics(summed, layout))
     summed = sum_fn(CLINICAL_STATS, {"histogram_ranges": {k: list(v) for k, v in ranges.items()}},
                     length=layout.size, bound=float(max_cases))
-    stats = ParameterStatistics.from_vector(summed, layout.with_histogram_ranges(ranges))
+    stats = statistics(summed, layout.with_histogram_ranges(ranges))
     selection = select_parameters(stats, alpha=config.clinical.alpha, normality_alpha=config.clinical.normality_alpha)
     parameters = [schema.get(name) for name in selection.selected]
     vector = select_encoder_sums(encoder_summed[0], candidates, parameters) if candidates else np.zeros(1)
-    return selection, ClinicalEncoder.from_sums(vector, parameters), 2
+    encoder = ClinicalEncoder.from_noisy_sums(vector, parameters) if noisy and parameters else \
+        ClinicalEncoder.from_sums(vector, parameters)
+    return selection, encoder, 2
 
 
 def fusion_phase(sum_fn: SumFn, config: Config, encoder: ClinicalEncoder, n_deep: int, max_cases: int,
@@ -171,6 +180,8 @@ def evaluation_phase(sum_fn: SumFn, config: Config, fit_payload: dict[str, Any],
     layout = EvaluationLayout(models=models, n_bins=config.evaluation.histogram_bins)
     payload = {**fit_payload, "layout": layout.to_payload()}
     summed = sum_fn(SCORE_HISTOGRAMS, payload, length=layout.histogram_length, bound=float(max_cases), integer=True)
+    if noisy_sums(config):  # DP noise: a negative count is clamped to 0 (the sum was rounded already)
+        summed = np.maximum(summed, 0.0)
     hists = layout.unpack_histograms(summed)
     counts = {c: (int(hists[c][models[0]][0].sum()), int(hists[c][models[0]][1].sum())) for c in layout.cohorts}
     for cohort, (n0, n1) in counts.items():
@@ -185,8 +196,10 @@ def evaluation_phase(sum_fn: SumFn, config: Config, fit_payload: dict[str, Any],
     roc: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {c: {} for c in layout.cohorts}
     delong: dict[str, dict[str, float]] = {}
     for cohort in layout.cohorts:
+        if noisy_sums(config):  # the class counts of the (repaired) histograms, not the noisier placement n
+            placements[cohort]["n"] = np.asarray(counts[cohort], dtype=np.int64)
         stats = secure_metrics.delong_from_sums(placements[cohort], names=list(models),
-                                                min_count=config.evaluation.min_count)
+                                                min_count=config.evaluation.min_count, noisy=noisy_sums(config))
         for model in models:
             hist = hists[cohort][model]
             tp, fp, tn, fn = confusion_from_histogram(hist, config.svm.threshold)

@@ -130,6 +130,27 @@ class ClinicalEncoder:
         return [name for p in self.parameters for name in p.feature_names]
 
     @classmethod
+    def from_noisy_sums(cls, vec: np.ndarray, parameters: tuple[Parameter, ...] | list[Parameter]) -> ClinicalEncoder:
+        """:meth:`from_sums` of DP-noised sums, repaired: counts rounded (total ≥ 1, observed in [1, total]),
+        level counts in [0, observed], and each Σz² at least (Σz)²/n (a variance ≥ 0).
+        """
+        vec = np.asarray(vec, dtype=np.float64).copy()
+        parameters = tuple(parameters)
+        vec, k = _checked_sums(vec, parameters)
+        vec = vec.copy()
+        total = vec[0] = max(np.rint(vec[0]), 1.0)
+        observed, s1, s2 = vec[1:1 + k], vec[1 + k:1 + 2 * k], vec[1 + 2 * k:]
+        observed[:] = np.clip(np.rint(observed), 1.0, total)
+        for p, cols in _columns(parameters):
+            if p.type == "numeric":
+                s1[cols] = np.clip(s1[cols], -observed[cols], observed[cols])
+                s2[cols] = np.clip(s2[cols], s1[cols] ** 2 / observed[cols], observed[cols])
+            else:
+                s1[cols] = np.clip(np.rint(s1[cols]), 0.0, observed[cols])
+                s2[cols] = s1[cols]
+        return cls.from_sums(vec, parameters)
+
+    @classmethod
     def from_sums(cls, vec: np.ndarray, parameters: tuple[Parameter, ...] | list[Parameter]) -> ClinicalEncoder:
         """Fit from :func:`encoder_sums` of one site or the sum of several sites' vectors."""
         parameters = tuple(parameters)

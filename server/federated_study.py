@@ -183,6 +183,8 @@ def evaluation_phase(sum_fn: SumFn, config: Config, fit_payload: dict[str, Any],
     if noisy_sums(config):  # DP noise: a negative count is clamped to 0 (the sum was rounded already)
         summed = np.maximum(summed, 0.0)
     hists = layout.unpack_histograms(summed)
+    if noisy_sums(config):  # one class count per cohort for every model (the placements need it)
+        hists = {c: secure_metrics.harmonised_histograms(h) for c, h in hists.items()}
     counts = {c: (int(hists[c][models[0]][0].sum()), int(hists[c][models[0]][1].sum())) for c in layout.cohorts}
     for cohort, (n0, n1) in counts.items():
         if min(n0, n1) < max(config.evaluation.min_count, 1):

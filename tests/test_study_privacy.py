@@ -23,7 +23,12 @@ from cldlr.common.config import load_config
 from cldlr.common.data.schema import load_schema
 from cldlr.common.data.site import read_site
 from cldlr.common.errors import ConfigError
-from cldlr.common.evaluation.secure_metrics import delong_from_sums, placement_sums, score_histograms
+from cldlr.common.evaluation.secure_metrics import (
+    delong_from_sums,
+    harmonised_histograms,
+    placement_sums,
+    score_histograms,
+)
 from cldlr.common.fusion import RffFusionFitter, run_rff_protocol
 from cldlr.common.fusion.lssvm import nearest_psd, solve_lssvm
 from cldlr.common.fusion.platt import platt_step
@@ -194,3 +199,16 @@ def test_the_svm_fit_finishes_on_noised_sums() -> None:
     proba = fusion.predict_proba(sites[0][0], sites[0][1])
     assert set(proba) == {"clinical", "dlr", "cldlr"}
     assert all(np.all(np.isfinite(p)) and np.all((p >= 0) & (p <= 1)) for p in proba.values())
+
+
+def test_noisy_histograms_get_one_class_count_for_every_model() -> None:
+    rng = np.random.default_rng(8)
+    y = rng.integers(0, 2, 60)
+    hists = {m: np.rint(noisy(score_histograms(y, rng.uniform(size=60), 10).astype(np.float64), 3.0, seed=i))
+             for i, m in enumerate(("a", "b", "c"))}
+    assert len({tuple(h.sum(axis=1)) for h in hists.values()}) > 1  # the noise made them disagree
+    fixed = harmonised_histograms(hists)
+    totals = {tuple(h.sum(axis=1)) for h in fixed.values()}
+    assert len(totals) == 1 and all(np.all(h >= 0) for h in fixed.values())
+    sums = placement_sums(y, {m: rng.uniform(size=60) for m in fixed}, fixed, 10)  # the site's check passes
+    assert sums["n"].tolist() == [int(np.sum(y == 0)), int(np.sum(y == 1))]

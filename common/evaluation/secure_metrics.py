@@ -242,6 +242,28 @@ def delong_from_sums(
     return {"models": models, "pairs": pairs}
 
 
+def harmonised_histograms(hists: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """DP-noised score histograms of one cohort with the same class counts for every model.
+
+    Every model scores the same cases, but independent noise gives each model's histogram its
+    own class totals; placements need one. Each class's count becomes the median over models
+    (at least 1) and each histogram is rescaled to it, rounded by largest remainder (counts ≥ 0).
+    """
+    totals = np.array([np.asarray(h, dtype=np.float64).sum(axis=1) for h in hists.values()])
+    target = np.maximum(np.rint(np.median(totals, axis=0)), 1).astype(np.int64)
+    out = {}
+    for name, hist in hists.items():
+        rows = []
+        for c, row in enumerate(np.maximum(np.asarray(hist, dtype=np.float64), 0.0)):
+            share = row / row.sum() * target[c] if row.sum() > 0 else np.full(row.size, target[c] / row.size)
+            counts = np.floor(share).astype(np.int64)
+            left = int(target[c] - counts.sum())
+            counts[np.argsort(share - counts)[::-1][:left]] += 1
+            rows.append(counts)
+        out[name] = np.array(rows)
+    return out
+
+
 def local_report_allowed(y: ArrayLike, min_count: int) -> bool:
     """Whether a site may share its own site-level metrics: both classes need >= ``min_count`` cases."""
     labels = check_labels(y, need_both=False)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from cldlr.common.fusion.fit import FusionModels, RffFusionFitter, run_rff_protocol
 from cldlr.common.fusion.payload import FusionPayload, fusion_fitter, fusion_models_from_payload
+from cldlr.common.fusion.pca import PCA_ROUNDS
 from cldlr.common.fusion.pipeline import BLOCKS
 from cldlr.common.fusion.platt import PLATT_HIST_BINS, PLATT_HIST_RANGE
 from cldlr.common.fusion.protocol import RffRequest, site_sums
@@ -27,6 +28,7 @@ from cldlr.common.fusion.protocol import RffRequest, site_sums
 __all__ = [
     "BLOCKS",
     "PLATT_HIST_BINS",
+    "PCA_ROUNDS",
     "PLATT_HIST_RANGE",
     "FusionModels",
     "FusionPayload",

@@ -20,7 +20,7 @@ from cldlr.common.config import Config
 from cldlr.common.data.schema import Schema
 from cldlr.common.errors import CldlrError
 from cldlr.common.evaluation.layout import evaluation_layout
-from cldlr.common.fusion.pca import PCA_ROUNDS
+from cldlr.common.fusion import PCA_ROUNDS
 from cldlr.common.secure.noise import gaussian_multiplier, gaussian_rdp, headroom_for
 from cldlr.common.secure.tasks import (
     BATCH_TASK,

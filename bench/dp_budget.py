@@ -53,7 +53,7 @@ def run_point(epsilon: float, seed: int, sites: Path, out: Path, extra: list[str
     privacy = (report.get("federation") or {}).get("privacy") or {}
     return {"epsilon": epsilon, "seed": seed,
             "auc": {m: report["metrics"][m]["test"]["auc"] for m in MODELS if m in report["metrics"]},
-            "selected": report.get("selected", []),
+            "selected": report.get("selected_clinical_parameters", []),
             "spent": {site: v.get("phases", {}).get("total", v.get("epsilon")) for site, v in privacy.items()}}
 
 

@@ -152,6 +152,9 @@ def check_study(policy: SitePolicy, config: Config, centre_schema: Schema, site_
         raise _refuse("too many training rounds", f"federation.rounds={fed.rounds} > max_rounds={policy.max_rounds}")
     if policy.dp.required and not dp.enabled:
         raise _refuse("the site requires DP-SGD training", "privacy.enabled is false")
+    if fed.num_sites == 1 and dp.enabled and dp.secure_sums.enabled:
+        raise _refuse("whole-study DP needs secure sums over several sites",
+                      "a one-site study sends its sums in plaintext, without the noise shares of SecAgg+ sums")
     if policy.dp.sum_noise == "required" and not (dp.enabled and dp.secure_sums.enabled):
         raise _refuse("the site requires DP noise on every secure sum", "privacy.secure_sums.enabled is false")
     if dp.enabled and dp.delta > policy.dp.delta:

@@ -212,3 +212,12 @@ def test_noisy_histograms_get_one_class_count_for_every_model() -> None:
     assert len(totals) == 1 and all(np.all(h >= 0) for h in fixed.values())
     sums = placement_sums(y, {m: rng.uniform(size=60) for m in fixed}, fixed, 10)  # the site's check passes
     assert sums["n"].tolist() == [int(np.sum(y == 0)), int(np.sum(y == 1))]
+
+
+def test_a_one_site_study_cannot_claim_whole_study_dp(world) -> None:
+    schema = load_schema(world["schema"])
+    policy = policy_from_dict({"schema": str(world["schema"]), "folders": {"state": "/tmp/s"}, "allow_single_site": True,
+                               "dp": {"delta": DELTA}})
+    with pytest.raises(PolicyRefusal, match="needs secure sums over several sites"):
+        check_study(policy, study(world, *WHOLE, "federation.num_sites=1"), schema, schema)
+    check_study(policy, study(world, *DP, "federation.num_sites=1"), schema, schema)

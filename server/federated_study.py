@@ -26,7 +26,14 @@ from cldlr.common.evaluation import secure_metrics
 from cldlr.common.evaluation.layout import EvaluationLayout, confusion_from_histogram
 from cldlr.common.evaluation.metrics import metrics_from_counts
 from cldlr.common.evaluation.outcome import MODELS
-from cldlr.common.fusion import PLATT_HIST_BINS, PLATT_HIST_RANGE, FusionModels, FusionPayload, fusion_fitter
+from cldlr.common.fusion import (
+    CLINICAL_VALUE_BOUND,
+    PLATT_HIST_BINS,
+    PLATT_HIST_RANGE,
+    FusionModels,
+    FusionPayload,
+    fusion_fitter,
+)
 from cldlr.common.secure.sums import bound_blocks
 from cldlr.common.secure.tasks import BATCH_TASK, CLINICAL_STATS, ENCODER_SUMS, FUSION_SUMS, PLACEMENT_SUMS, SCORE_HISTOGRAMS
 
@@ -143,7 +150,7 @@ def _fusion_shape(fitter: Any, request: Any, n_clinical: int, n_deep: int, n: in
     range. A site whose value exceeds its bound fails the round with an error naming the element,
     rather than being clipped silently by SecAgg+.
     """
-    clin = 1e3
+    clin = CLINICAL_VALUE_BOUND
     if fitter.phase == "moments":
         blocks = [(2, float(n)), (n_clinical, n * clin), (n_deep, n * feature_bound),
                   (n_clinical, n * clin ** 2), (n_deep, n * feature_bound ** 2)]
@@ -206,6 +213,8 @@ def evaluation_phase(sum_fn: SumFn, config: Config, fit_payload: dict[str, Any],
             hist = hists[cohort][model]
             tp, fp, tn, fn = confusion_from_histogram(hist, config.svm.threshold)
             entry = stats["models"][model]
+            if noisy_sums(config):  # the AUC of the noisy histograms: far less noise than the placement sums
+                entry = {**entry, "auc": secure_metrics.auc_from_histograms(hist)}
             metrics[model][cohort] = {"auc": entry["auc"], "auc_ci_low": entry["ci_low"], "auc_ci_high": entry["ci_high"],
                                       **metrics_from_counts(tp, fp, tn, fn)}
             roc[cohort][model] = histogram_as_cases(hist)

@@ -23,10 +23,11 @@ from cldlr.common.fusion.payload import FusionPayload, fusion_fitter, fusion_mod
 from cldlr.common.fusion.pca import PCA_ROUNDS
 from cldlr.common.fusion.pipeline import BLOCKS
 from cldlr.common.fusion.platt import PLATT_HIST_BINS, PLATT_HIST_RANGE
-from cldlr.common.fusion.protocol import RffRequest, site_sums
+from cldlr.common.fusion.protocol import CLINICAL_VALUE_BOUND, RffRequest, site_sums
 
 __all__ = [
     "BLOCKS",
+    "CLINICAL_VALUE_BOUND",
     "PLATT_HIST_BINS",
     "PCA_ROUNDS",
     "PLATT_HIST_RANGE",

@@ -90,6 +90,9 @@ def answer_size(request: RffRequest, n_clinical: int, n_deep: int) -> int:
     raise CldlrError(f"unknown request phase {request.phase!r}")
 
 
+#: The bound the fusion sums state for one standardized clinical value (a few SD at most: generous).
+CLINICAL_VALUE_BOUND = 1e3
+
 #: Under DP-noised sums a fit from noise can give wild leave-one-out values: a site clips them here (|f|²/4 ≤ 100,
 #: inside the Platt sums' bound), so its Newton-step sums stay within their bounds instead of failing the round.
 NOISY_DECISION_CLIP = 2 * PLATT_HIST_RANGE

@@ -77,9 +77,12 @@ def table(rows: list[dict[str, Any]]) -> str:
         for m in MODELS:
             values = [r["auc"][m] for r in group if m in r["auc"]]
             cells.append(f"{np.mean(values):.3f} ± {np.std(values):.3f}" if values else "–")
-        selected = "; ".join(",".join(markdown_text(s) for s in r["selected"]) or "none" for r in group)
+        selected = "; ".join(", ".join(markdown_text(s) for s in r["selected"]) or "none"
+                             for r in group if "error" not in r) or "–"
         spent = max((v for r in group for v in r["spent"].values() if v is not None), default=None)
-        lines.append(f"| {'∞' if math.isinf(eps) else f'{eps:g}'} | {len(group)} | " + " | ".join(cells)
+        failed = sum("error" in r for r in group)
+        lines.append(f"| {'∞' if math.isinf(eps) else f'{eps:g}'} | {len(group) - failed}"
+                     + (f" (+{failed} stopped)" if failed else "") + " | " + " | ".join(cells)
                      + f" | {selected} | {'–' if spent is None else f'{spent:.2f}'} |")
     return "\n".join(lines)
 
@@ -138,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
             for eps in args.eps:
                 if (eps, seed) in finished:
                     continue
-                row = run_point(eps, seed, args.sites.resolve(), args.out.resolve(), args.extra)
+                try:
+                    row = run_point(eps, seed, args.sites.resolve(), args.out.resolve(), args.extra)
+                except Exception as exc:  # a study that stopped (a refusal, a failed round) is a result too
+                    row = {"epsilon": eps, "seed": seed, "auc": {}, "selected": [], "spent": {},
+                           "error": str(exc).splitlines()[-1][:300]}
                 with open(args.out / "results.jsonl", "a", encoding="utf-8") as handle:
                     handle.write(json.dumps(row) + "\n")
                 print(json.dumps(row), flush=True)

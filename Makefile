@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: install deploy-deps lint demo test test-slow test-all bench clean
+.PHONY: install deploy-deps browser-deps lint demo test test-slow test-all bench clean
 
 # The venv is (re)built whenever pyproject.toml changes; everything the tests and demo need is
 # installed here, so a clean checkout needs nothing but Python 3.11.
@@ -34,6 +34,23 @@ else
 	@echo "nginx: $(NGINX)"
 endif
 
+# The reading app's browser test (tests/test_reader_app_browser.py) drives headless Chromium through
+# chromedriver; both come from the distribution's packages, installed when missing and we may (root with
+# apt-get), else the test skips and says why.
+CHROMIUM := $(shell command -v chromium 2>/dev/null)
+CHROMEDRIVER := $(shell command -v chromedriver 2>/dev/null)
+browser-deps:
+ifneq ($(and $(CHROMIUM),$(CHROMEDRIVER)),)
+	@echo "chromium: $(CHROMIUM), chromedriver: $(CHROMEDRIVER)"
+else
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver; \
+	else \
+		echo "chromium/chromedriver missing: install them (e.g. sudo apt-get install chromium chromium-driver); the browser test skips without them"; \
+	fi
+endif
+
 demo: $(STAMP)
 	$(BIN)/python -m cldlr.simulations.demo --out demo-out
 
@@ -46,9 +63,9 @@ lint: $(STAMP)
 	@rm -rf $(TYPED) && mkdir -p $(TYPED)/cldlr
 	@for f in cldlr/*.py; do ln -s "$(CURDIR)/$$f" $(TYPED)/cldlr/; done
 	@for d in common client server simulations; do ln -s "$(CURDIR)/$$d" $(TYPED)/cldlr/$$d; done
-	cd $(TYPED) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p cldlr.common -p cldlr.server
+	cd $(TYPED) && $(abspath $(BIN))/mypy --config-file $(CURDIR)/pyproject.toml -p cldlr.common -p cldlr.server
 
-test: lint
+test: lint browser-deps
 	$(PYTEST) -q
 
 test-slow: $(STAMP) deploy-deps

@@ -24,6 +24,7 @@ from sklearn.metrics import roc_auc_score
 from cldlr.common.config import Config, load_config
 from cldlr.common.models.weights import model_to_arrays
 from cldlr.common.secure.wire import arrays_to_record
+from cldlr.server.checkpoint import checkpoint_weights
 
 log = logging.getLogger("bench")
 
@@ -262,7 +263,7 @@ def run_federation(ctx: Any) -> list[Figure]:
     config32 = study_config(phantom, work, backbone, size, "federation.mode=federated")
     images, labels, normalization = _test_cohort(config32)
     tiny = build_model(config32.model)
-    load_numpy_state(tiny, load_file(str(Path(fed32["run_dir"]) / "checkpoints" / "global.safetensors")))
+    load_numpy_state(tiny, load_file(str(checkpoint_weights(Path(fed32["run_dir"]) / "checkpoints"))))
     trip = _roundtrip_auc(tiny, images, labels, normalization)
     figures.append(Figure("CNN test AUC after fp16 round trip (tiny global model)", trip["auc_fp16"], "AUC",
                           trip["auc_fp32"], "fp32 weights", target="|Δ| ≤ 0.005", group="3",

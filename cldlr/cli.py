@@ -22,17 +22,24 @@ from .cli_args import force as _force
 from .cli_args import study_config
 from .cli_clinic import add_clinic_commands
 from .cli_deploy import add_deploy_commands
+from .cli_evaluate import add_evaluate_commands
 from .cli_site import add_site_commands
 
 log = logging.getLogger("cldlr")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """`cldlr validate`: report every problem of a site folder; exit 1 when it is invalid."""
+    """`cldlr validate`: report every problem of a site folder and which commands it serves; exit 1 when invalid."""
+    from cldlr.common.data.columns import parse_column_map
+    from cldlr.common.data.imaging import DEFAULT_MAX_IMAGE_PIXELS
     from cldlr.common.data.schema import load_schema
     from cldlr.common.data.validation import validate_site
 
-    report = validate_site(args.site, load_schema(args.schema))
+    cap = DEFAULT_MAX_IMAGE_PIXELS if args.max_image_pixels is None else args.max_image_pixels
+    if cap < 1:
+        raise CldlrError(f"--max-image-pixels must be >= 1, got {cap}")
+    report = validate_site(args.site, load_schema(args.schema), purpose=args.purpose, columns=parse_column_map(args.map),
+                           max_image_pixels=cap)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -109,8 +116,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from cldlr.simulations.runner import simulate
 
     config = study_config(args)
-    run_dir = simulate(config, compare=args.compare, resume=args.resume)
+    run_dir = simulate(config, compare=args.compare, resume=args.resume, repeats=args.repeats)
     print(f"report: {run_dir / 'report.md'}")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """`cldlr pretrain`: the backbone on the sites' archives outside the study cohort → a model.weights file."""
+    from cldlr.simulations.pretrain import pretrain
+
+    out = pretrain(study_config(args), args.archive, args.out, force=args.force)
+    print(f"weights: {out} (use --set model.weights={out})")
     return 0
 
 
@@ -142,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("site", type=Path)
     p.add_argument("--schema", type=Path, required=True)
     p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.add_argument("--for", dest="purpose", choices=["any", "study", "predict"], default="any",
+                   help="what the folder must serve (default any: say which commands it serves; an unlabelled "
+                        "folder serves predict only)")
+    p.add_argument("--map", action="append", default=[], metavar="SITE_COLUMN=SCHEMA_NAME",
+                   help="read the site's column SITE_COLUMN as SCHEMA_NAME (repeatable)")
+    p.add_argument("--max-image-pixels", type=int, metavar="N",
+                   help="most pixels an image or mask header may declare, checked before decoding "
+                        "(default 67108864 = 8192 x 8192)")
 
     p = add("import", lambda a: a.import_func(a), "turn a public/in-house layout into site folders")
     isub = p.add_subparsers(dest="layout", required=True, metavar="LAYOUT")
@@ -199,12 +223,22 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--compare", action="store_true", help="Pooled vs Local-i vs the strategies of federation.compare_strategies")
     p.add_argument("--resume", type=Path, default=None, help="continue the run in this folder")
+    p.add_argument("--repeats", type=int, default=1, metavar="N",
+                   help="run over N patient-level splits (split and seed + r) and report mean ± sd; resumable")
+
+    p = add("pretrain", cmd_pretrain, "pretrain the backbone on images outside the study cohort (federated or pooled)")
+    _config_args(p)
+    p.add_argument("--archive", type=Path, required=True,
+                   help="a site folder or folder of sites with the images outside the study cohort (other BI-RADS)")
+    p.add_argument("--out", type=Path, required=True, help="the weights file to write (.pt, or .safetensors)")
+    p.add_argument("--force", action="store_true", help="replace an existing weights file")
 
     p = add("compare-backbones", cmd_compare_backbones, "train every registry backbone on the same split (Table S2)")
     _config_args(p)
     p.add_argument("--backbones", nargs="+", default=None)
 
     add_clinic_commands(sub, add)
+    add_evaluate_commands(sub, add)
     add_site_commands(sub, add)
     return parser
 

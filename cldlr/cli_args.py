@@ -30,6 +30,20 @@ def force(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
 
 
+def bundle_trust(parser: argparse.ArgumentParser) -> None:
+    """``--trust``, ``--policy`` and ``--allow-unsigned``: what a command that loads a model bundle verifies it against.
+
+    The one definition every bundle-loading command uses (predict, reader-study packet, evaluate),
+    so a site states its trust the same way everywhere (``cldlr.client.predict.site_trust``).
+    """
+    parser.add_argument("--trust", action="append", default=[], type=Path, metavar="PEM",
+                        help="a CA certificate (the federation's ca.crt) or the signer's certificate/public key that "
+                             "model bundles must be signed by (repeatable)")
+    parser.add_argument("--policy", type=Path, metavar="FILE", help="the site's policy: trust its trusted_bundle_signers")
+    parser.add_argument("--allow-unsigned", action="store_true",
+                        help="use an unsigned or untrusted bundle anyway; outputs record 'signature: unverified'")
+
+
 def study_config(args: argparse.Namespace) -> Config:
     """The command's config (file, then ``--set``) with ``-v``/``--log-level`` as ``run.log_level``, now applied.
 

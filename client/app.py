@@ -43,6 +43,7 @@ from cldlr.common.secure.wire import arrays_to_record, record_to_arrays
 
 if TYPE_CHECKING:  # torch-heavy: imported only by the messages that need a site (every message is a new process)
     from cldlr.client.federated import FederatedSite
+    from cldlr.client.site import SiteSession
 
 log = logging.getLogger("cldlr.site")
 
@@ -74,6 +75,14 @@ def site_folder(context: Context, config: Config) -> Path:
             raise PublicError(f"simulation node {index} has no site folder: only {len(folders)} configured")
         return folders[index]
     raise PublicError("this SuperNode has no data-path: start it with --node-config 'data-path=\"/path/to/site\"'")
+
+
+def _counts(session: SiteSession) -> dict[str, int]:
+    """Cohort sizes for the centre; ``n-backbone`` (what a round's num-examples must be) only with a fusion hold-out."""
+    counts = {"n-train": len(session.train), "n-test": len(session.test)}
+    if session.n_backbone != len(session.train):
+        counts["n-backbone"] = session.n_backbone
+    return counts
 
 
 def _handshake(msg: Message, context: Context) -> Message:
@@ -109,7 +118,7 @@ def _handshake(msg: Message, context: Context) -> Message:
              len(federated.session.train), len(federated.session.test))
     return Message(RecordDict({
         "site": ConfigRecord({"name": federated.name, "version": __version__}),
-        "counts": MetricRecord({"n-train": len(federated.session.train), "n-test": len(federated.session.test)}),
+        "counts": MetricRecord(_counts(federated.session)),
     }), reply_to=msg)
 
 
@@ -125,7 +134,8 @@ def _build_site(context: Context, config: Config, schema: Schema, folder: Path, 
     from cldlr.client.federated import FederatedSite
     from cldlr.client.site import SiteSession
 
-    site = read_site(folder, schema)  # validates; an invalid site raises with the full report
+    # validates (under the site's own image cap, not the centre's); an invalid site raises with the full report
+    site = read_site(folder, schema, max_image_pixels=policy.max_image_pixels)
     name = str(context.node_config.get("site-name", site.name))
     node_state = context.node_config.get("state-dir")
     if node_state and Path(str(node_state)).expanduser().resolve() != policy.state_dir.resolve():

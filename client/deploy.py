@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 
 from cldlr.client.fab_gate import approved_fabs
+from cldlr.client.policy import load_policy
+from cldlr.common.data.imaging import DEFAULT_MAX_IMAGE_PIXELS
 from cldlr.common.data.schema import Schema, load_schema
 from cldlr.common.data.validation import ValidationReport, validate_site
 from cldlr.common.deploy.launch import Command, check_address, existing_file, flower_command, key_values, python_command
@@ -37,8 +39,11 @@ def find_schema(data_path: Path, schema: str | os.PathLike[str] | None) -> Path 
     return None
 
 
-def check_site(data_path: str | os.PathLike[str], schema: str | os.PathLike[str] | None = None) -> ValidationReport:
+def check_site(data_path: str | os.PathLike[str], schema: str | os.PathLike[str] | None = None, *,
+               max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ValidationReport:
     """Validate the site; raise :class:`ContractError` carrying the full report when it fails.
+
+    ``max_image_pixels`` is the site policy's cap on what an image header may declare.
 
     Without a schema only the data contract (ids, labels, images, masks) is checked here; the
     clinical columns are then checked against the centre's schema during the handshake.
@@ -50,7 +55,8 @@ def check_site(data_path: str | os.PathLike[str], schema: str | os.PathLike[str]
     if schema_path is None:
         log.warning("no schema given or found beside %s: checking the data contract only; the clinical columns "
                     "are checked against the centre's schema when the study starts (pass --schema to check now)", folder)
-    report = validate_site(folder, load_schema(schema_path) if schema_path else CONTRACT_ONLY)
+    report = validate_site(folder, load_schema(schema_path) if schema_path else CONTRACT_ONLY,
+                           max_image_pixels=max_image_pixels)
     if not report.ok:
         raise ContractError(f"site {folder} fails validation ({report.summary()}); fix it before joining — "
                             "no SuperNode was started", report)
@@ -83,8 +89,10 @@ def supernode_command(superlink: str, ca: str | os.PathLike[str], key: str | os.
     key_path = _check_key(key)
     folder = Path(data_path).expanduser().resolve()
     schema_path = find_schema(folder, schema) if folder.is_dir() else None
+    policy_path = _check_policy(policy) if policy is not None else None
     if validate:
-        report = check_site(folder, schema_path)
+        cap = load_policy(policy_path).max_image_pixels if policy_path is not None else DEFAULT_MAX_IMAGE_PIXELS
+        report = check_site(folder, schema_path, max_image_pixels=cap)
         log.info("site check: %s", report.summary())
     node_config: dict[str, str] = {"data-path": str(folder)}
     if site_name:
@@ -93,8 +101,8 @@ def supernode_command(superlink: str, ca: str | os.PathLike[str], key: str | os.
         node_config["schema-path"] = str(schema_path)
     if state_dir is not None:
         node_config["state-dir"] = str(Path(state_dir).expanduser().resolve())
-    if policy is not None:
-        node_config["policy"] = str(_check_policy(policy))
+    if policy_path is not None:
+        node_config["policy"] = str(policy_path)
     args = ["--superlink", superlink, "--root-certificates", str(ca_path), "--auth-supernode-private-key", str(key_path),
             "--port", str(port), "--node-config", key_values(node_config)]
     if policy is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from cldlr.client.policy import SitePolicy, check_class_counts, check_histogram_ranges
@@ -43,6 +45,7 @@ if TYPE_CHECKING:  # Opacus-heavy: imported at run time only by DP studies
 log = logging.getLogger(__name__)
 
 FINAL_MODEL = "final-global.safetensors"
+MODEL_ID = "model_id"  # a fresh id per final model, in its metadata and in every cache derived from it
 
 
 class FederatedSite:
@@ -71,7 +74,7 @@ class FederatedSite:
 
             check_private_compatible(self.model)
             self.privacy = SitePrivacy.from_config(
-                config.privacy, n_train=len(session.train), batch_size=config.train.batch_size,
+                config.privacy, n_train=session.n_backbone, batch_size=config.train.batch_size,
                 total_epochs=config.federation.rounds * config.federation.local_epochs, seed=config.run.seed,
                 max_physical_batch=config.privacy.max_physical_batch or None,
             )
@@ -80,6 +83,7 @@ class FederatedSite:
         self._embeddings: dict[str, np.ndarray] | None = None
         self._fusion_cache: dict[str, Any] = {}
         self._final_loaded = False
+        self._final_id: str | None = None
 
     def _state_file(self, name: str) -> Path | None:
         if self.state_dir is None:
@@ -134,10 +138,12 @@ class FederatedSite:
         by it over-states, never under-states, a patient's part.
         """
         cohorts = self.released_cohorts(task, payload)
+        # the rows the release sums over: fusion.fit_on=holdout fits and scores the fusion on the hold-out only
+        fused = task in (FUSION_SUMS, SCORE_HISTOGRAMS, PLACEMENT_SUMS)
+        labels = [np.asarray(self._labels(c) if fused else self.session.cohort(c).labels) for c in cohorts]
         if task == PLACEMENT_SUMS:
-            labels = [np.asarray(self.session.cohort(c).labels) for c in cohorts]
             return max(1, min(int(np.sum(y == k)) for y in labels for k in (0, 1)))
-        return max(1, sum(len(self.session.cohort(c).labels) for c in cohorts))
+        return max(1, sum(len(y) for y in labels))
 
     def privacy_summary(self) -> dict[str, Any]:
         """ε per phase and in total for this run (at the policy's δ), the plan and the cap: the report's rows."""
@@ -200,19 +206,36 @@ class FederatedSite:
         if self.privacy is not None:
             metrics["epsilon"] = float(self.privacy.epsilon())
             metrics["delta"] = float(self.config.privacy.delta)
-        return model_to_arrays(self.model, self.config.federation.transfer_dtype), len(self.session.train), metrics
+        return model_to_arrays(self.model, self.config.federation.transfer_dtype), self.session.n_backbone, metrics
 
     def set_global_model(self, global_arrays: Mapping[str, np.ndarray]) -> None:
         """Load the final global backbone (phases 3 and 4 embed with it) and keep a copy on disk."""
         arrays_to_model(self.model, global_arrays)
         self._embeddings = None
         self._final_loaded = True
+        self._final_id = uuid.uuid4().hex
         if (path := self._state_file(FINAL_MODEL)) is not None:
+            # the caches name the model they came from: one left by a crash before the unlink below is ignored
             with atomic_path(path) as tmp:
                 save_file({k: np.ascontiguousarray(v, dtype=np.float32) if np.issubdtype(np.asarray(v).dtype, np.floating)
-                           else np.ascontiguousarray(v) for k, v in global_arrays.items()}, str(tmp))
+                           else np.ascontiguousarray(v) for k, v in global_arrays.items()}, str(tmp),
+                          metadata={MODEL_ID: self._final_id})
             for stale in ("embeddings.npz", "fusion.npz"):
                 self._state_file(stale).unlink(missing_ok=True)
+
+    def _final_model_id(self) -> str:
+        """The id of the final model on disk (read from its header; '' when there is none or it has none)."""
+        if self._final_id is None:
+            path = self._state_file(FINAL_MODEL)
+            if path is None or not path.is_file():
+                return ""
+            with safe_open(str(path), framework="numpy") as handle:
+                self._final_id = (handle.metadata() or {}).get(MODEL_ID, "")
+        return self._final_id or ""
+
+    def _current(self, saved: Any) -> bool:
+        """Whether a cache file (an open ``.npz``) was derived from the final model now on disk."""
+        return MODEL_ID in saved.files and str(saved[MODEL_ID]) == self._final_model_id() != ""
 
     def _final_model(self) -> None:
         if self._final_loaded:
@@ -238,13 +261,14 @@ class FederatedSite:
             path = self._state_file("embeddings.npz")
             if path is not None and path.is_file():
                 with np.load(path) as saved:
-                    self._embeddings = {k: saved[k] for k in ("train", "test")}
-            else:
+                    if self._current(saved):
+                        self._embeddings = {k: saved[k] for k in ("train", "test")}
+            if self._embeddings is None:
                 self._final_model()
                 self._embeddings = {s: self.session.embeddings(self.model, s) for s in ("train", "test")}
                 if path is not None:
                     with atomic_path(path) as tmp:
-                        np.savez(tmp, **self._embeddings)
+                        np.savez(tmp, **self._embeddings, **{MODEL_ID: np.array(self._final_model_id())})
         return self._embeddings[split]
 
     # -- phase 2: clinical selection and encoder ---------------------------------------------
@@ -278,28 +302,35 @@ class FederatedSite:
         if path is not None and path.is_file():
             self._fusion_cache.clear()
             with np.load(path) as saved:
-                self._fusion_cache.update({"fit_id": str(saved["fit_id"]),
-                                           "arrays": {k[2:]: saved[k] for k in saved.files if k.startswith("a:")}})
+                if self._current(saved):  # arrays of a fit against an earlier final model are not this fit's
+                    self._fusion_cache.update({"fit_id": str(saved["fit_id"]),
+                                               "arrays": {k[2:]: saved[k] for k in saved.files if k.startswith("a:")}})
         return self._fusion_cache
 
     def _save_fusion_cache(self) -> None:
         path = self._state_file("fusion.npz")
         if path is not None and self._fusion_cache:
             with atomic_path(path) as tmp:
-                np.savez(tmp, fit_id=np.array(self._fusion_cache["fit_id"]),
+                np.savez(tmp, fit_id=np.array(self._fusion_cache["fit_id"]), **{MODEL_ID: np.array(self._final_model_id())},
                          **{f"a:{k}": v for k, v in self._fusion_cache["arrays"].items()})
 
     def fusion_sums(self, payload: Mapping[str, Any]) -> np.ndarray:
         """The site's sums for the current round of the secure SVM fit (the request keeps earlier arrays)."""
         request = FusionPayload.decode(payload, self._load_fusion_cache())
         self._save_fusion_cache()
-        clinical = self._clinical(payload, "train")
-        return site_sums(request, clinical, self.embeddings("train"), self.session.train.labels, noisy=self.plan is not None)
+        rows = self.session.fusion_view("train")  # fusion.fit_on=holdout: only rows the backbone never saw
+        clinical = self._clinical(payload, "train")[rows]
+        return site_sums(request, clinical, self.embeddings("train")[rows], self.session.train.labels[rows],
+                         noisy=self.plan is not None)
 
     # -- phase 4: evaluation ----------------------------------------------------------------
+    def _labels(self, split: str) -> np.ndarray:
+        return self.session.cohort(split).labels[self.session.fusion_view(split)]
+
     def _scores(self, payload: Mapping[str, Any], split: str) -> dict[str, np.ndarray]:
         fusion = fusion_models_from_payload(payload, self._load_fusion_cache())
-        return fusion.predict_proba(self._clinical(payload, split), self.embeddings(split))
+        rows = self.session.fusion_view(split)
+        return fusion.predict_proba(self._clinical(payload, split)[rows], self.embeddings(split)[rows])
 
     def score_histograms(self, payload: Mapping[str, Any]) -> np.ndarray:
         """Per cohort and model: per-class score histograms (the centre sees only their sum)."""
@@ -307,7 +338,7 @@ class FederatedSite:
         parts = []
         for split in layout.cohorts:
             scores = self._scores(payload, split)
-            labels = self.session.cohort(split).labels
+            labels = self._labels(split)
             for model in layout.models:
                 parts.append(secure_metrics.score_histograms(labels, scores[model], layout.n_bins).ravel())
         return np.concatenate(parts).astype(np.float64)
@@ -319,7 +350,7 @@ class FederatedSite:
         parts = []
         for split in layout.cohorts:
             scores = self._scores(payload, split)
-            labels = self.session.cohort(split).labels
+            labels = self._labels(split)
             sums = secure_metrics.placement_sums(labels, {m: scores[m] for m in layout.models},
                                                  global_hists[split], layout.n_bins)
             parts.append(layout.pack_placements(sums))
@@ -341,7 +372,7 @@ class FederatedSite:
 
         out: dict[str, dict[str, dict[str, float]]] = {}
         for split in ("train", "test"):
-            labels = self.session.cohort(split).labels
+            labels = self._labels(split)
             if not secure_metrics.local_report_allowed(labels, self._min_count()):
                 continue
             for model, prob in self._scores(payload, split).items():
@@ -363,7 +394,7 @@ class FederatedSite:
             return
         counts = {}
         for split in self.released_cohorts(task, payload):
-            labels = np.asarray(self.session.cohort(split).labels)
+            labels = np.asarray(self._labels(split))
             counts[split] = (int(np.sum(labels == 0)), int(np.sum(labels == 1)))
         check_class_counts(self.policy, counts)
 

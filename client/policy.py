@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cldlr.common.config import Config
+from cldlr.common.data.imaging import DEFAULT_MAX_IMAGE_PIXELS
 from cldlr.common.data.schema import Schema
 from cldlr.common.errors import CldlrError, ConfigError
 from cldlr.common.io import read_yaml
@@ -79,8 +80,15 @@ class SitePolicy:
     share_local_metrics: bool = False  # the site's own scores of the final models on its cohorts
     schema: str = ""  # the site's own copy of the federation schema; the centre's must equal it
     approved_fabs: tuple[str, ...] = ()  # sha256 of the Flower app bundles (FABs) this site runs
+    trusted_bundle_signers: tuple[str, ...] = ()  # PEM files (CA or signer cert, public key) model bundles must verify against
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # most pixels an image header may declare (before decoding)
     dp: DPPolicy = field(default_factory=DPPolicy)
     folders: SiteFolders = field(default_factory=SiteFolders)
+
+    def bundle_trust_files(self, base: Path | None = None) -> list[Path]:
+        """The PEM files of ``trusted_bundle_signers``; relative entries are taken from ``base`` (the policy's folder)."""
+        paths = [Path(p).expanduser() for p in self.trusted_bundle_signers]
+        return [p if p.is_absolute() or base is None else base / p for p in paths]
 
     @property
     def state_dir(self) -> Path:
@@ -110,6 +118,7 @@ def policy_from_dict(data: Mapping[str, Any], source: str = "policy") -> SitePol
         (policy.max_histogram_bins >= 2, "max_histogram_bins must be >= 2"),
         (policy.finest_bin_sd >= 0 and math.isfinite(policy.finest_bin_sd), "finest_bin_sd must be a finite number >= 0"),
         (policy.max_rounds >= 1, "max_rounds must be >= 1"),
+        (policy.max_image_pixels >= 1, "max_image_pixels must be >= 1"),
         (policy.dp.epsilon_cap > 0 and math.isfinite(policy.dp.epsilon_cap), "dp.epsilon_cap must be a finite number > 0"),
         (0 < policy.dp.delta < 1, "dp.delta must be in (0, 1)"),
         (bool(policy.folders.state), "folders.state must name the site's own state folder"),

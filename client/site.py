@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cldlr.client.training import TrainResult, train_classifier
+from cldlr.client.training import TrainResult, inner_validation_split, train_classifier
 from cldlr.common.clinical.features import ClinicalEncoder
 from cldlr.common.clinical.stats import ParameterStatistics, compute_statistics
 from cldlr.common.config import Config
@@ -61,6 +61,10 @@ class SiteSession:
     train: Cohort = field(init=False)
     test: Cohort = field(init=False)
     normalization: Normalization = field(init=False)
+    #: rows of ``train`` the backbone trains on, and those the SVMs are fitted on (``fusion.fit_on``):
+    #: both are every row for ``train``; disjoint, patient-level halves of it for ``holdout``
+    backbone_rows: np.ndarray = field(init=False)
+    fusion_rows: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         data = self.config.data
@@ -73,6 +77,13 @@ class SiteSession:
         self.normalization = normalization_for(data, self.config.model.weights)
         self.train = self._cohort(split == "train", cache.images, labels)
         self.test = self._cohort(split == "test", cache.images, labels)
+        everything = np.arange(len(self.train))
+        self.backbone_rows, self.fusion_rows = everything, everything
+        if self.config.fusion.fit_on == "holdout":
+            self.backbone_rows, self.fusion_rows = inner_validation_split(
+                self.train.labels, self.train.patients, self.config.fusion.holdout_fraction, data.split_seed)
+            log.info("site %s: fusion hold-out of %d training images (%d patients) kept from the backbone",
+                     self.site.name, len(self.fusion_rows), len(np.unique(self.train.patients[self.fusion_rows])))
         log.info("site %s: %d train / %d test images", self.name, len(self.train), len(self.test))
 
     def _cohort(self, rows: np.ndarray, images: torch.Tensor, labels: np.ndarray) -> Cohort:
@@ -90,6 +101,15 @@ class SiteSession:
             raise ValueError(f"unknown split {split!r}; expected 'train' or 'test'")
         return self.train if split == "train" else self.test
 
+    def fusion_view(self, split: str) -> np.ndarray:
+        """Rows of ``cohort(split)`` the fusion is fitted and scored on: the hold-out for ``train``, else all."""
+        return self.fusion_rows if split == "train" else np.arange(len(self.cohort(split)))
+
+    @property
+    def n_backbone(self) -> int:
+        """How many images the backbone trains on (what a round's ``num-examples`` must announce)."""
+        return len(self.backbone_rows)
+
     # -- backbone ---------------------------------------------------------------------------
     def fit_backbone(self, model: torch.nn.Module, *, epochs: int | None = None, seed: int | None = None,
                      checkpoint: Path | None = None, resume: bool = False, proximal_mu: float = 0.0,
@@ -99,9 +119,12 @@ class SiteSession:
 
         ``hooks`` (``batch_sampler``, ``prepare``) come from :mod:`cldlr.client.privacy` for DP-SGD.
         """
+        whole = len(self.backbone_rows) == len(self.train)  # fusion.fit_on=train: no copy of the ROI tensor
+        images = self.train.images if whole else self.train.images.index_select(0, torch.from_numpy(self.backbone_rows))
         return train_classifier(
-            model, self.train.images, self.train.labels, self.config.train, self.normalization,
-            seed=self.config.run.seed if seed is None else seed, epochs=epochs, groups=self.train.patients,
+            model, images, self.train.labels[self.backbone_rows], self.config.train,
+            self.normalization, seed=self.config.run.seed if seed is None else seed, epochs=epochs,
+            groups=self.train.patients[self.backbone_rows],
             checkpoint=checkpoint, resume=resume, proximal_mu=proximal_mu, global_params=global_params,
             progress=progress, **hooks,
         )

@@ -22,7 +22,8 @@ from sklearn.model_selection import StratifiedGroupKFold
 from torch import nn
 from tqdm.auto import tqdm
 
-from cldlr.common.config import TrainConfig
+from cldlr.common.config import AugmentConfig, TrainConfig
+from cldlr.common.data.augment import augment_batch, epoch_generator
 from cldlr.common.data.transforms import Normalization
 from cldlr.common.errors import CldlrError
 from cldlr.common.io import atomic_path
@@ -100,15 +101,22 @@ def _proximal_term(model: nn.Module, global_params: Mapping[str, Any], mu: float
 def _run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list[torch.Tensor],
                images: torch.Tensor, labels: torch.Tensor, normalization: Normalization, *,
                amp_dtype: torch.dtype | None = None, channels_last: bool = False,
-               penalty: Callable[[], torch.Tensor] | None = None) -> dict[str, float]:
-    """One pass over ``batches`` (device index tensors); returns mean data loss, accuracy and steps."""
+               penalty: Callable[[], torch.Tensor] | None = None,
+               augment: tuple[AugmentConfig, torch.Generator] | None = None) -> dict[str, float]:
+    """One pass over ``batches`` (device index tensors); returns mean data loss, accuracy and steps.
+
+    ``augment`` (the config and this epoch's generator) transforms each batch on the device first.
+    """
     total_loss = torch.zeros((), device=images.device)
     correct = torch.zeros((), device=images.device, dtype=torch.long)
     seen = steps = 0
     for idx in batches:
         if idx.numel() == 0:  # Poisson sampling may draw an empty batch
             continue
-        x = normalization.apply(images[idx])
+        if augment is not None:
+            x = normalization.apply_unit(augment_batch(images[idx], *augment))
+        else:
+            x = normalization.apply(images[idx])
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = labels[idx]
@@ -203,7 +211,9 @@ def train_classifier(
         optimizer.load_state_dict(optimizer_state)
     penalty = _proximal_term(model, global_params, proximal_mu, device) if proximal_mu > 0 else None
     generator = torch.Generator().manual_seed(seed)
-    meta = {"seed": seed, "n_images": len(labels), "keep": cfg.keep, "batch_size": cfg.batch_size}
+    meta: dict[str, Any] = {"seed": seed, "n_images": len(labels), "keep": cfg.keep, "batch_size": cfg.batch_size}
+    if cfg.augment.enabled:  # a resumed run must augment the same way (absent when off: older checkpoints match)
+        meta["augment"] = repr(cfg.augment)
     history: list[dict[str, float]] = []
     best: dict[str, Any] | None = None
     start = steps = 0
@@ -234,8 +244,9 @@ def train_classifier(
         bar = tqdm(total=total, initial=min(start, total), disable=not progress, desc="train", unit="epoch")
         for epoch in range(start + 1, total + 1):
             batches = [train_dev[b.to(device)] for b in batch_sampler(len(train_idx), cfg.batch_size, generator)]
+            augment = (cfg.augment, epoch_generator(seed, epoch, device)) if cfg.augment.enabled else None
             stats = _run_epoch(train_model, train_optimizer, batches, x_all, y_all, normalization,
-                               amp_dtype=amp_dtype, channels_last=cuda, penalty=penalty)
+                               amp_dtype=amp_dtype, channels_last=cuda, penalty=penalty, augment=augment)
             steps += int(stats.pop("steps"))
             record: dict[str, float] = {"epoch": epoch, **stats}
             if val_x is not None:

@@ -30,6 +30,7 @@ class RunConfig:
     output_dir: str = "runs"
     seed: int = 0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"  # the CLI's -v/--log-level override it
+    bundle_signer: str = ""  # folder with the centre's bundle-signer.key/.pem; empty: a study-local key signs the bundle
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class DataConfig:
     test_fraction: float = 0.3
     split_seed: int = 0
     use_existing_split: bool = True
+    max_image_pixels: int = 8192 * 8192  # most pixels an image/mask header may declare (checked before decoding)
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,33 @@ class ModelConfig:
     backbone: str = "vgg11"
     weights: str = "imagenet"
     num_classes: int = 2
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """``train.augment``: one switch and the range of each operation (0 turns one off)."""
+
+    enabled: bool = False
+    hflip: float = 0.5          # probability of a left-right flip
+    vflip: float = 0.0          # probability of an up-down flip (depth runs downwards: off by default)
+    rotate_deg: float = 10.0    # uniform in ±rotate_deg
+    scale: float = 0.1          # zoom factor uniform in [1 - scale, 1 + scale]
+    translate: float = 0.05     # shift uniform in ±translate of the side, per axis
+    brightness: float = 0.1     # additive offset uniform in ±brightness
+    contrast: float = 0.2       # contrast factor uniform in [1 - contrast, 1 + contrast]
+    gamma: float = 0.2          # gamma log-uniform in [1/(1+gamma), 1+gamma]
+    speckle: float = 0.1        # sd of multiplicative Gaussian noise
+
+    def check(self) -> None:
+        """Ranges that keep an image an image (see :mod:`cldlr.common.data.augment`); errors name the key."""
+        for name in ("hflip", "vflip"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"train.augment.{name} is a probability: give a value in [0, 1]")
+        limits = {"rotate_deg": 180.0, "scale": 0.9, "translate": 0.5, "brightness": 1.0, "contrast": 0.9,
+                  "gamma": 4.0, "speckle": 1.0}
+        for name, top in limits.items():
+            if not 0.0 <= getattr(self, name) <= top:
+                raise ConfigError(f"train.augment.{name} must be in [0, {top:g}]")
 
 
 @dataclass(frozen=True)
@@ -71,6 +100,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True
     checkpoint_every: int = 1
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass(frozen=True)
@@ -120,6 +150,25 @@ class ServerOptConfig:
 
 
 @dataclass(frozen=True)
+class FusionConfig:
+    """Which training images the three SVMs are fitted on (``fusion.fit_on``).
+
+    ``train`` (the paper): every training image — the very images the backbone was fine-tuned on, whose
+    embeddings are far more separable than a new patient's (DLR train AUC ≈ 0.98 against ≈ 0.71 on
+    test), so the fusion learns to trust the deep block more than it deserves (stacking leakage).
+    ``holdout``: a stratified, patient-disjoint ``holdout_fraction`` of each site's training cohort is
+    kept from the backbone; the DLR and CLDLR SVMs and their calibration are fitted on its embeddings
+    only, so no embedding used to fit the fusion comes from a backbone that trained on it. Clinical
+    selection, the encoder and (pooled) the Clinical SVM still use the whole training cohort (the
+    backbone never sees clinical values). In a federation each site holds out its own rows and the one
+    secure fit of all three SVMs uses them; the secure sums are the same in kind.
+    """
+
+    fit_on: Literal["train", "holdout"] = "train"
+    holdout_fraction: float = 0.3
+
+
+@dataclass(frozen=True)
 class FederationConfig:
     """How sites are formed and how they train together.
 
@@ -142,6 +191,9 @@ class FederationConfig:
     local_epochs: int = 1
     min_sites: int = 2
     transfer_dtype: Literal["float32", "float16"] = "float16"
+    #: ``backbone`` stops after the training rounds and writes only the global backbone
+    #: (``backbone.safetensors``, which ``model.weights`` takes): federated pretraining (``cldlr pretrain``)
+    phases: Literal["all", "backbone"] = "all"
     # simulation only: an existing Ray cluster ("ray://host:10001" or "auto"), and what each virtual site gets
     ray_address: str = ""
     client_cpus: float = 1.0
@@ -209,6 +261,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     clinical: ClinicalConfig = field(default_factory=ClinicalConfig)
     svm: SVMConfig = field(default_factory=SVMConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
@@ -299,14 +352,16 @@ def validate_config(config: Config) -> None:
         (0.0 < config.data.test_fraction < 1.0, "data.test_fraction must be in (0, 1)"),
         (config.data.margin >= 0, "data.margin must be >= 0"),
         (config.data.std > 0, "data.std must be > 0"),
+        (config.data.max_image_pixels >= 1, "data.max_image_pixels must be >= 1"),
         (config.train.epochs >= 0, "train.epochs must be >= 0"),
         (config.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (config.train.lr > 0, "train.lr must be > 0"),
         (0.0 < config.train.val_fraction < 1.0, "train.val_fraction must be in (0, 1)"),
         (config.svm.C > 0, "svm.C must be > 0"),
+        (0.05 <= config.fusion.holdout_fraction <= 0.5, "fusion.holdout_fraction must be in [0.05, 0.5]"),
         (config.svm.ridge > 0, "svm.ridge must be > 0"),
         (config.svm.rff_features >= 1, "svm.rff_features must be >= 1"),
-        (0.0 <= config.svm.threshold <= 1.0, "svm.threshold must be in [0, 1]"),
+        (0.0 < config.svm.threshold < 1.0, "svm.threshold must be in (0, 1)"),
         (config.svm.embedding_pca >= 0, "svm.embedding_pca must be >= 0 (0 = keep all)"),
         (config.federation.rounds >= 0, "federation.rounds must be >= 0"),
         (config.federation.min_sites >= 1, "federation.min_sites must be >= 1"),
@@ -316,6 +371,7 @@ def validate_config(config: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    config.train.augment.check()
     _check_federation(config.federation)
     if config.federation.mode == "federated" and config.train.keep != "last":
         raise ConfigError("train.keep=best_val picks a site's own best epoch; in a federation the global model "

@@ -13,12 +13,14 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
+
+from cldlr.common.errors import CldlrError
 
 _NATIVE = (str, int, float, bool, type(None))  # what json.dumps writes by itself (also as keys)
 
@@ -120,10 +122,12 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 @contextmanager
 def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
-    """Build a whole folder under a temporary name, then rename it into place.
+    """Build a whole folder under a temporary name beside ``path``, then rename it into place.
 
     If the block raises, the temporary folder is removed and ``path`` is untouched. An existing
-    ``path`` is an error unless ``overwrite`` is set (then it is replaced only on success).
+    ``path`` is an error unless ``overwrite`` is set; then it is replaced only on success, by
+    renames: the old folder is moved aside, the new one moved in, and only then the old one is
+    removed (a crash in between leaves either folder whole under ``path``, never a mix or nothing).
     """
     path = Path(path)
     if path.exists() and not overwrite:
@@ -132,12 +136,57 @@ def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = False) -
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
         yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        if path.exists() or path.is_symlink():
+            aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, aside / path.name)  # the old folder aside, on the same file system
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(aside / path.name, path)  # put the old folder back
+                shutil.rmtree(aside, ignore_errors=True)
+                raise
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def contained_path(root: str | os.PathLike[str], *parts: str) -> Path:
+    """``root/parts…``, resolved, or :class:`CldlrError` when it would leave ``root``.
+
+    Every path built from data (an id as a file name, a site name as a folder) goes through here,
+    so ``..``, an absolute name or a symbolic link cannot make a read or a write land elsewhere.
+    """
+    base = Path(root).resolve()
+    target = base.joinpath(*parts).resolve()
+    if target == base or not target.is_relative_to(base):
+        raise CldlrError(f"{'/'.join(parts)!r} would leave {root}: a name taken from the data must be a plain "
+                         "file name inside its folder (letters, digits, '.', '_', '-')")
+    return target
+
+
+def check_output_apart(output: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None]) -> Path:
+    """Refuse an output that is, contains or lies inside any input (a site, a bundle, a config or key file).
+
+    Replacing such an output (``--force``) would delete the input, and writing inside an input
+    changes it; the check compares resolved paths, so links and ``..`` are seen through.
+    """
+    out = Path(output).resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        source = Path(given).resolve()
+        if out == source:
+            raise CldlrError(f"output {output} is the input {given}; choose an output folder apart from every input")
+        if source.is_relative_to(out):
+            raise CldlrError(f"output {output} contains the input {given}; replacing it would delete the input: "
+                             "choose an output folder apart from every input")
+        if out.is_relative_to(source):
+            raise CldlrError(f"output {output} lies inside the input {given}; writing there would change the input: "
+                             "choose an output folder apart from every input")
+    return out
 
 
 def read_yaml(path: str | os.PathLike[str], error: type[Exception], hint: str = "") -> Any:

@@ -20,15 +20,17 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid
+from safetensors.numpy import save_file
 
 from cldlr import __version__
-from cldlr.common.bundle import export_federated_bundle
+from cldlr.common.bundle import export_federated_bundle, signature_section, study_signer
 from cldlr.common.config import Config, dump_config
 from cldlr.common.data.roi import PIPELINE_VERSION
 from cldlr.common.data.schema import Schema
 from cldlr.common.errors import CldlrError
 from cldlr.common.evaluation.outcome import FederationSummary, StudyOutcome
 from cldlr.common.evaluation.report import write_report
+from cldlr.common.io import atomic_path, atomic_write_json
 from cldlr.common.models.backbones import build_model, embedding_dim
 from cldlr.common.models.weights import model_to_arrays
 from cldlr.common.secure.dp_plan import StudyPlan, sum_headroom
@@ -40,6 +42,9 @@ from cldlr.server.federated_study import run_federated_phases
 from cldlr.server.ledger import Ledger, LedgerGrid, error_reason
 from cldlr.server.secure_sum import secure_sum, wait_for_sites
 from cldlr.server.strategies import check_study_config, make_strategy
+
+#: what a backbone-only federation (pretraining) leaves in its run folder; ``model.weights`` takes it
+BACKBONE_FILE = "backbone.safetensors"
 
 log = logging.getLogger("cldlr.centre")
 
@@ -111,7 +116,7 @@ class FederatedRun:
         strategy = make_strategy(fed.strategy, min_sites=min(fed.min_sites, len(self.grid.joined)),
                                  proximal_mu=fed.proximal_mu, server_opt=fed.server_opt)
         strategy.setup(reference=arrays, min_sites=fed.min_sites, transfer_dtype=fed.transfer_dtype, node_names=self.names,
-                       announced={n: c["n-train"] for n, c in self.counts.items()})
+                       announced={n: c.get("n-backbone", c["n-train"]) for n, c in self.counts.items()})
         strategy.round_offset = progress.completed_rounds
         self.ledger.phase = "backbone"
 
@@ -213,19 +218,36 @@ class FederatedRun:
             self.ledger.event("plaintext-sums", reason="a federation of one site")
         arrays, progress = self.train_backbone()
         t_train = time.monotonic() - start
+        if self.config.federation.phases == "backbone":
+            return self._write_backbone_only(arrays, progress, t_train)
         bound = self.finalize(arrays)
         max_cases = max(c["n-train"] + c["n-test"] for n, c in self.counts.items() if n in self.grid.joined)
         fit, evaluation = run_federated_phases(self.sum_fn, self.config, self.schema, n_deep=self.n_deep,
                                                max_cases=max_cases, feature_bound=bound)
         local = self.local_metrics(fit.payload)
+        signer = study_signer(self.config, self.run_dir)
         outcome = StudyOutcome(
             metrics=evaluation.metrics, delong=evaluation.delong, roc=evaluation.roc,
             selection_table=fit.selection.table, selected=fit.selection.selected,
             history=_training_curves(progress), sites=self._site_rows(),
             federation=self._summary(progress, fit.rounds, t_train, time.monotonic() - start), site_metrics=local,
+            sections=signature_section(signer, self.run_dir),
         )
         write_report(self.run_dir, outcome, self.config, title=f"CLDLR study — federated ({len(members)} sites)")
-        self._export_bundle(arrays, fit, outcome)
+        export_federated_bundle(self.run_dir / "model", arrays=arrays, fit=fit, outcome=outcome, config=self.config,
+                                schema=self.schema, signer=signer)
+        return self.run_dir
+
+    def _write_backbone_only(self, arrays: dict[str, np.ndarray], progress: Progress, t_train: float) -> Path:
+        """``federation.phases=backbone`` (pretraining): the global weights and a training record, nothing else."""
+        with atomic_path(self.run_dir / BACKBONE_FILE) as tmp:
+            save_file({k: np.ascontiguousarray(v, dtype=np.float32) if np.issubdtype(v.dtype, np.floating)
+                       else np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
+        atomic_write_json(self.run_dir / "pretrain.json", {
+            "phases": "backbone", "rounds": progress.completed_rounds, "sites": self._site_rows(),
+            "history": _training_curves(progress), "wall_time_s": round(t_train, 1), "weights": BACKBONE_FILE,
+            "config": self.config.to_dict()})
+        log.info("backbone-only federation: global weights in %s", self.run_dir / BACKBONE_FILE)
         return self.run_dir
 
     def local_metrics(self, payload: dict[str, Any]) -> dict[str, Any]:
@@ -270,10 +292,6 @@ class FederatedRun:
             secure_rounds=rounds, privacy=epsilon or None,
             dropped={h["round"]: h["rejected"] for h in progress.history if h["rejected"]},
             wall_time_s={"backbone": round(t_train, 1), "secure_sums": round(self.secure_seconds, 1), "total": round(t_total, 1)})
-
-    def _export_bundle(self, arrays: dict[str, np.ndarray], fit: Any, outcome: StudyOutcome) -> None:
-        export_federated_bundle(self.run_dir / "model", arrays=arrays, fit=fit, outcome=outcome, config=self.config,
-                                schema=self.schema)
 
 
 def _number(value: int | float | list[int] | list[float], what: str) -> float:

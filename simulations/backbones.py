@@ -18,6 +18,7 @@ from cldlr.common.evaluation.metrics import auc_ci, delong_test
 from cldlr.common.io import atomic_write_json, atomic_write_text
 from cldlr.common.models.backbones import check_backbone
 from cldlr.common.runs import new_run_dir
+from cldlr.common.text import markdown_text
 from cldlr.simulations.sites import load_sites, merge_sites
 from cldlr.simulations.study import run_study
 
@@ -44,7 +45,7 @@ def table_s2(rows: dict[str, dict[str, dict[str, float]]]) -> str:
             m = r[kind]
             p = m.get("p_vs_vgg11")
             cells += [f"{m['auc']:.3f} ({m['auc_ci_low']:.3f}–{m['auc_ci_high']:.3f})", "–" if p is None else f"{p:.3f}"]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {markdown_text(name)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

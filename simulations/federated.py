@@ -30,7 +30,7 @@ from cldlr.client.policy import load_policy
 from cldlr.common.config import Config, apply_overrides, dump_config
 from cldlr.common.data.contract import CLINICAL_CSV, IMAGES_DIR, MASKS_DIR, SiteData
 from cldlr.common.errors import CldlrError
-from cldlr.common.io import atomic_write_text
+from cldlr.common.io import atomic_write_text, contained_path
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def materialize_sites(sites: list[SiteData], folder: Path) -> list[Path]:
     paths = []
     for site in sites:
         if site.site_name and site.site_name != site.root.name:
-            target = folder / site.name
+            target = contained_path(folder, site.name)
             if not (target / CLINICAL_CSV).is_file():
                 _write_site(site, target)
             paths.append(target.resolve())
@@ -57,7 +57,7 @@ def _write_site(site: SiteData, target: Path) -> None:
     frame = site.frame
     for column, sub in (("image_path", IMAGES_DIR), ("mask_path", MASKS_DIR)):
         for path in frame[column]:
-            shutil.copy2(path, target / sub / Path(path).name)
+            shutil.copy2(path, contained_path(target / sub, Path(path).name))
     rows = []
     for root in sorted({Path(p).parent.parent for p in frame["image_path"]}):
         raw = read_clinical_csv(root)
@@ -164,6 +164,7 @@ def run_federated_simulation(sites: list[SiteData], config: Config, run_dir: Pat
     log.info("simulating %d sites with Flower's Ray engine", len(paths))
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(paths),
                    backend_config=ray_backend_config(config, len(paths)))
-    if not (run_dir / "report.json").is_file():
-        raise CldlrError(f"the federated simulation ended without a report in {run_dir}; see the log above")
+    expected = "pretrain.json" if config.federation.phases == "backbone" else "report.json"
+    if not (run_dir / expected).is_file():
+        raise CldlrError(f"the federated simulation ended without {expected} in {run_dir}; see the log above")
     return run_dir

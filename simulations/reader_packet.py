@@ -2,37 +2,45 @@
 
 Readers see case ids ``C001…`` only; the mapping to image ids and the truth stays in ``key.csv``,
 which the study coordinator keeps. Every image is embedded as a base64 PNG data URI, so a page
-is one file that opens offline and loads nothing from anywhere.
+is one file that opens offline and loads nothing from anywhere. Each reader gets a reading app
+(``readers/<id>.html``, see :mod:`cldlr.simulations.reader_app.page`) with both rounds in that
+reader's own seeded case orders; ``round1.html``/``round2.html`` stay as printable overviews.
 """
 
 from __future__ import annotations
 
 import base64
-import csv
+import hashlib
 import html
-import io
 import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image, ImageDraw
 
-from cldlr.client.predict import png_bytes
-from cldlr.common.bundle import Bundle, Prediction, load_bundle
+from cldlr.client.predict import imputed_text, open_bundle, png_bytes
+from cldlr.common.bundle import Bundle, Prediction, TrustAnchor
 from cldlr.common.data.imaging import read_image, read_mask, to_uint8
 from cldlr.common.data.roi import roi_box
 from cldlr.common.data.site import read_site
 from cldlr.common.errors import CldlrError
-from cldlr.common.io import atomic_directory
+from cldlr.common.io import atomic_directory, check_output_apart
+from cldlr.common.text import csv_text, markdown_text
+from cldlr.simulations.reader_app.page import AppOptions, build_reader_apps, case_section, check_reader_id
 
 log = logging.getLogger(__name__)
 
 #: The reads file: one row per reader, round and case.
-READ_COLUMNS = ("reader", "round", "case", "malignant", "confidence")
+READ_COLUMNS = ("reader", "round", "case", "malignant", "birads4", "likelihood", "confidence", "seconds", "comment")
 #: The confidence column is a 5-point confidence-of-malignancy score (the ordinal score for the ROC).
 CONFIDENCE_LEVELS = {1: "definitely benign", 2: "probably benign", 3: "indeterminate", 4: "probably malignant",
                      5: "definitely malignant"}
 ROUND_TITLES = {1: "without AI", 2: "with AI (score and heat map)"}
+#: Sub-categories of BI-RADS 4 a reader chooses from (the ``birads4`` column; the app leaves ``confidence`` empty).
+BIRADS4 = ("4a", "4b", "4c")
 MAX_SIDE = 560  # px of the embedded full image; larger images are shrunk for the page
 
 _STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1150px;color:#222;background:#fafafa}
@@ -80,9 +88,11 @@ def render_round(round_no: int, order: list[str], panels: dict[str, dict[str, st
     parts = [f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta name="referrer" content="no-referrer">'
              f"<title>Reading packet, round {round_no} ({ROUND_TITLES[round_no]})</title><style>{_STYLE}</style></head><body>",
              f"<h1>Round {round_no}: {ROUND_TITLES[round_no]}</h1>",
-             f'<p class="note">{len(order)} BI-RADS 4 lesions. For every case fill one row of reads_template.csv '
-             f"with your reader id, round {round_no}, the case id, <b>malignant</b> (0 = benign, 1 = malignant) and "
-             f"<b>confidence</b> of malignancy ({html.escape(scale)}). The yellow box marks the lesion."
+             f'<p class="note">{len(order)} BI-RADS 4 lesions. Printable overview: read in your own reading app '
+             f"(readers/&lt;your id&gt;.html), or fill one row of reads_template.csv per case with your reader id, "
+             f"round {round_no}, the case id, <b>malignant</b> (0 = benign, 1 = malignant), <b>birads4</b> (4a, 4b "
+             f"or 4c), <b>likelihood</b> of malignancy (0-100) and the seconds you spent; <b>confidence</b> "
+             f"({html.escape(scale)}) is optional. The yellow box marks the lesion."
              + (" The model analyses the region in that box; the heat map shows where it looked (red = most "
                 "influential) and the AI score is its probability of malignancy." if round_no == 2 else "") + "</p>"]
     for case in order:
@@ -107,22 +117,77 @@ def _rows_to_read(site: Path, bundle: Bundle, split: str) -> tuple:
     return data
 
 
-def _csv_text(header: tuple[str, ...] | list[str], rows: list[list[object]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buffer.getvalue()
+def parse_readers(spec: str | int | Sequence[str]) -> list[str]:
+    """Reader ids from ``3`` (R01…R03), ``"R01,R02"`` or a list; each must be a safe id (it names a file)."""
+    if isinstance(spec, int) or (isinstance(spec, str) and spec.strip().isdigit()):
+        count = int(spec)
+        if not 1 <= count <= 999:
+            raise CldlrError(f"--readers {count}: give 1-999 readers or a comma-separated list of ids")
+        return [f"R{k + 1:02d}" for k in range(count)]
+    names = [r.strip() for r in spec.split(",")] if isinstance(spec, str) else [str(r) for r in spec]
+    return [check_reader_id(r) for r in names if r]
+
+
+def study_id_for(bundle_id: str, seed: int, image_ids: list[str]) -> str:
+    """A short id naming this packet (bundle, seed, lesions): it keys the readers' saved progress in their browsers."""
+    text = "\n".join([bundle_id, str(seed), *sorted(image_ids)])
+    return "S" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:10]
+
+
+def _packet_readme(study: str, options: AppOptions, bundle: Bundle) -> str:
+    return ("# Reading packet\n\nStudy `" + study + "`. Give each reader their own reading app, "
+            "`readers/<id>.html` (one offline file, both rounds; it opens from a USB stick in any current browser). "
+            f"Round 2 opens {options.washout_days:g} day(s) after the reader finishes round 1; `unlock_codes.csv` "
+            "holds each reader's code to open it earlier. Readers press *Export reads* and send back "
+            "`reads_<study>_<id>.csv` and its `.log.json`.\n\nA reader without the app can fill `reads_template.csv` "
+            "from the printable `round1.html`, then (after the wash-out) `round2.html`: one row per reader, round and "
+            "case; malignant 0/1; birads4 4a/4b/4c; likelihood 0-100; confidence 1-5 optional ("
+            + ", ".join(f"{k} {v}" for k, v in CONFIDENCE_LEVELS.items()) + ").\n\nKeep private: `key.csv` "
+            "(case -> image id, truth, and the clinical values imputed as in training), `model_scores.csv`, "
+            "`unlock_codes.csv`; `orders.csv` records every reader's case order.\n\nImages are shown as stored "
+            "(file names and DICOM tags never enter the pages); text burned "
+            "into the pixels is not removed, so look through the pages before handing them out.\n\nMerge and check: "
+            "`cldlr reader-study merge reads_*.csv --key key.csv --out reads.csv`; analyse: `cldlr reader-study analyze "
+            "reads.csv --truth key.csv --model-scores model_scores.csv --out table3/`\n\nModel bundle "
+            f"{bundle.bundle_id[:12]}, signature: {markdown_text(bundle.signer.text)}\n")
+
+
+def _write_reader_apps(tmp: Path, bundle: Bundle, frame: pd.DataFrame, panels: dict[str, dict[str, str]],
+                       readers: list[str], seed: int, options: AppOptions) -> str:
+    """``readers/<id>.html``, ``orders.csv`` and ``unlock_codes.csv`` into ``tmp``; returns the study id."""
+    study = study_id_for(bundle.bundle_id, seed, [str(v) for v in frame["image_id"]])
+    sections = {case: case_section(case, _figure(panel["image"], "B-mode image", case, "full")
+                                   + _figure(panel["roi"], "lesion region", case, "roi"),
+                                   _figure(panel["overlay"], "heat map (Grad-CAM)", case, "roi") + panel["ai"])
+                for case, panel in panels.items()}
+    apps = build_reader_apps(study=study, readers=readers, sections=sections, seed=seed, bundle_id=bundle.bundle_id,
+                             options=options, created=datetime.now(UTC).isoformat(timespec="seconds"))
+    (tmp / "readers").mkdir()
+    for reader, page in apps.pages.items():
+        (tmp / "readers" / f"{reader}.html").write_text(page, "utf-8")
+    (tmp / "orders.csv").write_text(csv_text(["reader", "round", "position", "case"], apps.order_rows), "utf-8")
+    (tmp / "unlock_codes.csv").write_text(csv_text(["reader", "code"], apps.code_rows), "utf-8")
+    return study
 
 
 def make_packet(model: str | Path | Bundle, site: str | Path, out: str | Path, *, seed: int = 0, split: str = "test",
-                allow_missing_clinical: bool = False, force: bool = False, batch_size: int = 16) -> Path:
-    """Write ``round1.html``, ``round2.html``, ``reads_template.csv`` (for readers) and ``key.csv``,
-    ``model_scores.csv`` (for the coordinator) into ``out``, atomically.
+                allow_missing_clinical: bool = False, force: bool = False, batch_size: int = 16,
+                readers: str | int | Sequence[str] = 3, options: AppOptions | None = None,
+                trust: TrustAnchor | None = None, allow_unsigned: bool = False) -> Path:
+    """Write ``readers/<id>.html`` (one reading app per reader), ``round1.html``, ``round2.html``,
+    ``reads_template.csv`` (for readers) and ``key.csv``, ``model_scores.csv``, ``orders.csv``,
+    ``unlock_codes.csv`` (for the coordinator) into ``out``, atomically.
 
-    Case ids follow a seeded shuffle; round 2 shows the same cases in another seeded order.
+    Case ids follow a seeded shuffle; each reader reads both rounds in their own seeded orders. The
+    bundle must verify against ``trust`` unless ``allow_unsigned``; the coordinator's README
+    records who signed it (or that it is unverified).
     """
-    bundle = model if isinstance(model, Bundle) else load_bundle(model)
+    check_output_apart(out, [site, model.path if isinstance(model, Bundle) else model])
+    options = options or AppOptions()
+    names_of_readers = parse_readers(readers)
+    if not names_of_readers:
+        raise CldlrError("--readers: give at least one reader id")
+    bundle = open_bundle(model, trust=trust, allow_unsigned=allow_unsigned)
     data = _rows_to_read(Path(site), bundle, split)
     frame, n = data.frame.reset_index(drop=True), len(data)
     rng = np.random.default_rng(seed)
@@ -143,28 +208,23 @@ def make_packet(model: str | Path | Bundle, site: str | Path, out: str | Path, *
         for (_, row), case, image, mask, p in zip(chunk.iterrows(), cases, images, masks, predictions):
             panels[case] = {"image": _data_uri(full_image_with_box(image, mask, bundle.margin)),
                             "roi": _data_uri(p.roi), "overlay": _data_uri(p.overlay()), "ai": _ai_box(p)}
-            key_rows.append([case, row["image_id"], int(row["label"])])
+            key_rows.append([case, row["image_id"], int(row["label"]), imputed_text(p.imputed)])
             score_rows.append([case, p.ai_score, p.dlr_score, "" if p.clinical_score is None else p.clinical_score,
                                p.fallback or "", p.threshold])
         log.info("packet: %d/%d cases rendered", min(start + batch_size, n), n)
-    template = [["", r, case, "", ""] for r, order in ((1, order1), (2, order2)) for case in order]
+    template = [["", r, case] + [""] * (len(READ_COLUMNS) - 3) for r, order in ((1, order1), (2, order2)) for case in order]
     with atomic_directory(out, overwrite=force) as tmp:
         for round_no, order in ((1, order1), (2, order2)):
             (tmp / f"round{round_no}.html").write_text(render_round(round_no, order, panels, bundle.bundle_id), "utf-8")
-        (tmp / "reads_template.csv").write_text(_csv_text(READ_COLUMNS, template), "utf-8")
-        (tmp / "key.csv").write_text(_csv_text(["case", "image_id", "label"], sorted(key_rows)), "utf-8")
-        (tmp / "model_scores.csv").write_text(_csv_text(
+        study = _write_reader_apps(tmp, bundle, frame, panels, names_of_readers, seed, options)
+        (tmp / "reads_template.csv").write_text(csv_text(READ_COLUMNS, template), "utf-8")
+        (tmp / "key.csv").write_text(csv_text(["case", "image_id", "label", "imputed"], sorted(key_rows)), "utf-8")
+        (tmp / "model_scores.csv").write_text(csv_text(
             ["case", "ai_score", "dlr_score", "clinical_score", "fallback", "threshold"], sorted(score_rows)), "utf-8")
-        (tmp / "README.md").write_text(
-            "# Reading packet\n\nGive readers: `round1.html`, then (after a wash-out) `round2.html`, and "
-            "`reads_template.csv` (one row per reader, round and case; malignant 0/1; confidence 1-5: "
-            + ", ".join(f"{k} {v}" for k, v in CONFIDENCE_LEVELS.items()) + ").\n\nKeep private: `key.csv` "
-            "(case -> image id and truth) and `model_scores.csv`.\n\nImages are shown as stored (file names and DICOM "
-            "tags never enter the pages); text burned into the pixels is not removed, so look through the pages "
-            "before handing them out.\n\nAnalyse: `cldlr reader-study analyze "
-            "reads.csv --truth key.csv --model-scores model_scores.csv --out table3/`\n", "utf-8")
-    log.info("reading packet for %d cases written to %s", n, out)
+        (tmp / "README.md").write_text(_packet_readme(study, options, bundle), "utf-8")
+    log.info("reading packet for %d cases and %d reader(s) written to %s", n, len(names_of_readers), out)
     return Path(out)
 
 
-__all__ = ["CONFIDENCE_LEVELS", "READ_COLUMNS", "full_image_with_box", "make_packet", "render_round"]
+__all__ = ["BIRADS4", "CONFIDENCE_LEVELS", "READ_COLUMNS", "full_image_with_box", "make_packet", "parse_readers",
+           "render_round", "study_id_for"]

@@ -24,7 +24,7 @@ def load_sites(config: Config) -> list[SiteData]:
     """
     schema = resolve_schema(config)
     folders = site_folders(config)
-    sites = [read_site(folder, schema) for folder in folders]
+    sites = [read_site(folder, schema, max_image_pixels=config.data.max_image_pixels) for folder in folders]
     fed = config.federation
     if fed.partition != "folders":
         merged = merge_sites(sites)

@@ -26,6 +26,7 @@ from cldlr.common.clinical.selection import select_clinical
 from cldlr.common.config import Config
 from cldlr.common.data.contract import COHORTS, SiteData
 from cldlr.common.errors import CldlrError
+from cldlr.common.evaluation.measures import cohort_measures
 from cldlr.common.evaluation.outcome import MODELS, StudyOutcome, evaluate_predictions
 from cldlr.common.fusion import FusionModels
 from cldlr.common.io import atomic_write_json
@@ -86,7 +87,7 @@ def train_backbone(session: SiteSession, model: torch.nn.Module, config: Config,
     from cldlr.client.privacy import SitePrivacy, check_private_compatible
 
     check_private_compatible(model)
-    privacy = SitePrivacy.from_config(config.privacy, n_train=len(session.train), batch_size=config.train.batch_size,
+    privacy = SitePrivacy.from_config(config.privacy, n_train=session.n_backbone, batch_size=config.train.batch_size,
                                       total_epochs=config.train.epochs, seed=config.run.seed,
                                       max_physical_batch=config.privacy.max_physical_batch or None)
     state = checkpoint.with_name(PRIVACY_STATE)
@@ -119,23 +120,40 @@ def run_study(site: SiteData, config: Config, run_dir: Path, *, resume: bool = F
                                 alpha=config.clinical.alpha, normality_alpha=config.clinical.normality_alpha)
     log.info("selected clinical parameters: %s", ", ".join(selection.selected) or "none")
     encoder = ClinicalEncoder.fit(session.train.site.frame, session.model_parameters(selection.selected))
-    blocks = {c: session.clinical_block(encoder, c) for c in COHORTS}
-    embeddings = {c: session.embeddings(model, c) for c in COHORTS}
-    labels = {c: session.cohort(c).labels for c in COHORTS}
+    # the fusion's "train" rows: every training image (paper) or the hold-out the backbone never saw
+    views = {c: session.fusion_view(c) for c in COHORTS}
+    blocks = {c: session.clinical_block(encoder, c)[views[c]] for c in COHORTS}
+    embeddings = {c: session.embeddings(model, c)[views[c]] for c in COHORTS}
+    labels = {c: session.cohort(c).labels[views[c]] for c in COHORTS}
     fusion = FusionModels.fit(blocks["train"], embeddings["train"], labels["train"], config.svm, seed=config.run.seed)
+    if config.fusion.fit_on == "holdout" and "clinical" in fusion.models:
+        # the backbone never sees clinical values: the Clinical model keeps every training patient
+        everyone = FusionModels.fit(session.clinical_block(encoder, "train"), session.embeddings(model, "train"),
+                                    session.train.labels, config.svm, seed=config.run.seed)
+        fusion.models["clinical"] = everyone.models["clinical"]
     scores = {c: fusion.predict_proba(blocks[c], embeddings[c]) for c in COHORTS}
     probabilities = {m: {c: scores[c][m] for c in COHORTS} for m in MODELS if m in scores["train"]}
     metrics, delong, roc = evaluate_predictions(probabilities, labels, config.svm.threshold)
     sections = {}
+    if config.fusion.fit_on == "holdout":
+        sections["Fusion hold-out"] = (
+            f"The DLR and CLDLR SVMs and their calibration were fitted on {len(session.fusion_rows)} training images "
+            f"that the backbone never trained on (a stratified, patient-disjoint {config.fusion.holdout_fraction:g} "
+            f"of the training cohort); the backbone trained on the other {session.n_backbone}. The Clinical SVM, "
+            "which no backbone informs, was fitted on every training image. The train rows of Table 2 are the "
+            "hold-out.")
     if privacy is not None:
         sections["Differential privacy"] = (
             f"DP-SGD (Opacus, {privacy['accountant'].upper()} accountant): ε = {privacy['epsilon']:.2f} at "
             f"δ = {privacy['delta']:g} after {privacy['epochs']} epochs (target ε = {privacy['target_epsilon']:g}; "
             f"noise multiplier {privacy['noise_multiplier']:.3f}, clipping norm {privacy['max_grad_norm']:g}).")
+    measures = cohort_measures({m: probabilities[m]["test"] for m in probabilities}, labels["test"],
+                               config.svm.threshold, patients=session.test.patients,
+                               seed=config.run.seed)
     outcome = StudyOutcome(
         metrics=metrics, delong=delong, roc=roc, selection_table=selection.table, selected=selection.selected,
         history=result.history, sites=[site_summary(session)],
         gradcam=gradcam_examples(model, session, config.evaluation.gradcam_examples // 2 or 1),
-        privacy=privacy, sections=sections,
+        privacy=privacy, sections=sections, measures=measures,
     )
     return outcome, StudyArtifacts(model, encoder, fusion, probabilities, labels)

@@ -14,6 +14,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from cldlr.common.config import Config, load_config
+from cldlr.server.checkpoint import checkpoint_weights
 from cldlr.simulations.phantom import generate_phantom
 from cldlr.simulations.runner import simulate
 
@@ -61,6 +62,14 @@ def test_report_has_every_model_and_cohort(federated_run: Path) -> None:
     assert len(local) == 3 and all("metrics" in json.loads(p.read_text()) for p in local)
 
 
+def test_the_federated_bundle_is_signed_by_a_study_local_key_the_report_names(federated_run: Path) -> None:
+    from cldlr.common.bundle import TrustAnchor, load_bundle
+
+    assert "signed by a study-local key" in (federated_run / "report.md").read_text()
+    bundle = load_bundle(federated_run / "model", trust=TrustAnchor.from_files([federated_run / "model-signer.pem"]))
+    assert bundle.signer.verified and "study-local" in str(bundle.signer.subject)
+
+
 def test_ledger_shows_no_per_case_array_or_clinical_value(federated_run: Path, phantom: Path) -> None:
     """Every message that left a site: weights (model-shaped), masked SecAgg+ vectors, small metrics."""
     import pandas as pd
@@ -69,7 +78,7 @@ def test_ledger_shows_no_per_case_array_or_clinical_value(federated_run: Path, p
     replies = [e for e in entries if "message_type" in e]
     assert replies and {e["phase"] for e in replies} >= {"handshake", "backbone", "secure:clinical-stats", "secure:fusion-sums",
                                                         "secure:score-histograms", "secure:placement-sums"}
-    weights = load_file(str(federated_run / "checkpoints" / "global.safetensors"))
+    weights = load_file(str(checkpoint_weights(federated_run / "checkpoints")))
     model_shapes = {tuple(v.shape) for v in weights.values()}
     site_sizes = {len(pd.read_csv(p / "clinical.csv")) for p in phantom.iterdir() if (p / "clinical.csv").is_file()}
     for entry in replies:
@@ -86,7 +95,7 @@ def test_ledger_shows_no_per_case_array_or_clinical_value(federated_run: Path, p
                     assert value["type"] != "float" or key in {"code"}, (entry["phase"], key)
         for metrics in entry["metrics"].values():
             assert set(metrics) <= {"num-examples", "train-loss", "train-accuracy", "epsilon", "delta",
-                                    "n-train", "n-test", "feature-bound", "num_examples"}, metrics
+                                    "n-train", "n-test", "n-backbone", "feature-bound", "num_examples"}, metrics
     secure = [e for e in replies if e["phase"].startswith("secure:")]
     assert any(e["secure"] for e in secure)  # SecAgg+ stages carry its config record
 
@@ -97,8 +106,8 @@ def test_resume_gives_the_same_final_model(federated_run: Path, phantom: Path, t
     resumed = simulate(study_config(phantom, tmp_path, "run.name=stopped"), resume=first)
     progress = json.loads((resumed / "checkpoints" / "progress.json").read_text())
     assert [h["round"] for h in progress["history"]] == [1, 2]  # round 1 was not redone
-    a = load_file(str(federated_run / "checkpoints" / "global.safetensors"))
-    b = load_file(str(resumed / "checkpoints" / "global.safetensors"))
+    a = load_file(str(checkpoint_weights(federated_run / "checkpoints")))
+    b = load_file(str(checkpoint_weights(resumed / "checkpoints")))
     for name in a:
         np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
@@ -146,3 +155,17 @@ def test_whole_study_dp_reports_epsilon_per_phase_within_the_caps(phantom: Path,
     assert "whole study" in text and text.count("/ 4 |") == 3  # each site: backbone ε spent / planned
     card = json.loads((run / "model" / "bundle.json").read_text())["model_card"]["differential_privacy"]
     assert "every secure sum" in card["covers"] and set(card["per_site"]) == set(privacy)
+
+
+def test_fusion_hold_out_works_federated(phantom: Path, tmp_path: Path) -> None:
+    """Each site keeps its own hold-out from the backbone; the secure SVM fit and the train metrics use only it."""
+    from cldlr.client.site import SiteSession
+    from cldlr.common.data.schema import load_schema
+    from cldlr.common.data.site import read_site
+
+    config = study_config(phantom, tmp_path, "run.name=holdout", "fusion.fit_on=holdout")
+    report = json.loads((simulate(config) / "report.json").read_text())
+    schema = load_schema(phantom / "schema.yaml")
+    sessions = [SiteSession(read_site(phantom / f"site-{i}", schema), config) for i in (1, 2, 3)]
+    assert report["metrics"]["cldlr"]["train"]["n"] == sum(len(s.fusion_rows) for s in sessions)
+    assert report["metrics"]["cldlr"]["test"]["n"] == sum(len(s.test) for s in sessions)

@@ -214,8 +214,9 @@ def test_class_folders_missing_mask_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_class_folders_other_errors(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
     with pytest.raises(CldlrError, match="neither a benign"):
-        import_class_folders(tmp_path, tmp_path / "out")
+        import_class_folders(tmp_path / "empty", tmp_path / "out")
     src = class_tree(tmp_path / "busi")
     png(src / "benign" / "two_mask_1.png", blob((10, 10), 0, 0, 3, 3))
     with pytest.raises(CldlrError, match="two_mask_1.png: mask is 10x10 px"):

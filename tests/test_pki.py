@@ -309,3 +309,48 @@ def test_a_ca_certificate_with_a_non_ec_or_rsa_key_is_a_mismatch_not_a_crash(tmp
     (tmp_path / "ca" / "ca.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     with pytest.raises(PkiError, match="does not belong"):
         create_server_cert(tmp_path / "link", ca_dir=tmp_path / "ca", hosts=HOSTS)
+
+
+@pytest.mark.parametrize("command", ["ca", "server", "node"])
+def test_an_existing_loose_pki_folder_is_tightened(tmp_path: Path, command: str,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A folder made earlier by hand (0755) with a world-readable key gets 0700 / 0600 on the next `certs` run."""
+    ca_dir = tmp_path / "ca"
+    if command != "ca":
+        create_ca(ca_dir, name="test CA", days=30)
+    out = tmp_path / "pki"
+    out.mkdir(mode=0o755)
+    os.chmod(out, 0o755)  # whatever the umask
+    stale = out / "old-supernode.key"
+    stale.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    os.chmod(stale, 0o644)
+    public = out / "old.pub"
+    public.write_text("ecdsa-sha2-nistp384 AAAA\n")
+    os.chmod(public, 0o644)
+    with caplog.at_level("WARNING", logger="cldlr.common.deploy.pki"):
+        if command == "ca":
+            create_ca(out, name="test CA", days=30)
+        elif command == "server":
+            create_server_cert(out, ca_dir=ca_dir, hosts=HOSTS, days=20)
+        else:
+            create_node_keys(out, name="site-a")
+    assert _mode(out) == 0o700
+    assert _mode(stale) == 0o600
+    assert _mode(public) == 0o644  # public files stay readable
+    assert all(_mode(p) == 0o600 for p in out.glob("*.key"))
+    assert f"{out} had mode 0755; tightened to 0700" in caplog.text
+    assert f"{stale} had mode 0644; tightened to 0600" in caplog.text
+
+
+def test_a_loose_ca_folder_is_tightened_when_it_signs(tmp_path: Path) -> None:
+    ca = create_ca(tmp_path / "ca", name="test CA", days=30)
+    os.chmod(tmp_path / "ca", 0o755)
+    os.chmod(ca.key, 0o640)
+    create_server_cert(tmp_path / "link", ca_dir=tmp_path / "ca", hosts=HOSTS, days=20)
+    assert _mode(tmp_path / "ca") == 0o700 and _mode(ca.key) == 0o600
+
+
+def test_show_only_reports_a_loose_key_and_changes_nothing(pki: dict[str, Path]) -> None:
+    os.chmod(pki["key"], 0o644)
+    describe(pki["key"].parent)
+    assert _mode(pki["key"]) == 0o644

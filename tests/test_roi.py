@@ -134,11 +134,11 @@ def test_failed_decode_leaves_no_file(tmp_path: Path, tiny_schema: Schema, monke
     real = imaging.read_image
     calls = []
 
-    def flaky(path: object) -> np.ndarray:
+    def flaky(path: object, *, max_pixels: int) -> np.ndarray:
         calls.append(path)
         if len(calls) == 3:
             raise OSError("disk went away")
-        return real(path)
+        return real(path, max_pixels=max_pixels)
 
     monkeypatch.setattr(imaging, "read_image", flaky)
     with pytest.raises(OSError):

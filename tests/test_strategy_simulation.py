@@ -14,6 +14,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from cldlr.common.config import load_config
+from cldlr.server.checkpoint import checkpoint_weights
 from cldlr.simulations.phantom import generate_phantom
 from cldlr.simulations.runner import simulate
 
@@ -37,7 +38,7 @@ def test_a_fedadam_federation_trains_with_the_server_step(tmp_path: Path) -> Non
     assert report["federation"]["strategy"] == "fedadam" and report["federation"]["rounds"] == 2
     progress = json.loads((runs["fedadam"] / "checkpoints" / "progress.json").read_text())
     assert [len(h["sites"]) for h in progress["history"]] == [3, 3]
-    adam, avg = (load_file(str(runs[n] / "checkpoints" / "global.safetensors")) for n in ("fedadam", "fedavg"))
+    adam, avg = (load_file(str(checkpoint_weights(runs[n] / "checkpoints"))) for n in ("fedadam", "fedavg"))
     assert all(np.isfinite(v).all() for v in adam.values())
     # same seeds and sites: the round-1 site updates coincide, so only the server step tells the models apart
     assert max(float(np.abs(adam[k] - avg[k]).max()) for k in adam if adam[k].dtype.kind == "f") > 1e-3

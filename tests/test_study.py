@@ -97,3 +97,36 @@ def test_compare_backbones_writes_table_s2(site: Path, tmp_path: Path) -> None:
     rows = json.loads((tmp_path / "bb-backbones" / "table_s2.json").read_text())
     assert list(rows) == ["vgg11", "tiny"]
     assert "p_vs_vgg11" in rows["tiny"]["dlr"] and "p_vs_vgg11" not in rows["vgg11"]["cnn"]
+
+
+def test_study_report_has_calibration_and_utility_equal_to_the_pooled_computation(site: Path, tmp_path: Path) -> None:
+    from cldlr.client.site import SiteSession
+    from cldlr.common.config import load_config
+    from cldlr.common.data.schema import load_schema
+    from cldlr.common.data.site import read_site
+    from cldlr.common.evaluation.measures import model_measures
+    from cldlr.common.evaluation.report import write_report
+    from cldlr.simulations.study import run_study
+
+    sets = args(site, tmp_path, "run.name=m", "train.epochs=1")
+    config = load_config("configs/paper.yaml", sets[1::2])
+    data = read_site(site / "site-1", load_schema(site / "schema.yaml"))
+    outcome, artifacts = run_study(data, config, tmp_path / "m", progress=False)
+    write_report(tmp_path / "m", outcome, config)
+    report = json.loads((tmp_path / "m" / "report.json").read_text())
+    patients = SiteSession(data, config).test.patients
+    assert report["measures"]["unit"] == "image" and report["measures"]["counts"]["images"] == len(patients)
+    for model in ("clinical", "dlr", "cldlr"):
+        expected = model_measures(artifacts.labels["test"], artifacts.probabilities[model]["test"], config.svm.threshold,
+                                  clusters=patients.astype(str), seed=config.run.seed)
+        got = report["measures"]["models"][model]
+        assert got["table2"]["auc_ci_method"] == "obuchowski-clustered"
+        assert got["table2"]["auc"] == pytest.approx(report["metrics"][model]["test"]["auc"])
+        assert got["calibration"]["brier"] == pytest.approx(expected["calibration"]["brier"])
+        assert got["decision_curve"]["model"] == pytest.approx(expected["decision_curve"]["model"])
+        for got_op, op in zip(got["operating_points"], expected["operating_points"], strict=True):
+            assert got_op == pytest.approx(op, nan_ok=True)
+    text = (tmp_path / "m" / "report.md").read_text()
+    assert "## Calibration and clinical utility (test cohort)" in text and "Unit of analysis: image" in text
+    for figure in ("calibration.png", "decision_curve.png"):
+        assert (tmp_path / "m" / "figures" / figure).stat().st_size > 5000

@@ -22,11 +22,14 @@ import pandas as pd
 from PIL import Image
 
 from cldlr.common.data.contract import CLINICAL_CSV, IMAGES_DIR, MASKS_DIR, parse_label
+from cldlr.common.data.descriptors import derive_from_mask
+from cldlr.common.data.ids import ID_RULE, is_safe_id
 from cldlr.common.data.imaging import read_mask
-from cldlr.common.data.lesion import DESCRIPTOR_NAMES, descriptor_parameters, lesion_descriptors, schema_yaml
+from cldlr.common.data.lesion import descriptor_parameters, schema_yaml
+from cldlr.common.data.schema import schema_from_dict
 from cldlr.common.data.splits import site_table
 from cldlr.common.errors import CldlrError
-from cldlr.common.io import atomic_directory
+from cldlr.common.io import atomic_directory, check_output_apart, contained_path
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +83,8 @@ def read_table(src: Path) -> pd.DataFrame:
         raise CldlrError(f"{path}: column(s) {', '.join(missing)} missing (found: {', '.join(table.columns)}); "
                          f"the import needs {', '.join(REQUIRED_COLUMNS)}")
     for column, ok, expected in (
-        ("ID", table["ID"].str.fullmatch(r"bus_\w+-\w+"), "bus_NNNN-x"),
-        ("Case", table["Case"] != "", "a patient number"),
+        ("ID", table["ID"].str.fullmatch(r"bus_\w+-\w+") & table["ID"].map(is_safe_id), f"bus_NNNN-x ({ID_RULE})"),
+        ("Case", table["Case"].map(is_safe_id), f"a patient number ({ID_RULE})"),
         ("Pathology", table["Pathology"].map(parse_label).notna(), "benign or malignant"),
         ("BIRADS", table["BIRADS"].isin(BIRADS), "one of " + "/".join(BIRADS)),
         ("Side", table["Side"].isin(SIDES + ("",)), "one of " + "/".join(SIDES)),
@@ -149,6 +152,7 @@ def import_bus_bra(src: str | Path, out: str | Path, *, birads: list[int] | None
     all, and an existing ``out`` is kept unless ``force``. Returns the per-site summary.
     """
     src, out = Path(src), Path(out)
+    check_output_apart(out, [src])
     if out.exists() and not force:
         raise CldlrError(f"{out} already exists; choose another folder or pass --force to replace it")
     table = select(read_table(src), birads)
@@ -162,6 +166,7 @@ def import_bus_bra(src: str | Path, out: str | Path, *, birads: list[int] | None
 
     sources = {}
     descriptors = []
+    derived = schema_from_dict({"name": "bus-bra", "version": 1, "parameters": BUS_BRA_PARAMETERS}).derived_parameters
     for image_id in frame["image_id"]:
         image = src / "Images" / f"{image_id}.png"
         mask = src / "Masks" / f"{image_id.replace('bus_', 'mask_', 1)}.png"
@@ -174,12 +179,12 @@ def import_bus_bra(src: str | Path, out: str | Path, *, birads: list[int] | None
                 raise CldlrError(f"{mask}: {lesion.shape[1]}x{lesion.shape[0]} px but its image {image} is "
                                  f"{img.size[0]}x{img.size[1]} px")
         try:
-            descriptors.append(lesion_descriptors(lesion))
+            descriptors.append(derive_from_mask(derived, lesion, None))  # what validate and predict compute
         except ValueError as exc:
             raise CldlrError(f"{mask}: {exc}") from exc
         sources[image_id] = (image, mask)
-    for name in DESCRIPTOR_NAMES:
-        frame[name] = [format_number(d[name]) for d in descriptors]
+    for parameter in derived:
+        frame[parameter.name] = [format_number(d[parameter.name]) for d in descriptors]
 
     with atomic_directory(out, overwrite=force) as tmp:
         for site, rows in frame.groupby("site", sort=True):
@@ -188,8 +193,8 @@ def import_bus_bra(src: str | Path, out: str | Path, *, birads: list[int] | None
             (root / MASKS_DIR).mkdir()
             for image_id in rows["image_id"]:
                 image, mask = sources[image_id]
-                shutil.copyfile(image, root / IMAGES_DIR / f"{image_id}.png")
-                shutil.copyfile(mask, root / MASKS_DIR / f"{image_id}.png")
+                shutil.copyfile(image, contained_path(root / IMAGES_DIR, f"{image_id}.png"))
+                shutil.copyfile(mask, contained_path(root / MASKS_DIR, f"{image_id}.png"))
             csv = rows.drop(columns="site").to_csv(index=False, lineterminator="\n")
             (root / CLINICAL_CSV).write_text(csv, encoding="utf-8")
             log.info("BUS-BRA site %s: %d images", site, len(rows))

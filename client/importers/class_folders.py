@@ -22,11 +22,14 @@ import pandas as pd
 from PIL import Image
 
 from cldlr.common.data.contract import CLINICAL_CSV, IMAGES_DIR, MASKS_DIR
+from cldlr.common.data.descriptors import derive_from_mask
+from cldlr.common.data.ids import MAX_ID_LENGTH, check_id
 from cldlr.common.data.imaging import RASTER_EXTS, file_ext, read_mask
-from cldlr.common.data.lesion import DESCRIPTOR_NAMES, descriptor_parameters, lesion_descriptors, schema_yaml
+from cldlr.common.data.lesion import descriptor_parameters, schema_yaml
+from cldlr.common.data.schema import schema_from_dict
 from cldlr.common.data.splits import site_table
 from cldlr.common.errors import CldlrError, ImageReadError
-from cldlr.common.io import atomic_directory
+from cldlr.common.io import atomic_directory, check_output_apart, contained_path
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +46,8 @@ def class_folders_schema_yaml() -> str:
 
 
 def safe_id(name: str) -> str:
-    """A file stem as an image id: ``benign (12)`` → ``benign_12`` (no spaces or brackets in ids)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")
+    """A file stem as an image id: ``benign (12)`` → ``benign_12`` (the id rule of :mod:`cldlr.common.data.ids`)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")[:MAX_ID_LENGTH].rstrip("._-")
 
 
 def _class_dirs(src: Path) -> tuple[dict[str, Path], list[str]]:
@@ -139,6 +142,7 @@ def import_class_folders(src: str | Path, out: str | Path, *, force: bool = Fals
     The output appears whole or not at all; an existing ``out`` is kept unless ``force``.
     """
     src, out = Path(src), Path(out)
+    check_output_apart(out, [src])
     if out.exists() and not force:
         raise CldlrError(f"{out} already exists; choose another folder or pass --force to replace it")
     folders, notes = _class_dirs(src)
@@ -153,19 +157,21 @@ def import_class_folders(src: str | Path, out: str | Path, *, force: bool = Fals
     site = safe_id(src.resolve().name) or "site"
 
     rows = []
+    derived = schema_from_dict({"name": "class-folders", "version": 1,
+                                "parameters": descriptor_parameters()}).derived_parameters
     with atomic_directory(out, overwrite=force) as tmp:
-        root = tmp / site
+        root = contained_path(tmp, site)
         (root / IMAGES_DIR).mkdir(parents=True)
         (root / MASKS_DIR).mkdir()
         for image_id, (label, _, image, masks) in zip(ids, entries):
             mask = _merged_mask(image, masks)
-            shutil.copyfile(image, root / IMAGES_DIR / f"{image_id}{file_ext(image)}")
+            shutil.copyfile(image, contained_path(root / IMAGES_DIR, f"{check_id(image_id)}{file_ext(image)}"))
             buffer = io.BytesIO()
             Image.fromarray(mask.astype(np.uint8) * 255).save(buffer, format="PNG")
-            (root / MASKS_DIR / f"{image_id}.png").write_bytes(buffer.getvalue())
-            descriptors = lesion_descriptors(mask)
+            contained_path(root / MASKS_DIR, f"{image_id}.png").write_bytes(buffer.getvalue())
+            descriptors = derive_from_mask(derived, mask, None)  # what validate and predict compute
             rows.append({"image_id": image_id, "patient_id": image_id, "label": label,
-                         **{k: round(descriptors[k], 6) for k in DESCRIPTOR_NAMES}})
+                         **{k: round(v, 6) for k, v in descriptors.items()}})
             if len(masks) > 1:
                 log.debug("%s: %d masks merged", image, len(masks))
         table = pd.DataFrame(rows)

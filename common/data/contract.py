@@ -8,7 +8,12 @@
       masks/<image_id>.<ext>  binary lesion mask: PNG/JPEG/BMP/TIFF, NIfTI or NRRD
 
 ``label`` is ``benign``/``malignant`` (or 0/1), ``split`` is ``train``/``test`` when given.
-The clinical parameters are those the federation schema declares. :func:`parse_frame` turns a
+A folder for ``cldlr predict`` only (a clinic's new, unbiopsied lesions) may leave ``label`` and
+``split`` out, or empty. The optional ``spacing_mm`` column gives each image's pixel spacing in
+mm (``0.1``, or ``ROWxCOLUMN`` such as ``0.1x0.12``); empty means unknown, and a DICOM image's own
+PixelSpacing is used then (:mod:`cldlr.common.data.units`). The clinical parameters are those the
+federation schema declares; a ``derived: mask`` parameter's column may be left out (computed from
+the mask, :mod:`cldlr.common.data.descriptors`). :func:`parse_frame` turns a
 validated table into typed columns; :func:`cldlr.common.data.site.read_site` validates a folder
 (:mod:`cldlr.common.data.validation`) and then reads it.
 """
@@ -22,9 +27,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from cldlr.common.data.descriptors import spacing_column
+from cldlr.common.data.ids import check_id
 from cldlr.common.data.imaging import IMAGE_EXTS, MASK_EXTS, file_ext
 from cldlr.common.data.schema import Parameter, Schema
-from cldlr.common.errors import ConfigError
+from cldlr.common.errors import ConfigError, ContractError
+from cldlr.common.io import contained_path
 
 if TYPE_CHECKING:
     from cldlr.common.config import Config
@@ -50,17 +58,20 @@ def read_clinical_csv(root: str | Path) -> pd.DataFrame:
 
 
 def find_files(folder: Path, image_id: str, extensions: tuple[str, ...]) -> list[Path]:
-    """All files in ``folder`` named ``<image_id><ext>`` for an allowed extension."""
+    """All files in ``folder`` named ``<image_id><ext>`` for an allowed extension.
+
+    ``image_id`` must be a safe id (:mod:`cldlr.common.data.ids`; validation reports one that is
+    not), and every candidate is checked to stay inside ``folder``, so no id reads elsewhere.
+    """
+    check_id(image_id, "image_id")
     if not folder.is_dir():
         return []
     found = []
     for ext in extensions:
-        candidate = folder / f"{image_id}{ext}"
-        if candidate.is_file():
-            found.append(candidate)
-        upper = folder / f"{image_id}{ext.upper()}"
-        if upper != candidate and upper.is_file():
-            found.append(upper)
+        for name in dict.fromkeys((f"{image_id}{ext}", f"{image_id}{ext.upper()}")):
+            contained_path(folder, name)
+            if (folder / name).is_file():
+                found.append(folder / name)
     return found
 
 
@@ -80,9 +91,10 @@ def mask_path(root: str | Path, image_id: str) -> Path | None:
 class SiteData:
     """A validated site: one row per image with parsed label, split, paths and clinical values.
 
-    ``frame`` columns: ``image_id``, ``patient_id``, ``label`` (0/1), ``split`` ('' when the
-    site has none), ``image_path``, ``mask_path``, then one column per schema parameter holding
-    the parsed value (float for numeric/binary, str for categorical, NaN/None when missing).
+    ``frame`` columns: ``image_id``, ``patient_id``, ``label`` (0/1; None in an unlabelled
+    row), ``split`` ('' when the site has none), ``image_path``, ``mask_path``, ``spacing``
+    (``(row_mm, column_mm)`` or None), then one column per schema parameter holding the parsed
+    value (float for numeric/binary, str for categorical, NaN/None when missing).
     """
 
     root: Path
@@ -101,6 +113,11 @@ class SiteData:
     @property
     def labels(self) -> np.ndarray:
         """0 (benign) / 1 (malignant) per row, as int64 for metrics and stratified splits."""
+        unlabelled = self.frame["label"].isna()
+        if unlabelled.any():
+            raise ContractError(f"site {self.name}: {int(unlabelled.sum())} row(s) have no label (first: "
+                                f"{self.frame['image_id'][unlabelled].iloc[0]}); an unlabelled folder serves predict "
+                                "only — add the biopsy result to every row to use it here")
         labels: np.ndarray = self.frame["label"].to_numpy(dtype=np.int64)
         return labels
 
@@ -122,13 +139,15 @@ def parse_frame(root: Path, schema: Schema, raw: pd.DataFrame) -> pd.DataFrame:
     frame = pd.DataFrame({
         "image_id": raw["image_id"].str.strip(),
         "patient_id": raw["patient_id"].str.strip(),
-        "label": [parse_label(v) for v in raw["label"]],
+        "label": [parse_label(v) for v in raw["label"]] if "label" in raw.columns else [None] * len(raw),
         "split": raw["split"].str.strip().str.lower() if "split" in raw.columns else "",
     })
     frame["image_path"] = [str(image_path(root, i)) for i in frame["image_id"]]
     frame["mask_path"] = [str(mask_path(root, i)) for i in frame["image_id"]]
-    for parameter in schema.parameters:
-        frame[parameter.name] = [parameter.parse(v) for v in raw[parameter.name]]
+    frame["spacing"] = spacing_column(raw, frame["image_path"])
+    for parameter in schema.parameters:  # a derived column a site left out is filled by the site reader
+        cells = raw[parameter.name] if parameter.name in raw.columns else [None] * len(raw)
+        frame[parameter.name] = [parameter.parse(v) for v in cells]
     return frame
 
 

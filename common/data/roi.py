@@ -26,7 +26,7 @@ from cldlr.common.data.contract import SiteData
 from cldlr.common.data.schema import Schema
 from cldlr.common.data.site import read_site
 from cldlr.common.errors import CldlrError
-from cldlr.common.io import atomic_path
+from cldlr.common.io import atomic_path, contained_path
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,8 @@ def _decode(site: SiteData, data_cfg: DataConfig) -> torch.Tensor:
     rows = site.frame[["image_id", "image_path", "mask_path"]].itertuples(index=False)
     for i, row in enumerate(tqdm(rows, total=len(site), desc=f"ROIs {site.name}", unit="img", disable=None)):
         try:
-            image, mask = imaging.read_image(row.image_path), imaging.read_mask(row.mask_path)
+            cap = data_cfg.max_image_pixels
+            image, mask = imaging.read_image(row.image_path, max_pixels=cap), imaging.read_mask(row.mask_path, max_pixels=cap)
             out[i, 0] = extract_roi(image, mask, size, data_cfg.margin)
         except ValueError as exc:
             raise CldlrError(f"{site.root}: image_id {row.image_id!r} ({row.image_path}): {exc}; "
@@ -166,6 +167,7 @@ def cache_for(site: SiteData, data_cfg: DataConfig, weights: str = "none") -> Ro
         raise CldlrError(f"site {site.root} has no rows to cache")
     key = cache_key(site, data_cfg.image_size, data_cfg.margin)
     path = Path(data_cfg.cache_dir).expanduser() / f"{site.name}-{key[:16]}.safetensors"
+    contained_path(path.parent, path.name)  # a site name is a plain file name, never a way out of the cache
     image_ids = [str(i) for i in site.frame["image_id"]]
     if path.is_file():
         try:
@@ -193,7 +195,7 @@ def build_site_cache(site: str | Path | SiteData, schema: Schema, data_cfg: Data
                      weights: str = "none") -> RoiCache:
     """Decode a site's ROIs once into the cache (or load them); a path is read and validated first."""
     if not isinstance(site, SiteData):
-        site = read_site(site, schema)
+        site = read_site(site, schema, max_image_pixels=data_cfg.max_image_pixels)
     return cache_for(site, data_cfg, weights)
 
 

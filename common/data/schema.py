@@ -13,6 +13,12 @@ Example::
       - {name: age, type: numeric, unit: years, range: [18, 100], missing: error}
       - {name: side, type: categorical, levels: [left, right], missing: impute}
       - {name: birads, type: categorical, levels: ["4"], model_input: false}
+      - {name: circularity, type: numeric, range: [0, 1], missing: error, derived: mask}
+
+``derived: mask`` marks a lesion descriptor computed from the mask
+(:mod:`cldlr.common.data.descriptors`): a site may leave its column out, and a recorded value
+that disagrees with the computed one is a validation warning. Its name must be one of
+:data:`cldlr.common.data.units.DESCRIPTOR_UNITS` and its unit that descriptor's unit.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
+from cldlr.common.data.units import DERIVED_SOURCES, DESCRIPTOR_UNITS, SPACING_COLUMN
 from cldlr.common.errors import ConfigError, SchemaError
 from cldlr.common.io import read_yaml
 
@@ -51,6 +58,7 @@ class Parameter:
     missing: MissingPolicy = "error"
     model_input: bool = True
     description: str = ""
+    derived: str = ""  # "mask": a lesion descriptor computed from the mask (see the module docstring)
 
     def parse(self, raw: Any) -> float | str | None:
         """Parse one raw CSV cell; ``None`` for missing. Raises ``ValueError`` with a reason."""
@@ -102,6 +110,16 @@ class Schema:
         """Parameters allowed to enter a model (BI-RADS and the like are excluded)."""
         return tuple(p for p in self.parameters if p.model_input)
 
+    @property
+    def derived_parameters(self) -> tuple[Parameter, ...]:
+        """Parameters computed from the mask (``derived: mask``): a site may leave their columns out."""
+        return tuple(p for p in self.parameters if p.derived)
+
+    def restricted(self, names: list[str] | tuple[str, ...]) -> Schema:
+        """The same schema with only the parameters ``names``: what a bundle needs of a site to score it."""
+        wanted = set(names)
+        return Schema(self.name, self.version, tuple(p for p in self.parameters if p.name in wanted), self.source)
+
     def get(self, name: str) -> Parameter:
         """The parameter called ``name``; a ``KeyError`` naming the schema when it has none."""
         for parameter in self.parameters:
@@ -111,8 +129,10 @@ class Schema:
 
     def fingerprint(self) -> str:
         """Hash of the schema content, compared in the federation handshake."""
+        # a key added after version 1 enters only when set, so older schemas keep their fingerprint
+        entries = [{k: v for k, v in p.__dict__.items() if k != "derived" or v} for p in self.parameters]
         payload = json.dumps(
-            {"name": self.name, "version": self.version, "parameters": [p.__dict__ for p in self.parameters]},
+            {"name": self.name, "version": self.version, "parameters": entries},
             sort_keys=True,
             default=list,
         )
@@ -134,6 +154,8 @@ class Schema:
                 entry["model_input"] = False
             if p.description:
                 entry["description"] = p.description
+            if p.derived:
+                entry["derived"] = p.derived
             params.append(entry)
         return {"name": self.name, "version": self.version, "parameters": params}
 
@@ -143,8 +165,25 @@ class Schema:
         return text
 
 
-_PARAMETER_KEYS = {"name", "type", "unit", "range", "levels", "missing", "model_input", "description"}
-RESERVED_COLUMNS = {"image_id", "patient_id", "label", "split", "site"}
+_PARAMETER_KEYS = {"name", "type", "unit", "range", "levels", "missing", "model_input", "description", "derived"}
+RESERVED_COLUMNS = {"image_id", "patient_id", "label", "split", "site", SPACING_COLUMN}
+
+
+def _check_derived(entry: dict[str, Any], name: str, kind: str, where: str) -> str:
+    """The ``derived`` key: a known source, a known descriptor of that source, its own unit."""
+    derived = entry.get("derived", "")
+    if derived == "":
+        return ""
+    if derived not in DERIVED_SOURCES:
+        raise SchemaError(f"{where} ({name}): derived must be one of {', '.join(DERIVED_SOURCES)}, got {derived!r}")
+    if name not in DESCRIPTOR_UNITS or kind != "numeric":
+        raise SchemaError(f"{where} ({name}): derived: mask needs a numeric parameter named after a mask descriptor "
+                          f"({', '.join(DESCRIPTOR_UNITS)})")
+    unit = str(entry.get("unit", ""))
+    if unit != DESCRIPTOR_UNITS[name]:
+        raise SchemaError(f"{where} ({name}): the descriptor {name} is in {DESCRIPTOR_UNITS[name] or 'no unit (a ratio)'}"
+                          f", not {unit or 'no unit'}; write unit: {DESCRIPTOR_UNITS[name] or '(leave it out)'}")
+    return str(derived)
 
 
 def _parse_parameter(entry: Any, where: str) -> Parameter:
@@ -186,6 +225,7 @@ def _parse_parameter(entry: Any, where: str) -> Parameter:
     model_input = entry.get("model_input", True)
     if not isinstance(model_input, bool):
         raise SchemaError(f"{where} ({name}): model_input must be true or false")
+    derived = _check_derived(entry, name, kind, where)
     return Parameter(
         name=name,
         type=kind,
@@ -195,6 +235,7 @@ def _parse_parameter(entry: Any, where: str) -> Parameter:
         missing=missing,
         model_input=model_input,
         description=str(entry.get("description", "")),
+        derived=derived,
     )
 
 

@@ -21,7 +21,7 @@ from cldlr.common.data.contract import CLINICAL_CSV, IMAGES_DIR, LABEL_NAMES, MA
 from cldlr.common.data.schema import Schema
 from cldlr.common.data.site import read_site
 from cldlr.common.errors import CldlrError
-from cldlr.common.io import atomic_directory, atomic_write_text
+from cldlr.common.io import atomic_directory, atomic_write_text, check_output_apart, contained_path
 
 log = logging.getLogger(__name__)
 
@@ -167,22 +167,13 @@ def partition(frame: pd.DataFrame, *, by: Literal["column", "iid", "dirichlet"] 
     return frame["patient_id"].map(lambda p: f"site{assignment[p] + 1:0{width}d}").rename("site")
 
 
-def _check_out(source: Path, out: Path) -> None:
-    """Refuse outputs that would overwrite or delete the source site."""
-    src, dst = source.resolve(), out.resolve()
-    if dst == src or dst.is_relative_to(src):
-        raise CldlrError(f"output {out} is the source site or inside it; choose a folder outside {source}")
-    if src.is_relative_to(dst):
-        raise CldlrError(f"output {out} contains the source site {source}; replacing it would delete the source")
-
-
 def _write_site(dest: Path, raw: pd.DataFrame, frame: pd.DataFrame) -> None:
     """Copy the image/mask files of ``frame``'s rows into ``dest`` and write their ``clinical.csv`` rows."""
     for folder in (IMAGES_DIR, MASKS_DIR):
         (dest / folder).mkdir(parents=True, exist_ok=True)
     for image, mask in zip(frame["image_path"], frame["mask_path"]):
-        shutil.copy2(image, dest / IMAGES_DIR / Path(image).name)
-        shutil.copy2(mask, dest / MASKS_DIR / Path(mask).name)
+        shutil.copy2(image, contained_path(dest / IMAGES_DIR, Path(image).name))
+        shutil.copy2(mask, contained_path(dest / MASKS_DIR, Path(mask).name))
     atomic_write_text(dest / CLINICAL_CSV, raw.to_csv(index=False))
 
 
@@ -202,7 +193,7 @@ def split_site(site_root: str | Path, out: str | Path, schema: Schema, *, test_f
     The source is never modified; ``out`` appears complete (and re-validated) or not at all.
     """
     source, out = Path(site_root), Path(out)
-    _check_out(source, out)
+    check_output_apart(out, [source])
     site, raw = _read(source, schema)
     split = patient_split(site.frame, test_fraction=test_fraction, seed=seed)
     raw = raw.assign(split=split.to_numpy())
@@ -218,7 +209,7 @@ def partition_site(site_root: str | Path, out: str | Path, schema: Schema, *,
                    alpha: float = 0.5, seed: int = 0, force: bool = False) -> str:
     """Write ``out/<site>/`` folders, each a valid site holding its patients' rows; return the sites table."""
     source, out = Path(site_root), Path(out)
-    _check_out(source, out)
+    check_output_apart(out, [source])
     site, raw = _read(source, schema)
     if by == "column" and column not in raw.columns:
         raise CldlrError(f"partition column {column!r} is not in {source / CLINICAL_CSV} (columns: "
@@ -231,8 +222,9 @@ def partition_site(site_root: str | Path, out: str | Path, schema: Schema, *,
     with atomic_directory(out, overwrite=force) as tmp:
         for name in sorted(sites.unique()):
             rows = (sites == name).to_numpy()
-            _write_site(tmp / name, raw[rows], site.frame[rows])
-            read_site(tmp / name, schema)
+            folder = contained_path(tmp, name)
+            _write_site(folder, raw[rows], site.frame[rows])
+            read_site(folder, schema)
     log.info("wrote %d sites to %s (by=%s)", sites.nunique(), out, by)
     return site_table(frame.assign(site=sites.to_numpy()), "site")
 

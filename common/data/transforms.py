@@ -25,7 +25,12 @@ class Normalization:
 
     def apply(self, batch_uint8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``[N,1,S,S]`` uint8 → ``[N,3,S,S]`` normalized float on the same device."""
-        x = batch_uint8.to(dtype).div_(255.0).expand(-1, 3, -1, -1)
+        return self.apply_unit(batch_uint8.to(dtype).div_(255.0))
+
+    def apply_unit(self, batch: torch.Tensor) -> torch.Tensor:
+        """``[N,1,S,S]`` float intensities in [0, 1] (e.g. an augmented batch) → ``[N,3,S,S]`` normalized."""
+        dtype = batch.dtype
+        x = batch.expand(-1, 3, -1, -1)
         mean = torch.tensor(self.mean, dtype=dtype, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, dtype=dtype, device=x.device).view(1, 3, 1, 1)
         return (x - mean) / std

@@ -12,9 +12,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib import rc_context
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import roc_auc_score, roc_curve
 
@@ -34,12 +36,24 @@ def _new_figure(width: float, height: float) -> Figure:
     return figure
 
 
-def _save(figure: Figure, path: str | Path) -> Path:
+def save_figure(figure: Figure, path: str | Path, *, dpi: float | None = DPI) -> Path:
+    r"""Write ``figure`` as a PNG atomically, with every text drawn literally (no mathtext, no LaTeX).
+
+    Titles, legends and labels carry site, reader and case names from the data; with mathtext a
+    name such as ``$\notacommand{$`` raises while drawing and the whole report is lost, and with
+    ``usetex`` a name would be run through LaTeX. Texts made before saving are switched to plain
+    text here, those matplotlib makes while drawing (tick labels) by the same settings.
+    """
     path = Path(path)
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=DPI)
+    with rc_context({"text.usetex": False, "text.parse_math": False}):
+        for text in figure.findobj(Text):
+            text.set_usetex(False)
+            text.set_parse_math(False)
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, format="png", dpi=dpi)
     log.info("figure written: %s", path)
     return path
+
 
 
 def _roc_inputs(name: str, y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -75,7 +89,7 @@ def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | Pa
     """One ROC curve per model, labelled ``Name (AUC 0.812)``, with the chance diagonal (Fig. 4)."""
     figure = _new_figure(5.5, 5.5)
     _draw_roc(figure.add_subplot(), curves, title)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_roc_panels(panels: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]], path: str | Path) -> Path:
@@ -85,7 +99,7 @@ def plot_roc_panels(panels: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarr
     figure = _new_figure(5.0 * len(panels), 5.2)
     for ax, (title, curves) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels.items()):
         _draw_roc(ax, curves, title)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_confusion_matrices(matrices: Mapping[str, np.ndarray], path: str | Path) -> Path:
@@ -103,7 +117,7 @@ def plot_confusion_matrices(matrices: Mapping[str, np.ndarray], path: str | Path
             ax.text(j, i, f"{count:g}", ha="center", va="center", fontsize=14, color="white" if dark else "black")
         ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=LABEL_NAMES, yticklabels=LABEL_NAMES,
                xlabel="Predicted", ylabel="True", title=name)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def _series(history: Sequence[Mapping[str, float]], keys: tuple[str, ...]) -> tuple[list[float], list[float]] | None:
@@ -142,7 +156,7 @@ def plot_training_curves(history: Sequence[Mapping[str, float]] | Mapping[str, S
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize="small")
         ax.grid(alpha=0.3)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_gradcam_grid(rois: Sequence[np.ndarray], overlays: Sequence[np.ndarray], titles: Sequence[str],
@@ -165,7 +179,8 @@ def plot_gradcam_grid(rois: Sequence[np.ndarray], overlays: Sequence[np.ndarray]
         ax_cam.set_title("Grad-CAM", fontsize="small")
         for ax in (ax_roi, ax_cam):
             ax.set_axis_off()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
-__all__ = ["plot_confusion_matrices", "plot_gradcam_grid", "plot_roc", "plot_roc_panels", "plot_training_curves"]
+__all__ = ["plot_confusion_matrices", "plot_gradcam_grid", "plot_roc", "plot_roc_panels", "plot_training_curves",
+           "save_figure"]

@@ -73,7 +73,10 @@ class StudyOutcome:
     (each site's own numbers, or why it kept them) by the federated run, ``comparison`` (arm →
     model → test metrics) by ``--compare``, ``sections`` (title → Markdown, appended to
     ``report.md``) by the local and comparison runs, ``privacy`` (the ε a single data holder
-    spent) by a DP study at one holder.
+    spent) by a DP study at one holder, ``measures`` (calibration, decision curve, biopsies
+    avoided of the test cohort: :func:`cldlr.common.evaluation.measures.cohort_measures`) by the
+    pooled study. Hook for the federated report: the same keys from summed score histograms
+    (:func:`cldlr.common.evaluation.binned.from_histogram` feeds every measure but the clustered CI).
     """
 
     metrics: Metrics
@@ -89,6 +92,7 @@ class StudyOutcome:
     comparison: dict[str, dict[str, dict[str, float]]] | None = None
     sections: dict[str, str] = field(default_factory=dict)
     privacy: dict[str, Any] | None = None
+    measures: dict[str, Any] | None = None
 
     @property
     def privacy_spent(self) -> dict[str, Any] | None:

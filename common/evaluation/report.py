@@ -62,7 +62,8 @@ def _table1_markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| Parameter | Benign | Malignant | Test | Statistic | P | Selected |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(
-            f"| {row['parameter']} | {row.get('benign', '')} | {row.get('malignant', '')} | {row.get('test', '')} | "
+            f"| {markdown_text(row['parameter'])} | {row.get('benign', '')} | {row.get('malignant', '')} | "
+            f"{row.get('test', '')} | "
             f"{_fmt(row.get('statistic'))} | {_p(row['p']) if row.get('p') is not None and not math.isnan(row['p']) else '–'} | "
             f"{'yes' if row.get('selected') else 'no'} |"
         )
@@ -83,6 +84,13 @@ def _privacy_table(privacy: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _names_markdown(value: Any) -> str:
+    """A mapping keyed by site names, written like its ``repr`` but with every string as literal Markdown."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_names_markdown(k)}: {_names_markdown(v)}" for k, v in value.items()) + "}"
+    return f"'{markdown_text(value)}'" if isinstance(value, str) else repr(value)
+
+
 def _federation_markdown(fed: FederationSummary) -> str:
     lines = [f"- Strategy: {fed.strategy}, {fed.rounds} rounds, weights sent as {fed.transfer_dtype}",
              f"- Secure aggregation rounds (SecAgg+): {fed.secure_rounds}",
@@ -90,7 +98,7 @@ def _federation_markdown(fed: FederationSummary) -> str:
     if fed.uplink_bytes_per_site_round:
         first = fed.uplink_bytes_per_site_round[0]
         sizes = {k: v for k, v in first.items() if k != "round"}
-        lines.append(f"- Uplink bytes per site per round: {sizes}")
+        lines.append(f"- Uplink bytes per site per round: {_names_markdown(sizes)}")
     if fed.privacy and any("phases" in v for v in fed.privacy.values()):
         lines.append("- Differential privacy of the whole study, per site (ε at the site's δ; DP-SGD and every "
                      "noisy secure sum composed in RDP):")
@@ -99,10 +107,11 @@ def _federation_markdown(fed: FederationSummary) -> str:
         lines.append("")
     elif fed.privacy:
         lines.append("- Differential privacy (ε, δ) per site: " + ", ".join(
-            f"{site} ε={v['epsilon']:.2f} (δ={v['delta']:g}, after round {v['after_round']})" for site, v in fed.privacy.items())
+            f"{markdown_text(site)} ε={v['epsilon']:.2f} (δ={v['delta']:g}, after round {v['after_round']})"
+            for site, v in fed.privacy.items())
             + "; ε covers the backbone's DP-SGD only: the secure sums (clinical statistics, SVM, evaluation) are exact")
     if fed.dropped:
-        lines.append(f"- Sites dropped or rejected: {fed.dropped}")
+        lines.append(f"- Sites dropped or rejected: {_names_markdown(fed.dropped)}")
     lines.append("- Every message that left a site is listed in `ledger.jsonl`.")
     return "\n".join(lines)
 
@@ -132,6 +141,7 @@ def _write_figures(run_dir: Path, outcome: StudyOutcome) -> dict[str, str]:
     if outcome.gradcam:
         rois, overlays, titles = zip(*outcome.gradcam)
         written["gradcam"] = str(figures.plot_gradcam_grid(list(rois), list(overlays), list(titles), fig_dir / "gradcam.png"))
+    written |= _write_measure_figures(run_dir, outcome)
     return {k: str(Path(v).relative_to(run_dir)) for k, v in written.items()}
 
 
@@ -148,7 +158,34 @@ def _optional_fields(outcome: StudyOutcome) -> dict[str, Any]:
         fields["markdown_sections"] = outcome.sections
     if outcome.privacy is not None:
         fields["privacy"] = outcome.privacy
+    if outcome.measures is not None:
+        fields["measures"] = outcome.measures
     return fields
+
+
+def _measures_markdown(measures: dict[str, Any], threshold: float) -> str:
+    """The calibration and clinical-utility section of the test cohort (clustered by patient)."""
+    from cldlr.common.evaluation import measures_report as mr
+
+    c = measures["counts"]
+    scopes = {"test": {MODEL_TITLES.get(m, m): v for m, v in measures["models"].items()}}
+    tests = {"test": {" vs ".join(MODEL_TITLES.get(x, x) for x in k.split(" vs ")): v
+                      for k, v in measures["paired"].items()}}
+    return "\n".join([
+        f"Unit of analysis: image ({c['images']} images, {c['patients']} patients); AUC CIs, paired tests and the "
+        "bootstrap account for several images of one patient (Obuchowski's clustered ROC, patient = cluster).", "",
+        "AUC with clustered 95% CI:", "", mr.table2(scopes, threshold), "", mr.calibration(scopes), "",
+        mr.utility(scopes), "", "Paired tests (clustered):", "", mr.paired(tests)])
+
+
+def _write_measure_figures(run_dir: Path, outcome: StudyOutcome) -> dict[str, str]:
+    from cldlr.common.evaluation.measure_figures import plot_calibration, plot_decision_curves
+
+    if outcome.measures is None:
+        return {}
+    panels = {"test cohort": {MODEL_TITLES.get(m, m): v for m, v in outcome.measures["models"].items()}}
+    return {"calibration": str(plot_calibration(panels, run_dir / "figures" / "calibration.png")),
+            "decision_curve": str(plot_decision_curves(panels, run_dir / "figures" / "decision_curve.png"))}
 
 
 def write_report(run_dir: Path, outcome: StudyOutcome, config: Config, *, title: str = "CLDLR study") -> Path:
@@ -175,19 +212,22 @@ def write_report(run_dir: Path, outcome: StudyOutcome, config: Config, *, title:
     if outcome.sites:
         md += ["## Sites", "", "| Site | Train images | Test images | Train malignant | Test malignant |",
                "|---|---|---|---|---|"]
-        md += [f"| {s['name']} | {s['n_train']} | {s['n_test']} | {s.get('n_train_malignant', '–')} | "
+        md += [f"| {markdown_text(s['name'])} | {s['n_train']} | {s['n_test']} | {s.get('n_train_malignant', '–')} | "
                f"{s.get('n_test_malignant', '–')} |" for s in outcome.sites]
         if not all("n_train_malignant" in s for s in outcome.sites):
             md += ["", "_Per-site class counts stay at the sites; the federation sees only their sums._"]
         md.append("")
     md += ["## Table 1 — clinical parameters (training cohort)", "", _table1_markdown(outcome.selection_table), "",
-           f"Selected (P < {config.clinical.alpha}): {', '.join(outcome.selected) or 'none'}", "",
+           f"Selected (P < {config.clinical.alpha}): {', '.join(map(markdown_text, outcome.selected)) or 'none'}", "",
            "## Table 2 — diagnostic performance", "", table2_markdown(outcome.metrics), "",
            f"Threshold {config.svm.threshold} on the probability; AUC 95% CI by DeLong.", ""]
     if outcome.delong:
         md += ["## DeLong tests (test cohort)", "", "| Comparison | z | P |", "|---|---|---|"]
         md += [f"| {k} | {_fmt(v['z'])} | {_p(v['p'])} |" for k, v in outcome.delong.items()]
         md.append("")
+    if outcome.measures is not None:
+        md += ["## Calibration and clinical utility (test cohort)", "",
+               _measures_markdown(outcome.measures, config.svm.threshold), ""]
     if outcome.federation is not None:
         md += ["## Federation", "", _federation_markdown(outcome.federation), ""]
     for section, text in outcome.sections.items():

@@ -143,7 +143,15 @@ def build_model(cfg: ModelConfig, *, seed: int | None = None) -> nn.Module:
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Load a state dict (or a trainer checkpoint holding one) safely, tensors only."""
+    """Load a state dict (or a trainer checkpoint holding one) safely, tensors only; ``.safetensors`` too."""
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise CldlrError(f"{path}: not a readable safetensors file ({exc})") from exc
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing to the user

@@ -1,0 +1,115 @@
+"""Deep-feature ablation on BUS-BRA BI-RADS 4 (issue: deep features that earn their place), resumable.
+
+Arms: backbone {scratch, augmentation, pretrained on BUS-BRA's other BI-RADS categories} ×
+fusion {paper (fit on train), hold-out}; each over the same patient-level splits (``data.split_seed``
+and ``run.seed`` = r). Runs go round-robin over splits so a partial run still compares every arm on
+the same splits. Every study is a ``cldlr simulate`` run; one that has its report is never rerun.
+
+    python bench/ablation_deep.py --bi4 DIR --archive DIR --out DIR [--splits 5] [--table]
+
+``--bi4``/``--archive``: ``cldlr import bus-bra SRC DIR --sites single --birads 4`` (and
+``--birads 2 --birads 3 --birads 5``). ``--table`` prints the Markdown table of what has finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+from pathlib import Path
+
+from cldlr.common.config import Config, load_config
+from cldlr.simulations.pretrain import pretrain
+from cldlr.simulations.repeats import repeat_config
+from cldlr.simulations.runner import simulate
+
+CPU = ["data.image_size=64", "model.weights=none", "train.epochs=8", "train.lr=0.0001", "train.batch_size=16",
+       "svm.embedding_pca=16", "train.device=cpu"]
+BACKBONES = {"scratch": [], "augmentation": ["train.augment.enabled=true"], "pretrained": ["model.weights={weights}"]}
+FUSIONS = {"paper": ["fusion.fit_on=train"], "hold-out": ["fusion.fit_on=holdout"]}
+ORDER = [("scratch", "paper"), ("scratch", "hold-out"), ("augmentation", "hold-out"), ("pretrained", "hold-out"),
+         ("augmentation", "paper"), ("pretrained", "paper")]
+
+
+def base_config(bi4: Path, out: Path, extra: list[str]) -> Config:
+    site = bi4 / "bus-bra"
+    return load_config("configs/paper.yaml", [f"data.root={site}", f"data.schema={bi4 / 'schema.yaml'}",
+                                              f"data.cache_dir={out / 'cache'}", *CPU, *extra])
+
+
+def arm_dir(out: Path, backbone: str, fusion: str) -> Path:
+    return out / f"{backbone}-{fusion}"
+
+
+def run(args: argparse.Namespace) -> None:
+    weights = args.out / "pretrained.pt"
+    for r in range(args.splits):
+        for backbone, fusion in ORDER:
+            if backbone == "pretrained" and not weights.is_file():
+                cfg = base_config(args.bi4, args.out, ["federation.mode=pooled", "train.epochs=10",
+                                                       f"run.output_dir={args.out}"])
+                pretrain(cfg, args.archive, weights)
+            folder = arm_dir(args.out, backbone, fusion)
+            if (folder / f"repeat-{r + 1}" / "report.json").is_file():
+                continue
+            sets = [s.format(weights=weights) for s in BACKBONES[backbone] + FUSIONS[fusion]]
+            cfg = repeat_config(base_config(args.bi4, args.out, sets), r)
+            cfg = cfg.replace(**{"run.output_dir": str(folder), "run.name": f"repeat-{r + 1}"})
+            resume = folder / f"repeat-{r + 1}"
+            logging.getLogger("ablation").info("split %d: %s × %s", r + 1, backbone, fusion)
+            simulate(cfg, resume=resume if resume.is_dir() else None)
+
+
+def _metrics(out: Path, backbone: str, fusion: str) -> dict[int, dict]:
+    return {int(p.parent.name.split("-")[1]): json.loads(p.read_text())["metrics"]
+            for p in arm_dir(out, backbone, fusion).glob("repeat-*/report.json")}
+
+
+def _cell(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.3f} ± {sd:.3f}"
+
+
+def table(out: Path) -> str:
+    """Mean ± sd over the finished splits.
+
+    CLDLR − Clinical is paired per split against the paper's Clinical model (every training image; the
+    scratch × paper arm of the same split), which is the same model in every arm of that split.
+    """
+    lines = ["| Backbone | Fusion | splits | Clinical | DLR | CLDLR | CLDLR − Clinical | DLR train − test |",
+             "|---|---|---|---|---|---|---|---|"]
+    clinical = {r: m["clinical"]["test"]["auc"] for r, m in _metrics(out, "scratch", "paper").items()}
+    for backbone, fusion in ORDER:
+        runs = _metrics(out, backbone, fusion)
+        if not runs:
+            continue
+        m = list(runs.values())
+        auc = {k: [x[k]["test"]["auc"] for x in m] for k in ("dlr", "cldlr")}
+        auc["clinical"] = [clinical[r] for r in runs if r in clinical] or [float("nan")]
+        diff = [runs[r]["cldlr"]["test"]["auc"] - clinical[r] for r in runs if r in clinical]
+        gap = [x["dlr"]["train"]["auc"] - x["dlr"]["test"]["auc"] for x in m]
+        paired = f"{_cell(diff)} ({sum(d > 0 for d in diff)}/{len(diff)} > 0)" if diff else "–"
+        lines.append(f"| {backbone} | {fusion} | {len(m)} | {_cell(auc['clinical'])} | {_cell(auc['dlr'])} | "
+                     f"{_cell(auc['cldlr'])} | {paired} | {_cell(gap)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bi4", type=Path, required=True)
+    parser.add_argument("--archive", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--splits", type=int, default=5)
+    parser.add_argument("--table", action="store_true")
+    args = parser.parse_args()
+    if args.table:
+        print(table(args.out))
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    run(args)
+    print(table(args.out))
+
+
+if __name__ == "__main__":
+    main()

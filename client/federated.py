@@ -29,7 +29,7 @@ from cldlr.common.config import Config
 from cldlr.common.errors import CldlrError
 from cldlr.common.evaluation import secure_metrics
 from cldlr.common.evaluation.layout import evaluation_layout
-from cldlr.common.fusion import CLINICAL_VALUE_BOUND, FusionPayload, fusion_models_from_payload, site_sums
+from cldlr.common.fusion import NOISY_CLINICAL_VALUE_BOUND, FusionPayload, fusion_models_from_payload, site_sums
 from cldlr.common.io import atomic_path, atomic_write_json
 from cldlr.common.models.backbones import build_model
 from cldlr.common.models.weights import arrays_to_model, arrays_to_tensors, model_to_arrays
@@ -292,7 +292,7 @@ class FederatedSite:
         encoder = ClinicalEncoder.from_dict(payload["encoder"])
         block = self.session.clinical_block(encoder, split)
         if self.plan is not None:  # a patient's part of every fusion sum is then what the noise assumes
-            block = np.clip(block, -CLINICAL_VALUE_BOUND, CLINICAL_VALUE_BOUND)
+            block = np.clip(block, -NOISY_CLINICAL_VALUE_BOUND, NOISY_CLINICAL_VALUE_BOUND)
         return block
 
     # -- phase 3: SVM fusion ----------------------------------------------------------------

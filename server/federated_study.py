@@ -27,11 +27,11 @@ from cldlr.common.evaluation.layout import EvaluationLayout, confusion_from_hist
 from cldlr.common.evaluation.metrics import metrics_from_counts
 from cldlr.common.evaluation.outcome import MODELS
 from cldlr.common.fusion import (
-    CLINICAL_VALUE_BOUND,
     PLATT_HIST_BINS,
     PLATT_HIST_RANGE,
     FusionModels,
     FusionPayload,
+    clinical_value_bound,
     fusion_fitter,
 )
 from cldlr.common.secure.sums import bound_blocks
@@ -131,7 +131,7 @@ def fusion_phase(sum_fn: SumFn, config: Config, encoder: ClinicalEncoder, n_deep
     common = {"encoder": encoder.to_dict(), "n_clinical": n_clinical, "n_deep": n_deep}
     while not fitter.done:
         request = fitter.request()
-        length, bound = _fusion_shape(fitter, request, n_clinical, n_deep, max_cases, feature_bound)
+        length, bound = _fusion_shape(fitter, request, n_clinical, n_deep, max_cases, feature_bound, noisy_sums(config))
         summed = sum_fn(FUSION_SUMS, {**common, **wire.encode(request)}, length=length, bound=bound)
         fitter.receive(summed)
     rounds = dict(fitter.rounds)
@@ -140,17 +140,18 @@ def fusion_phase(sum_fn: SumFn, config: Config, encoder: ClinicalEncoder, n_deep
 
 
 def _fusion_shape(fitter: Any, request: Any, n_clinical: int, n_deep: int, n: int,
-                  feature_bound: float) -> tuple[int, Any]:
+                  feature_bound: float, noisy: bool = False) -> tuple[int, Any]:
     """Vector length and per-element bound of one site's answer in the fitter's current phase.
 
-    Clinical columns arrive standardized (a few SD at most: 1e3 is generous); deep ones are
+    Clinical columns arrive standardized (a few SD at most: 1e3 is generous; under DP noise the
+    protocol's ±4, which every site clips to: ``noisy``); deep ones are
     bounded by the sites' reported ``feature_bound``. RFF features are at most √(2/D) in size, so
     the LS-SVM sums are bounded by n; Platt histograms hold counts (at most n) and sums of values
     clipped to ±PLATT_HIST_RANGE; Platt sums are bounded by n times a generous decision-value
     range. A site whose value exceeds its bound fails the round with an error naming the element,
     rather than being clipped silently by SecAgg+.
     """
-    clin = CLINICAL_VALUE_BOUND
+    clin = clinical_value_bound(noisy)
     if fitter.phase == "moments":
         blocks = [(2, float(n)), (n_clinical, n * clin), (n_deep, n * feature_bound),
                   (n_clinical, n * clin ** 2), (n_deep, n * feature_bound ** 2)]

@@ -92,6 +92,15 @@ def answer_size(request: RffRequest, n_clinical: int, n_deep: int) -> int:
 
 #: The bound the fusion sums state for one standardized clinical value (a few SD at most: generous).
 CLINICAL_VALUE_BOUND = 1e3
+#: Under whole-study DP the protocol's bound instead: every site clips each standardized clinical value to
+#: ±4 SD before summing, so one patient moves a clinical sum by ≤ 4 and a sum of squares by ≤ 16 (fixed by
+#: the protocol, not by the centre's request: the sites size their noise from it).
+NOISY_CLINICAL_VALUE_BOUND = 4.0
+
+
+def clinical_value_bound(noisy: bool) -> float:
+    """The per-patient bound of one standardized clinical value in the fusion sums (DP-noised or exact)."""
+    return NOISY_CLINICAL_VALUE_BOUND if noisy else CLINICAL_VALUE_BOUND
 
 #: Under DP-noised sums a fit from noise can give wild leave-one-out values: a site clips them here (|f|²/4 ≤ 100,
 #: inside the Platt sums' bound), so its Newton-step sums stay within their bounds instead of failing the round.

@@ -12,6 +12,9 @@ each part of a batch with its own phase and sensitivity. What it decides, it dec
   centre listed at the share-keys stage (the unmask is refused if one of them drops out after the
   noise was added, and the next round over fewer sites adds a larger share); with ``min_parties``
   the policy's minimum (a larger share, so drop-outs down to that minimum keep the target);
+- **the sensitivity**: from the protocol's per-patient bounds (clinical values clipped to ±4 SD,
+  RFF rows of bounded norm, one count per patient-image), never below them: stated per-site
+  bounds under (its cases) × (per-patient bound) are refused;
 - **the release count**: a phase gets no more releases than the plan states, and none that would
   take the dataset past the site's lifetime cap (both refused with a public reason).
 
@@ -31,7 +34,7 @@ import numpy as np
 from cldlr.client.policy import PolicyRefusal, SitePolicy
 from cldlr.common.data.schema import Schema
 from cldlr.common.secure import noise
-from cldlr.common.secure.dp_plan import StudyPlan, phase_of, touched_elements
+from cldlr.common.secure.dp_plan import StudyPlan, patient_bounds, patient_norm, phase_of, touched_elements
 from cldlr.common.secure.sums import SecureSumSpec
 from cldlr.common.secure.tasks import BATCH_TASK
 
@@ -127,8 +130,11 @@ class SumNoiser:
                                     f"phase {phase}: release {self.book.count(phase) + counts[phase]} > the plan's "
                                     f"{self.plan.releases[phase]}")
             length = stop - start
-            u = Q / (2.0 * headroom * max(self.cases(task, payload), 1))
-            l1, l2 = noise.sensitivities(touched_elements(task, payload, length, self.schema), u)
+            cases = max(self.cases(task, payload), 1)
+            self._check_bounds(spec, task, phase, payload, start, stop, cases)
+            u = Q / (2.0 * headroom * cases)
+            l1, l2 = noise.sensitivities(touched_elements(task, payload, length, self.schema), u,
+                                         patient_norm(task, payload))
             mu = noise.skellam_mu(self.plan.multiplier(phase), l1, l2)
             tail = noise.noise_tail(mu / t, length)
             if Q / (2.0 * headroom) + tail > Q / 2.0:
@@ -142,6 +148,27 @@ class SumNoiser:
         log.info("secure sum %s: Skellam noise share added (%s; t=%d)", spec.task,
                  ", ".join(f"{r.phase} μ={r.mu:.3g}" for r in releases), t)
         return noise.from_grid(np.clip(grid, 0, Q), C, Q), releases
+
+
+    @staticmethod
+    def _check_bounds(spec: SecureSumSpec, task: str, phase: str, payload: Mapping[str, Any], start: int, stop: int,
+                      cases: int) -> None:
+        """Refuse stated per-site bounds below (the site's cases) × (the protocol's per-patient bound).
+
+        The noise assumes one patient moves an element by at most (stated bound) / cases; the protocol,
+        not the centre, fixes what one patient can move (:func:`~cldlr.common.secure.dp_plan.patient_bounds`).
+        """
+        per_patient = patient_bounds(task, payload, stop - start)
+        if per_patient is None:
+            return
+        stated = spec.plan.bounds()[start:stop]
+        need = cases * per_patient
+        low = np.flatnonzero(np.isfinite(need) & (stated < need * (1.0 - 1e-9)))
+        if low.size:
+            j = int(low[0])
+            raise PolicyRefusal("secure-sum bounds tighter than the protocol's per-patient bounds",
+                                f"{task} ({phase}): element {j} bound {stated[j]:.6g} < {cases} cases × "
+                                f"{per_patient[j]:g} per patient ({low.size} such elements)")
 
 
 class MemoryBook:

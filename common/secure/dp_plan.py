@@ -15,12 +15,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from cldlr.common.clinical.stats import N_MOMENTS, StatisticsLayout
 from cldlr.common.config import Config
 from cldlr.common.data.schema import Schema
 from cldlr.common.errors import CldlrError
 from cldlr.common.evaluation.layout import evaluation_layout
-from cldlr.common.fusion import PCA_ROUNDS
+from cldlr.common.fusion import NOISY_CLINICAL_VALUE_BOUND, PCA_ROUNDS
 from cldlr.common.secure.noise import gaussian_multiplier, gaussian_rdp, headroom_for
 from cldlr.common.secure.tasks import (
     BATCH_TASK,
@@ -125,6 +127,66 @@ def touched_elements(task: str, payload: Mapping[str, Any], length: int, schema:
     return length
 
 
+#: ``‖[φ, 1]‖²`` of an RFF row with its intercept: ``φ = √(2/D)·cos(·)`` has ``‖φ‖² ≤ 2`` whatever the input.
+RFF_ROW_NORM2 = 3.0
+
+
+def _lssvm_rff_models(payload: Mapping[str, Any]) -> int | None:
+    """How many RFF models an LS-SVM fusion request holds (None: not such a request, or a model without RFF)."""
+    meta = payload.get("meta")
+    if not isinstance(meta, Mapping) or meta.get("phase") != "lssvm" or not isinstance(meta.get("models"), Mapping):
+        return None
+    entries, keys = meta["models"], set(payload.get("keys") or [])
+    for name, entry in entries.items():
+        own = entries.get(entry.get("same_as"), {}) if isinstance(entry, Mapping) and "same_as" in entry else entry
+        source = entry.get("same_as", name) if isinstance(entry, Mapping) else name
+        if not isinstance(own, Mapping) or own.get("type") != "rff" or f"{source}.W" not in keys:
+            return None  # a linear model's features are the clinical values: element-wise bounds only
+    return len(entries) or None
+
+
+def patient_norm(task: str, payload: Mapping[str, Any]) -> float | None:
+    """The L2 norm of one patient's part of a release in units of its per-element bound (None: element-wise only).
+
+    The LS-SVM sums ``S = Σ [φ,1][φ,1]ᵀ`` (upper triangle) and ``t = Σ y±[φ,1]`` of an RFF model have
+    every element at most 1 per patient, and one patient's part has ``‖·‖² ≤ RFF_ROW_NORM2² + RFF_ROW_NORM2``
+    (Frobenius ≤ ‖[φ,1]‖², then ‖y±[φ,1]‖) per model — a fixed property of the features, not a bound
+    the centre states — so Δ₂ does not grow with √(vector length).
+    """
+    if task == FUSION_SUMS:
+        models = _lssvm_rff_models(payload)
+        if models is not None:
+            return float((models * (RFF_ROW_NORM2 ** 2 + RFF_ROW_NORM2)) ** 0.5)
+    return None
+
+
+def patient_bounds(task: str, payload: Mapping[str, Any], length: int) -> np.ndarray | None:
+    """The protocol's per-patient bound of each element of a release (NaN: not fixed by the protocol; None: none).
+
+    A site multiplies these by its own case count and refuses a request whose stated per-site bounds are
+    tighter: its noise assumes one patient moves an element by at most (stated bound) / (its cases), which
+    a centre stating too-tight bounds would otherwise make false. Histogram counts: 1 per patient-image;
+    LS-SVM sums of RFF models: 1; the fusion moments: 1 for the counts, the protocol's clinical bound
+    (:data:`~cldlr.common.fusion.NOISY_CLINICAL_VALUE_BOUND`) and its square for the clinical blocks.
+    """
+    if task == SCORE_HISTOGRAMS:
+        return np.ones(length)
+    if task != FUSION_SUMS:
+        return None
+    if _lssvm_rff_models(payload) is not None:
+        return np.ones(length)
+    meta = payload.get("meta")
+    if isinstance(meta, Mapping) and meta.get("phase") == "moments" and "n_clinical" in payload:
+        c = int(payload["n_clinical"])
+        out = np.full(length, np.nan)
+        out[:2] = 1.0
+        out[2:2 + c] = NOISY_CLINICAL_VALUE_BOUND
+        n_deep = int(payload.get("n_deep", 0))
+        out[2 + c + n_deep:2 + 2 * c + n_deep] = NOISY_CLINICAL_VALUE_BOUND ** 2
+        return out
+    return None
+
+
 def sum_headroom(plan: StudyPlan, task: str, payload: Mapping[str, Any], length: int, *, cases: int,
                  schema: Schema | None, quantization_range: int) -> float:
     """The centre's headroom for one secure sum (the widest any of a batch's parts needs).
@@ -135,5 +197,6 @@ def sum_headroom(plan: StudyPlan, task: str, payload: Mapping[str, Any], length:
     parts = [(task, payload, length)] if task != BATCH_TASK else \
         [(str(p["task"]), dict(p.get("payload") or {}), int(p["length"])) for p in payload.get("parts", [])]
     return max(headroom_for(plan.multiplier(phase_of(t, p)), touched_elements(t, p, n, schema), n,
-                            1 if t == PLACEMENT_SUMS else cases, quantization_range=quantization_range)
+                            1 if t == PLACEMENT_SUMS else cases, quantization_range=quantization_range,
+                            norm=patient_norm(t, p))
                for t, p, n in parts)

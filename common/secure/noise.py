@@ -18,7 +18,11 @@ count (:func:`~cldlr.common.secure.dp_plan.release_cases`), so in quanta one pat
 element by at most ``u = Q / (2 h d)`` (``h``: the range's headroom, below); the grid rounding adds
 at most one quantum (neighbouring inputs coupled monotonely), hence ``⌈u⌉``. A patient touches at
 most ``K`` elements of a release (:func:`~cldlr.common.secure.dp_plan.touched_elements`):
-``Δ₂ = √K⌈u⌉`` and ``Δ₁ = K⌈u⌉``.
+``Δ₂ = √K⌈u⌉`` and ``Δ₁ = K⌈u⌉``. Where the protocol also bounds the L2 norm of a patient's part
+(the LS-SVM sums of RFF features: :func:`~cldlr.common.secure.dp_plan.patient_norm`), ``Δ₂`` is at
+most that norm in quanta plus ``√K`` for the rounding (:func:`sensitivities`). The per-patient bounds
+are the protocol's, not the centre's: a site refuses stated per-site bounds below its cases times
+them (:func:`~cldlr.common.secure.dp_plan.patient_bounds`).
 
 **Range and wrap-around.** The centre widens every bound by a headroom factor ``h`` (a power of
 two, :func:`headroom_for`); the site checks its values against ``b_j`` and its noise against the
@@ -135,14 +139,23 @@ def grid_is_exact(clipping_range: float, quantization_range: int) -> bool:
         quantization_range & (quantization_range - 1) == 0
 
 
-def sensitivities(touched: int, quanta_per_patient: float) -> tuple[float, float]:
-    """``(Δ₁, Δ₂)`` in quanta of a release where one patient moves ≤ ``touched`` elements by ≤ ``u`` each (+1 for rounding)."""
+def sensitivities(touched: int, quanta_per_patient: float, norm: float | None = None) -> tuple[float, float]:
+    """``(Δ₁, Δ₂)`` in quanta of a release where one patient moves ≤ ``touched`` elements by ≤ ``u`` each (+1 for rounding).
+
+    ``norm``: one patient's part also has L2 norm ≤ ``norm·u`` (before rounding); then the rounding adds
+    at most one quantum per touched element, so ``Δ₂ ≤ norm·u + √K`` and ``Δ₁ ≤ √K·norm·u + K``
+    (Cauchy–Schwarz), whichever of the two bounds is smaller.
+    """
     step = float(math.ceil(quanta_per_patient))
-    return touched * step, math.sqrt(touched) * step
+    l1, l2 = touched * step, math.sqrt(touched) * step
+    if norm is not None:
+        root = math.sqrt(touched)
+        l1, l2 = min(l1, root * norm * quanta_per_patient + touched), min(l2, norm * quanta_per_patient + root)
+    return l1, l2
 
 
 def headroom_for(multiplier: float, touched: int, length: int, cases: float, *, sites: int = 2,
-                 quantization_range: int = 2**26) -> float:
+                 quantization_range: int = 2**26, norm: float | None = None) -> float:
     """The power-of-two headroom ``h`` the centre widens each bound by, so a site's noise share fits the range.
 
     Solved for the worst case of ``sites`` honest sites and ``cases`` cases per site: the share's
@@ -151,7 +164,7 @@ def headroom_for(multiplier: float, touched: int, length: int, cases: float, *, 
     h = 2.0
     for _ in range(60):
         u = quantization_range / (2.0 * h * max(cases, 1.0))
-        l1, l2 = sensitivities(touched, u)
+        l1, l2 = sensitivities(touched, u, norm)
         tail = noise_tail(skellam_mu(multiplier, l1, l2) / sites, length)
         if quantization_range / (2.0 * h) + 2.0 * tail <= quantization_range / 2.0:
             return h  # with a factor-2 margin on the tail

@@ -97,3 +97,19 @@ def test_a_centre_stating_tighter_bounds_than_the_protocols_is_refused(fit: dict
     assert releases[0].l2 < math.sqrt(length) * math.ceil(Q / (2 * 2.0**10 * cases)) / 4
     with pytest.raises(PolicyRefusal, match="tighter than the protocol's per-patient bounds"):
         answer(cases / 8.0)  # would make the site's noise 8× too small for one patient's part
+
+
+def test_a_noisy_fit_keeps_the_encoders_standardization_of_the_clinical_columns() -> None:
+    """The clinical columns arrive standardized: their noisy moments are not used (the deep ones are)."""
+    config = load_config(None, WHOLE)
+    fitter = RffFusionFitter(config.svm, N_CLINICAL, N_DEEP, noisy=True)
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 80)
+    clin, deep = rng.normal(size=(80, N_CLINICAL)), rng.normal(size=(80, N_DEEP)) * 3 + 5
+    summed = site_sums(fitter.request(), clin, deep, y)
+    summed[2:2 + N_CLINICAL] += 500.0  # noise on Σx of the clinical columns
+    fitter.receive(summed)
+    fmap = fitter.request().models["clinical"].fmap
+    assert np.allclose(fmap.mean, 0.0)
+    deep_map = fitter.request().models["dlr"].fmap
+    assert np.allclose(deep_map.mean, deep.mean(axis=0))

@@ -70,8 +70,9 @@ def rff_pipeline(cfg: SVMConfig, n_clinical: int, n_deep: int, *, seed: int = 0,
     The final request (phase ``done``) carries the fitted models to the sites; the notes say why
     a model is missing. Whoever drives the generator counts the rounds and checks each total's length.
     ``noisy`` (DP-noised sums) repairs what noise can break: counts are rounded (n ≥ 2, each class
-    ≥ 1) and every LS-SVM matrix is projected onto the positive-semidefinite cone
-    (:func:`~cldlr.common.fusion.lssvm.nearest_psd`) before the ridge is added.
+    ≥ 1), the clinical columns keep the encoder's standardization, and every LS-SVM matrix is
+    projected onto the positive-semidefinite cone (:func:`~cldlr.common.fusion.lssvm.nearest_psd`)
+    before the ridge is added.
     """
     p = n_clinical + n_deep
     # 1. standardize: n, class counts, Σx, Σx² (+ the first PCA sketch Σ XᵀXΩ of the raw embeddings)
@@ -85,6 +86,8 @@ def rff_pipeline(cfg: SVMConfig, n_clinical: int, n_deep: int, *, seed: int = 0,
         raise CldlrError(f"training data must hold both classes; got {n_pos:.0f} malignant of {n:.0f}")
     counts = (n_pos, n - n_pos)
     std = standardizer_from_sums(n, summed[2: 2 + p], summed[2 + p: 2 + 2 * p], noisy=noisy)
+    if noisy and n_clinical:
+        std = _encoded_clinical(std, n_clinical)
     # 2. PCA of the standardized embeddings
     pca = None
     if sketch is not None:
@@ -121,6 +124,19 @@ def svc_pipeline(X: np.ndarray, y: np.ndarray, n_clinical: int, cfg: SVMConfig, 
                                                                    resolve_gamma(cfg.gamma, total_var), seed))
               for name, (fmap, total_var) in maps.items()}
     return models, notes
+
+
+def _encoded_clinical(std: Standardizer, n_clinical: int) -> Standardizer:
+    """Under DP noise the clinical columns keep mean 0 and SD 1: the encoder standardized them already.
+
+    Their noisy moments would only add noise (a sum of squares moves by 16 per patient at the
+    protocol's ±4 bound); using what the encoder guarantees costs no privacy.
+    """
+    mean, sd, var = std.mean.copy(), std.sd.copy(), std.var.copy()
+    mean[:n_clinical], sd[:n_clinical], var[:n_clinical] = 0.0, 1.0, 1.0
+    keep = std.keep.copy()
+    keep[:n_clinical] = True
+    return replace(std, mean=mean, sd=sd, var=var, keep=keep)
 
 
 def feature_maps(std: Standardizer, n_clinical: int, cfg: SVMConfig, balance: bool,

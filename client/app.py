@@ -179,7 +179,8 @@ class _SiteTasks(Mapping[str, Any]):
         return len(self._NAMES)
 
 
-app = ClientApp(mods=[make_outbound_mod(node_policy), make_secure_sum_mod(_SiteTasks(), SecureRoundGuard(node_policy))])
+app = ClientApp(mods=[make_outbound_mod(node_policy), make_secure_sum_mod(
+    _SiteTasks(), SecureRoundGuard(node_policy, noiser_for=lambda context: _site(context).sum_noiser()))])
 
 
 @app.query("handshake")
@@ -243,7 +244,10 @@ def local_metrics(msg: Message, context: Context) -> Message:
     if "share-local-metrics" in context.node_config:
         log.warning("node config share-local-metrics is ignored: the site's policy decides (share_local_metrics)")
     body = json.dumps(metrics) if share else ""
-    return Message(RecordDict({"local": ConfigRecord({"shared": share, "metrics": body})}), reply_to=msg)
+    # ε per phase and in total (no data: what the site's noise and DP-SGD cost, at its δ)
+    privacy = json.dumps(site.privacy_summary())
+    return Message(RecordDict({"local": ConfigRecord({"shared": share, "metrics": body, "privacy": privacy})}),
+                   reply_to=msg)
 
 
 @app.query("finalize")

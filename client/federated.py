@@ -29,16 +29,18 @@ from cldlr.common.config import Config
 from cldlr.common.errors import CldlrError
 from cldlr.common.evaluation import secure_metrics
 from cldlr.common.evaluation.layout import evaluation_layout
-from cldlr.common.fusion import FusionPayload, fusion_models_from_payload, site_sums
+from cldlr.common.fusion import NOISY_CLINICAL_VALUE_BOUND, FusionPayload, fusion_models_from_payload, site_sums
 from cldlr.common.io import atomic_path, atomic_write_json
 from cldlr.common.models.backbones import build_model
 from cldlr.common.models.weights import arrays_to_model, arrays_to_tensors, model_to_arrays
+from cldlr.common.secure.dp_plan import StudyPlan
 from cldlr.common.secure.payload import answer_batch, selection_from_payload
 from cldlr.common.secure.tasks import BATCH_TASK, CLINICAL_STATS, ENCODER_SUMS, FUSION_SUMS, PLACEMENT_SUMS, SCORE_HISTOGRAMS
 
 if TYPE_CHECKING:  # Opacus-heavy: imported at run time only by DP studies
     from cldlr.client.privacy import SitePrivacy
     from cldlr.client.privacy_ledger import LifetimeLedger
+    from cldlr.client.sum_noise import SumNoiser
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,9 @@ class FederatedSite:
         self.model = build_model(config.model)
         self.privacy: SitePrivacy | None = None
         self.ledger: LifetimeLedger | None = None
+        # whole-study DP: the plan the study states (checked against the cap below, with DP-SGD's)
+        self.plan = StudyPlan.from_config(config) if config.privacy.enabled and config.privacy.secure_sums.enabled else None
+        self._noiser: SumNoiser | None = None
         if config.privacy.enabled:
             from cldlr.client.privacy import SitePrivacy, check_private_compatible
 
@@ -102,10 +107,53 @@ class FederatedSite:
         ledger = LifetimeLedger(policy.state_dir, dataset_key(self.session.site), delta=policy.dp.delta,
                                 cap=policy.dp.epsilon_cap)
         plan, fed = privacy.plan, self.config.federation  # the whole plan: a restart re-checks the same one
-        ledger.check([privacy.planned(plan.total_epochs)], without=self.run_id, what=(
+        sums = "" if self.plan is None else f" and {sum(self.plan.releases.values())} noisy secure sums"
+        ledger.check([privacy.planned(plan.total_epochs)], without=self.run_id,
+                     planned_rdp=None if self.plan is None else self.plan.sums_rdp(), what=(
             f"site {self.name}: run {self.run_id} ({fed.rounds} rounds × {fed.local_epochs} local epochs × "
-            f"{plan.steps_per_epoch} steps at σ={plan.noise_multiplier:.4g}, q={plan.sample_rate:.4g})"))
+            f"{plan.steps_per_epoch} steps at σ={plan.noise_multiplier:.4g}, q={plan.sample_rate:.4g}{sums})"))
         return ledger
+
+    # -- whole-study DP: the noise share on every secure sum, and ε per phase ------------------------
+    def sum_noiser(self) -> SumNoiser | None:
+        """The site's noiser of secure sums (None: the study plans no noise on them)."""
+        if self.plan is None:
+            return None
+        if self._noiser is None:
+            from cldlr.client.policy import SitePolicy
+            from cldlr.client.sum_noise import LedgerBook, MemoryBook, SumNoiser
+
+            book = LedgerBook(self.ledger, self.run_id) if self.ledger is not None and self.run_id is not None \
+                else MemoryBook()
+            self._noiser = SumNoiser(self.plan, self.policy or SitePolicy(), book, cases=self.release_cases,
+                                     schema=self.session.site.schema)
+        return self._noiser
+
+    def release_cases(self, task: str, payload: Mapping[str, Any]) -> int:
+        """The case count ``d`` a release's per-site bounds are divided by to bound one patient's part.
+
+        The protocol's bounds are (a count of cases) × (one patient's largest contribution); the
+        count is the largest site's cases (fusion, clinical, score histograms) or a class's global
+        count (placements). The site's own count of what it releases is never larger, so dividing
+        by it over-states, never under-states, a patient's part.
+        """
+        cohorts = self.released_cohorts(task, payload)
+        # the rows the release sums over: fusion.fit_on=holdout fits and scores the fusion on the hold-out only
+        fused = task in (FUSION_SUMS, SCORE_HISTOGRAMS, PLACEMENT_SUMS)
+        labels = [np.asarray(self._labels(c) if fused else self.session.cohort(c).labels) for c in cohorts]
+        if task == PLACEMENT_SUMS:
+            return max(1, min(int(np.sum(y == k)) for y in labels for k in (0, 1)))
+        return max(1, sum(len(y) for y in labels))
+
+    def privacy_summary(self) -> dict[str, Any]:
+        """ε per phase and in total for this run (at the policy's δ), the plan and the cap: the report's rows."""
+        if self.ledger is None or self.run_id is None:
+            return {}
+        out: dict[str, Any] = {"phases": self.ledger.phase_epsilons(self.run_id), "delta": self.ledger.delta,
+                               "cap": self.ledger.cap}
+        if self.plan is not None:
+            out["plan"] = self.plan.to_dict()
+        return out
 
     def _record_privacy(self, privacy: SitePrivacy) -> None:
         """Keep the run's accountant history in the lifetime ledger (first) and ``privacy.json``: no step is lost."""
@@ -240,8 +288,12 @@ class FederatedSite:
         return encoder_sums(self.session.train.site.frame, self.session.model_parameters(selected))
 
     def _clinical(self, payload: Mapping[str, Any], split: str) -> np.ndarray:
+        """The standardized clinical block; under whole-study DP clipped to the protocol's per-patient bound."""
         encoder = ClinicalEncoder.from_dict(payload["encoder"])
-        return self.session.clinical_block(encoder, split)
+        block = self.session.clinical_block(encoder, split)
+        if self.plan is not None:  # a patient's part of every fusion sum is then what the noise assumes
+            block = np.clip(block, -NOISY_CLINICAL_VALUE_BOUND, NOISY_CLINICAL_VALUE_BOUND)
+        return block
 
     # -- phase 3: SVM fusion ----------------------------------------------------------------
     def _load_fusion_cache(self) -> dict[str, Any]:
@@ -268,7 +320,8 @@ class FederatedSite:
         self._save_fusion_cache()
         rows = self.session.fusion_view("train")  # fusion.fit_on=holdout: only rows the backbone never saw
         clinical = self._clinical(payload, "train")[rows]
-        return site_sums(request, clinical, self.embeddings("train")[rows], self.session.train.labels[rows])
+        return site_sums(request, clinical, self.embeddings("train")[rows], self.session.train.labels[rows],
+                         noisy=self.plan is not None)
 
     # -- phase 4: evaluation ----------------------------------------------------------------
     def _labels(self, split: str) -> np.ndarray:

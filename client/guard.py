@@ -14,7 +14,12 @@ groups and subtract. :class:`SecureRoundGuard` answers for the site:
   (:data:`~cldlr.common.secure.tasks.SECURE_SUM_TASKS`), and the release must not have gone to
   another contributor set before (:class:`~cldlr.client.releases.ReleaseLedger`);
 - **unmask** — the sites whose vectors the centre will add up (its active list) must be enough,
-  none of them also called dropped, and the release must not have been unmasked over another set.
+  none of them also called dropped, and the release must not have been unmasked over another set;
+  a sum whose noise share assumed more honest sites than are left is not unmasked either.
+
+With whole-study DP the guard also hands each freshly computed vector to the site's
+:class:`~cldlr.client.sum_noise.SumNoiser` (:meth:`SecureRoundGuard.noise`), with the round's
+neighbours and the clipping and quantisation ranges of its setup stage.
 
 What a task computes is checked where it is computed (class counts and histogram bins, in
 :class:`~cldlr.client.federated.FederatedSite`); a vector's length and bounds in
@@ -32,11 +37,14 @@ from flwr.common.secure_aggregation.secaggplus_constants import Key
 
 from cldlr.client.policy import PolicyRefusal, SitePolicy, check_neighbours, check_secagg_group
 from cldlr.client.releases import ReleaseLedger, release_names
+from cldlr.client.sum_noise import SumNoiser
 from cldlr.common.secure.sums import SecureSumSpec
 from cldlr.common.secure.tasks import BATCH_TASK, SECURE_SUM_TASKS
 
 NEIGHBOURS_KEY = "cldlr.secagg.neighbours"  # context.state: the node ids of this round's share-keys stage
 RELEASE_KEY = "cldlr.secagg.release"  # context.state: the names of what this round's masked vector releases
+RANGES_KEY = "cldlr.secagg.ranges"  # context.state: this round's clipping and quantisation ranges (setup stage)
+NOISE_KEY = "cldlr.secagg.noise"  # context.state: the honest sites the noise of this call's vector assumes
 
 
 def _integer(configs: ConfigRecord, key: str) -> int:
@@ -75,15 +83,38 @@ def check_task_names(spec: SecureSumSpec) -> None:
 class SecureRoundGuard:
     """Policy checks at the SecAgg+ setup, share-keys, collect and unmask stages of one site (see the module)."""
 
-    def __init__(self, policy_for: Callable[[Context], SitePolicy]) -> None:
+    def __init__(self, policy_for: Callable[[Context], SitePolicy],
+                 noiser_for: Callable[[Context], SumNoiser | None] | None = None) -> None:
         self.policy_for = policy_for
+        self.noiser_for = noiser_for  # None, or a noiser returning None: the study adds no noise
 
     def setup(self, configs: ConfigRecord, context: Context) -> None:
         """Refuse a group too small, with too few shares or too low a threshold, before any key is made."""
-        for key in (NEIGHBOURS_KEY, RELEASE_KEY):  # a new round: no contributors, nothing released yet
+        for key in (NEIGHBOURS_KEY, RELEASE_KEY, RANGES_KEY):  # a new round: no contributors, nothing released yet
             context.state.config_records.pop(key, None)
         check_secagg_group(self.policy_for(context), sample_num=_integer(configs, Key.SAMPLE_NUMBER),
                            share_num=_integer(configs, Key.SHARE_NUMBER), threshold=_integer(configs, Key.THRESHOLD))
+        clipping = configs.get(Key.CLIPPING_RANGE)
+        context.state.config_records[RANGES_KEY] = ConfigRecord({
+            "clipping": float(clipping) if isinstance(clipping, (int, float)) else 0.0,
+            "quantization": _integer(configs, Key.TARGET_RANGE) if Key.TARGET_RANGE in configs else 0})
+
+    def noise(self, spec: SecureSumSpec, scaled: np.ndarray, context: Context) -> np.ndarray:
+        """The site's noise share on a freshly computed vector (unchanged without whole-study DP)."""
+        noiser = self.noiser_for(context) if self.noiser_for is not None else None
+        if noiser is None:
+            context.state.config_records.pop(NOISE_KEY, None)
+            return scaled
+        ranges = context.state.config_records.get(RANGES_KEY)
+        if ranges is None:
+            raise PolicyRefusal("a masked vector asked for outside a complete secure round",
+                                "no setup stage of this round was seen at this site")
+        neighbours = len(_contributors(context))
+        noisy, releases = noiser.noisy(spec, scaled, neighbours=neighbours, clipping_range=float(ranges["clipping"]),
+                                       quantization_range=int(ranges["quantization"]))  # type: ignore[call-overload]
+        context.state.config_records[NOISE_KEY] = ConfigRecord({"sites": releases[0].sites if releases else 0,
+                                                                "call-id": spec.call_id})
+        return noisy
 
     def share_keys(self, configs: ConfigRecord, context: Context) -> None:
         """Refuse too few neighbours; remember who they are (the round's contributor set)."""
@@ -121,6 +152,11 @@ class SecureRoundGuard:
             raise PolicyRefusal("a site both active and dropped in one secure round",
                                 f"nodes {sorted(set(active) & set(dead))} are in both lists")
         check_neighbours(self.policy_for(context), len(active))
+        noisy = context.state.config_records.get(NOISE_KEY)
+        if noisy is not None and len(active) < int(noisy["sites"]):  # type: ignore[call-overload]
+            raise PolicyRefusal("too few sites left for the noise this sum carries",
+                                f"{len(active)} active sites < the {noisy['sites']} the site's noise share assumed "
+                                "(dp.noise_split=listed); the next round over fewer sites adds a larger share")
         saved = context.state.config_records.get(RELEASE_KEY)
         names = [f"summed:{name}" for name in (saved["names"] if saved is not None else [])]  # type: ignore[union-attr]
         self._ledger(context).claim(run=int(context.run_id), node=int(context.node_id), names=names, contributors=active)
@@ -137,4 +173,4 @@ def _contributors(context: Context) -> list[int]:
     return [int(n) for n in saved["nodes"]]  # type: ignore[union-attr]
 
 
-__all__ = ["NEIGHBOURS_KEY", "RELEASE_KEY", "SecureRoundGuard", "check_task_names", "release_units"]
+__all__ = ["NEIGHBOURS_KEY", "NOISE_KEY", "RANGES_KEY", "RELEASE_KEY", "SecureRoundGuard", "check_task_names", "release_units"]

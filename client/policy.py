@@ -17,7 +17,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cldlr.common.config import Config
 from cldlr.common.data.imaging import DEFAULT_MAX_IMAGE_PIXELS
@@ -49,6 +49,12 @@ class DPPolicy:
     required: bool = False  # refuse a study that trains the backbone without DP-SGD
     epsilon_cap: float = 10.0  # lifetime ε over every run on the same data (composed across runs)
     delta: float = 1e-5  # the δ at which this site states ε; a study may not ask for a larger δ
+    # noise on every secure sum (privacy.secure_sums): "when_planned" adds the site's share when the
+    # study plans it; "required" also refuses a study that does not
+    sum_noise: Literal["when_planned", "required"] = "when_planned"
+    # the honest sites a noise share assumes: "listed" = every site of the round (unmask refused if
+    # one drops out after the noise was added); "min_parties" = the policy's minimum (larger shares)
+    noise_split: Literal["listed", "min_parties"] = "listed"
 
 
 @dataclass(frozen=True)
@@ -155,6 +161,11 @@ def check_study(policy: SitePolicy, config: Config, centre_schema: Schema, site_
         raise _refuse("too many training rounds", f"federation.rounds={fed.rounds} > max_rounds={policy.max_rounds}")
     if policy.dp.required and not dp.enabled:
         raise _refuse("the site requires DP-SGD training", "privacy.enabled is false")
+    if fed.num_sites == 1 and dp.enabled and dp.secure_sums.enabled:
+        raise _refuse("whole-study DP needs secure sums over several sites",
+                      "a one-site study sends its sums in plaintext, without the noise shares of SecAgg+ sums")
+    if policy.dp.sum_noise == "required" and not (dp.enabled and dp.secure_sums.enabled):
+        raise _refuse("the site requires DP noise on every secure sum", "privacy.secure_sums.enabled is false")
     if dp.enabled and dp.delta > policy.dp.delta:
         raise _refuse("the study's δ is larger than the site allows",
                       f"privacy.delta={dp.delta:g} > dp.delta={policy.dp.delta:g}")

@@ -168,6 +168,24 @@ def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
     return float(accountant.get_epsilon(delta=delta, alphas=ALPHAS))
 
 
+def dpsgd_rdp(history: list[tuple[float, float, int]]) -> Any:
+    """The RDP curve at :data:`ALPHAS` of a DP-SGD history (Opacus' ``compute_rdp``), to compose with other releases."""
+    import numpy as np
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    total = np.zeros(len(ALPHAS))
+    for sigma, q, steps in history:
+        total = total + np.asarray(compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=ALPHAS))
+    return total
+
+
+def epsilon_of_rdp(rdp: Any, delta: float) -> float:
+    """ε at ``delta`` of an RDP curve at :data:`ALPHAS` (Opacus' ``get_privacy_spent``, as its accountant converts)."""
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    return float(get_privacy_spent(orders=ALPHAS, rdp=rdp, delta=delta)[0])
+
+
 def os_generator(device: torch.device | str = "cpu") -> torch.Generator:
     """A torch generator seeded with 64 bits from the OS (``secrets``): DP randomness no config can set or replay."""
     return torch.Generator(device=device).manual_seed(secrets.randbits(64))

@@ -8,6 +8,11 @@ own accountant state — of every run that trained on it. ε is recomputed from 
 runs compose exactly as the RDP accountant composes steps. Training that would take the lifetime ε
 past the policy's cap is refused *before* it starts.
 
+Whole-study DP (``privacy.secure_sums``) adds each noisy secure sum a run released (``releases``:
+phase, Skellam μ, Δ₁, Δ₂; :mod:`cldlr.client.sum_noise`). The one accountant composes everything —
+Opacus' RDP of the DP-SGD steps plus each release's RDP, at the same fixed orders — and converts
+to (ε, δ) once; :meth:`LifetimeLedger.phase_epsilons` states ε per phase and in total.
+
 The file is rewritten atomically under an exclusive lock, so two runs on the same SuperNode
 cannot lose each other's entries. :func:`dataset_key` names the data by its bytes (every image and
 mask, and ``clinical.csv``), so a copied or renamed folder still draws on the same budget.
@@ -23,12 +28,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cldlr.client.policy import PolicyRefusal
-from cldlr.client.privacy import epsilon_of
+from cldlr.client.privacy import dpsgd_rdp, epsilon_of, epsilon_of_rdp
 from cldlr.common.data.contract import CLINICAL_CSV, SiteData
 from cldlr.common.data.roi import image_digests
 from cldlr.common.errors import CldlrError
 from cldlr.common.io import atomic_write_json, exclusive_lock
+from cldlr.common.secure.dp_plan import PHASES
+from cldlr.common.secure.noise import skellam_rdp
 
 log = logging.getLogger(__name__)
 
@@ -92,18 +101,33 @@ class LifetimeLedger:
         """What the ledger holds of one run (empty if it has not trained yet): a restart continues from it."""
         return [(float(s), float(q), int(n)) for r in self.runs() if r["run"] == run for s, q, n in r["history"]]
 
-    def epsilon(self, extra: list[Entry] | None = None, *, without: str | None = None) -> float:
-        """Lifetime ε at the policy's δ, with ``extra`` planned steps added (and run ``without`` left out)."""
-        history = self.history(without=without) + list(extra or [])
-        return epsilon_of(history, self.delta) if history else 0.0
+    def releases(self, *, without: str | None = None) -> list[dict[str, Any]]:
+        """Every noisy secure sum of every run on this dataset (but run ``without``)."""
+        return [r for run in self.runs() if run["run"] != without for r in run.get("releases", [])]
 
-    def check(self, planned: list[Entry], *, what: str, without: str | None = None) -> float:
-        """Refuse ``planned`` steps that would pass the cap; return the ε it would end at.
+    def run_releases(self, run: str) -> list[dict[str, Any]]:
+        """The noisy secure sums one run released so far."""
+        return [r for entry in self.runs() if entry["run"] == run for r in entry.get("releases", [])]
+
+    def epsilon(self, extra: list[Entry] | None = None, *, without: str | None = None,
+                extra_rdp: np.ndarray | None = None) -> float:
+        """Lifetime ε at the policy's δ, with ``extra`` planned steps and ``extra_rdp`` planned sums added
+        (and run ``without`` left out): DP-SGD and every noisy sum composed in RDP, converted once.
+        """
+        history = self.history(without=without) + list(extra or [])
+        releases = self.releases(without=without)
+        if not releases and extra_rdp is None:
+            return epsilon_of(history, self.delta) if history else 0.0
+        return epsilon_of_rdp(composed_rdp(history, releases) + (0.0 if extra_rdp is None else extra_rdp), self.delta)
+
+    def check(self, planned: list[Entry], *, what: str, without: str | None = None,
+              planned_rdp: np.ndarray | None = None) -> float:
+        """Refuse ``planned`` steps (and ``planned_rdp`` of sums) that would pass the cap; return the ε it would end at.
 
         ``without`` leaves one run's own entry out, for a ``planned`` that already holds that
         run's whole history (a run re-checked after a restart is not counted twice).
         """
-        after = self.epsilon(planned, without=without)
+        after = self.epsilon(planned, without=without, extra_rdp=planned_rdp)
         if after > self.cap:
             earlier = sum(r["run"] != without for r in self.runs())
             detail = (f"{what} would take this dataset's lifetime ε from {self.epsilon(without=without):.3f} to "
@@ -118,11 +142,47 @@ class LifetimeLedger:
         with self._locked() as ledger:
             dataset = ledger["datasets"].setdefault(self.dataset, {"runs": []})
             entry = {"run": run, "history": [list(h) for h in history], **details}
+            earlier = [r for r in dataset["runs"] if r["run"] == run]
+            if earlier and earlier[0].get("releases"):
+                entry["releases"] = earlier[0]["releases"]  # a round's DP-SGD record keeps the run's sums
             runs = [r for r in dataset["runs"] if r["run"] != run]
             dataset["runs"] = [*runs, entry]
             atomic_write_json(self.path, ledger)
         log.info("lifetime privacy ledger: dataset %s at ε=%.3f (cap %g, δ=%g)", self.dataset[:12], self.epsilon(),
                  self.cap, self.delta)
+
+
+    def record_releases(self, run: str, releases: list[dict[str, Any]]) -> None:
+        """Append noisy secure sums to a run's entry (before the vector leaves the site)."""
+        with self._locked() as ledger:
+            dataset = ledger["datasets"].setdefault(self.dataset, {"runs": []})
+            entry = next((r for r in dataset["runs"] if r["run"] == run), None)
+            if entry is None:
+                entry = {"run": run, "history": []}
+                dataset["runs"].append(entry)
+            entry["releases"] = [*entry.get("releases", []), *releases]
+            atomic_write_json(self.path, ledger)
+
+    def phase_epsilons(self, run: str) -> dict[str, float]:
+        """ε at the policy's δ of one run, per phase (each phase alone) and ``total`` (all composed), and ``lifetime``."""
+        history, releases = self.run_history(run), self.run_releases(run)
+        out: dict[str, float] = {}
+        for phase in PHASES:
+            rdp = composed_rdp(history if phase == "backbone" else [],
+                               [r for r in releases if r["phase"] == phase])
+            if np.any(rdp > 0):
+                out[phase] = epsilon_of_rdp(rdp, self.delta)
+        out["total"] = epsilon_of_rdp(composed_rdp(history, releases), self.delta) if history or releases else 0.0
+        out["lifetime"] = self.epsilon()
+        return out
+
+
+def composed_rdp(history: list[Entry], releases: list[dict[str, Any]]) -> np.ndarray:
+    """The RDP curve of DP-SGD steps and noisy secure sums together (the one accountant's state)."""
+    total = np.asarray(dpsgd_rdp(history), dtype=np.float64)
+    for release in releases:
+        total = total + skellam_rdp(float(release["mu"]), float(release["l1"]), float(release["l2"]))
+    return total
 
 
 def read_ledger(path: str | Path) -> dict[str, Any]:
@@ -146,6 +206,12 @@ def recorded_delta(ledger: dict[str, Any]) -> float | None:
     return min(deltas) if deltas else None
 
 
+def _epsilon(history: list[Entry], releases: list[dict[str, Any]], delta: float) -> float:
+    if not releases:
+        return epsilon_of(history, delta) if history else 0.0
+    return epsilon_of_rdp(composed_rdp(history, releases), delta)
+
+
 def describe_ledger(state_dir: str | Path, delta: float | None = None) -> str:
     """``cldlr privacy STATE_DIR``: ε per dataset and run, composed at ``delta`` (default: the δ its runs recorded)."""
     path = Path(state_dir) / LEDGER_FILE
@@ -160,11 +226,15 @@ def describe_ledger(state_dir: str | Path, delta: float | None = None) -> str:
     for dataset, entry in ledger["datasets"].items():
         history: list[Entry] = []
         lines.append(f"dataset {dataset}")
+        releases: list[dict[str, Any]] = []
         for run in entry["runs"]:
             history += [(float(s), float(q), int(n)) for s, q, n in run["history"]]
+            releases += run.get("releases", [])
             steps = sum(int(n) for _, _, n in run["history"])
             site = f" (site {run['site']})" if "site" in run else ""
-            lines.append(f"  run {run['run']}{site}: {steps} steps, lifetime ε after it {epsilon_of(history, delta):.3f}")
+            sums = f", {len(run['releases'])} noisy secure sums" if run.get("releases") else ""
+            lines.append(f"  run {run['run']}{site}: {steps} steps{sums}, lifetime ε after it "
+                         f"{_epsilon(history, releases, delta):.3f}")
         cap = next((f", cap {r['cap']:g} at run {r['run']}" for r in reversed(entry["runs"]) if "cap" in r), "")
-        lines.append(f"  total: ε = {epsilon_of(history, delta) if history else 0.0:.3f}{cap}")
+        lines.append(f"  total: ε = {_epsilon(history, releases, delta):.3f}{cap}")
     return "\n".join(lines)

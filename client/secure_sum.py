@@ -64,6 +64,9 @@ class RoundGuard(Protocol):
     def claim(self, names: list[str], context: Context) -> None:
         """Record (or refuse) the release over this round's contributors, just before a slice is sent."""
 
+    def noise(self, spec: SecureSumSpec, scaled: np.ndarray, context: Context) -> np.ndarray:
+        """The site's DP noise share on a freshly computed scaled vector (or the vector itself)."""
+
     def unmask(self, configs: ConfigRecord, context: Context) -> None:
         """Check the summed set before this site's shares unmask it."""
 
@@ -111,6 +114,8 @@ def _site_vector(spec: SecureSumSpec, context: Context, tasks: Mapping[str, Task
         vector = np.asarray(fn(spec.payload, context), dtype=np.float64)
         scaled = scaled_or_refused(spec.plan, vector, f"secure-sum task '{spec.task}'")
         names = guard.release_names(spec, vector) if guard is not None else []
+        if guard is not None:  # noise once per call: the slices of a long vector share it (it is cached)
+            scaled = guard.noise(spec, scaled, context)
         if not spec.is_last_round:
             context.state.array_records[_CACHE_VECTOR] = ArrayRecord({"vector": Array(np.ascontiguousarray(scaled))})
             context.state.config_records[_CACHE_META] = ConfigRecord({"call-id": spec.call_id, "releases": names})

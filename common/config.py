@@ -9,6 +9,7 @@ needs to state what differs.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,6 +201,23 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class SecureSumPrivacyConfig:
+    """Whole-study DP: ε per phase of the secure sums, stated before the study starts (the study's plan).
+
+    Each site adds its share of Skellam noise to every secure sum (:mod:`cldlr.common.secure.noise`);
+    its ledger composes them with the backbone's DP-SGD (``privacy.target_epsilon``) at ``privacy.delta``.
+    """
+
+    enabled: bool = False
+    clinical: float = 1.0  # the two rounds of clinical statistics (selection)
+    encoder: float = 0.5  # the clinical encoder's sums
+    svm: float = 2.0  # moments, PCA sketches and the LS-SVM normal equations
+    platt: float = 1.0  # Platt's histogram and Newton steps
+    evaluation: float = 1.0  # score histograms and DeLong placement sums
+    platt_rounds: int = 3  # Platt's rounds under noise (a fixed number: the plan counts them)
+
+
+@dataclass(frozen=True)
 class PrivacyConfig:
     """Sample-level DP-SGD with Opacus; all three numbers must be set when enabled."""
 
@@ -210,6 +228,7 @@ class PrivacyConfig:
     # per-sample gradients of VGG11 take ≈0.85 GiB per image: a Poisson batch runs in chunks of
     # this many (0 = the batch size; same update, less memory)
     max_physical_batch: int = 0
+    secure_sums: SecureSumPrivacyConfig = field(default_factory=SecureSumPrivacyConfig)
 
 
 @dataclass(frozen=True)
@@ -376,6 +395,15 @@ def validate_config(config: Config) -> None:
             )
         if not dp.delta < 1:
             raise ConfigError("privacy.delta must be < 1 (typically below 1/number of training images)")
+        sums = dp.secure_sums
+        if sums.enabled:
+            budgets = [sums.clinical, sums.encoder, sums.svm, sums.platt, sums.evaluation]
+            if not all(math.isfinite(b) and b > 0 for b in budgets) or sums.platt_rounds < 2:
+                raise ConfigError("privacy.secure_sums needs every phase budget (clinical, encoder, svm, platt, "
+                                  "evaluation) finite and > 0 and platt_rounds >= 2")
+    elif dp.secure_sums.enabled:
+        raise ConfigError("privacy.secure_sums.enabled needs privacy.enabled (one budget for the whole study: "
+                          "the backbone's DP-SGD and the secure sums, at privacy.delta)")
     elif any(v > 0 for v in (dp.target_epsilon, dp.delta, dp.max_grad_norm)):
         raise ConfigError(
             "privacy settings are given but privacy.enabled is false; set privacy.enabled=true "

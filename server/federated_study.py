@@ -26,7 +26,14 @@ from cldlr.common.evaluation import secure_metrics
 from cldlr.common.evaluation.layout import EvaluationLayout, confusion_from_histogram
 from cldlr.common.evaluation.metrics import metrics_from_counts
 from cldlr.common.evaluation.outcome import MODELS
-from cldlr.common.fusion import PLATT_HIST_BINS, PLATT_HIST_RANGE, FusionModels, FusionPayload, fusion_fitter
+from cldlr.common.fusion import (
+    PLATT_HIST_BINS,
+    PLATT_HIST_RANGE,
+    FusionModels,
+    FusionPayload,
+    clinical_value_bound,
+    fusion_fitter,
+)
 from cldlr.common.secure.sums import bound_blocks
 from cldlr.common.secure.tasks import BATCH_TASK, CLINICAL_STATS, ENCODER_SUMS, FUSION_SUMS, PLACEMENT_SUMS, SCORE_HISTOGRAMS
 
@@ -80,6 +87,11 @@ class FederatedFit:
     payload: dict[str, Any] = field(default_factory=dict)  # lets a site rebuild the fitted models
 
 
+def noisy_sums(config: Config) -> bool:
+    """Whether the study's secure sums carry the sites' DP noise (``privacy.secure_sums``): fits repair them."""
+    return config.privacy.enabled and config.privacy.secure_sums.enabled
+
+
 def clinical_phase(sum_fn: SumFn, schema: Schema, config: Config, max_cases: int) -> tuple[SelectionResult, ClinicalEncoder, int]:
     """Select parameters from summed statistics (round 1 on schema bins, round 2 on bins where the
     data lie) and fit their encoder — as :func:`select_clinical` does. The encoder sums of every
@@ -91,15 +103,19 @@ def clinical_phase(sum_fn: SumFn, schema: Schema, config: Config, max_cases: int
     if candidates:
         requests.append(SumRequest(ENCODER_SUMS, {"selected": [p.name for p in candidates]},
                                    encoder_sums_length(candidates), float(max_cases)))
+    noisy = noisy_sums(config)  # DP-noised sums: counts and moments repaired before any test
+    statistics = ParameterStatistics.from_noisy_vector if noisy else ParameterStatistics.from_vector
     summed, *encoder_summed = sum_together(sum_fn, requests)
-    ranges = refined_histogram_ranges(ParameterStatistics.from_vector(summed, layout))
+    ranges = refined_histogram_ranges(statistics(summed, layout))
     summed = sum_fn(CLINICAL_STATS, {"histogram_ranges": {k: list(v) for k, v in ranges.items()}},
                     length=layout.size, bound=float(max_cases))
-    stats = ParameterStatistics.from_vector(summed, layout.with_histogram_ranges(ranges))
+    stats = statistics(summed, layout.with_histogram_ranges(ranges))
     selection = select_parameters(stats, alpha=config.clinical.alpha, normality_alpha=config.clinical.normality_alpha)
     parameters = [schema.get(name) for name in selection.selected]
     vector = select_encoder_sums(encoder_summed[0], candidates, parameters) if candidates else np.zeros(1)
-    return selection, ClinicalEncoder.from_sums(vector, parameters), 2
+    encoder = ClinicalEncoder.from_noisy_sums(vector, parameters) if noisy and parameters else \
+        ClinicalEncoder.from_sums(vector, parameters)
+    return selection, encoder, 2
 
 
 def fusion_phase(sum_fn: SumFn, config: Config, encoder: ClinicalEncoder, n_deep: int, max_cases: int,
@@ -115,7 +131,7 @@ def fusion_phase(sum_fn: SumFn, config: Config, encoder: ClinicalEncoder, n_deep
     common = {"encoder": encoder.to_dict(), "n_clinical": n_clinical, "n_deep": n_deep}
     while not fitter.done:
         request = fitter.request()
-        length, bound = _fusion_shape(fitter, request, n_clinical, n_deep, max_cases, feature_bound)
+        length, bound = _fusion_shape(fitter, request, n_clinical, n_deep, max_cases, feature_bound, noisy_sums(config))
         summed = sum_fn(FUSION_SUMS, {**common, **wire.encode(request)}, length=length, bound=bound)
         fitter.receive(summed)
     rounds = dict(fitter.rounds)
@@ -124,17 +140,18 @@ def fusion_phase(sum_fn: SumFn, config: Config, encoder: ClinicalEncoder, n_deep
 
 
 def _fusion_shape(fitter: Any, request: Any, n_clinical: int, n_deep: int, n: int,
-                  feature_bound: float) -> tuple[int, Any]:
+                  feature_bound: float, noisy: bool = False) -> tuple[int, Any]:
     """Vector length and per-element bound of one site's answer in the fitter's current phase.
 
-    Clinical columns arrive standardized (a few SD at most: 1e3 is generous); deep ones are
+    Clinical columns arrive standardized (a few SD at most: 1e3 is generous; under DP noise the
+    protocol's ±4, which every site clips to: ``noisy``); deep ones are
     bounded by the sites' reported ``feature_bound``. RFF features are at most √(2/D) in size, so
     the LS-SVM sums are bounded by n; Platt histograms hold counts (at most n) and sums of values
     clipped to ±PLATT_HIST_RANGE; Platt sums are bounded by n times a generous decision-value
     range. A site whose value exceeds its bound fails the round with an error naming the element,
     rather than being clipped silently by SecAgg+.
     """
-    clin = 1e3
+    clin = clinical_value_bound(noisy)
     if fitter.phase == "moments":
         blocks = [(2, float(n)), (n_clinical, n * clin), (n_deep, n * feature_bound),
                   (n_clinical, n * clin ** 2), (n_deep, n * feature_bound ** 2)]
@@ -171,7 +188,11 @@ def evaluation_phase(sum_fn: SumFn, config: Config, fit_payload: dict[str, Any],
     layout = EvaluationLayout(models=models, n_bins=config.evaluation.histogram_bins)
     payload = {**fit_payload, "layout": layout.to_payload()}
     summed = sum_fn(SCORE_HISTOGRAMS, payload, length=layout.histogram_length, bound=float(max_cases), integer=True)
+    if noisy_sums(config):  # DP noise: a negative count is clamped to 0 (the sum was rounded already)
+        summed = np.maximum(summed, 0.0)
     hists = layout.unpack_histograms(summed)
+    if noisy_sums(config):  # one class count per cohort for every model (the placements need it)
+        hists = {c: secure_metrics.harmonised_histograms(h) for c, h in hists.items()}
     counts = {c: (int(hists[c][models[0]][0].sum()), int(hists[c][models[0]][1].sum())) for c in layout.cohorts}
     for cohort, (n0, n1) in counts.items():
         if min(n0, n1) < max(config.evaluation.min_count, 1):
@@ -185,12 +206,16 @@ def evaluation_phase(sum_fn: SumFn, config: Config, fit_payload: dict[str, Any],
     roc: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {c: {} for c in layout.cohorts}
     delong: dict[str, dict[str, float]] = {}
     for cohort in layout.cohorts:
+        if noisy_sums(config):  # the class counts of the (repaired) histograms, not the noisier placement n
+            placements[cohort]["n"] = np.asarray(counts[cohort], dtype=np.int64)
         stats = secure_metrics.delong_from_sums(placements[cohort], names=list(models),
-                                                min_count=config.evaluation.min_count)
+                                                min_count=config.evaluation.min_count, noisy=noisy_sums(config))
         for model in models:
             hist = hists[cohort][model]
             tp, fp, tn, fn = confusion_from_histogram(hist, config.svm.threshold)
             entry = stats["models"][model]
+            if noisy_sums(config):  # the AUC of the noisy histograms: far less noise than the placement sums
+                entry = {**entry, "auc": secure_metrics.auc_from_histograms(hist)}
             metrics[model][cohort] = {"auc": entry["auc"], "auc_ci_low": entry["ci_low"], "auc_ci_high": entry["ci_high"],
                                       **metrics_from_counts(tp, fp, tn, fn)}
             roc[cohort][model] = histogram_as_cases(hist)

@@ -33,6 +33,7 @@ from cldlr.common.evaluation.report import write_report
 from cldlr.common.io import atomic_path, atomic_write_json
 from cldlr.common.models.backbones import build_model, embedding_dim
 from cldlr.common.models.weights import model_to_arrays
+from cldlr.common.secure.dp_plan import StudyPlan, sum_headroom
 from cldlr.common.secure.payload import batch_label
 from cldlr.common.secure.tasks import FINALIZE, HANDSHAKE, LOCAL_METRICS, PLAIN_SUM
 from cldlr.common.secure.wire import arrays_to_record, record_to_arrays
@@ -55,6 +56,8 @@ class FederatedRun:
                  resume: bool = False, connect_timeout_s: float = 300.0) -> None:
         check_study_config(config)  # unknown strategy/backbone, DP with FedProx or BatchNorm: refused before any site joins
         self.config, self.schema, self.run_dir, self.resume = config, schema, run_dir, resume
+        self.plan = StudyPlan.from_config(config) if config.privacy.enabled and config.privacy.secure_sums.enabled else None
+        self.site_privacy: dict[str, dict[str, Any]] = {}
         self.context = context
         self.names: dict[int, str] = {}
         self.ledger = Ledger(run_dir / "ledger.jsonl", self.names)
@@ -179,9 +182,15 @@ class FederatedRun:
         members = len(self.grid.joined)
         if members == 1:
             return self._plain_sum(task, payload, length)
+        headroom = 1.0
+        if self.plan is not None:  # room in the range for the sites' noise shares (whole-study DP)
+            cases = min(c["n-train"] for n, c in self.counts.items() if n in self.grid.joined)
+            headroom = sum_headroom(self.plan, task, payload, length, cases=cases, schema=self.schema,
+                                    quantization_range=self.config.secagg.quantization_range)
         result = secure_sum(self.grid, self.context, task=task, length=length, bound=bound, num_sites_expected=members,
                             payload_config=payload, secagg_cfg=self.config.secagg,
-                            min_sites=max(2, min(self.config.federation.min_sites, members)), integer=integer)
+                            min_sites=max(2, min(self.config.federation.min_sites, members)), integer=integer,
+                            headroom=headroom)
         self.secure_seconds += result.elapsed_s
         return result.values
 
@@ -255,6 +264,8 @@ class FederatedRun:
                 continue
             local = reply.content.config_records["local"]
             out[name] = json.loads(str(local["metrics"])) if local["shared"] else "kept at the site"
+            if "privacy" in local and (summary := json.loads(str(local["privacy"]))):
+                self.site_privacy[name] = summary
         return out
 
     def _site_rows(self) -> list[dict[str, Any]]:
@@ -264,11 +275,17 @@ class FederatedRun:
     def _summary(self, progress: Progress, rounds: dict[str, int], t_train: float, t_total: float) -> FederationSummary:
         bytes_per_round = [{"round": h["round"], **{s["site"]: s["bytes"] for s in h["sites"].values()}}
                            for h in progress.history]
-        epsilon = {}
+        epsilon: dict[str, dict[str, Any]] = {}
         for h in progress.history:
             for s in h["sites"].values():
                 if "epsilon" in s:
                     epsilon[s["site"]] = {"epsilon": s["epsilon"], "delta": s.get("delta"), "after_round": h["round"]}
+        for site, summary in self.site_privacy.items():  # whole-study DP: the sites' own ε per phase and total
+            if self.plan is not None and summary.get("phases"):
+                phases = {k: float(v) for k, v in summary["phases"].items()}
+                epsilon[site] = {**epsilon.get(site, {}), "epsilon": phases.get("total", float("nan")),
+                                 "delta": summary.get("delta"), "phases": phases, "cap": summary.get("cap"),
+                                 "plan": self.plan.to_dict()}
         return FederationSummary(
             strategy=self.config.federation.strategy, rounds=progress.completed_rounds,
             transfer_dtype=self.config.federation.transfer_dtype, uplink_bytes_per_site_round=bytes_per_round,

@@ -213,6 +213,7 @@ def secure_sum(
     max_elements_per_round: int | None = None,
     wait_for_sites_s: float = 120.0,
     integer: bool = False,
+    headroom: float = 1.0,
 ) -> SecureSumResult:
     """Sum a float vector of ``length`` over all sites with SecAgg+; sites compute it for ``task``.
 
@@ -222,13 +223,14 @@ def secure_sum(
     ``timeout`` bounds each of the four protocol stages; ``min_sites`` (default: all expected) is
     the fewest contributors accepted, since SecAgg+ silently continues without dropped sites.
     ``integer=True`` returns exact integer sums (counts) and refuses bounds too coarse for that.
+    ``headroom`` widens the range beyond ``bound`` for the sites' DP noise shares (whole-study DP).
     """
     cfg = secagg_cfg or SecAggConfig()
     min_sites = num_sites_expected if min_sites is None else min_sites
     if num_sites_expected < 2 or not 2 <= min_sites <= num_sites_expected:
         raise SecureSumError(f"secure sum needs 2 <= min_sites ({min_sites}) <= num_sites_expected ({num_sites_expected})")
     check_capacity(num_sites_expected, cfg.quantization_range, cfg.modulus_range)
-    plan = ScalePlan.from_bounds(bound, length, cfg.clipping_range)
+    plan = ScalePlan.from_bounds(bound, length, cfg.clipping_range, headroom)
     if integer:  # fail before any site works, with the worst case of all expected sites
         round_to_integers(np.zeros(1), plan.error_bound(num_sites_expected, cfg.quantization_range))
     start = time.monotonic()

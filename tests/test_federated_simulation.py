@@ -137,6 +137,26 @@ def test_differential_privacy_reports_epsilon_per_round(phantom: Path, tmp_path:
         assert len(eps) == 2 and 0 < eps[0] < eps[1] <= 8.0 + 1e-6
 
 
+def test_whole_study_dp_reports_epsilon_per_phase_within_the_caps(phantom: Path, tmp_path: Path) -> None:
+    """Every secure sum noised by the sites, composed with DP-SGD: the report gives ε per phase and in total."""
+    run = simulate(study_config(phantom, tmp_path, "run.name=wsdp", "privacy.enabled=true", "privacy.target_epsilon=4",
+                                "privacy.delta=1e-3", "privacy.max_grad_norm=1.0", "privacy.secure_sums.enabled=true",
+                                "evaluation.histogram_bins=20"))
+    report = json.loads((run / "report.json").read_text())
+    privacy = report["federation"]["privacy"]
+    assert set(privacy) == {"site-1", "site-2", "site-3"}
+    for entry in privacy.values():
+        phases, plan = entry["phases"], entry["plan"]["epsilon"]
+        assert set(phases) == {"backbone", "clinical", "encoder", "svm", "platt", "evaluation", "total", "lifetime"}
+        for phase, planned in plan.items():
+            assert 0 < phases[phase] <= planned + 1e-6
+        assert max(plan.values()) < phases["total"] <= sum(plan.values()) and phases["total"] <= entry["cap"]
+    text = (run / "report.md").read_text()
+    assert "whole study" in text and text.count("/ 4 |") == 3  # each site: backbone ε spent / planned
+    card = json.loads((run / "model" / "bundle.json").read_text())["model_card"]["differential_privacy"]
+    assert "every secure sum" in card["covers"] and set(card["per_site"]) == set(privacy)
+
+
 def test_fusion_hold_out_works_federated(phantom: Path, tmp_path: Path) -> None:
     """Each site keeps its own hold-out from the backbone; the secure SVM fit and the train metrics use only it."""
     from cldlr.client.site import SiteSession

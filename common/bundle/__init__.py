@@ -43,6 +43,7 @@ from cldlr.common.bundle.model import Bundle, ClinicalInputError, Prediction, ex
 from cldlr.common.bundle.signing import BundleSigner, SignatureError, SignerInfo, TrustAnchor, fingerprint
 from cldlr.common.bundle.study import (
     DP_COVERS,
+    DP_COVERS_STUDY,
     LOCAL_SIGNER_CERT,
     export_federated_bundle,
     export_study_bundle,
@@ -51,7 +52,8 @@ from cldlr.common.bundle.study import (
 )
 
 __all__ = ["BACKBONE_FILE", "BUNDLE_FILES", "Bundle", "BundleError", "BundleSigner", "ClinicalInputError", "DP_COVERS",
-           "FORMAT", "FORMAT_VERSION", "FUSION_FILE", "HASHED_FILES", "HASHES_FILE", "LOCAL_SIGNER_CERT", "META_FILE",
+           "DP_COVERS_STUDY", "FORMAT", "FORMAT_VERSION", "FUSION_FILE", "HASHED_FILES", "HASHES_FILE", "LOCAL_SIGNER_CERT",
+           "META_FILE",
            "Prediction", "SIGNATURE_FILE", "SignatureError", "SignerInfo", "TrustAnchor", "Verification",
            "check_meta", "expected_values", "export_bundle", "export_federated_bundle", "export_study_bundle",
            "fingerprint", "load_bundle", "manifest_of", "manifest_text", "sha256_file", "sign_bundle",

@@ -71,6 +71,10 @@ def signature_section(signer: BundleSigner, run_dir: str | Path) -> dict[str, st
 #: What a model card's ε is a guarantee about — and what it is not.
 DP_COVERS = ("the DP-SGD training of the backbone only; clinical statistics, encoder, SVM and evaluation sums are "
              "released exactly (SecAgg+ hides each site's share of a sum, not a patient's contribution to it)")
+#: The same with whole-study DP (``privacy.secure_sums``).
+DP_COVERS_STUDY = ("every release of the study: the backbone's DP-SGD and every secure sum (clinical statistics, "
+                   "encoder, SVM, Platt and evaluation sums carry the sites' distributed Skellam noise), composed per "
+                   "site in RDP; ε per phase and in total per site under 'per_site'")
 
 
 def export_study_bundle(out_dir: str | Path, outcome: StudyOutcome, artifacts: Any, config: Any, schema: Schema,
@@ -92,6 +96,10 @@ def export_study_bundle(out_dir: str | Path, outcome: StudyOutcome, artifacts: A
     if privacy:
         privacy["covers"] = DP_COVERS
     fed = outcome.federation
+    if config.privacy.enabled and config.privacy.secure_sums.enabled:
+        privacy["covers"] = DP_COVERS_STUDY
+        privacy["per_site"] = {site: {k: v[k] for k in ("phases", "delta", "cap", "plan") if k in v}
+                               for site, v in ((fed.privacy or {}) if fed is not None else {}).items()}
     card = {
         "intended_use": "research use: probability of malignancy of a BI-RADS 4 breast-ultrasound lesion; "
                         "not a medical device, not for diagnosis on its own",
@@ -125,5 +133,5 @@ def export_federated_bundle(out_dir: str | Path, *, arrays: Mapping[str, np.ndar
     return export_study_bundle(out_dir, outcome, parts, config, schema, signer=signer)
 
 
-__all__ = ["DP_COVERS", "LOCAL_SIGNER_CERT", "REPORT_SECTION", "export_federated_bundle", "export_study_bundle",
-           "signature_section", "study_signer"]
+__all__ = ["DP_COVERS", "DP_COVERS_STUDY", "LOCAL_SIGNER_CERT", "REPORT_SECTION", "export_federated_bundle",
+           "export_study_bundle", "signature_section", "study_signer"]

@@ -27,6 +27,9 @@ from cldlr.common.data.schema import Parameter, Schema, schema_from_dict
 
 log = logging.getLogger(__name__)
 
+#: Smallest variance of a schema-scaled numeric value an encoder fitted from DP-noised sums keeps (SD 0.01).
+NOISY_MIN_VAR_Z = 1e-4
+
 
 def _columns(parameters: tuple[Parameter, ...] | list[Parameter]) -> list[tuple[Parameter, slice]]:
     """Each parameter with the slice of encoded columns it owns."""
@@ -128,6 +131,30 @@ class ClinicalEncoder:
     def feature_names(self) -> list[str]:
         """Encoded column names in design-matrix order (a categorical parameter gives one per level)."""
         return [name for p in self.parameters for name in p.feature_names]
+
+    @classmethod
+    def from_noisy_sums(cls, vec: np.ndarray, parameters: tuple[Parameter, ...] | list[Parameter]) -> ClinicalEncoder:
+        """:meth:`from_sums` of DP-noised sums, repaired: counts rounded (total ≥ 1, observed in [1, total]),
+        level counts in [0, observed], and each Σz² at least (Σz)²/n + n·:data:`NOISY_MIN_VAR_Z`, so
+        a numeric SD is at least 0.01 of the schema's half-range and a standardized value inside the
+        range stays within ±200 (inside the fusion sums' bound of 10³).
+        """
+        vec = np.asarray(vec, dtype=np.float64).copy()
+        parameters = tuple(parameters)
+        vec, k = _checked_sums(vec, parameters)
+        vec = vec.copy()
+        total = vec[0] = max(np.rint(vec[0]), 1.0)
+        observed, s1, s2 = vec[1:1 + k], vec[1 + k:1 + 2 * k], vec[1 + 2 * k:]
+        observed[:] = np.clip(np.rint(observed), 1.0, total)
+        for p, cols in _columns(parameters):
+            if p.type == "numeric":
+                s1[cols] = np.clip(s1[cols], -observed[cols], observed[cols])
+                floor = s1[cols] ** 2 / observed[cols] + observed[cols] * NOISY_MIN_VAR_Z
+                s2[cols] = np.clip(s2[cols], floor, np.maximum(observed[cols], floor))
+            else:
+                s1[cols] = np.clip(np.rint(s1[cols]), 0.0, observed[cols])
+                s2[cols] = s1[cols]
+        return cls.from_sums(vec, parameters)
 
     @classmethod
     def from_sums(cls, vec: np.ndarray, parameters: tuple[Parameter, ...] | list[Parameter]) -> ClinicalEncoder:

@@ -165,6 +165,36 @@ class ParameterStatistics:
             by[p.name] = (pair[0], pair[1])
         return cls(layout, vec[:2].copy(), by)
 
+    @classmethod
+    def from_noisy_vector(cls, vec: np.ndarray, layout: StatisticsLayout) -> ParameterStatistics:
+        """:meth:`from_vector` of a DP-noised sum, repaired so every test stays defined.
+
+        Counts (class sizes, missing counts, n, histogram bins, level counts) are rounded and
+        clamped to ≥ 0; each numeric block's n is at least 1 and its even moments are clamped so
+        that Σz² ≥ (Σz)²/n and Σz⁴ ≥ (Σz²)²/n (a variance and a kurtosis ≥ 0); odd moments stay.
+        """
+        vec = np.asarray(vec, dtype=np.float64).ravel().copy()
+        if vec.size != layout.size:
+            raise ValueError(f"statistics vector has {vec.size} entries but the layout needs {layout.size}")
+        vec[:2] = np.maximum(np.rint(vec[:2]), 1.0)
+        pos = 2
+        for p in layout.parameters:
+            for _ in CLASSES:
+                size = layout.block_size(p)
+                block = vec[pos:pos + size]  # a view: repaired in place
+                block[0] = max(np.rint(block[0]), 0.0)
+                if p.type == "numeric":
+                    n = block[1] = max(np.rint(block[1]), 1.0)
+                    block[2] = np.clip(block[2], -n, n)
+                    block[3] = np.clip(block[3], block[2] ** 2 / n, n)
+                    block[4] = np.clip(block[4], -n, n)
+                    block[5] = np.clip(block[5], block[3] ** 2 / n, n)
+                    block[1 + N_MOMENTS:] = np.maximum(np.rint(block[1 + N_MOMENTS:]), 0.0)
+                else:
+                    block[1:] = np.maximum(np.rint(block[1:]), 0.0)
+                pos += size
+        return cls.from_vector(vec, layout)
+
     def __add__(self, other: ParameterStatistics) -> ParameterStatistics:
         if other.layout != self.layout:
             raise ValueError("cannot add statistics computed with different schemas, ranges or n_bins")

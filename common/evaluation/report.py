@@ -20,6 +20,7 @@ from cldlr.common.config import Config, dump_config
 from cldlr.common.data.contract import COHORTS
 from cldlr.common.evaluation.outcome import MODEL_TITLES, MODELS, FederationSummary, Metrics, StudyOutcome
 from cldlr.common.io import atomic_write_json, atomic_write_text
+from cldlr.common.secure.dp_plan import PHASES
 from cldlr.common.text import markdown_text
 from cldlr.common.versions import runtime_versions
 
@@ -69,6 +70,20 @@ def _table1_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _privacy_table(privacy: dict[str, dict[str, Any]]) -> str:
+    """ε per phase (planned / spent) and in total for every site, with its δ and cap."""
+    lines = ["| Site | " + " | ".join(PHASES) + " | total | δ | cap |", "|---" * (len(PHASES) + 4) + "|"]
+    for site, v in privacy.items():
+        phases, plan = v.get("phases", {}), (v.get("plan") or {}).get("epsilon", {})
+        cells = [f"{phases[p]:.2f}" + (f" / {plan[p]:g}" if p in plan else "") if p in phases else "–" for p in PHASES]
+        cap = v.get("cap")
+        lines.append(f"| {markdown_text(site)} | " + " | ".join(cells) + f" | {phases.get('total', float('nan')):.2f} | "
+                     f"{v.get('delta', float('nan')):g} | {'' if cap is None else f'{cap:g}'} |")
+    lines.append("")
+    lines.append("Each phase cell is ε spent / ε planned; total composes every phase (less than their sum).")
+    return "\n".join(lines)
+
+
 def _names_markdown(value: Any) -> str:
     """A mapping keyed by site names, written like its ``repr`` but with every string as literal Markdown."""
     if isinstance(value, dict):
@@ -84,7 +99,13 @@ def _federation_markdown(fed: FederationSummary) -> str:
         first = fed.uplink_bytes_per_site_round[0]
         sizes = {k: v for k, v in first.items() if k != "round"}
         lines.append(f"- Uplink bytes per site per round: {_names_markdown(sizes)}")
-    if fed.privacy:
+    if fed.privacy and any("phases" in v for v in fed.privacy.values()):
+        lines.append("- Differential privacy of the whole study, per site (ε at the site's δ; DP-SGD and every "
+                     "noisy secure sum composed in RDP):")
+        lines.append("")
+        lines.append(_privacy_table(fed.privacy))
+        lines.append("")
+    elif fed.privacy:
         lines.append("- Differential privacy (ε, δ) per site: " + ", ".join(
             f"{markdown_text(site)} ε={v['epsilon']:.2f} (δ={v['delta']:g}, after round {v['after_round']})"
             for site, v in fed.privacy.items())

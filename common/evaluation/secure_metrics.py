@@ -197,17 +197,22 @@ def delong_from_sums(
     names: Sequence[str] | None = None,
     alpha: float = 0.05,
     min_count: int = 1,
+    noisy: bool = False,
 ) -> dict[str, Any]:
     """AUC, DeLong variance and CI per model, and the paired z, p per pair, from summed Round B releases.
 
     ``summed`` is the element-wise total of every site's :func:`placement_sums`; ``names`` gives
     the model order used there. Returns ``{"models": {name: {auc, var, ci_low, ci_high}},
     "pairs": [{a, b, auc_diff, z, p}, ...]}``. Raises when a class totals fewer than
-    ``min_count`` cases (see the module docstring).
+    ``min_count`` cases (see the module docstring). ``noisy`` (DP-noised sums): counts and sums are
+    rounded, each AUC clipped to [0, 1] and the covariance projected onto the PSD cone.
     """
-    n = np.asarray(summed["n"], dtype=np.int64)
-    total = np.asarray(summed["sum"], dtype=np.int64)
-    cross = np.asarray(summed["cross"], dtype=np.int64)
+    def cast(values: ArrayLike) -> np.ndarray:
+        return np.rint(np.asarray(values, dtype=np.float64)).astype(np.int64) if noisy else np.asarray(values, dtype=np.int64)
+
+    n, total, cross = cast(summed["n"]), cast(summed["sum"]), cast(summed["cross"])
+    if noisy:  # a class count of at least min_count and 2 (the centre passes the repaired histograms' counts)
+        n = np.maximum(n, max(min_count, 2))
     if n.shape != (2,) or total.ndim != 2 or total.shape[0] != 2 or cross.shape != (2, total.shape[1], total.shape[1]):
         raise ValueError(f"malformed sums: n {n.shape}, sum {total.shape}, cross {cross.shape}")
     n0, n1 = int(n[0]), int(n[1])
@@ -222,6 +227,10 @@ def delong_from_sums(
         raise ValueError(f"{len(names)} names given for {size} models in the sums")
     auc = total[1] / (2.0 * n0 * n1)
     cov = _class_cov(n1, total[1], cross[1], 2 * n0) / n1 + _class_cov(n0, total[0], cross[0], 2 * n1) / n0
+    if noisy:
+        auc = np.clip(auc, 0.0, 1.0)
+        lam, U = np.linalg.eigh((cov + cov.T) / 2.0)
+        cov = (U * np.maximum(lam, 0.0)) @ U.T
     models = {}
     for k, name in enumerate(names):
         low, high = normal_ci(float(auc[k]), float(cov[k, k]), alpha)
@@ -231,6 +240,28 @@ def delong_from_sums(
         z, p = paired_z(float(auc[a]), float(auc[b]), float(cov[a, a]), float(cov[b, b]), float(cov[a, b]))
         pairs.append({"a": names[a], "b": names[b], "auc_diff": float(auc[a] - auc[b]), "z": z, "p": p})
     return {"models": models, "pairs": pairs}
+
+
+def harmonised_histograms(hists: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """DP-noised score histograms of one cohort with the same class counts for every model.
+
+    Every model scores the same cases, but independent noise gives each model's histogram its
+    own class totals; placements need one. Each class's count becomes the median over models
+    (at least 1) and each histogram is rescaled to it, rounded by largest remainder (counts ≥ 0).
+    """
+    totals = np.array([np.asarray(h, dtype=np.float64).sum(axis=1) for h in hists.values()])
+    target = np.maximum(np.rint(np.median(totals, axis=0)), 1).astype(np.int64)
+    out = {}
+    for name, hist in hists.items():
+        rows = []
+        for c, row in enumerate(np.maximum(np.asarray(hist, dtype=np.float64), 0.0)):
+            share = row / row.sum() * target[c] if row.sum() > 0 else np.full(row.size, target[c] / row.size)
+            counts = np.floor(share).astype(np.int64)
+            left = int(target[c] - counts.sum())
+            counts[np.argsort(share - counts)[::-1][:left]] += 1
+            rows.append(counts)
+        out[name] = np.array(rows)
+    return out
 
 
 def local_report_allowed(y: ArrayLike, min_count: int) -> bool:

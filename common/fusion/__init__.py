@@ -20,18 +20,29 @@ from __future__ import annotations
 
 from cldlr.common.fusion.fit import FusionModels, RffFusionFitter, run_rff_protocol
 from cldlr.common.fusion.payload import FusionPayload, fusion_fitter, fusion_models_from_payload
+from cldlr.common.fusion.pca import PCA_ROUNDS
 from cldlr.common.fusion.pipeline import BLOCKS
 from cldlr.common.fusion.platt import PLATT_HIST_BINS, PLATT_HIST_RANGE
-from cldlr.common.fusion.protocol import RffRequest, site_sums
+from cldlr.common.fusion.protocol import (
+    CLINICAL_VALUE_BOUND,
+    NOISY_CLINICAL_VALUE_BOUND,
+    RffRequest,
+    clinical_value_bound,
+    site_sums,
+)
 
 __all__ = [
     "BLOCKS",
+    "CLINICAL_VALUE_BOUND",
+    "NOISY_CLINICAL_VALUE_BOUND",
     "PLATT_HIST_BINS",
+    "PCA_ROUNDS",
     "PLATT_HIST_RANGE",
     "FusionModels",
     "FusionPayload",
     "RffFusionFitter",
     "RffRequest",
+    "clinical_value_bound",
     "fusion_fitter",
     "fusion_models_from_payload",
     "run_rff_protocol",

@@ -42,6 +42,17 @@ def unpack_lssvm(vec: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
     return upper + np.triu(upper, 1).T, np.asarray(vec[iu[0].size:], dtype=np.float64)
 
 
+def nearest_psd(S: np.ndarray) -> np.ndarray:
+    """The positive-semidefinite matrix nearest to symmetric ``S`` (Frobenius): its negative eigenvalues set to 0.
+
+    DP noise on summed normal equations can make ``S`` indefinite; a Gram matrix never is.
+    """
+    lam, U = np.linalg.eigh((S + S.T) / 2.0)
+    out: np.ndarray = (U * np.maximum(lam, 0.0)) @ U.T
+    symmetric: np.ndarray = (out + out.T) / 2.0
+    return symmetric
+
+
 def solve_lssvm(S: np.ndarray, t: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray]:
     """Minimise Σ(y − wᵀz − w0)² + ridge·‖w‖²: ``θ = (S + ridge·diag(1,…,1,0))⁻¹ t``.
 

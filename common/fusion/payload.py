@@ -35,8 +35,10 @@ def fusion_fitter(config: Config, n_clinical: int, n_deep: int) -> RffFusionFitt
     if config.svm.solver != "rff":
         raise CldlrError("a federation fits its SVMs from secure sums: set svm.solver=rff "
                          "(the exact SVC needs every support vector at the centre)")
+    noisy = config.privacy.enabled and config.privacy.secure_sums.enabled  # whole-study DP: a fixed Platt budget
     return RffFusionFitter(config.svm, n_clinical, n_deep, seed=config.run.seed, balance=config.svm.balance_blocks,
-                           platt_tol=PLATT_TOLERANCE, max_platt_rounds=PLATT_MAX_ROUNDS)
+                           platt_tol=PLATT_TOLERANCE, noisy=noisy,
+                           max_platt_rounds=config.privacy.secure_sums.platt_rounds if noisy else PLATT_MAX_ROUNDS)
 
 
 class FusionPayload:

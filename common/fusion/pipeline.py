@@ -35,7 +35,7 @@ import numpy as np
 
 from cldlr.common.config import SVMConfig
 from cldlr.common.errors import CldlrError
-from cldlr.common.fusion.lssvm import solve_lssvm, unpack_lssvm
+from cldlr.common.fusion.lssvm import nearest_psd, solve_lssvm, unpack_lssvm
 from cldlr.common.fusion.models import RffModel, SvcModel
 from cldlr.common.fusion.pca import (
     fit_pca_from_sums,
@@ -64,21 +64,30 @@ Rounds = Generator[RffRequest, np.ndarray, tuple[RffRequest, tuple[str, ...]]]
 
 
 def rff_pipeline(cfg: SVMConfig, n_clinical: int, n_deep: int, *, seed: int = 0, balance: bool = True,
-                 max_platt_rounds: int = 100, platt_tol: float = 1e-10) -> Rounds:
+                 max_platt_rounds: int = 100, platt_tol: float = 1e-10, noisy: bool = False) -> Rounds:
     """The ``rff`` fit: yields each round's request, is sent the summed answers, returns the final request.
 
     The final request (phase ``done``) carries the fitted models to the sites; the notes say why
     a model is missing. Whoever drives the generator counts the rounds and checks each total's length.
+    ``noisy`` (DP-noised sums) repairs what noise can break: counts are rounded (n ≥ 2, each class
+    ≥ 1), the clinical columns keep the encoder's standardization, and every LS-SVM matrix is
+    projected onto the positive-semidefinite cone (:func:`~cldlr.common.fusion.lssvm.nearest_psd`)
+    before the ridge is added.
     """
     p = n_clinical + n_deep
     # 1. standardize: n, class counts, Σx, Σx² (+ the first PCA sketch Σ XᵀXΩ of the raw embeddings)
     sketch = raw_sketch(n_deep, cfg.embedding_pca, [seed, PCA_SEED]) if cfg.embedding_pca > 0 else None
     summed = yield RffRequest(phase="moments", basis=sketch)
     n, n_pos = float(summed[0]), float(summed[1])
+    if noisy:
+        n = max(float(np.rint(n)), 2.0)
+        n_pos = float(np.clip(np.rint(n_pos), 1.0, n - 1.0))
     if min(n_pos, n - n_pos) < 1:
         raise CldlrError(f"training data must hold both classes; got {n_pos:.0f} malignant of {n:.0f}")
     counts = (n_pos, n - n_pos)
-    std = standardizer_from_sums(n, summed[2: 2 + p], summed[2 + p: 2 + 2 * p])
+    std = standardizer_from_sums(n, summed[2: 2 + p], summed[2 + p: 2 + 2 * p], noisy=noisy)
+    if noisy and n_clinical:
+        std = _encoded_clinical(std, n_clinical)
     # 2. PCA of the standardized embeddings
     pca = None
     if sketch is not None:
@@ -90,7 +99,7 @@ def rff_pipeline(cfg: SVMConfig, n_clinical: int, n_deep: int, *, seed: int = 0,
               for name, (fmap, total_var) in maps.items()}
     # 4. solve the LS-SVMs of all models from one round of summed normal equations
     summed = yield RffRequest(phase="lssvm", models=models, counts=counts)
-    models, factors = _solve(summed, models, cfg.ridge)
+    models, factors = _solve(summed, models, cfg.ridge, noisy)
     # 5. calibrate: Platt from summed histograms of leave-one-out decision values, then Newton steps
     models = yield from _platt_rounds(models, factors, counts, max_platt_rounds, platt_tol)
     return RffRequest(phase="done", models=models, counts=counts), notes
@@ -115,6 +124,19 @@ def svc_pipeline(X: np.ndarray, y: np.ndarray, n_clinical: int, cfg: SVMConfig, 
                                                                    resolve_gamma(cfg.gamma, total_var), seed))
               for name, (fmap, total_var) in maps.items()}
     return models, notes
+
+
+def _encoded_clinical(std: Standardizer, n_clinical: int) -> Standardizer:
+    """Under DP noise the clinical columns keep mean 0 and SD 1: the encoder standardized them already.
+
+    Their noisy moments would only add noise (a sum of squares moves by 16 per patient at the
+    protocol's ±4 bound); using what the encoder guarantees costs no privacy.
+    """
+    mean, sd, var = std.mean.copy(), std.sd.copy(), std.var.copy()
+    mean[:n_clinical], sd[:n_clinical], var[:n_clinical] = 0.0, 1.0, 1.0
+    keep = std.keep.copy()
+    keep[:n_clinical] = True
+    return replace(std, mean=mean, sd=sd, var=var, keep=keep)
 
 
 def feature_maps(std: Standardizer, n_clinical: int, cfg: SVMConfig, balance: bool,
@@ -155,8 +177,8 @@ def _rff_model(fmap: FeatureMap, total_var: float, cfg: SVMConfig, seed: list[in
     return RffModel(fmap=fmap, kernel=cfg.kernel, W=W, b=b)
 
 
-def _solve(summed: np.ndarray, models: dict[str, RffModel],
-           ridge: float) -> tuple[dict[str, RffModel], dict[str, np.ndarray]]:
+def _solve(summed: np.ndarray, models: dict[str, RffModel], ridge: float,
+           noisy: bool = False) -> tuple[dict[str, RffModel], dict[str, np.ndarray]]:
     """Step 4 of ``rff``: θ of every model and the Cholesky factors sites need for leave-one-out values."""
     solved: dict[str, RffModel] = {}
     factors: dict[str, np.ndarray] = {}
@@ -164,7 +186,8 @@ def _solve(summed: np.ndarray, models: dict[str, RffModel],
     for name, model in models.items():
         p = (model.W.shape[1] if model.W is not None else model.fmap.dim) + 1
         stop = start + p * (p + 1) // 2 + p
-        theta, factors[name] = solve_lssvm(*unpack_lssvm(summed[start:stop], p), ridge)
+        S, t = unpack_lssvm(summed[start:stop], p)
+        theta, factors[name] = solve_lssvm(nearest_psd(S) if noisy else S, t, ridge)
         solved[name] = replace(model, theta=theta)
         start = stop
     return solved, factors

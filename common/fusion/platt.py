@@ -69,7 +69,7 @@ def platt_from_histogram(summed: np.ndarray, n_pos: float, n_neg: float, *, max_
     counts, sums = np.asarray(summed, dtype=np.float64).reshape(2, 2 * PLATT_HIST_BINS)
     counts = np.rint(counts)
     used = counts > 0
-    f = sums[used] / counts[used]
+    f = np.clip(sums[used] / counts[used], -PLATT_HIST_RANGE, PLATT_HIST_RANGE)  # a noisy bin's mean stays in range
     targets = platt_targets(np.repeat([0.0, 1.0], PLATT_HIST_BINS)[used], n_pos, n_neg)
     A, B = platt_start(n_pos, n_neg)
     for _ in range(max_steps):
@@ -86,8 +86,14 @@ def platt_step(summed: np.ndarray, A: float, B: float, *, max_step: float = 25.0
     Hessian and a cap on the step guard the first steps when decision values separate well.
     """
     gA, gB, hAA, hBB, hAB = np.asarray(summed, dtype=np.float64)
-    sigma = 1e-12 * (1.0 + hAA + hBB)
-    delta = scipy.linalg.solve([[hAA + sigma, hAB], [hAB, hBB + sigma]], [gA, gB], assume_a="pos")
+    sigma = 1e-12 * (1.0 + abs(hAA) + abs(hBB))
+    H = np.array([[hAA + sigma, hAB], [hAB, hBB + sigma]])
+    try:
+        delta = scipy.linalg.solve(H, [gA, gB], assume_a="pos")
+    except np.linalg.LinAlgError:  # a DP-noised Hessian that is not positive definite: eigenvalues floored
+        lam, U = np.linalg.eigh(H)
+        floor = max(1e-6 * float(np.max(np.abs(lam))), 1e-12)
+        delta = (U / np.maximum(lam, floor)) @ U.T @ np.array([gA, gB])
     size = float(np.max(np.abs(delta)))
     if size > max_step:
         delta *= max_step / size

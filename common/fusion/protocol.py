@@ -30,7 +30,7 @@ from cldlr.common.fusion.models import (
     unflatten_fields,
 )
 from cldlr.common.fusion.pca import pca_sketch_sums
-from cldlr.common.fusion.platt import PLATT_HIST_BINS, platt_histogram, platt_sums, platt_targets
+from cldlr.common.fusion.platt import PLATT_HIST_BINS, PLATT_HIST_RANGE, platt_histogram, platt_sums, platt_targets
 from cldlr.common.fusion.rff import FeatureMap
 from cldlr.common.fusion.standardize import as_features, as_labels, moment_sums
 
@@ -90,8 +90,29 @@ def answer_size(request: RffRequest, n_clinical: int, n_deep: int) -> int:
     raise CldlrError(f"unknown request phase {request.phase!r}")
 
 
-def site_sums(request: RffRequest, clinical: np.ndarray | None, embeddings: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """One site's flat vector of sums for ``request``; the server only needs the element-wise total."""
+#: The bound the fusion sums state for one standardized clinical value (a few SD at most: generous).
+CLINICAL_VALUE_BOUND = 1e3
+#: Under whole-study DP the protocol's bound instead: every site clips each standardized clinical value to
+#: ±4 SD before summing, so one patient moves a clinical sum by ≤ 4 and a sum of squares by ≤ 16 (fixed by
+#: the protocol, not by the centre's request: the sites size their noise from it).
+NOISY_CLINICAL_VALUE_BOUND = 4.0
+
+
+def clinical_value_bound(noisy: bool) -> float:
+    """The per-patient bound of one standardized clinical value in the fusion sums (DP-noised or exact)."""
+    return NOISY_CLINICAL_VALUE_BOUND if noisy else CLINICAL_VALUE_BOUND
+
+#: Under DP-noised sums a fit from noise can give wild leave-one-out values: a site clips them here (|f|²/4 ≤ 100,
+#: inside the Platt sums' bound), so its Newton-step sums stay within their bounds instead of failing the round.
+NOISY_DECISION_CLIP = 2 * PLATT_HIST_RANGE
+
+
+def site_sums(request: RffRequest, clinical: np.ndarray | None, embeddings: np.ndarray, y: np.ndarray, *,
+              noisy: bool = False) -> np.ndarray:
+    """One site's flat vector of sums for ``request``; the server only needs the element-wise total.
+
+    ``noisy`` (whole-study DP) clips the Platt steps' decision values to ±:data:`NOISY_DECISION_CLIP`.
+    """
     X = as_features(clinical, embeddings)
     y = as_labels(y, X.shape[0])
     if request.phase == "moments":
@@ -113,8 +134,9 @@ def site_sums(request: RffRequest, clinical: np.ndarray | None, embeddings: np.n
                                for name, m in request.models.items()])
     if request.phase == "platt":
         targets = platt_targets(y, *request.counts)
+        clip = NOISY_DECISION_CLIP if noisy else np.inf
         return np.concatenate([
-            platt_sums(_loo(m, request.factors[name], X, y), targets, m.A, m.B)
+            platt_sums(np.clip(_loo(m, request.factors[name], X, y), -clip, clip), targets, m.A, m.B)
             for name, m in request.models.items()
         ])
     raise CldlrError(f"unknown request phase {request.phase!r}")

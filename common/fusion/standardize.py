@@ -70,17 +70,23 @@ class Standardizer:
     keep: np.ndarray
 
 
-def standardizer_from_sums(n: float, s1: np.ndarray, s2: np.ndarray) -> Standardizer:
+def standardizer_from_sums(n: float, s1: np.ndarray, s2: np.ndarray, *, noisy: bool = False) -> Standardizer:
     """Population mean/SD from summed moments.
 
     Constant columns (ReLU units never active on the training cohort) get ``keep=False``: a unit
     that was silent in training carries no learnt information, and scaling it by a made-up SD
-    would let an unseen activation dominate a test distance.
+    would let an unseen activation dominate a test distance. With ``noisy`` (DP-noised sums) a
+    variance can come out ≤ 0 for a column that varies: every column is kept and such a
+    variance is replaced by the median of the positive ones (1 if there is none).
     """
     if n < 2:
         raise CldlrError(f"need at least 2 training cases to standardize, got {n}")
     mean = np.asarray(s1, dtype=np.float64) / n
     var = np.maximum(np.asarray(s2, dtype=np.float64) / n - mean**2, 0.0)
+    if noisy:
+        positive = var[var > 0]
+        var = np.where(var > 0, var, float(np.median(positive)) if positive.size else 1.0)
+        return Standardizer(mean=mean, sd=np.sqrt(var), var=var, keep=np.ones(var.shape, dtype=bool))
     keep = var > CONSTANT_RTOL * mean**2
     keep &= var > 0
     sd = np.where(keep, np.sqrt(var), 1.0)

@@ -127,21 +127,28 @@ def bound_blocks(bounds: BoundSpec, length: int) -> tuple[tuple[int, float], ...
 
 @dataclass(frozen=True)
 class ScalePlan:
-    """How one secure-sum vector is scaled: per-site bounds as run-length blocks plus the clipping range."""
+    """How one secure-sum vector is scaled: per-site bounds as run-length blocks plus the clipping range.
+
+    ``headroom`` h ≥ 1 widens the range: values are checked against the bounds ``b_j`` but mapped
+    by ``C / (h·b_j)``, leaving room for a site's DP noise share (:mod:`cldlr.common.secure.noise`).
+    """
 
     blocks: tuple[tuple[int, float], ...]
     clipping_range: float
+    headroom: float = 1.0
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.headroom) and self.headroom >= 1):
+            raise SecureSumError(f"secure-sum headroom must be a finite number >= 1, got {self.headroom!r}")
         for _, bound in self.blocks:
             scale_for_bound(bound, self.clipping_range)  # validates both numbers
 
     @classmethod
-    def from_bounds(cls, bounds: BoundSpec, length: int, clipping_range: float) -> ScalePlan:
+    def from_bounds(cls, bounds: BoundSpec, length: int, clipping_range: float, headroom: float = 1.0) -> ScalePlan:
         """Build a plan from a scalar, per-element or block bound for a vector of ``length`` elements."""
         if length < 1:
             raise SecureSumError(f"secure-sum vector length must be >= 1, got {length}")
-        return cls(bound_blocks(bounds, length), float(clipping_range))
+        return cls(bound_blocks(bounds, length), float(clipping_range), float(headroom))
 
     @property
     def length(self) -> int:
@@ -153,8 +160,8 @@ class ScalePlan:
         return np.concatenate([np.full(n, b, dtype=np.float64) for n, b in self.blocks])
 
     def scales(self) -> np.ndarray:
-        """Per-element scale ``C / bound`` the sites multiply by before SecAgg+."""
-        return self.clipping_range / self.bounds()
+        """Per-element scale ``C / (headroom·bound)`` the sites multiply by before SecAgg+."""
+        return self.clipping_range / (self.headroom * self.bounds())
 
     def scale(self, vector: np.ndarray | Sequence[float], *, what: str = "vector") -> np.ndarray:
         """Check one site's vector against length and bounds, then map it into ``[-C, C]``."""
@@ -172,7 +179,8 @@ class ScalePlan:
                 f"{what}: element {j} = {values[j]:.6g} exceeds the announced bound {bounds[j]:.6g} "
                 f"({over.size} element(s) over); SecAgg+ would clip it silently, so the centre must raise the bound"
             )
-        return np.clip(values * (self.clipping_range / bounds), -self.clipping_range, self.clipping_range)
+        scaled: np.ndarray = np.clip(values * self.scales(), -self.clipping_range, self.clipping_range)
+        return scaled
 
     def unscale(self, scaled_sum: np.ndarray) -> np.ndarray:
         """Map the sum of scaled vectors back to original units."""
@@ -184,17 +192,21 @@ class ScalePlan:
 
     def error_bound(self, num_sites: int, quantization_range: int) -> np.ndarray:
         """Per-element hard bound on the error of the unscaled sum of ``num_sites`` sites."""
-        return np.asarray(quantization_error_bound(self.bounds(), num_sites, quantization_range))
+        return np.asarray(quantization_error_bound(self.headroom * self.bounds(), num_sites, quantization_range))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        return {"blocks": [[n, b] for n, b in self.blocks], "clipping_range": self.clipping_range}
+        out: dict[str, Any] = {"blocks": [[n, b] for n, b in self.blocks], "clipping_range": self.clipping_range}
+        if self.headroom != 1.0:
+            out["headroom"] = self.headroom
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ScalePlan:
         """Inverse of :meth:`to_dict`."""
         try:
-            return cls(tuple((int(n), float(b)) for n, b in data["blocks"]), float(data["clipping_range"]))
+            return cls(tuple((int(n), float(b)) for n, b in data["blocks"]), float(data["clipping_range"]),
+                       float(data.get("headroom", 1.0)))
         except (KeyError, TypeError, ValueError) as exc:
             raise SecureSumError(f"malformed secure-sum scale plan {data!r}: {exc}") from exc
 

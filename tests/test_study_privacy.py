@@ -1,0 +1,223 @@
+"""One privacy budget for the whole study: the site's accountant, its plan check, and fits that survive the noise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import write_schema, write_site
+from opacus.accountants import RDPAccountant
+
+from cldlr.client.federated import FederatedSite
+from cldlr.client.policy import PolicyRefusal, check_study, policy_from_dict
+from cldlr.client.privacy import ALPHAS
+from cldlr.client.privacy_ledger import LifetimeBudgetError, LifetimeLedger
+from cldlr.client.site import SiteSession
+from cldlr.client.sum_noise import LedgerBook, SumNoiser
+from cldlr.common.clinical.features import ClinicalEncoder, encoder_sums
+from cldlr.common.clinical.selection import select_parameters
+from cldlr.common.clinical.stats import ParameterStatistics, compute_statistics
+from cldlr.common.config import load_config
+from cldlr.common.data.schema import load_schema
+from cldlr.common.data.site import read_site
+from cldlr.common.errors import ConfigError
+from cldlr.common.evaluation.secure_metrics import (
+    delong_from_sums,
+    harmonised_histograms,
+    placement_sums,
+    score_histograms,
+)
+from cldlr.common.fusion import RffFusionFitter, run_rff_protocol
+from cldlr.common.fusion.lssvm import nearest_psd, solve_lssvm
+from cldlr.common.fusion.platt import platt_step
+from cldlr.common.secure import noise
+from cldlr.common.secure.dp_plan import StudyPlan
+from cldlr.common.secure.sums import ScalePlan, SecureSumSpec
+from cldlr.common.secure.tasks import ENCODER_SUMS
+
+DELTA = 1e-3
+DP = ("privacy.enabled=true", "privacy.target_epsilon=1.0", f"privacy.delta={DELTA}", "privacy.max_grad_norm=1.0")
+WHOLE = (*DP, "privacy.secure_sums.enabled=true")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("study-dp")
+    schema = write_schema(root / "schema.yaml")
+    write_site(root / "site-a", n_patients=12, size=40, seed=0, with_split=True)
+    return {"root": root, "schema": schema, "a": root / "site-a"}
+
+
+def study(world: dict[str, Path], *overrides: str):
+    return load_config(None, [
+        f"data.root={world['a']}", f"data.schema={world['schema']}", f"data.cache_dir={world['root'] / 'cache'}",
+        "data.image_size=32", "model.backbone=tiny", "model.weights=none", "train.batch_size=4", "train.device=cpu",
+        "federation.rounds=2", "federation.local_epochs=1", *overrides])
+
+
+def site_policy(world: dict[str, Path], state: Path, cap: float, **dp: object):
+    return policy_from_dict({"schema": str(world["schema"]), "folders": {"state": str(state)},
+                             "dp": {"epsilon_cap": cap, "delta": DELTA, **dp}})
+
+
+def build(world: dict[str, Path], config, policy) -> FederatedSite:
+    session = SiteSession(read_site(world["a"], load_schema(world["schema"])), config)
+    return FederatedSite(session, config, policy=policy, run_id="run-1")
+
+
+# -- the accountant ----------------------------------------------------------------------------------
+def release(phase: str, mu: float, sens: float) -> dict[str, object]:
+    return {"phase": phase, "task": "t", "mu": mu, "l1": sens, "l2": sens, "length": 1, "sites": 3}
+
+
+def test_one_accountant_composes_dp_sgd_and_every_sum_per_phase_and_in_total(tmp_path: Path) -> None:
+    ledger = LifetimeLedger(tmp_path, "data", delta=DELTA, cap=100.0)
+    history = [(1.1, 0.1, 40), (1.1, 0.1, 40)]
+    ledger.record("r", history)
+    sums = [release("clinical", 5e3, 40.0), release("clinical", 5e3, 40.0), release("svm", 2e4, 100.0)]
+    ledger.record_releases("r", sums)
+    ledger.record("r", history)  # a later DP-SGD record keeps the run's sums
+    eps = ledger.phase_epsilons("r")
+    opacus = RDPAccountant()
+    opacus.history = list(history)
+    assert eps["backbone"] == pytest.approx(opacus.get_epsilon(delta=DELTA, alphas=ALPHAS), rel=1e-12)
+    clinical = noise.skellam_rdp(5e3, 40.0, 40.0) * 2
+    assert eps["clinical"] == pytest.approx(noise.epsilon_from_rdp(clinical, DELTA), rel=1e-9)
+    assert set(eps) == {"backbone", "clinical", "svm", "total", "lifetime"}
+    assert max(eps["backbone"], eps["clinical"], eps["svm"]) < eps["total"] < eps["backbone"] + eps["clinical"] + eps["svm"]
+    assert eps["lifetime"] == pytest.approx(eps["total"])
+    # a Gaussian release composes as its closed form α/(2z²) at every order
+    z = 2.0
+    mu = noise.skellam_mu(z, 1e4, 1e4)
+    assert noise.skellam_rdp(mu, 1e4, 1e4) == pytest.approx(noise.gaussian_rdp(z, 1.0), rel=1e-3)
+
+
+def test_a_plan_that_passes_the_cap_only_with_its_sums_is_refused_publicly(world, tmp_path) -> None:
+    dp_only = build(world, study(world, *DP), site_policy(world, tmp_path / "a", cap=2.0))
+    assert dp_only.privacy is not None  # DP-SGD alone (ε ≤ 1) fits a cap of 2
+    plan = StudyPlan.from_config(study(world, *WHOLE))
+    assert sum(plan.epsilon.values()) > 2.0
+    with pytest.raises(LifetimeBudgetError) as refused:
+        build(world, study(world, *WHOLE), site_policy(world, tmp_path / "b", cap=2.0))
+    assert refused.value.public == "training would take this dataset past the site's lifetime ε cap"
+    assert "noisy secure sums" in refused.value.detail
+    site = build(world, study(world, *WHOLE), site_policy(world, tmp_path / "c", cap=20.0))
+    assert site.sum_noiser() is not None and build(world, study(world, *DP), None).sum_noiser() is None
+
+
+def test_a_release_past_the_cap_is_refused_before_it_leaves(tmp_path: Path) -> None:
+    config = load_config(None, list(WHOLE))
+    ledger = LifetimeLedger(tmp_path, "data", delta=DELTA, cap=0.3)
+    policy = policy_from_dict({"schema": "s", "folders": {"state": str(tmp_path)}, "dp": {"delta": DELTA}})
+    noiser = SumNoiser(StudyPlan.from_config(config), policy, LedgerBook(ledger, "r"), cases=lambda t, p: 30,
+                       rng=np.random.default_rng(0))
+    spec = SecureSumSpec(ENCODER_SUMS, "c", ScalePlan.from_bounds(10.0, 8, 8.0, 1024.0), 0, 8, {})
+    with pytest.raises(LifetimeBudgetError):
+        noiser.noisy(spec, np.zeros(8), neighbours=3, clipping_range=8.0, quantization_range=2**26)
+    assert ledger.run_releases("r") == []  # nothing recorded, nothing sent
+
+
+def test_a_site_requiring_noisy_sums_refuses_a_study_without(world) -> None:
+    schema = load_schema(world["schema"])
+    policy = policy_from_dict({"schema": str(world["schema"]), "folders": {"state": "/tmp/s"}, "min_parties": 2,
+                               "dp": {"sum_noise": "required", "delta": DELTA}})
+    config = study(world, *DP, "federation.num_sites=3")
+    with pytest.raises(PolicyRefusal, match="requires DP noise on every secure sum"):
+        check_study(policy, config, schema, schema)
+    check_study(policy, study(world, *WHOLE, "federation.num_sites=3"), schema, schema)
+
+
+def test_noisy_sums_need_the_study_budget() -> None:
+    with pytest.raises(ConfigError, match="secure_sums.enabled needs privacy.enabled"):
+        load_config(None, ["privacy.secure_sums.enabled=true"])
+    with pytest.raises(ConfigError, match="every phase budget"):
+        load_config(None, [*WHOLE, "privacy.secure_sums.svm=0"])
+
+
+# -- fits from noisy sums: repaired, never crashing ------------------------------------------------
+def test_an_indefinite_gram_is_projected_and_solved() -> None:
+    rng = np.random.default_rng(0)
+    Z = rng.normal(size=(30, 6))
+    S = Z.T @ Z + rng.normal(scale=60.0, size=(6, 6))
+    S = (S + S.T) / 2
+    assert np.linalg.eigvalsh(S).min() < 0
+    P = nearest_psd(S)
+    assert np.linalg.eigvalsh(P).min() >= -1e-9
+    assert np.linalg.norm(P - S) <= np.linalg.norm(Z.T @ Z - S) + 1e-9  # nearest: no farther than the true Gram
+    theta, _ = solve_lssvm(P, rng.normal(size=6), ridge=1.0)
+    assert np.all(np.isfinite(theta))
+
+
+def test_platt_step_survives_an_indefinite_hessian() -> None:
+    A, B, step = platt_step(np.array([1.0, -2.0, -3.0, 0.5, 4.0]), -1.0, 0.0)
+    assert np.isfinite([A, B, step]).all()
+
+
+def noisy(vec: np.ndarray, scale: float, seed: int = 0) -> np.ndarray:
+    return vec + np.random.default_rng(seed).normal(scale=scale, size=vec.shape)
+
+
+def test_clinical_selection_and_encoder_from_heavily_noised_sums(world) -> None:
+    site = read_site(world["a"], load_schema(world["schema"]))
+    frame = site.frame
+    labels = (np.arange(len(frame)) % 2).astype(np.int64)
+    stats = compute_statistics(frame, labels, site.schema, n_bins=50)
+    repaired = ParameterStatistics.from_noisy_vector(noisy(stats.to_vector(), 20.0), stats.layout)
+    vec = repaired.to_vector()
+    assert np.all(vec[:2] >= 1)
+    result = select_parameters(repaired)
+    assert set(result.selected) <= {p.name for p in site.schema.model_parameters}
+    params = list(site.schema.model_parameters)
+    encoder = ClinicalEncoder.from_noisy_sums(noisy(encoder_sums(frame, params), 30.0), params)
+    assert np.all(np.isfinite(encoder.mean)) and np.all(encoder.sd > 0)
+    assert np.all(np.abs(encoder.transform(pd.DataFrame(frame))) <= 1e3)  # inside the fusion sums' bound
+
+
+def test_delong_from_noisy_placements_stays_in_range() -> None:
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 80)
+    scores = {m: np.clip(y * 0.3 + rng.uniform(size=80), 0, 1) for m in ("a", "b")}
+    hists = {m: score_histograms(y, s, 20) for m, s in scores.items()}
+    sums = placement_sums(y, scores, hists, 20)
+    noised = {k: noisy(np.asarray(v, dtype=np.float64), 200.0, seed=4) for k, v in sums.items()}
+    out = delong_from_sums(noised, names=["a", "b"], noisy=True)
+    for entry in out["models"].values():
+        assert 0.0 <= entry["auc"] <= 1.0 and entry["var"] >= 0 and np.isfinite(entry["ci_low"])
+
+
+def test_the_svm_fit_finishes_on_noised_sums() -> None:
+    rng = np.random.default_rng(5)
+    config = load_config(None, [*WHOLE, "svm.solver=rff", "svm.embedding_pca=3", "svm.rff_features=16"])
+    sites = []
+    for _ in range(3):
+        y = rng.integers(0, 2, 30)
+        sites.append((rng.normal(size=(30, 2)) + y[:, None], rng.normal(size=(30, 12)) + y[:, None], y))
+    fitter = RffFusionFitter(config.svm, 2, 12, noisy=True, max_platt_rounds=3, platt_tol=1e-4)
+    fusion = run_rff_protocol(fitter, sites, aggregate=lambda parts: noisy(np.sum(parts, axis=0), 25.0, seed=6))
+    proba = fusion.predict_proba(sites[0][0], sites[0][1])
+    assert set(proba) == {"clinical", "dlr", "cldlr"}
+    assert all(np.all(np.isfinite(p)) and np.all((p >= 0) & (p <= 1)) for p in proba.values())
+
+
+def test_noisy_histograms_get_one_class_count_for_every_model() -> None:
+    rng = np.random.default_rng(8)
+    y = rng.integers(0, 2, 60)
+    hists = {m: np.rint(noisy(score_histograms(y, rng.uniform(size=60), 10).astype(np.float64), 3.0, seed=i))
+             for i, m in enumerate(("a", "b", "c"))}
+    assert len({tuple(h.sum(axis=1)) for h in hists.values()}) > 1  # the noise made them disagree
+    fixed = harmonised_histograms(hists)
+    totals = {tuple(h.sum(axis=1)) for h in fixed.values()}
+    assert len(totals) == 1 and all(np.all(h >= 0) for h in fixed.values())
+    sums = placement_sums(y, {m: rng.uniform(size=60) for m in fixed}, fixed, 10)  # the site's check passes
+    assert sums["n"].tolist() == [int(np.sum(y == 0)), int(np.sum(y == 1))]
+
+
+def test_a_one_site_study_cannot_claim_whole_study_dp(world) -> None:
+    schema = load_schema(world["schema"])
+    policy = policy_from_dict({"schema": str(world["schema"]), "folders": {"state": "/tmp/s"}, "allow_single_site": True,
+                               "dp": {"delta": DELTA}})
+    with pytest.raises(PolicyRefusal, match="needs secure sums over several sites"):
+        check_study(policy, study(world, *WHOLE, "federation.num_sites=1"), schema, schema)
+    check_study(policy, study(world, *DP, "federation.num_sites=1"), schema, schema)

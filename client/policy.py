@@ -17,7 +17,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cldlr.common.config import Config
 from cldlr.common.data.imaging import DEFAULT_MAX_IMAGE_PIXELS
@@ -75,6 +75,10 @@ class SitePolicy:
     schema: str = ""  # the site's own copy of the federation schema; the centre's must equal it
     approved_fabs: tuple[str, ...] = ()  # sha256 of the Flower app bundles (FABs) this site runs
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # most pixels an image header may declare (before decoding)
+    # evaluation-only studies (federation.mode=evaluate): the site's own copy of the bundle it agrees to score
+    # (empty: it scores none), and the rows it lets one score ("test": its test split only)
+    evaluation_bundle: str = ""
+    evaluate_rows: Literal["all", "test"] = "all"
     dp: DPPolicy = field(default_factory=DPPolicy)
     folders: SiteFolders = field(default_factory=SiteFolders)
 
@@ -147,7 +151,7 @@ def check_study(policy: SitePolicy, config: Config, centre_schema: Schema, site_
                       f"federation.num_sites={fed.num_sites} < min_parties={policy.min_parties}")
     if fed.rounds > policy.max_rounds:
         raise _refuse("too many training rounds", f"federation.rounds={fed.rounds} > max_rounds={policy.max_rounds}")
-    if policy.dp.required and not dp.enabled:
+    if policy.dp.required and not dp.enabled and fed.mode != "evaluate":  # an evaluation-only study trains nothing
         raise _refuse("the site requires DP-SGD training", "privacy.enabled is false")
     if dp.enabled and dp.delta > policy.dp.delta:
         raise _refuse("the study's δ is larger than the site allows",

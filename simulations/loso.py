@@ -33,6 +33,7 @@ from cldlr.common.bundle import load_bundle
 from cldlr.common.config import Config
 from cldlr.common.data.contract import SiteData
 from cldlr.common.errors import ConfigError
+from cldlr.common.evaluation.measures_report import fmt
 from cldlr.common.evaluation.outcome import MODEL_TITLES, MODELS
 from cldlr.common.io import atomic_write_json
 from cldlr.common.text import markdown_text
@@ -109,7 +110,7 @@ def loso_markdown(result: dict[str, Any], model: str = "cldlr") -> str:
         metrics, cal = cell.get("metrics", {}), cell.get("calibration", {}).get(model, {})
         size = metrics.get(model, {})
         lines.append(f"| {markdown_text(held)} | " + " | ".join(_auc(metrics.get(m)) for m in MODELS)
-                     + f" | {cal.get('slope', float('nan')):.3f} | {cal.get('brier', float('nan')):.3f} | "
+                     + f" | {fmt(cal.get('slope'))} | {fmt(cal.get('brier'))} | "
                      + (f"{size['n']} ({size['n_malignant']})" if size else "–") + " |")
     lines += ["", f"{MODEL_TITLES[model]} test AUC (95% CI), trained without the row's site × tested on the column's "
                   "site (diagonal: the held-out site):", "",
@@ -125,7 +126,7 @@ def loso_markdown(result: dict[str, Any], model: str = "cldlr") -> str:
     note = ("Off-diagonal cells: sites that share their own metrics (site policy `share_local_metrics`)."
             if result["shared"] else "Off-diagonal cells are shown only for sites that share their own metrics "
             "(site policy `share_local_metrics`); none does here.")
-    return "\n".join(lines + ["", note])
+    return "\n".join(lines + ["", note, "", "– : no maximum-likelihood calibration fit (the scores separate the classes)."])
 
 
 __all__ = ["LOSO_FILE", "loso_markdown", "run_loso", "score_on_site"]

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> None:
             if backbone == "pretrained" and not weights.is_file():
                 cfg = base_config(args.bi4, args.out, ["federation.mode=pooled", "train.epochs=10",
                                                        f"run.output_dir={args.out}"])
-                pretrain(cfg, args.archive, weights)
+                pretrain(cfg, args.archive, weights, drop_overlap=True)  # BUS-BRA: one patient is in both
             folder = arm_dir(args.out, backbone, fusion)
             if (folder / f"repeat-{r + 1}" / "report.json").is_file():
                 continue
@@ -61,25 +61,37 @@ def run(args: argparse.Namespace) -> None:
             simulate(cfg, resume=resume if resume.is_dir() else None)
 
 
+def _metrics(out: Path, backbone: str, fusion: str) -> dict[int, dict]:
+    return {int(p.parent.name.split("-")[1]): json.loads(p.read_text())["metrics"]
+            for p in arm_dir(out, backbone, fusion).glob("repeat-*/report.json")}
+
+
+def _cell(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.3f} ± {sd:.3f}"
+
+
 def table(out: Path) -> str:
-    """Mean ± sd over the finished splits; CLDLR − Clinical is paired per split against the same arm's Clinical."""
+    """Mean ± sd over the finished splits.
+
+    CLDLR − Clinical is paired per split against the paper's Clinical model (every training image; the
+    scratch × paper arm of the same split), which is the same model in every arm of that split.
+    """
     lines = ["| Backbone | Fusion | splits | Clinical | DLR | CLDLR | CLDLR − Clinical | DLR train − test |",
              "|---|---|---|---|---|---|---|---|"]
+    clinical = {r: m["clinical"]["test"]["auc"] for r, m in _metrics(out, "scratch", "paper").items()}
     for backbone, fusion in ORDER:
-        reports = sorted(arm_dir(out, backbone, fusion).glob("repeat-*/report.json"))
-        if not reports:
+        runs = _metrics(out, backbone, fusion)
+        if not runs:
             continue
-        m = [json.loads(p.read_text())["metrics"] for p in reports]
-
-        def cell(values: list[float]) -> str:
-            sd = statistics.stdev(values) if len(values) > 1 else 0.0
-            return f"{statistics.fmean(values):.3f} ± {sd:.3f}"
-
-        auc = {k: [x[k]["test"]["auc"] for x in m] for k in ("clinical", "dlr", "cldlr")}
-        diff = [c - k for c, k in zip(auc["cldlr"], auc["clinical"])]
+        m = list(runs.values())
+        auc = {k: [x[k]["test"]["auc"] for x in m] for k in ("dlr", "cldlr")}
+        auc["clinical"] = [clinical[r] for r in runs if r in clinical] or [float("nan")]
+        diff = [runs[r]["cldlr"]["test"]["auc"] - clinical[r] for r in runs if r in clinical]
         gap = [x["dlr"]["train"]["auc"] - x["dlr"]["test"]["auc"] for x in m]
-        lines.append(f"| {backbone} | {fusion} | {len(m)} | {cell(auc['clinical'])} | {cell(auc['dlr'])} | "
-                     f"{cell(auc['cldlr'])} | {cell(diff)} ({sum(d > 0 for d in diff)}/{len(diff)} > 0) | {cell(gap)} |")
+        paired = f"{_cell(diff)} ({sum(d > 0 for d in diff)}/{len(diff)} > 0)" if diff else "–"
+        lines.append(f"| {backbone} | {fusion} | {len(m)} | {_cell(auc['clinical'])} | {_cell(auc['dlr'])} | "
+                     f"{_cell(auc['cldlr'])} | {paired} | {_cell(gap)} |")
     return "\n".join(lines)
 
 

@@ -125,7 +125,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     """`cldlr pretrain`: the backbone on the sites' archives outside the study cohort → a model.weights file."""
     from cldlr.simulations.pretrain import pretrain
 
-    out = pretrain(study_config(args), args.archive, args.out, force=args.force)
+    out = pretrain(study_config(args), args.archive, args.out, force=args.force, drop_overlap=args.drop_overlap)
     print(f"weights: {out} (use --set model.weights={out})")
     return 0
 
@@ -232,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a site folder or folder of sites with the images outside the study cohort (other BI-RADS)")
     p.add_argument("--out", type=Path, required=True, help="the weights file to write (.pt, or .safetensors)")
     p.add_argument("--force", action="store_true", help="replace an existing weights file")
+    p.add_argument("--drop-overlap", action="store_true",
+                   help="leave out the archive's images of patients who are in the study cohort (else refused)")
 
     p = add("compare-backbones", cmd_compare_backbones, "train every registry backbone on the same split (Table S2)")
     _config_args(p)

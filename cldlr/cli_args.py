@@ -31,11 +31,17 @@ def force(parser: argparse.ArgumentParser) -> None:
 
 
 def bundle_trust(parser: argparse.ArgumentParser) -> None:
-    """``--trust`` / ``--allow-unsigned``: which signers a command accepts for a model bundle (signed bundles, #14)."""
-    parser.add_argument("--trust", type=Path, action="append", default=[], metavar="CERT",
-                        help="a signer certificate (or trust folder) accepted for the bundle (repeatable)")
+    """``--trust``, ``--policy`` and ``--allow-unsigned``: what a command that loads a model bundle verifies it against.
+
+    The one definition every bundle-loading command uses (predict, reader-study packet, evaluate),
+    so a site states its trust the same way everywhere (``cldlr.client.predict.site_trust``).
+    """
+    parser.add_argument("--trust", action="append", default=[], type=Path, metavar="PEM",
+                        help="a CA certificate (the federation's ca.crt) or the signer's certificate/public key that "
+                             "model bundles must be signed by (repeatable)")
+    parser.add_argument("--policy", type=Path, metavar="FILE", help="the site's policy: trust its trusted_bundle_signers")
     parser.add_argument("--allow-unsigned", action="store_true",
-                        help="accept a bundle that carries no signature (its hashes are still checked)")
+                        help="use an unsigned or untrusted bundle anyway; outputs record 'signature: unverified'")
 
 
 def study_config(args: argparse.Namespace) -> Config:

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
 from cldlr.common.errors import CldlrError
 
-from .cli_args import Add
+from .cli_args import Add, bundle_trust
 from .cli_args import force as _force
+
+
+def _bundle(args: argparse.Namespace) -> Any:
+    """The ``--model`` bundle, verified against ``--trust``/``--policy``; an unverified one is announced on stderr."""
+    from cldlr.client.predict import open_bundle, site_trust
+
+    bundle = open_bundle(args.model, trust=site_trust(args.trust, args.policy), allow_unsigned=args.allow_unsigned)
+    if not bundle.signer.verified:
+        print(f"WARNING: model bundle {args.model}: signature {bundle.signer.text}", file=sys.stderr)
+    return bundle
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -23,23 +34,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
                              "drop --mask/--clinical/--overlay/--spacing (spacings: its spacing_mm column)")
         if args.out is None:
             raise CldlrError("--site needs --out OUTDIR (predictions.csv and overlays/ are written there)")
-        out = predict_site(args.model, args.site, args.out, split=args.split,
+        bundle = _bundle(args)
+        out = predict_site(bundle, args.site, args.out, split=args.split,
                            allow_missing_clinical=args.allow_missing_clinical, force=args.force,
                            columns=parse_column_map(args.map), accept_pixel_units=args.accept_pixel_units)
-        print(f"predictions: {out / 'predictions.csv'}\noverlays:    {out / 'overlays'}")
+        print(f"predictions: {out / 'predictions.csv'}\noverlays:    {out / 'overlays'}\nsignature:   {bundle.signer.text}")
         return 0
     if args.mask is None:
         raise CldlrError("--image needs --mask MASK (the lesion outline the ROI is cut from)")
     if args.map:
         raise CldlrError("--map renames a site folder's columns: use it with --site (for --image, name the "
                          "values with --clinical NAME=VALUE)")
-    result = predict_lesion(args.model, args.image, args.mask, parse_clinical_args(args.clinical), out=args.out,
+    bundle = _bundle(args)
+    result = predict_lesion(bundle, args.image, args.mask, parse_clinical_args(args.clinical), out=args.out,
                             overlay=args.overlay, allow_missing_clinical=args.allow_missing_clinical,
                             spacing=args.spacing, accept_pixel_units=args.accept_pixel_units)
     if args.out is None:
         print(format_result(result))
     else:
-        print(f"prediction: {args.out}\noverlay:    {result['overlay']}")
+        print(f"prediction: {args.out}\noverlay:    {result['overlay']}\nsignature:  {bundle.signer.text}")
     return 0
 
 
@@ -49,11 +62,13 @@ def cmd_reader_packet(args: argparse.Namespace) -> int:
     from cldlr.simulations.reader_packet import make_packet
 
     options = AppOptions(washout_days=args.washout_days, show_round1=args.show_round1)
-    out = make_packet(args.model, args.site, args.out, seed=args.seed, split=args.split,
+    bundle = _bundle(args)
+    out = make_packet(bundle, args.site, args.out, seed=args.seed, split=args.split,
                       allow_missing_clinical=args.allow_missing_clinical, force=args.force, readers=args.readers,
                       options=options)
     print(f"reading apps:   {out / 'readers'}/<reader>.html (one offline file per reader; both rounds)")
     print(f"printable:      {out / 'round1.html'}, {out / 'round2.html'}, {out / 'reads_template.csv'}")
+    print(f"model bundle:   signature {bundle.signer.text}")
     print(f"keep private:   {out / 'key.csv'} (case → image id and truth), {out / 'model_scores.csv'}, "
           f"{out / 'unlock_codes.csv'}, {out / 'orders.csv'}")
     return 0
@@ -116,6 +131,7 @@ def add_clinic_commands(sub: Any, add: Add) -> None:
     p.add_argument("--map", action="append", default=[], metavar="SITE_COLUMN=SCHEMA_NAME",
                    help="--site: read the site's column SITE_COLUMN as the schema's SCHEMA_NAME (repeatable; the "
                         "folder is not changed)")
+    bundle_trust(p)
     _force(p)
 
     p = add("reader-study", lambda a: a.reader_func(a), "radiologist reading study: packet, merge, simulated reads, Table 3")
@@ -134,6 +150,7 @@ def add_clinic_commands(sub: Any, add: Add) -> None:
                    help="days between a reader finishing round 1 and round 2 opening (default 28, FDA CADe guidance; "
                         "0 = none; unlock_codes.csv opens it earlier)")
     q.add_argument("--show-round1", action="store_true", help="round 2 shows the reader's own round-1 answer")
+    bundle_trust(q)
     _force(q)
     q = rsub.add_parser("merge", help="check the readers' exported reads against the key and merge them")
     q.set_defaults(reader_func=cmd_reader_merge)

@@ -44,6 +44,27 @@ def cmd_certs_node(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs_bundle_signer(args: argparse.Namespace) -> int:
+    """`cldlr certs bundle-signer`: the centre's model-bundle signing key, issued by the federation CA."""
+    from cldlr.common.deploy.signer import create_bundle_signer
+
+    paths = create_bundle_signer(args.out, ca_dir=args.ca_dir, name=args.name, days=args.days, force=args.force)
+    print(f"bundle signer certificate: {paths.cert}  (hospitals may pin it: cldlr predict --trust {paths.cert.name})")
+    print(f"bundle signer key:         {paths.key}  (SECRET: where the centre signs bundles; keep it off the SuperLink)")
+    print(f"sign a run's bundle: cldlr certs sign-bundle RUN/model --signer {args.out}  (or run.bundle_signer={args.out})")
+    return 0
+
+
+def cmd_certs_sign_bundle(args: argparse.Namespace) -> int:
+    """`cldlr certs sign-bundle`: (re-)sign an exported model bundle with the centre's bundle signer."""
+    from cldlr.common.bundle import BundleSigner, sign_bundle
+
+    signer = BundleSigner.load(args.signer)
+    sign_bundle(args.bundle, signer)
+    print(f"{args.bundle}: {signer.describe()}")
+    return 0
+
+
 def cmd_certs_show(args: argparse.Namespace) -> int:
     """`cldlr certs show`: what each file of a PKI folder is and who must hold it."""
     from cldlr.common.deploy.pki_show import describe
@@ -235,6 +256,17 @@ def add_deploy_commands(sub: Any, add: Add) -> None:
     q.add_argument("out", type=Path, metavar="OUT_DIR")
     q.add_argument("--name", required=True, metavar="SITE", help="site name, used in the file names")
     q.add_argument("--force", action="store_true", help=overwrite)
+    q = csub.add_parser("bundle-signer", help="issue the centre's model-bundle signing key (bundle-signer.key, .pem)")
+    q.set_defaults(certs_func=cmd_certs_bundle_signer)
+    q.add_argument("out", type=Path, metavar="OUT_DIR")
+    q.add_argument("--ca-dir", type=Path, required=True, help="folder with ca.crt and ca.key")
+    q.add_argument("--name", default="cldlr bundle signer", help="signer common name")
+    q.add_argument("--days", type=int, default=1095)
+    q.add_argument("--force", action="store_true", help=overwrite)
+    q = csub.add_parser("sign-bundle", help="sign an exported model bundle with the centre's bundle signer")
+    q.set_defaults(certs_func=cmd_certs_sign_bundle)
+    q.add_argument("bundle", type=Path, metavar="BUNDLE")
+    q.add_argument("--signer", type=Path, required=True, metavar="DIR", help="folder with bundle-signer.key and .pem")
     q = csub.add_parser("show", help="who holds which file, and checks on every certificate/key in a folder")
     q.set_defaults(certs_func=cmd_certs_show)
     q.add_argument("dir", type=Path, metavar="DIR")

@@ -23,6 +23,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """``cldlr evaluate``: Table 2, calibration, decision curve, biopsies avoided and subgroups per site and pooled."""
     from cldlr.client.evaluate import evaluate
     from cldlr.client.evaluate_measures import EvaluationSettings
+    from cldlr.client.predict import site_trust
 
     if args.n_boot < 1:
         raise CldlrError(f"--n-boot {args.n_boot}: need at least one bootstrap resample")
@@ -30,8 +31,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                   sensitivities=tuple(args.sensitivity or (0.95, 0.98)), n_boot=args.n_boot,
                                   seed=args.seed, allow_missing_clinical=args.allow_missing_clinical)
     out = evaluate(args.model, args.sites, args.out, against=args.against, settings=settings,
-                   recalibrate=args.recalibrate, recalibrated_out=args.recalibrated_out, trust=args.trust,
-                   allow_unsigned=args.allow_unsigned, force=args.force)
+                   recalibrate=args.recalibrate, recalibrated_out=args.recalibrated_out,
+                   trust=site_trust(args.trust, args.policy), allow_unsigned=args.allow_unsigned, signer=args.signer,
+                   force=args.force)
     print(f"report: {out / 'report.md'}\njson:   {out / 'report.json'}\npredictions: {out / 'predictions.csv'}")
     if args.recalibrated_out is not None:
         print(f"recalibrated bundle: {args.recalibrated_out}")
@@ -58,6 +60,9 @@ def add_evaluate_commands(sub: Any, add: Add) -> None:
     p.add_argument("--recalibrate", type=Path, metavar="SITE",
                    help="labelled local sample: fit an intercept/slope update of the probabilities on it")
     p.add_argument("--recalibrated-out", type=Path, metavar="NEWBUNDLE", help="where the recalibrated bundle goes")
+    p.add_argument("--signer", type=Path, metavar="DIR",
+                   help="folder with bundle-signer.key/.pem (cldlr certs bundle-signer) that signs the recalibrated "
+                        "bundle; default: a recalibration-local key (certificate: <out>/recalibration-signer.pem)")
     p.add_argument("--allow-missing-clinical", action="store_true",
                    help="score a lesion lacking a clinical value with the DLR model (the Clinical model is then left out)")
     bundle_trust(p)

@@ -7,7 +7,9 @@ by default, the mean of its images) and every measure is computed by
 :func:`cldlr.common.evaluation.measures.model_measures` — per site and, with several sites, on
 the pooled units — so the report's numbers are exactly the pooled computation on the same
 predictions. :mod:`cldlr.client.evaluate_report` writes the folder; an optional recalibration on
-a labelled local sample is written as a new bundle (:mod:`cldlr.common.recalibrate`).
+a labelled local sample is written as a new bundle (:mod:`cldlr.common.recalibrate`), signed by
+``signer`` (the site's or centre's key) or else a recalibration-local key whose certificate the
+report folder keeps. Every bundle evaluated is verified against what the site trusts first.
 """
 
 from __future__ import annotations
@@ -23,20 +25,24 @@ from tqdm import tqdm
 
 from cldlr.client.evaluate_measures import EvaluationSettings, evaluate_predictions_table, recalibration_fit
 from cldlr.client.evaluate_report import write_evaluation
-from cldlr.common.bundle import Bundle, load_bundle
+from cldlr.common.bundle import Bundle, TrustAnchor, load_bundle
 from cldlr.common.data.contract import read_clinical_csv
 from cldlr.common.data.imaging import read_image, read_mask
 from cldlr.common.data.site import read_site
 from cldlr.common.errors import CldlrError
 from cldlr.common.evaluation.units import aggregate
+from cldlr.common.recalibrate import recalibration_signer
 
 log = logging.getLogger(__name__)
 
 
-def open_bundle(path: str | Path, *, trust: Sequence[str | Path] = (), allow_unsigned: bool = False) -> Bundle:
-    """The one place ``cldlr evaluate`` opens a bundle (``trust``/``allow_unsigned`` take effect with signed bundles)."""
-    del trust, allow_unsigned  # accepted now so the command line is stable; signature checks arrive with #14
-    return load_bundle(path)
+def open_bundle(path: str | Path, *, trust: TrustAnchor | None = None, allow_unsigned: bool = False) -> Bundle:
+    """The one place ``cldlr evaluate`` opens a bundle, verified against ``trust``.
+
+    A bundle not signed by a key the site trusts is refused unless ``allow_unsigned``; the report
+    then records ``signature: unverified``.
+    """
+    return load_bundle(path, trust=trust, allow_unsigned=allow_unsigned)
 
 
 def score_site(bundle: Bundle, site: str | Path, *, allow_missing_clinical: bool = False, batch_size: int = 16,
@@ -78,17 +84,25 @@ def score_site(bundle: Bundle, site: str | Path, *, allow_missing_clinical: bool
 
 def evaluate(model: str | Path, sites: Sequence[str | Path], out_dir: str | Path, *, against: str | Path | None = None,
              settings: EvaluationSettings | None = None, recalibrate: str | Path | None = None,
-             recalibrated_out: str | Path | None = None, trust: Sequence[str | Path] = (),
-             allow_unsigned: bool = False, force: bool = False) -> Path:
-    """Score ``sites`` with the bundle, compute every measure and write the report folder ``out_dir``."""
+             recalibrated_out: str | Path | None = None, trust: TrustAnchor | None = None,
+             allow_unsigned: bool = False, signer: str | Path | None = None, force: bool = False) -> Path:
+    """Score ``sites`` with the bundle, compute every measure and write the report folder ``out_dir``.
+
+    ``trust``/``allow_unsigned``: how the bundles are verified (:func:`open_bundle`). ``signer``: a
+    folder with ``bundle-signer.key``/``.pem`` that signs the recalibrated bundle; without it a
+    recalibration-local key does (:func:`cldlr.common.recalibrate.recalibration_signer`).
+    """
     settings = settings or EvaluationSettings()
     if not sites:
         raise CldlrError("give at least one labelled site folder to evaluate on")
     if (recalibrate is None) != (recalibrated_out is None):
         raise CldlrError("--recalibrate SITE and --recalibrated-out NEWBUNDLE go together")
+    if signer is not None and recalibrate is None:
+        raise CldlrError("--signer DIR signs the recalibrated bundle: use it with --recalibrate SITE")
     names = [Path(s).name for s in sites]
     if len(set(names)) != len(names):
         raise CldlrError(f"two sites share a folder name ({', '.join(names)}); reports name sites by folder")
+    signing = recalibration_signer(signer) if recalibrate is not None else None  # a bad --signer fails first
     bundle = open_bundle(model, trust=trust, allow_unsigned=allow_unsigned)
     other = open_bundle(against, trust=trust, allow_unsigned=allow_unsigned) if against is not None else None
     kwargs = {"allow_missing_clinical": settings.allow_missing_clinical, "batch_size": settings.batch_size}
@@ -117,7 +131,7 @@ def evaluate(model: str | Path, sites: Sequence[str | Path], out_dir: str | Path
         if recal["same_cases"]:
             ev.notes.append("the recalibration site is also evaluated here: its calibration after recalibration would "
                             "be optimistic; evaluate the new bundle on other cases")
-    return write_evaluation(out_dir, bundle, other, ev, settings, recal, force=force)
+    return write_evaluation(out_dir, bundle, other, ev, settings, recal, signer=signing, force=force)
 
 
 __all__ = ["evaluate", "open_bundle", "score_site"]

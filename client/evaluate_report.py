@@ -2,7 +2,8 @@
 
 Written into a fresh folder that appears only when everything was written
 (:func:`cldlr.common.io.atomic_directory`); the recalibrated bundle, when asked for, is written
-last inside the same step. CSV cells go through :func:`cldlr.common.text.csv_text`, names in
+last inside the same step (with the certificate of its recalibration-local signer, when no
+``--signer`` was given). CSV cells go through :func:`cldlr.common.text.csv_text`, names in
 Markdown through :func:`cldlr.common.text.markdown_text`.
 """
 
@@ -13,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from cldlr.client.evaluate_measures import POOLED, Evaluation, EvaluationSettings
-from cldlr.common.bundle import Bundle
+from cldlr.common.bundle import Bundle, BundleSigner
 from cldlr.common.evaluation import measures_report as md
 from cldlr.common.evaluation.figures import plot_roc_panels
 from cldlr.common.evaluation.measure_figures import plot_calibration, plot_decision_curves
 from cldlr.common.evaluation.units import AGGREGATION, unit_statement
-from cldlr.common.io import atomic_directory, atomic_write_json, atomic_write_text, jsonable
-from cldlr.common.recalibrate import write_recalibrated_bundle
+from cldlr.common.io import atomic_directory, atomic_write_bytes, atomic_write_json, atomic_write_text, jsonable
+from cldlr.common.recalibrate import RECALIBRATION_SIGNER_CERT, signer_record, write_recalibrated_bundle
 from cldlr.common.text import csv_text, markdown_text
 from cldlr.common.versions import runtime_versions
 
@@ -38,7 +39,8 @@ def _info(bundle: Bundle) -> dict[str, Any]:
     card = bundle.meta.get("model_card", {})
     return {"bundle": str(bundle.path), "bundle_id": bundle.bundle_id, "backbone": bundle.meta["model"]["backbone"],
             "threshold": bundle.threshold, "selected_clinical_parameters": bundle.selected,
-            "trained_on": card.get("sites"), "schema": bundle.schema.name}
+            "trained_on": card.get("sites"), "schema": bundle.schema.name, "signature": bundle.signer.text,
+            "signer": bundle.signer.to_dict()}
 
 
 def _titles(other: Bundle | None) -> dict[str, str]:
@@ -78,9 +80,10 @@ def _markdown(bundle: Bundle, other: Bundle | None, ev: Evaluation, settings: Ev
     lines = [f"# External testing of {markdown_text(bundle_name(bundle))}", "",
              f"Bundle `{bundle.bundle_id[:16]}` ({markdown_text(bundle.meta['model']['backbone'])}, threshold "
              f"{bundle.threshold:g}); trained on: {markdown_text(', '.join(map(str, _info(bundle)['trained_on'] or [])))}.",
-             ""]
+             "", f"Signature: {markdown_text(bundle.signer.text)}.", ""]
     if other is not None:
-        lines += [f"Compared against {markdown_text(bundle_name(other))} (`{other.bundle_id[:16]}`) on the same cases.", ""]
+        lines += [f"Compared against {markdown_text(bundle_name(other))} (`{other.bundle_id[:16]}`) on the same cases; "
+                  f"its signature: {markdown_text(other.signer.text)}.", ""]
     lines += [unit_statement(settings.unit, ev.units[last].counts), "",
               "| Site | Images | Lesions | Patients | Units | Malignant units | DLR fallbacks |", "|---|---|---|---|---|---|---|"]
     for s in _sites(ev):
@@ -101,6 +104,7 @@ def _markdown(bundle: Bundle, other: Bundle | None, ev: Evaluation, settings: Ev
         lines += ["## Recalibration", "", f"Fitted on {markdown_text(Path(recal['site']).name)} ({recal['counts']['images']} "
                   f"images, unit {recal['unit']}): logit p' = a + b·logit p; new bundle: "
                   f"{markdown_text(recal['bundle'])} (its model card records the update).", "",
+                  _signed_by(recal["signed_by"]), "",
                   "| Model | a (intercept) | b (slope) |", "|---|---|---|"]
         lines += [f"| {titles[m]} | {md.fmt(a)} | {md.fmt(b)} |" for m, (a, b) in recal["fits"].items()]
         lines.append("")
@@ -110,11 +114,28 @@ def _markdown(bundle: Bundle, other: Bundle | None, ev: Evaluation, settings: Ev
     return "\n".join(lines)
 
 
+def _signed_by(record: dict[str, Any]) -> str:
+    text = f"The new bundle is signed by {markdown_text(record['subject'])} (SHA-256 `{record['fingerprint']}`), "
+    if record["local"]:
+        return text + (f"a recalibration-local key made for it and discarded: it verifies only with `--trust "
+                       f"{RECALIBRATION_SIGNER_CERT}` (in this folder) until the centre re-signs it "
+                       "(`cldlr certs sign-bundle NEWBUNDLE --signer DIR`), or pass `--signer DIR` next time.")
+    return text + "the key given with `--signer`."
+
+
 def write_evaluation(out_dir: str | Path, bundle: Bundle, other: Bundle | None, ev: Evaluation,
-                     settings: EvaluationSettings, recal: dict[str, Any] | None, *, force: bool = False) -> Path:
-    """Write the whole report folder (and the recalibrated bundle) atomically; returns ``out_dir``."""
+                     settings: EvaluationSettings, recal: dict[str, Any] | None, *, signer: BundleSigner | None = None,
+                     force: bool = False) -> Path:
+    """Write the whole report folder (and the recalibrated bundle, signed by ``signer``) atomically; returns ``out_dir``.
+
+    A recalibration needs ``signer``; a local one's certificate is written as ``recalibration-signer.pem`` here.
+    """
     titles = _titles(other)
     out_dir = Path(out_dir)
+    if recal is not None:
+        if signer is None:
+            raise ValueError("a recalibrated bundle must be signed: pass signer (cldlr.common.recalibrate.recalibration_signer)")
+        recal = {**recal, "signed_by": {**signer_record(signer), "local": signer.study_local}}
     with atomic_directory(out_dir, overwrite=force) as tmp:
         columns = [c for c in ev.predictions.columns]
         atomic_write_text(tmp / "predictions.csv", csv_text(columns, ev.predictions.itertuples(index=False)))
@@ -138,10 +159,12 @@ def write_evaluation(out_dir: str | Path, bundle: Bundle, other: Bundle | None, 
         }
         atomic_write_json(tmp / "report.json", jsonable(report, finite=True))
         atomic_write_text(tmp / "report.md", _markdown(bundle, other, ev, settings, recal, titles, figures))
-        if recal is not None:
+        if recal is not None and signer is not None:
+            if signer.study_local:
+                atomic_write_bytes(tmp / RECALIBRATION_SIGNER_CERT, signer.certificate_pem)
             write_recalibrated_bundle(bundle, recal["fits"], {"site": Path(recal["site"]).name, "unit": recal["unit"],
                                                               "counts": recal["counts"]},
-                                      recal["bundle"], overwrite=force)
+                                      recal["bundle"], signer=signer, overwrite=force)
     log.info("evaluation written to %s (%s)", out_dir, ", ".join(f"{s}: n={len(c.ids)}" for s, c in ev.units.items()))
     return out_dir
 

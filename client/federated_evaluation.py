@@ -2,9 +2,11 @@
 
 The bundle never travels with the study: the site loads **its own copy**, from the path its
 policy names (``evaluation_bundle``; in simulation the study's ``federation.evaluate_bundle``),
-verifies every file against the bundle's hashes (:func:`cldlr.client.evaluate.open_bundle`, the
-one place a site opens a bundle) and compares the bundle id with the one the centre offers; a
-site without a bundle, or with another one, refuses to join (:func:`site_bundle`). The centre
+verifies every file against the bundle's manifest and its signature against the signers the
+policy trusts (``trusted_bundle_signers``; :func:`cldlr.client.evaluate.open_bundle`, the one place
+``cldlr evaluate`` opens a bundle) and compares the bundle id with the one the centre offers; a
+site without a bundle, with another one, or with one nobody it trusts signed refuses to join
+(:func:`site_bundle`). The centre
 sends no weights and the site scores nothing it was not given by its own operator.
 
 The rows scored: all of the site's cohort (``federation.evaluate_rows: all``, the default: an
@@ -23,6 +25,7 @@ import numpy as np
 
 from cldlr.client.policy import PolicyRefusal, SitePolicy
 from cldlr.client.site import SiteSession
+from cldlr.common.bundle import BundleError, TrustAnchor
 from cldlr.common.config import Config
 from cldlr.common.io import atomic_path
 
@@ -40,17 +43,27 @@ def evaluate_rows(policy: SitePolicy | None, config: Config) -> str:
     return "all"
 
 
+def site_trust(policy: SitePolicy) -> TrustAnchor | None:
+    """What the site trusts to sign the bundles it scores (its policy's ``trusted_bundle_signers``)."""
+    files = policy.bundle_trust_files()
+    return TrustAnchor.from_files(files) if files else None
+
+
 def site_bundle(policy: SitePolicy, offered_id: str) -> Path:
-    """The site's own bundle when its id is the one the centre offers; otherwise a refusal (at the handshake)."""
+    """The site's own bundle when a signer it trusts signed it and its id is the one the centre offers.
+
+    Otherwise a refusal (at the handshake): no bundle in the policy, one that fails its manifest or
+    signature check (an unsigned bundle included: a site scores only what someone it trusts vouches
+    for), or another bundle than the centre's.
+    """
     from cldlr.client.evaluate import open_bundle
-    from cldlr.common.bundle import BundleError
 
     if not policy.evaluation_bundle:
         raise PolicyRefusal("an evaluation-only study of a bundle this site was not given",
                             "the site policy names no evaluation_bundle")
     path = Path(policy.evaluation_bundle).expanduser()
     try:
-        bundle_id = open_bundle(path).bundle_id
+        bundle_id = open_bundle(path, trust=site_trust(policy)).bundle_id
     except BundleError as exc:
         raise PolicyRefusal("the site cannot verify its copy of the bundle", str(exc)) from None
     if bundle_id != offered_id:
@@ -62,8 +75,9 @@ def site_bundle(policy: SitePolicy, offered_id: str) -> Path:
 class ExternalScores:
     """The bundle's scores of the site's evaluation rows, as its ``test`` cohort (``train`` is the rest)."""
 
-    def __init__(self, session: SiteSession, bundle: Path, bundle_id: str, rows: str, state_dir: Path | None) -> None:
-        self.session, self.bundle, self.bundle_id, self.rows = session, bundle, bundle_id, rows
+    def __init__(self, session: SiteSession, bundle: Path, bundle_id: str, rows: str, state_dir: Path | None,
+                 trust: TrustAnchor | None = None) -> None:
+        self.session, self.bundle, self.bundle_id, self.rows, self.trust = session, bundle, bundle_id, rows, trust
         self.state_file = None if state_dir is None else state_dir / SCORES_FILE
         self._scores: dict[str, np.ndarray] | None = None
 
@@ -77,7 +91,10 @@ class ExternalScores:
                     return self._scores
         from cldlr.client.evaluate import open_bundle, score_site
 
-        table = score_site(open_bundle(self.bundle), self.session.site.root, label=f"{self.session.name} (evaluation)")
+        bundle = open_bundle(self.bundle, trust=self.trust)
+        if bundle.bundle_id != self.bundle_id:
+            raise PolicyRefusal("the site's bundle changed during the study", f"{self.bundle} is now {bundle.bundle_id[:16]}…")
+        table = score_site(bundle, self.session.site.root, label=f"{self.session.name} (evaluation)")
         frame = self.session.site.frame
         wanted = set(frame["image_id"].astype(str) if self.rows == "all"
                      else frame.loc[frame["split"] == "test", "image_id"].astype(str))
@@ -115,7 +132,8 @@ class ExternalScores:
 def external_scores(session: SiteSession, policy: SitePolicy, config: Config, bundle_id: str,
                     state_dir: Path | None) -> ExternalScores:
     """The bundle's scores of this site's evaluation rows (a refusal as :func:`site_bundle` says)."""
-    return ExternalScores(session, site_bundle(policy, bundle_id), bundle_id, evaluate_rows(policy, config), state_dir)
+    return ExternalScores(session, site_bundle(policy, bundle_id), bundle_id, evaluate_rows(policy, config), state_dir,
+                          site_trust(policy))
 
 
 __all__ = ["COLUMNS", "ExternalScores", "SCORES_FILE", "evaluate_rows", "external_scores", "site_bundle"]

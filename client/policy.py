@@ -74,6 +74,7 @@ class SitePolicy:
     share_local_metrics: bool = False  # the site's own scores of the final models on its cohorts
     schema: str = ""  # the site's own copy of the federation schema; the centre's must equal it
     approved_fabs: tuple[str, ...] = ()  # sha256 of the Flower app bundles (FABs) this site runs
+    trusted_bundle_signers: tuple[str, ...] = ()  # PEM files (CA or signer cert, public key) model bundles must verify against
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # most pixels an image header may declare (before decoding)
     # evaluation-only studies (federation.mode=evaluate): the site's own copy of the bundle it agrees to score
     # (empty: it scores none), and the rows it lets one score ("test": its test split only)
@@ -81,6 +82,11 @@ class SitePolicy:
     evaluate_rows: Literal["all", "test"] = "all"
     dp: DPPolicy = field(default_factory=DPPolicy)
     folders: SiteFolders = field(default_factory=SiteFolders)
+
+    def bundle_trust_files(self, base: Path | None = None) -> list[Path]:
+        """The PEM files of ``trusted_bundle_signers``; relative entries are taken from ``base`` (the policy's folder)."""
+        paths = [Path(p).expanduser() for p in self.trusted_bundle_signers]
+        return [p if p.is_absolute() or base is None else base / p for p in paths]
 
     @property
     def state_dir(self) -> Path:

@@ -1,10 +1,13 @@
 """``cldlr predict``: the AI score and Grad-CAM overlay of one lesion, or of every lesion in a site folder.
 
-The bundle is verified on load (see :mod:`cldlr.common.bundle`); clinical values are parsed with
-the bundle's own schema, so a value the model was never trained on is refused with its valid
-range or levels instead of being scored. Descriptors the bundle computes from the mask need no
-value, a missing ``missing: impute`` value is imputed as in training (the output lists it), and a
-site folder needs only the model's input columns (labels optional; ``--map`` renames columns).
+The bundle is verified on load (see :mod:`cldlr.common.bundle`): its files, and its signature
+against what this site trusts (``--trust`` PEM files or the policy's ``trusted_bundle_signers``);
+an unsigned or foreign bundle is scored only with ``--allow-unsigned``, and every output then says
+"signature: unverified". Clinical values are parsed with the bundle's own schema, so a value the
+model was never trained on is refused with its valid range or levels instead of being scored.
+Descriptors the bundle computes from the mask need no value, a missing ``missing: impute`` value
+is imputed as in training (the output lists it), and a site folder needs only the model's input
+columns (labels optional; ``--map`` renames columns).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from cldlr.common.bundle import Bundle, Prediction, load_bundle
+from cldlr.client.policy import load_policy
+from cldlr.common.bundle import Bundle, Prediction, TrustAnchor, load_bundle
 from cldlr.common.data.descriptors import row_spacing
 from cldlr.common.data.imaging import read_image, read_mask
 from cldlr.common.data.scoring import read_site_for_scoring
@@ -40,7 +44,7 @@ from cldlr.common.text import csv_text
 log = logging.getLogger(__name__)
 
 CSV_COLUMNS = ("image_id", "ai_score", "dlr_score", "clinical_score", "predicted_class", "threshold", "fallback",
-               "overlay", "imputed")
+               "overlay", "imputed", "signature")
 
 
 def parse_clinical_args(items: Sequence[str]) -> dict[str, str]:
@@ -64,13 +68,26 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _as_bundle(model: str | Path | Bundle) -> Bundle:
-    return model if isinstance(model, Bundle) else load_bundle(model)
+def site_trust(trust: Sequence[str | Path] = (), policy: str | Path | None = None) -> TrustAnchor | None:
+    """What this site trusts to sign bundles: ``--trust`` files plus its policy's ``trusted_bundle_signers``.
+
+    None when neither names anything (a bundle then loads only with ``allow_unsigned``).
+    """
+    files = [Path(p) for p in trust]
+    if policy is not None:
+        files += load_policy(policy).bundle_trust_files(Path(policy).expanduser().parent)
+    return TrustAnchor.from_files(files) if files else None
+
+
+def open_bundle(model: str | Path | Bundle, *, trust: TrustAnchor | None = None, allow_unsigned: bool = False) -> Bundle:
+    """``model`` as a loaded bundle: a :class:`Bundle` is used as it is (its signer was checked when it was loaded)."""
+    return model if isinstance(model, Bundle) else load_bundle(model, trust=trust, allow_unsigned=allow_unsigned)
 
 
 def _model_info(bundle: Bundle) -> dict[str, Any]:
     return {"bundle": str(bundle.path), "bundle_id": bundle.bundle_id, "backbone": bundle.meta["model"]["backbone"],
-            "selected_clinical_parameters": bundle.selected}
+            "selected_clinical_parameters": bundle.selected, "signature": bundle.signer.text,
+            "signer": bundle.signer.to_dict()}
 
 
 def imputed_text(imputed: Mapping[str, float | str]) -> str:
@@ -81,14 +98,16 @@ def imputed_text(imputed: Mapping[str, float | str]) -> str:
 def predict_lesion(model: str | Path | Bundle, image: str | Path, mask: str | Path, clinical: Mapping[str, Any], *,
                    out: str | Path | None = None, overlay: str | Path | None = None,
                    allow_missing_clinical: bool = False, spacing: Spacing | str | None = None,
-                   accept_pixel_units: bool = False) -> dict[str, Any]:
+                   accept_pixel_units: bool = False, trust: TrustAnchor | None = None,
+                   allow_unsigned: bool = False) -> dict[str, Any]:
     """Score one lesion; writes the overlay PNG (and ``out`` JSON when given) and returns the result dict.
 
     The overlay goes to ``overlay``, else beside ``out`` (``<out stem>_overlay.png``), else to
     ``<image stem>_overlay.png`` in the working directory. ``spacing`` (mm per pixel, ``0.1`` or
-    ``0.1x0.12``) is the image's pixel spacing when its file does not state one (DICOM does).
+    ``0.1x0.12``) is the image's pixel spacing when its file does not state one (DICOM does). The
+    result's ``signature`` says who signed the bundle, or that it is unverified.
     """
-    bundle = _as_bundle(model)
+    bundle = open_bundle(model, trust=trust, allow_unsigned=allow_unsigned)
     image, mask = Path(image), Path(mask)
     try:
         pixel_spacing = spacing if isinstance(spacing, tuple) else row_spacing(spacing, image)
@@ -105,7 +124,8 @@ def predict_lesion(model: str | Path | Bundle, image: str | Path, mask: str | Pa
             check_output_apart(written, [image, mask, bundle.path])
     atomic_write_bytes(overlay, png_bytes(prediction.overlay()))
     result = {**{k: v for k, v in prediction.to_dict().items() if k != "id"}, "image": str(image), "mask": str(mask),
-              "overlay": str(overlay), "spacing_mm": format_spacing(pixel_spacing) or None, "model": _model_info(bundle),
+              "overlay": str(overlay), "spacing_mm": format_spacing(pixel_spacing) or None,
+              "signature": bundle.signer.text, "model": _model_info(bundle),
               "seconds": round(seconds, 3)}
     log.info("%s: AI score %.3f (%s at threshold %.2f) in %.2f s", image.name, prediction.ai_score,
              prediction.predicted_class, prediction.threshold, seconds)
@@ -114,10 +134,10 @@ def predict_lesion(model: str | Path | Bundle, image: str | Path, mask: str | Pa
     return result
 
 
-def _csv_row(prediction: Prediction, overlay: str) -> dict[str, Any]:
+def _csv_row(prediction: Prediction, overlay: str, signature: str) -> dict[str, Any]:
     row = prediction.to_dict()
-    return {"image_id": prediction.id, **{k: row[k] for k in CSV_COLUMNS[1:-2]}, "overlay": overlay,
-            "imputed": imputed_text(prediction.imputed)}
+    return {"image_id": prediction.id, **{k: row[k] for k in CSV_COLUMNS[1:-3]}, "overlay": overlay,
+            "imputed": imputed_text(prediction.imputed), "signature": signature}
 
 
 def predictions_csv(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -127,16 +147,18 @@ def predictions_csv(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def predict_site(model: str | Path | Bundle, site: str | Path, out_dir: str | Path, *, split: str | None = None,
                  allow_missing_clinical: bool = False, force: bool = False, batch_size: int = 16,
-                 columns: dict[str, str] | None = None, accept_pixel_units: bool = False) -> Path:
+                 columns: dict[str, str] | None = None, accept_pixel_units: bool = False,
+                 trust: TrustAnchor | None = None, allow_unsigned: bool = False) -> Path:
     """Score every lesion of a site folder: ``out_dir/predictions.csv`` and ``out_dir/overlays/<image_id>.png``.
 
     The site must follow the data contract for the bundle's *inputs*
     (:func:`~cldlr.common.data.scoring.read_site_for_scoring`: labels, splits and columns the model
     never uses may be absent; ``columns`` renames site columns); ``split`` keeps only the rows of
-    that split. The folder appears only when every lesion was scored.
+    that split. The folder appears only when every lesion was scored. Every row's ``signature``
+    column says who signed the bundle, or that it is unverified.
     """
     check_output_apart(out_dir, [site, getattr(model, "path", model)])
-    bundle = _as_bundle(model)
+    bundle = open_bundle(model, trust=trust, allow_unsigned=allow_unsigned)
     data = read_site_for_scoring(site, bundle.schema, bundle.selected, columns)
     if split is not None:
         data = data.split_rows(split)
@@ -157,7 +179,7 @@ def predict_site(model: str | Path | Bundle, site: str | Path, out_dir: str | Pa
             for prediction in predictions:
                 name = f"{prediction.id}.png"
                 contained_path(tmp / "overlays", name).write_bytes(png_bytes(prediction.overlay()))
-                rows.append(_csv_row(prediction, f"overlays/{name}"))
+                rows.append(_csv_row(prediction, f"overlays/{name}", bundle.signer.text))
                 n_fallback += prediction.fallback is not None
                 n_imputed += bool(prediction.imputed)
         atomic_write_text(tmp / "predictions.csv", predictions_csv(rows))
@@ -176,5 +198,5 @@ def format_result(result: Mapping[str, Any]) -> str:
     return json.dumps(result, indent=2)
 
 
-__all__ = ["CSV_COLUMNS", "format_result", "parse_clinical_args", "png_bytes", "predict_lesion", "predict_site",
-           "predictions_csv"]
+__all__ = ["CSV_COLUMNS", "format_result", "open_bundle", "parse_clinical_args", "png_bytes", "predict_lesion",
+           "predict_site", "predictions_csv", "site_trust"]

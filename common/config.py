@@ -29,6 +29,7 @@ class RunConfig:
     output_dir: str = "runs"
     seed: int = 0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"  # the CLI's -v/--log-level override it
+    bundle_signer: str = ""  # folder with the centre's bundle-signer.key/.pem; empty: a study-local key signs the bundle
 
 
 @dataclass(frozen=True)
@@ -155,10 +156,11 @@ class FusionConfig:
     embeddings are far more separable than a new patient's (DLR train AUC ≈ 0.98 against ≈ 0.71 on
     test), so the fusion learns to trust the deep block more than it deserves (stacking leakage).
     ``holdout``: a stratified, patient-disjoint ``holdout_fraction`` of each site's training cohort is
-    kept from the backbone; the SVMs and their calibration are fitted on its embeddings only, so no
-    embedding used to fit the fusion comes from a backbone that trained on it. Clinical selection and
-    the encoder still use the whole training cohort (the backbone never sees clinical values). In a
-    federation each site holds out its own rows; the secure sums are the same in kind.
+    kept from the backbone; the DLR and CLDLR SVMs and their calibration are fitted on its embeddings
+    only, so no embedding used to fit the fusion comes from a backbone that trained on it. Clinical
+    selection, the encoder and (pooled) the Clinical SVM still use the whole training cohort (the
+    backbone never sees clinical values). In a federation each site holds out its own rows and the one
+    secure fit of all three SVMs uses them; the secure sums are the same in kind.
     """
 
     fit_on: Literal["train", "holdout"] = "train"
@@ -203,6 +205,9 @@ class FederationConfig:
     #: ``mode: evaluate``: the rows each site scores — all of its cohort, or only its test split (a site's
     #: policy may restrict it to its test split)
     evaluate_rows: Literal["all", "test"] = "all"
+    #: ``mode: evaluate``: PEM files (the federation CA, the centre's bundle-signer.pem) the centre checks the
+    #: bundle's signature against; simulated sites trust them too (default there: the study's model-signer.pem)
+    evaluate_trust: tuple[str, ...] = ()
     #: ``simulate --compare``: leave-one-site-out arms too (train federated on N − 1 sites, test on the one left out)
     compare_loso: bool = False
 
@@ -350,7 +355,7 @@ def validate_config(config: Config) -> None:
         (0.05 <= config.fusion.holdout_fraction <= 0.5, "fusion.holdout_fraction must be in [0.05, 0.5]"),
         (config.svm.ridge > 0, "svm.ridge must be > 0"),
         (config.svm.rff_features >= 1, "svm.rff_features must be >= 1"),
-        (0.0 <= config.svm.threshold <= 1.0, "svm.threshold must be in [0, 1]"),
+        (0.0 < config.svm.threshold < 1.0, "svm.threshold must be in (0, 1)"),
         (config.svm.embedding_pca >= 0, "svm.embedding_pca must be >= 0 (0 = keep all)"),
         (config.federation.rounds >= 0, "federation.rounds must be >= 0"),
         (config.federation.min_sites >= 1, "federation.min_sites must be >= 1"),

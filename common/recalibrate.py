@@ -9,6 +9,13 @@ form: ``A' = b·A`` and ``B' = b·B − a``. The new bundle holds the same backb
 with those two numbers changed, and its model card records what was done (site, unit, n, a, b
 per model, the original bundle's id), so nobody mistakes it for the study's model. It is written
 by :func:`cldlr.common.bundle.export_bundle` and verified like any other bundle.
+
+A recalibrated bundle is signed like every bundle a site is asked to trust
+(:func:`recalibration_signer`): by the key in ``--signer DIR`` (the site's or the centre's
+``bundle-signer.key``/``.pem``), or else by a recalibration-local key made for this one bundle and
+discarded, whose certificate is kept beside the evaluation report
+(:data:`RECALIBRATION_SIGNER_CERT`). The model card records which, so a reader of the card
+knows what the signature vouches for.
 """
 
 from __future__ import annotations
@@ -19,12 +26,36 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cldlr.common.bundle import Bundle, export_bundle
+from cldlr.common.bundle import Bundle, BundleSigner, export_bundle, fingerprint
+from cldlr.common.clinical.inputs import training_spacings
 from cldlr.common.config import DataConfig, ModelConfig
 from cldlr.common.errors import CldlrError
 from cldlr.common.fusion import FusionModels
 
 log = logging.getLogger(__name__)
+
+RECALIBRATION_SIGNER_CERT = "recalibration-signer.pem"  # the local key's certificate, in the evaluation folder
+RECALIBRATION_LOCAL_NAME = "cldlr recalibration-local bundle signer"
+
+
+def recalibration_signer(folder: str | Path | None) -> BundleSigner:
+    """The key that signs a recalibrated bundle: ``folder``'s (``cldlr certs bundle-signer`` files) or a fresh local one.
+
+    A local key (``study_local``) exists in memory only; whoever writes the bundle keeps its
+    certificate (:data:`RECALIBRATION_SIGNER_CERT`), the only thing that verifies the bundle.
+    """
+    if folder is not None:
+        return BundleSigner.load(Path(folder).expanduser())
+    return BundleSigner.throwaway(RECALIBRATION_LOCAL_NAME)
+
+
+def signer_record(signer: BundleSigner) -> dict[str, Any]:
+    """What the model card says about the recalibrated bundle's signer (subject, fingerprint, which key)."""
+    cert = signer.certificate
+    key = (f"recalibration-local: made for this bundle and discarded; it verifies only against "
+           f"{RECALIBRATION_SIGNER_CERT} of the evaluation that wrote it, until the centre re-signs it "
+           "(cldlr certs sign-bundle)") if signer.study_local else "the key given with --signer"
+    return {"subject": cert.subject.rfc4514_string(), "fingerprint": fingerprint(cert), "key": key}
 
 
 def recalibrated_fusion(fusion: FusionModels, updates: Mapping[str, tuple[float, float]]) -> FusionModels:
@@ -51,8 +82,11 @@ def recalibrated_fusion(fusion: FusionModels, updates: Mapping[str, tuple[float,
 
 
 def write_recalibrated_bundle(bundle: Bundle, updates: Mapping[str, tuple[float, float]], record: Mapping[str, Any],
-                              out_dir: str | Path, *, overwrite: bool = False) -> Path:
-    """Write ``bundle`` with recalibrated probabilities to ``out_dir``; the model card gets ``recalibration``."""
+                              out_dir: str | Path, *, signer: BundleSigner, overwrite: bool = False) -> Path:
+    """Write ``bundle`` with recalibrated probabilities to ``out_dir``, signed by ``signer``.
+
+    The model card gets ``recalibration`` (the update, the original bundle's id and who signs).
+    """
     for name, (a, b) in updates.items():
         if not (abs(a) < 1e6 and abs(b) < 1e6) or b != b or a != a:
             raise CldlrError(f"recalibration of {name}: no maximum-likelihood fit (a={a}, b={b}) — the local sample's "
@@ -62,6 +96,7 @@ def write_recalibrated_bundle(bundle: Bundle, updates: Mapping[str, tuple[float,
     card = dict(meta.get("model_card", {}))
     card["recalibration"] = {**record, "from_bundle_id": bundle.bundle_id,
                              "models": {n: {"intercept": a, "slope": b} for n, (a, b) in updates.items()},
+                             "signed_by": signer_record(signer),
                              "note": "probabilities updated by logistic recalibration on a local labelled sample "
                                      "(logit p' = a + b·logit p); ranking (AUC) is unchanged, the metrics above are "
                                      "the original study's, before recalibration"}
@@ -71,9 +106,11 @@ def write_recalibrated_bundle(bundle: Bundle, updates: Mapping[str, tuple[float,
     path = export_bundle(out_dir, model=bundle.model, model_config=model_config, data_config=data_config,
                          normalization=bundle.normalization, schema=bundle.schema, selected=list(bundle.selected),
                          encoder=bundle.encoder, fusion=recalibrated_fusion(bundle.fusion, updates),
-                         threshold=bundle.threshold, model_card=card, overwrite=overwrite)
-    log.info("recalibrated bundle written: %s (from %s)", path, bundle.bundle_id[:12])
+                         threshold=bundle.threshold, model_card=card, signer=signer, overwrite=overwrite,
+                         training_spacing=training_spacings(meta))
+    log.info("recalibrated bundle written: %s (from %s, %s)", path, bundle.bundle_id[:12], signer.describe())
     return path
 
 
-__all__ = ["recalibrated_fusion", "write_recalibrated_bundle"]
+__all__ = ["RECALIBRATION_LOCAL_NAME", "RECALIBRATION_SIGNER_CERT", "recalibrated_fusion", "recalibration_signer",
+           "signer_record", "write_recalibrated_bundle"]

@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from safetensors.numpy import save_file
 
 from cldlr import __version__
-from cldlr.common.bundle import export_federated_bundle
+from cldlr.common.bundle import export_federated_bundle, signature_section, study_signer
 from cldlr.common.config import Config, dump_config
 from cldlr.common.data.roi import PIPELINE_VERSION
 from cldlr.common.data.schema import Schema
@@ -64,7 +64,7 @@ class FederatedRun:
         check_study_config(config)  # unknown strategy/backbone, DP with FedProx or BatchNorm: refused before any site joins
         self.bundle = None
         if config.federation.mode == "evaluate":  # the sites score their copies of this bundle; nothing trains
-            self.bundle = load_evaluation_bundle(config.federation.evaluate_bundle)
+            self.bundle = load_evaluation_bundle(config.federation.evaluate_bundle, config.federation.evaluate_trust)
             schema = self.bundle.schema
             config = config.replace(**{"model.backbone": self.bundle.meta["model"]["backbone"], "model.weights": "none"})
         self.rows: dict[str, str] = {}
@@ -237,15 +237,18 @@ class FederatedRun:
         local = self.local_metrics(fit.payload)
         measures, fit.rounds["measures"] = measures_phase(self.sum_fn, self.config, fit.payload, evaluation,
                                                           tuple(evaluation.metrics), max_cases)
+        signer = study_signer(self.config, self.run_dir)
         outcome = StudyOutcome(
             metrics=evaluation.metrics, delong=evaluation.delong, roc=evaluation.roc,
             selection_table=fit.selection.table, selected=fit.selection.selected,
             history=_training_curves(progress), sites=self._site_rows(),
             federation=self._summary(progress, fit.rounds, t_train, time.monotonic() - start), site_metrics=local,
-            measures=measures, sections={"Heterogeneity across sites (test cohort)": heterogeneity_section(local)},
+            measures=measures, sections={"Heterogeneity across sites (test cohort)": heterogeneity_section(local),
+                                         **signature_section(signer, self.run_dir)},
         )
         write_report(self.run_dir, outcome, self.config, title=f"CLDLR study — federated ({len(members)} sites)")
-        self._export_bundle(arrays, fit, outcome)
+        export_federated_bundle(self.run_dir / "model", arrays=arrays, fit=fit, outcome=outcome, config=self.config,
+                                schema=self.schema, signer=signer)
         return self.run_dir
 
     def _run_evaluation(self, start: float) -> Path:
@@ -314,10 +317,6 @@ class FederatedRun:
             secure_rounds=rounds, privacy=epsilon or None,
             dropped={h["round"]: h["rejected"] for h in progress.history if h["rejected"]},
             wall_time_s={"backbone": round(t_train, 1), "secure_sums": round(self.secure_seconds, 1), "total": round(t_total, 1)})
-
-    def _export_bundle(self, arrays: dict[str, np.ndarray], fit: Any, outcome: StudyOutcome) -> None:
-        export_federated_bundle(self.run_dir / "model", arrays=arrays, fit=fit, outcome=outcome, config=self.config,
-                                schema=self.schema)
 
 
 def _number(value: int | float | list[int] | list[float], what: str) -> float:

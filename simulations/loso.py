@@ -29,7 +29,7 @@ import numpy as np
 from cldlr.client.federated import FederatedSite
 from cldlr.client.federated_evaluation import ExternalScores
 from cldlr.client.site import SiteSession
-from cldlr.common.bundle import load_bundle
+from cldlr.common.bundle import LOCAL_SIGNER_CERT, TrustAnchor, load_bundle
 from cldlr.common.config import Config
 from cldlr.common.data.contract import SiteData
 from cldlr.common.errors import ConfigError
@@ -53,12 +53,13 @@ def _plain_sum(site: FederatedSite) -> Any:
 
 def score_on_site(bundle_dir: Path, site: SiteData, config: Config, state_dir: Path) -> dict[str, Any]:
     """The bundle's Table 2 metrics and measures on ``site``'s test split, as the site's own evaluation-only study."""
-    bundle = load_bundle(bundle_dir)
+    trust = TrustAnchor.from_files([bundle_dir.parent / LOCAL_SIGNER_CERT])  # the arm's study-local signer
+    bundle = load_bundle(bundle_dir, trust=trust)
     cfg = config.replace(**{"model.backbone": bundle.meta["model"]["backbone"], "model.weights": "none",
                             "federation.mode": "evaluate", "federation.evaluate_bundle": str(bundle_dir),
                             "federation.evaluate_rows": "test"})
     federated = FederatedSite(SiteSession(site, cfg), cfg, state_dir)
-    federated.external = ExternalScores(federated.session, bundle_dir, bundle.bundle_id, "test", state_dir)
+    federated.external = ExternalScores(federated.session, bundle_dir, bundle.bundle_id, "test", state_dir, trust)
     evaluation, measures, _ = evaluation_only(_plain_sum(federated), cfg, bundle.bundle_id, bundle_models(bundle),
                                               max_cases=len(site.frame))
     metrics = {m: evaluation.metrics[m]["test"] for m in evaluation.metrics}

@@ -80,8 +80,12 @@ def _federated(archive: list[SiteData], config: Config, out: Path) -> None:
         shutil.copyfile(run_dir / BACKBONE_FILE, tmp)
 
 
-def pretrain(config: Config, archive_root: Path, out: Path, *, force: bool = False) -> Path:
-    """Pretrain on ``archive_root`` (a site folder or a folder of sites); write the weights to ``out``."""
+def pretrain(config: Config, archive_root: Path, out: Path, *, force: bool = False,
+             drop_overlap: bool = False) -> Path:
+    """Pretrain on ``archive_root`` (a site folder or a folder of sites); write the weights to ``out``.
+
+    ``drop_overlap`` leaves the archive's images of study patients out (and says how many) instead of refusing.
+    """
     if out.suffix not in (".pt", ".safetensors"):
         raise CldlrError(f"--out {out}: name the weights file .pt or .safetensors")
     if out.exists() and not force:
@@ -92,14 +96,24 @@ def pretrain(config: Config, archive_root: Path, out: Path, *, force: bool = Fal
     study = load_sites(config)
     archive = load_sites(config.replace(**{"data.root": str(archive_root), "federation.sites": []}))
     overlap = patient_overlap(archive, study)
-    if overlap:
+    dropped = 0
+    if overlap and not drop_overlap:
         raise CldlrError(f"the archive {archive_root} shares {len(overlap)} patient(s) with the study cohort "
-                         f"{config.data.root} (e.g. {', '.join(overlap[:5])}): remove them from the archive, since "
-                         "pretraining on a study patient leaks into the study's test")
+                         f"{config.data.root} (e.g. {', '.join(overlap[:5])}): remove them from the archive, or pass "
+                         "--drop-overlap to leave their archive images out, since pretraining on a study patient "
+                         "leaks into the study's test")
+    if overlap:
+        keep = [~s.frame["patient_id"].astype(str).isin(overlap).to_numpy() for s in archive]
+        dropped = int(sum((~k).sum() for k in keep))
+        archive = [s.subset(k) for s, k in zip(archive, keep) if k.any()]
+        log.warning("left out %d archive image(s) of %d study patient(s): %s", dropped, len(overlap),
+                    ", ".join(overlap[:10]))
     log.info("archive: %d sites, %d images; patient-disjoint from the study cohort (%d sites)",
              len(archive), sum(len(s) for s in archive), len(study))
     out.parent.mkdir(parents=True, exist_ok=True)
     (_federated if mode == "federated" else _pooled)(archive, config, out)
-    atomic_write_json(out.with_name(out.name + ".json"), _provenance(archive, study, config, mode))
+    atomic_write_json(out.with_name(out.name + ".json"),
+                      {**_provenance(archive, study, config, mode), "overlap_images_dropped": dropped,
+                       "overlap_patients_dropped": len(overlap)})
     log.info("pretrained weights: %s (use model.weights=%s)", out, out)
     return out

@@ -21,14 +21,14 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from cldlr.client.predict import imputed_text, png_bytes
-from cldlr.common.bundle import Bundle, Prediction, load_bundle
+from cldlr.client.predict import imputed_text, open_bundle, png_bytes
+from cldlr.common.bundle import Bundle, Prediction, TrustAnchor
 from cldlr.common.data.imaging import read_image, read_mask, to_uint8
 from cldlr.common.data.roi import roi_box
 from cldlr.common.data.site import read_site
 from cldlr.common.errors import CldlrError
 from cldlr.common.io import atomic_directory, check_output_apart
-from cldlr.common.text import csv_text
+from cldlr.common.text import csv_text, markdown_text
 from cldlr.simulations.reader_app.page import AppOptions, build_reader_apps, case_section, check_reader_id
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ def study_id_for(bundle_id: str, seed: int, image_ids: list[str]) -> str:
     return "S" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:10]
 
 
-def _packet_readme(study: str, options: AppOptions) -> str:
+def _packet_readme(study: str, options: AppOptions, bundle: Bundle) -> str:
     return ("# Reading packet\n\nStudy `" + study + "`. Give each reader their own reading app, "
             "`readers/<id>.html` (one offline file, both rounds; it opens from a USB stick in any current browser). "
             f"Round 2 opens {options.washout_days:g} day(s) after the reader finishes round 1; `unlock_codes.csv` "
@@ -148,7 +148,8 @@ def _packet_readme(study: str, options: AppOptions) -> str:
             "(file names and DICOM tags never enter the pages); text burned "
             "into the pixels is not removed, so look through the pages before handing them out.\n\nMerge and check: "
             "`cldlr reader-study merge reads_*.csv --key key.csv --out reads.csv`; analyse: `cldlr reader-study analyze "
-            "reads.csv --truth key.csv --model-scores model_scores.csv --out table3/`\n")
+            "reads.csv --truth key.csv --model-scores model_scores.csv --out table3/`\n\nModel bundle "
+            f"{bundle.bundle_id[:12]}, signature: {markdown_text(bundle.signer.text)}\n")
 
 
 def _write_reader_apps(tmp: Path, bundle: Bundle, frame: pd.DataFrame, panels: dict[str, dict[str, str]],
@@ -171,19 +172,22 @@ def _write_reader_apps(tmp: Path, bundle: Bundle, frame: pd.DataFrame, panels: d
 
 def make_packet(model: str | Path | Bundle, site: str | Path, out: str | Path, *, seed: int = 0, split: str = "test",
                 allow_missing_clinical: bool = False, force: bool = False, batch_size: int = 16,
-                readers: str | int | Sequence[str] = 3, options: AppOptions | None = None) -> Path:
+                readers: str | int | Sequence[str] = 3, options: AppOptions | None = None,
+                trust: TrustAnchor | None = None, allow_unsigned: bool = False) -> Path:
     """Write ``readers/<id>.html`` (one reading app per reader), ``round1.html``, ``round2.html``,
     ``reads_template.csv`` (for readers) and ``key.csv``, ``model_scores.csv``, ``orders.csv``,
     ``unlock_codes.csv`` (for the coordinator) into ``out``, atomically.
 
-    Case ids follow a seeded shuffle; each reader reads both rounds in their own seeded orders.
+    Case ids follow a seeded shuffle; each reader reads both rounds in their own seeded orders. The
+    bundle must verify against ``trust`` unless ``allow_unsigned``; the coordinator's README
+    records who signed it (or that it is unverified).
     """
     check_output_apart(out, [site, model.path if isinstance(model, Bundle) else model])
     options = options or AppOptions()
     names_of_readers = parse_readers(readers)
     if not names_of_readers:
         raise CldlrError("--readers: give at least one reader id")
-    bundle = model if isinstance(model, Bundle) else load_bundle(model)
+    bundle = open_bundle(model, trust=trust, allow_unsigned=allow_unsigned)
     data = _rows_to_read(Path(site), bundle, split)
     frame, n = data.frame.reset_index(drop=True), len(data)
     rng = np.random.default_rng(seed)
@@ -217,7 +221,7 @@ def make_packet(model: str | Path | Bundle, site: str | Path, out: str | Path, *
         (tmp / "key.csv").write_text(csv_text(["case", "image_id", "label", "imputed"], sorted(key_rows)), "utf-8")
         (tmp / "model_scores.csv").write_text(csv_text(
             ["case", "ai_score", "dlr_score", "clinical_score", "fallback", "threshold"], sorted(score_rows)), "utf-8")
-        (tmp / "README.md").write_text(_packet_readme(study, options), "utf-8")
+        (tmp / "README.md").write_text(_packet_readme(study, options, bundle), "utf-8")
     log.info("reading packet for %d cases and %d reader(s) written to %s", n, len(names_of_readers), out)
     return Path(out)
 

@@ -6,7 +6,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from cldlr.common.bundle import export_study_bundle
+from cldlr.common.bundle import BundleSigner, export_study_bundle, signature_section, study_signer
 from cldlr.common.config import Config
 from cldlr.common.data.contract import SiteData
 from cldlr.common.data.descriptors import known_spacings
@@ -62,28 +62,35 @@ def _simulate_into(config: Config, sites: list[SiteData], run_dir: Path, *, comp
     if mode == "pooled":
         site = merge_sites(sites)
         outcome, artifacts = run_study(site, config, run_dir, resume=resume)
-        export_study_bundle(run_dir / "model", outcome, artifacts, config, site.schema, known_spacings(site.frame))
+        signer = study_signer(config, run_dir)
+        export_study_bundle(run_dir / "model", outcome, artifacts, config, site.schema, known_spacings(site.frame),
+                            signer=signer)
         title = "CLDLR study — single site" if len(sites) == 1 else f"CLDLR study — pooled ({len(sites)} sites)"
+        outcome = dataclasses.replace(outcome, sections={**outcome.sections, **signature_section(signer, run_dir)})
         return write_report(run_dir, outcome, config, title=title)
     if mode == "local":
-        return _run_local(sites, config, run_dir, resume)
+        return _run_local(sites, config, run_dir, resume, study_signer(config, run_dir))
     from cldlr.simulations.federated import run_federated_simulation
 
     return run_federated_simulation(sites, config, run_dir, resume=resume)
 
 
-def _run_local(sites: list, config: Config, run_dir: Path, resume: bool) -> Path:
-    """Each site trains alone; one sub-report per site and a summary table."""
+def _run_local(sites: list, config: Config, run_dir: Path, resume: bool, signer: BundleSigner) -> Path:
+    """Each site trains alone; one sub-report per site and a summary table; ``signer`` signs every site's bundle."""
     sections = {}
     first = None
     for site in sites:
         site_dir = run_dir / f"local-{site.name}"
         site_dir.mkdir(exist_ok=True)
         outcome, artifacts = run_study(site, config, site_dir, resume=resume)
-        export_study_bundle(site_dir / "model", outcome, artifacts, config, site.schema, known_spacings(site.frame))
-        write_report(site_dir, outcome, config, title=f"CLDLR study — local training at {site.name}")
+        export_study_bundle(site_dir / "model", outcome, artifacts, config, site.schema, known_spacings(site.frame),
+                            signer=signer)
+        note = signature_section(signer, run_dir)
+        write_report(site_dir, dataclasses.replace(outcome, sections={**outcome.sections, **note}), config,
+                     title=f"CLDLR study — local training at {site.name}")
         sections[f"Local — {site.name}"] = table2_markdown(outcome.metrics)
         first = first or outcome
     assert first is not None
     title = f"CLDLR study — local training ({len(sites)} sites; main tables: {sites[0].name})"
+    sections |= signature_section(signer, run_dir)
     return write_report(run_dir, dataclasses.replace(first, sections={**first.sections, **sections}), config, title=title)

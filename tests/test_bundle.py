@@ -1,4 +1,8 @@
-"""Model bundle: exact round trip, hash checks on every file, version checks, no pickle, study export."""
+"""Model bundle: exact round trip, hash checks on every file, version checks, no pickle, study export.
+
+Bundles here are signed by a throwaway test "centre" key and loaded trusting it (see
+``test_bundle_signing.py`` for the signature and trust checks themselves).
+"""
 
 from __future__ import annotations
 
@@ -15,20 +19,23 @@ from conftest import write_schema, write_site
 from safetensors.numpy import load_file as load_numpy
 from torch import nn
 
-from cldlr.common import bundle as bundle_mod
+from cldlr.common import versions
 from cldlr.common.bundle import (
     BACKBONE_FILE,
     DP_COVERS,
     FUSION_FILE,
     HASHES_FILE,
     META_FILE,
+    SIGNATURE_FILE,
     BundleError,
+    BundleSigner,
     ClinicalInputError,
+    TrustAnchor,
     export_bundle,
     export_federated_bundle,
     export_study_bundle,
-    hashes_text,
     load_bundle,
+    manifest_of,
 )
 from cldlr.common.clinical.features import ClinicalEncoder
 from cldlr.common.config import Config, DataConfig, ModelConfig, SVMConfig
@@ -46,6 +53,29 @@ from cldlr.common.models.weights import model_to_arrays
 from cldlr.simulations.study import StudyArtifacts
 
 TINY = "tiny_bundle_test"
+CENTRE = BundleSigner.throwaway("test centre")  # what the tests' bundles are signed with
+
+
+def trust_pem(where: Path) -> Path:
+    """The test centre's certificate as a ``--trust`` file in ``where``."""
+    path = where / "centre.pem"
+    path.write_bytes(CENTRE.certificate_pem)
+    return path
+
+
+def model_args(bundle: Path) -> list[str]:
+    """``--model BUNDLE --trust centre.pem``: a bundle signed by the test centre, and that key as the site's trust."""
+    return ["--model", str(bundle), "--trust", str(trust_pem(bundle.parent))]
+
+
+def centre_trust(where: Path) -> TrustAnchor:
+    """A trust anchor pinning the test centre's key (read from a PEM file, as a site would)."""
+    return TrustAnchor.from_files([trust_pem(where)])
+
+
+def load_tiny(path: Path) -> object:
+    """Load a bundle the test centre signed, trusting only that centre."""
+    return load_bundle(path, trust=centre_trust(path.parent))
 
 
 def tiny_cnn(num_classes: int) -> nn.Module:
@@ -103,10 +133,11 @@ def make_tiny_study(root: Path, *, backbone: str = TINY, size: int = 32, n_patie
     return study
 
 
-def export_tiny(study: TinyStudy, out: Path, **card) -> Path:
+def export_tiny(study: TinyStudy, out: Path, signer: BundleSigner | None = CENTRE, threshold: float = 0.4,
+                **card) -> Path:
     return export_bundle(out, model=study.model, model_config=study.model_cfg, data_config=study.data_cfg,
                          normalization=study.normalization, schema=study.schema, selected=study.selected,
-                         encoder=study.encoder, fusion=study.fusion, threshold=0.4,
+                         encoder=study.encoder, fusion=study.fusion, threshold=threshold, signer=signer,
                          model_card={"sites": ["site"], "metrics": {"auc": float("nan")}, **card})
 
 
@@ -122,7 +153,7 @@ def test_round_trip_gives_identical_scores_and_heatmaps(tmp_path, backbone, size
     study = make_tiny_study(tmp_path, backbone=backbone, size=size)
     expected = study.direct_scores()
     expected_cam = grad_cam(study.model, study.rois(), study.normalization)
-    loaded = load_bundle(export_tiny(study, tmp_path / "bundle"))
+    loaded = load_tiny(export_tiny(study, tmp_path / "bundle"))
     images, masks, clinical, ids = bundle_inputs(study)
     predictions = loaded.predict_many(images, masks, clinical, ids=ids)
     assert [p.id for p in predictions] == ids
@@ -140,7 +171,8 @@ def test_bundle_json_records_everything_needed(tmp_path):
     study = make_tiny_study(tmp_path)
     path = export_tiny(study, tmp_path / "bundle")
     meta = json.loads((path / META_FILE).read_text())
-    assert sorted(p.name for p in path.iterdir()) == sorted([BACKBONE_FILE, FUSION_FILE, META_FILE, HASHES_FILE])
+    assert sorted(p.name for p in path.iterdir()) == sorted([BACKBONE_FILE, FUSION_FILE, META_FILE, HASHES_FILE,
+                                                             SIGNATURE_FILE])
     assert meta["model"] == {"backbone": TINY, "num_classes": 2}
     assert meta["roi"] == {"image_size": 32, "margin": 0.1}
     assert meta["normalization"] == {"mean": [0.5] * 3, "std": [0.25] * 3}
@@ -162,7 +194,7 @@ def test_a_flipped_byte_in_any_file_is_refused_naming_it(tmp_path, name):
     data[len(data) // 2] ^= 0x01
     target.write_bytes(bytes(data))
     with pytest.raises(BundleError) as info:
-        load_bundle(path)
+        load_tiny(path)
     assert str(info.value).startswith(f"{target}: ")  # the error names the tampered file itself
 
 
@@ -171,40 +203,40 @@ def test_a_missing_file_is_refused_naming_it(tmp_path, name):
     path = export_tiny(make_tiny_study(tmp_path), tmp_path / "bundle")
     (path / name).unlink()
     with pytest.raises(BundleError) as info:
-        load_bundle(path)
+        load_tiny(path)
     assert str(info.value).startswith(f"{path / name}: missing")
 
 
 def _reseal(path: Path, edit) -> None:
-    """Edit bundle.json and rewrite hashes.json as an exporter would (so only the content check can object)."""
+    """Edit bundle.json, rewrite hashes.json and re-sign as the centre would (so only the content check can object)."""
     meta = json.loads((path / META_FILE).read_text())
     edit(meta)
     (path / META_FILE).write_text(json.dumps(meta))
-    hashes = {n: bundle_mod._sha256(path / n) for n in bundle_mod.HASHED_FILES}
-    (path / HASHES_FILE).write_text(hashes_text(hashes))
+    (path / HASHES_FILE).write_text(manifest_of(path))
+    (path / SIGNATURE_FILE).write_text(CENTRE.sign((path / HASHES_FILE).read_bytes()))
 
 
 def test_format_and_major_version_mismatches_are_errors(tmp_path, monkeypatch, caplog):
     path = export_tiny(make_tiny_study(tmp_path), tmp_path / "bundle")
-    real = bundle_mod.runtime_versions()
-    monkeypatch.setattr(bundle_mod, "runtime_versions", lambda: {**real, "cldlr": "7.0.0"})
+    real = versions.runtime_versions()
+    monkeypatch.setattr(versions, "runtime_versions", lambda: {**real, "cldlr": "7.0.0"})
     with pytest.raises(BundleError, match=r"major versions differ.*install cldlr 0\.x"):
-        load_bundle(path)
-    monkeypatch.setattr(bundle_mod, "runtime_versions", lambda: {**real, "torch": "9.9.9"})
+        load_tiny(path)
+    monkeypatch.setattr(versions, "runtime_versions", lambda: {**real, "torch": "9.9.9"})
     with caplog.at_level(logging.WARNING, logger="cldlr.common.bundle"):
-        load_bundle(path)
+        load_tiny(path)
     assert "torch" in caplog.text and "9.9.9" in caplog.text
     monkeypatch.undo()
     _reseal(path, lambda m: m.update(format_version=99))
     with pytest.raises(BundleError, match="v99"):
-        load_bundle(path)
+        load_tiny(path)
 
 
 def test_backbone_that_does_not_fit_its_config_is_refused(tmp_path):
     path = export_tiny(make_tiny_study(tmp_path), tmp_path / "bundle")
     _reseal(path, lambda m: m["model"].update(num_classes=3))
     with pytest.raises(BundleError, match=f"{BACKBONE_FILE}: state dict does not fit"):
-        load_bundle(path)
+        load_tiny(path)
 
 
 def test_export_refuses_inconsistent_parts_and_existing_folder(tmp_path):
@@ -221,7 +253,7 @@ def test_export_refuses_inconsistent_parts_and_existing_folder(tmp_path):
 
 def test_missing_and_invalid_clinical_values(tmp_path, caplog):
     study = make_tiny_study(tmp_path)
-    loaded = load_bundle(export_tiny(study, tmp_path / "bundle"))
+    loaded = load_tiny(export_tiny(study, tmp_path / "bundle"))
     images, masks, clinical, _ = bundle_inputs(study)
     with pytest.raises(ClinicalInputError, match=r"'age'.*outside the valid range \[18, 100\].*expected a number"):
         loaded.predict(images[0], masks[0], {**clinical[0], "age": "140"})
@@ -248,20 +280,20 @@ def test_export_study_bundle_writes_a_model_card(tmp_path):
     outcome = StudyOutcome(metrics={"cldlr": {"test": {"auc": 0.8, "auc_ci_low": float("nan")}}}, delong={}, roc={},
                            selection_table=[], selected=study.selected, sites=sites, privacy={"epsilon": 7.5})
     artifacts = StudyArtifacts(study.model, study.encoder, study.fusion, {}, {})
-    path = export_study_bundle(tmp_path / "run" / "model", outcome, artifacts, config, study.schema)
+    path = export_study_bundle(tmp_path / "run" / "model", outcome, artifacts, config, study.schema, signer=CENTRE)
     card = json.loads((path / META_FILE).read_text())["model_card"]
     assert card["cohorts"] == sites and card["sites"] == ["site"]
     assert card["metrics"]["cldlr"]["test"] == {"auc": 0.8, "auc_ci_low": None}
     assert card["differential_privacy"]["spent"] == {"epsilon": 7.5} and card["differential_privacy"]["target_epsilon"] == 8.0
     assert card["split"]["test_fraction"] == config.data.test_fraction
-    loaded = load_bundle(path)
+    loaded = load_tiny(path)
     assert loaded.threshold == 0.3 and loaded.image_size == 32 and loaded.normalization.std == (0.25,) * 3
     export_study_bundle(tmp_path / "run" / "model", outcome, artifacts, config, study.schema)  # a resumed run replaces it
 
 
 def test_no_selected_clinical_parameter_means_cldlr_is_dlr(tmp_path):
     study = make_tiny_study(tmp_path, selected=())
-    loaded = load_bundle(export_tiny(study, tmp_path / "bundle"))
+    loaded = load_tiny(export_tiny(study, tmp_path / "bundle"))
     images, masks, clinical, _ = bundle_inputs(study)
     prediction = loaded.predict(images[0], masks[0], {})
     assert loaded.selected == [] and prediction.clinical_score is None and prediction.fallback is None
@@ -280,11 +312,11 @@ def test_export_federated_bundle_from_global_arrays(tmp_path):
                                                         privacy={"a": {"epsilon": 2.0}}))
     fit = SimpleNamespace(encoder=study.encoder, fusion=study.fusion, selection=None)
     path = export_federated_bundle(tmp_path / "model", arrays=model_to_arrays(study.model), fit=fit, outcome=outcome,
-                                   config=config, schema=study.schema)
+                                   config=config, schema=study.schema, signer=CENTRE)
     card = json.loads((path / META_FILE).read_text())["model_card"]
     assert card["sites"] == ["a", "b"] and card["federation"] == {"strategy": "fedavg", "rounds": 3}
     assert card["differential_privacy"] == {"spent": {"a": {"epsilon": 2.0}}, "covers": DP_COVERS}
     assert "backbone only" in DP_COVERS
     images, masks, clinical, ids = bundle_inputs(study)
-    scores = [p.ai_score for p in load_bundle(path).predict_many(images, masks, clinical, ids=ids)]
+    scores = [p.ai_score for p in load_tiny(path).predict_many(images, masks, clinical, ids=ids)]
     np.testing.assert_array_equal(scores, expected["cldlr"])

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 import yaml
 from conftest import lesion_image
 from PIL import Image
-from test_bundle import TinyStudy, make_tiny_study
+from test_bundle import CENTRE, TinyStudy, centre_trust, make_tiny_study, model_args
 
 from cldlr.cli import main
 from cldlr.client.importers.bus_bra import bus_bra_schema_yaml
@@ -49,7 +49,7 @@ def export(study: TinyStudy, out: Path, training_spacing=None) -> Path:
     return export_bundle(out, model=study.model, model_config=study.model_cfg, data_config=study.data_cfg,
                          normalization=study.normalization, schema=study.schema, selected=study.selected,
                          encoder=study.encoder, fusion=study.fusion, threshold=0.4, model_card={"sites": ["site"]},
-                         training_spacing=training_spacing)
+                         training_spacing=training_spacing, signer=CENTRE)
 
 
 def edit_csv(site: Path, change) -> None:
@@ -82,7 +82,7 @@ def test_reader_packet_on_a_fresh_phantom_site_imputes_family_history_as_in_trai
     fresh = tmp_path / "fresh" / "site-1"
     edit_csv(fresh, lambda t: t.assign(family_history=["" if i % 5 == 0 else v for i, v in enumerate(t.family_history)]))
     out = tmp_path / "packet"
-    assert main(["reader-study", "packet", "--model", str(bundle), "--site", str(fresh), "--out", str(out),
+    assert main(["reader-study", "packet", *model_args(bundle), "--site", str(fresh), "--out", str(out),
                  "--split", "all"]) == 0
     key = pd.read_csv(out / "key.csv", dtype=str, keep_default_na=False)
     fill = study.encoder.impute[study.selected.index("family_history")]
@@ -99,7 +99,7 @@ def test_imputed_value_scores_exactly_as_the_training_encoder_would(tmp_path):
     bundle = export(study, tmp_path / "bundle")
     edit_csv(study.site.root, lambda t: t.assign(palpable=["" if i == 2 else v for i, v in enumerate(t.palpable)]))
     out = tmp_path / "pred"
-    assert main(["predict", "--model", str(bundle), "--site", str(study.site.root), "--out", str(out)]) == 0
+    assert main(["predict", *model_args(bundle), "--site", str(study.site.root), "--out", str(out)]) == 0
     table = pd.read_csv(out / "predictions.csv", keep_default_na=False)
     fill = study.encoder.impute[study.selected.index("palpable")]
     assert table["imputed"].tolist() == [f"palpable={fill:g}" if i == 2 else "" for i in range(len(table))]
@@ -110,11 +110,12 @@ def test_imputed_value_scores_exactly_as_the_training_encoder_would(tmp_path):
     assert json.loads((out / "summary.json").read_text())["n_imputed"] == 1
     r = study.site.frame.iloc[0]  # one lesion without palpable: imputed and said so; age (missing: error) still refuses
     lesion = tmp_path / "lesion.json"
-    assert main(["predict", "--model", str(bundle), "--image", r["image_path"], "--mask", r["mask_path"],
+    assert main(["predict", *model_args(bundle), "--image", r["image_path"], "--mask", r["mask_path"],
                  "--clinical", f"age={r['age']:g}", "--clinical", "side=left", "--out", str(lesion)]) == 0
     assert json.loads(lesion.read_text())["imputed"] == {"palpable": fill}
     with pytest.raises(ClinicalInputError, match="missing clinical value"):
-        load_bundle(bundle).predict(read_image(r["image_path"]), read_mask(r["mask_path"]), {"side": "left"})
+        load_bundle(bundle, trust=centre_trust(bundle.parent)).predict(read_image(r["image_path"]),
+                                                                       read_mask(r["mask_path"]), {"side": "left"})
 
 
 # ---------------------------------------------------------------------------- 5: unlabelled clinic cases
@@ -136,7 +137,7 @@ def test_predict_site_scores_a_folder_without_labels_and_validate_says_what_it_s
     with pytest.raises(ContractError, match="no label"):
         _ = read_site(clinic, study.schema, purpose="predict").labels
     out = tmp_path / "pred"
-    assert main(["predict", "--model", str(bundle), "--site", str(clinic), "--out", str(out)]) == 0
+    assert main(["predict", *model_args(bundle), "--site", str(clinic), "--out", str(out)]) == 0
     table = pd.read_csv(out / "predictions.csv")
     assert list(table["image_id"]) == list(study.site.frame["image_id"])
     np.testing.assert_allclose(table["ai_score"], study.direct_scores()["cldlr"], atol=1e-6)
@@ -159,7 +160,7 @@ def test_predict_image_and_mask_with_a_descriptor_only_bundle_needs_no_clinical_
     study, bundle = descriptor_study
     r = study.site.frame.iloc[3]
     out = tmp_path / "lesion.json"
-    assert main(["predict", "--model", str(bundle), "--image", r["image_path"], "--mask", r["mask_path"],
+    assert main(["predict", *model_args(bundle), "--image", r["image_path"], "--mask", r["mask_path"],
                  "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     computed = lesion_descriptors(read_mask(r["mask_path"]))
@@ -167,7 +168,7 @@ def test_predict_image_and_mask_with_a_descriptor_only_bundle_needs_no_clinical_
     assert result["ai_score"] == pytest.approx(study.direct_scores()["cldlr"][3], abs=1e-5)
     assert result["fallback"] is None and result["imputed"] == {}
     wrong = tmp_path / "wrong.json"  # a recorded value wins (as in training) and a disagreement is a warning
-    assert main(["predict", "--model", str(bundle), "--image", r["image_path"], "--mask", r["mask_path"],
+    assert main(["predict", *model_args(bundle), "--image", r["image_path"], "--mask", r["mask_path"],
                  "--clinical", "width_px=3", "--out", str(wrong)]) == 0
     assert any("width_px: recorded 3 px but the mask gives" in w for w in json.loads(wrong.read_text())["warnings"])
 
@@ -263,7 +264,7 @@ def test_pixel_inputs_are_refused_at_another_spacing_unless_accepted(descriptor_
     study, _ = descriptor_study
     bundle = export(study, tmp_path / "spaced", training_spacing=[(0.1, 0.1)])
     r = study.site.frame.iloc[0]
-    lesion = ["predict", "--model", str(bundle), "--image", r["image_path"], "--mask", r["mask_path"]]
+    lesion = ["predict", *model_args(bundle), "--image", r["image_path"], "--mask", r["mask_path"]]
     assert main([*lesion, "--spacing", "0.2", "--out", str(tmp_path / "a.json")]) == 2
     err = capsys.readouterr().err
     assert "pixel-unit input(s) width_px" in err and "0.2 mm per pixel" in err and "--accept-pixel-units" in err
@@ -276,7 +277,7 @@ def test_pixel_inputs_are_refused_at_another_spacing_unless_accepted(descriptor_
     clinic = tmp_path / "clinic"  # a site declares its spacing per image
     shutil.copytree(study.site.root, clinic)
     edit_csv(clinic, lambda t: t.assign(spacing_mm="0.3"))
-    assert main(["predict", "--model", str(bundle), "--site", str(clinic), "--out", str(tmp_path / "p")]) == 2
+    assert main(["predict", *model_args(bundle), "--site", str(clinic), "--out", str(tmp_path / "p")]) == 2
     assert "0.3 mm per pixel" in capsys.readouterr().err
 
 
@@ -291,7 +292,7 @@ def test_a_class_folders_site_is_scored_by_a_bundle_whose_schema_lists_side_devi
     with pytest.raises(ContractError):
         read_site(external, study.schema)  # the full schema wants them
     out = tmp_path / "pred"
-    assert main(["predict", "--model", str(bundle), "--site", str(external), "--out", str(out)]) == 0
+    assert main(["predict", *model_args(bundle), "--site", str(external), "--out", str(out)]) == 0
     table = pd.read_csv(out / "predictions.csv")
     ext = read_site_for_scoring(external, study.schema, study.selected)
     assert len(table) == len(ext) == 20 and list(table["image_id"]) == list(ext.frame["image_id"])
@@ -310,12 +311,12 @@ def test_a_missing_input_column_names_it_and_map_renames_without_copying(tmp_pat
     shutil.copytree(site, external)
     edit_csv(external, lambda t: t.drop(columns=["device", "birads"]).rename(columns={"side": "Laterality"}))
     before = (external / "clinical.csv").read_bytes()
-    assert main(["predict", "--model", str(bundle), "--site", str(external), "--out", str(tmp_path / "a")]) == 2
+    assert main(["predict", *model_args(bundle), "--site", str(external), "--out", str(tmp_path / "a")]) == 2
     captured = capsys.readouterr()
     report = captured.out + captured.err
     assert "column 'side', an input of the model, is missing" in report and "--map SITE_COLUMN=side" in report
     out = tmp_path / "b"
-    assert main(["predict", "--model", str(bundle), "--site", str(external), "--out", str(out),
+    assert main(["predict", *model_args(bundle), "--site", str(external), "--out", str(out),
                  "--map", "Laterality=side"]) == 0
     np.testing.assert_allclose(pd.read_csv(out / "predictions.csv")["ai_score"], study.direct_scores()["cldlr"], atol=1e-6)
     assert (external / "clinical.csv").read_bytes() == before

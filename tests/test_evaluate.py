@@ -19,7 +19,7 @@ from scipy.special import expit, logit
 
 from cldlr.cli import main
 from cldlr.client.importers.class_folders import import_class_folders
-from cldlr.common.bundle import load_bundle
+from cldlr.common.bundle import TrustAnchor, load_bundle
 from cldlr.common.evaluation.binned import as_cases
 from cldlr.common.evaluation.calibration import EPS, calibration_intercept_slope
 from cldlr.common.evaluation.measures import model_measures, paired_tests
@@ -27,6 +27,11 @@ from cldlr.simulations.phantom import generate_phantom
 
 TRAIN = ("model.backbone=tiny", "model.weights=none", "data.image_size=32", "train.epochs=2", "train.batch_size=8",
          "svm.embedding_pca=4", "evaluation.min_count=1", "evaluation.gradcam_examples=2")
+
+
+def trust(*bundles: Path) -> list[str]:
+    """``--trust`` each run's study-local signer certificate (``<run>/model-signer.pem``), as the report says."""
+    return [x for b in bundles for x in ("--trust", str(b.parent / "model-signer.pem"))]
 
 
 def class_tree(site: Path, dest: Path, style: int) -> Path:
@@ -79,7 +84,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def report(world: dict[str, Path]) -> Path:
     out = world["root"] / "evaluation"
     assert main(["evaluate", "--model", str(world["a"]), str(world["site-2"]), str(world["site-3"]), "--out", str(out),
-                 "--against", str(world["b"]), "--by", "birads", "--n-boot", "200", "--seed", "7"]) == 0
+                 "--against", str(world["b"]), "--by", "birads", "--n-boot", "200", "--seed", "7",
+                 *trust(world["a"], world["b"])]) == 0
     return out
 
 
@@ -133,7 +139,8 @@ def test_measures_equal_their_pooled_computation_on_the_same_predictions(report:
 
 
 def test_scores_are_those_of_cldlr_predict(report: Path, world: dict[str, Path], tmp_path: Path) -> None:
-    assert main(["predict", "--model", str(world["a"]), "--site", str(world["site-2"]), "--out", str(tmp_path / "p")]) == 0
+    assert main(["predict", "--model", str(world["a"]), "--site", str(world["site-2"]), "--out", str(tmp_path / "p"),
+                 *trust(world["a"])]) == 0
     direct = pd.read_csv(tmp_path / "p" / "predictions.csv").set_index("image_id")
     evaluated = pd.read_csv(report / "predictions.csv")
     evaluated = evaluated[evaluated["site"] == "site-2"].set_index("image_id")
@@ -143,7 +150,7 @@ def test_scores_are_those_of_cldlr_predict(report: Path, world: dict[str, Path],
 def test_image_unit_uses_clustered_intervals(world: dict[str, Path], report: Path) -> None:
     out = world["root"] / "per-image"
     assert main(["evaluate", "--model", str(world["a"]), str(world["site-2"]), "--out", str(out), "--unit", "image",
-                 "--n-boot", "50"]) == 0
+                 "--n-boot", "50", *trust(world["a"])]) == 0
     data = json.loads((out / "report.json").read_text())
     row = data["measures"]["site-2"]["cldlr"]["table2"]
     assert row["auc_ci_method"] == "obuchowski-clustered" and row["n"] == 36
@@ -154,22 +161,31 @@ def test_recalibrated_bundle_records_the_update_and_scores_accordingly(world: di
     out, new = world["root"] / "recal-report", world["root"] / "recalibrated"
     # per image: at the lesion level this tiny phantom's scores separate the classes, and no fit exists
     assert main(["evaluate", "--model", str(world["a"]), str(world["site-2"]), "--out", str(out), "--n-boot", "20",
-                 "--unit", "image", "--recalibrate", str(world["site-3"]), "--recalibrated-out", str(new)]) == 0
-    card = load_bundle(new).meta["model_card"]["recalibration"]
+                 "--unit", "image", "--recalibrate", str(world["site-3"]), "--recalibrated-out", str(new),
+                 *trust(world["a"])]) == 0
+    local_signer = out / "recalibration-signer.pem"  # no --signer: a recalibration-local key signed it
+    card = load_bundle(new, trust=TrustAnchor.from_files([local_signer])).meta["model_card"]["recalibration"]
     a, b = card["models"]["cldlr"]["intercept"], card["models"]["cldlr"]["slope"]
-    assert card["site"] == "site-3" and card["from_bundle_id"] == load_bundle(world["a"]).bundle_id
+    original = load_bundle(world["a"], trust=TrustAnchor.from_files([world["a"].parent / "model-signer.pem"]))
+    assert card["site"] == "site-3" and card["from_bundle_id"] == original.bundle_id
+    assert card["signed_by"]["key"].startswith("recalibration-local") and "recalibration-signer.pem" in card["signed_by"]["key"]
+    assert "recalibration-local key" in (out / "report.md").read_text()
+    # the study's signer does not vouch for the recalibrated bundle: a site must trust its new signer
+    assert main(["evaluate", "--model", str(new), str(world["site-2"]), "--out", str(world["root"] / "recal-untrusted"),
+                 "--n-boot", "20", *trust(world["a"])]) == 2
     fitted = json.loads((out / "report.json").read_text())["recalibration"]["fits"]["cldlr"]
     assert fitted == pytest.approx({"intercept": a, "slope": b})
     # the fit is the logistic recalibration of the local sample's lesion scores
     local = world["root"] / "recal-local"
     assert main(["evaluate", "--model", str(world["a"]), str(world["site-3"]), "--out", str(local), "--n-boot", "20",
-                 "--unit", "image"]) == 0
+                 "--unit", "image", *trust(world["a"])]) == 0
     images = pd.read_csv(local / "predictions.csv")
     refit = calibration_intercept_slope(as_cases(images["label"], images["ai_score"]))
     assert (a, b) == pytest.approx((refit["slope_intercept"], refit["slope"]))
     # and the new bundle's AI score is exactly p' = expit(a + b logit p) of the old one
     after_dir = world["root"] / "recal-after"
-    assert main(["evaluate", "--model", str(new), str(world["site-2"]), "--out", str(after_dir), "--n-boot", "20"]) == 0
+    assert main(["evaluate", "--model", str(new), str(world["site-2"]), "--out", str(after_dir), "--n-boot", "20",
+                 "--trust", str(local_signer)]) == 0
     before, after = pd.read_csv(out / "predictions.csv"), pd.read_csv(after_dir / "predictions.csv")
     p = before["ai_score"].to_numpy()
     inside = (p > EPS) & (p < 1 - EPS)
@@ -181,7 +197,8 @@ def test_recalibrated_bundle_records_the_update_and_scores_accordingly(world: di
 def test_recalibration_refuses_a_sample_without_a_fit(world: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     out = world["root"] / "recal-separated"
     code = main(["evaluate", "--model", str(world["a"]), str(world["site-3"]), "--out", str(out), "--n-boot", "20",
-                 "--recalibrate", str(world["site-2"]), "--recalibrated-out", str(world["root"] / "never")])
+                 "--recalibrate", str(world["site-2"]), "--recalibrated-out", str(world["root"] / "never"),
+                 *trust(world["a"])])
     if code == 0:  # site-2 happened to overlap: nothing to refuse with this draw of the phantom
         pytest.skip("the recalibration sample is not perfectly separated")
     assert code == 2 and "no maximum-likelihood fit" in capsys.readouterr().err
@@ -190,8 +207,39 @@ def test_recalibration_refuses_a_sample_without_a_fit(world: dict[str, Path], ca
 
 def test_bad_inputs_are_clear_errors(world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["evaluate", "--model", str(world["a"]), str(world["site-2"]), "--out", str(tmp_path / "x"),
-                 "--by", "nonexistent"]) == 2
+                 "--by", "nonexistent", *trust(world["a"])]) == 2
     assert "--by nonexistent" in capsys.readouterr().err and not (tmp_path / "x").exists()
     assert main(["evaluate", "--model", str(world["a"]), str(world["site-2"]), "--out", str(tmp_path / "y"),
-                 "--recalibrate", str(world["site-2"])]) == 2
+                 "--recalibrate", str(world["site-2"]), *trust(world["a"])]) == 2
     assert "go together" in capsys.readouterr().err
+
+
+def test_evaluate_verifies_every_bundle_and_reports_its_signer(world: dict[str, Path], report: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    data = json.loads((report / "report.json").read_text())
+    assert data["model"]["signature"].startswith("signed by CN=cldlr study-local bundle signer")
+    assert data["against"]["signer"]["verified"] and "Signature: signed by" in (report / "report.md").read_text()
+    base = ["evaluate", "--model", str(world["a"]), str(world["site-2"]), "--n-boot", "20"]
+    assert main([*base, "--out", str(tmp_path / "none")]) == 2  # nothing trusted: refused before anything is scored
+    assert "no trusted bundle signer" in capsys.readouterr().err and not (tmp_path / "none").exists()
+    assert main([*base, "--out", str(tmp_path / "b"), *trust(world["b"])]) == 2  # another run's key does not vouch for a
+    assert "does not trust" in capsys.readouterr().err and not (tmp_path / "b").exists()
+    assert main([*base, "--out", str(tmp_path / "u"), "--allow-unsigned"]) == 0
+    assert json.loads((tmp_path / "u" / "report.json").read_text())["model"]["signature"].startswith("unverified")
+
+
+def test_recalibrated_bundle_is_signed_by_the_given_key(world: dict[str, Path], tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["certs", "ca", str(tmp_path / "ca")]) == 0
+    assert main(["certs", "bundle-signer", str(tmp_path / "signer"), "--ca-dir", str(tmp_path / "ca")]) == 0
+    out, new = tmp_path / "report", tmp_path / "recalibrated"
+    base = ["evaluate", "--model", str(world["a"]), str(world["site-2"]), "--n-boot", "20", "--unit", "image",
+            *trust(world["a"])]
+    assert main([*base, "--out", str(out), "--recalibrate", str(world["site-3"]), "--recalibrated-out", str(new),
+                 "--signer", str(tmp_path / "signer")]) == 0
+    assert not (out / "recalibration-signer.pem").exists()
+    bundle = load_bundle(new, trust=TrustAnchor.from_files([tmp_path / "ca" / "ca.crt"]))  # the site's CA vouches
+    assert bundle.signer.verified and bundle.meta["model_card"]["recalibration"]["signed_by"]["key"] == \
+        "the key given with --signer"
+    assert main([*base, "--out", str(tmp_path / "x"), "--signer", str(tmp_path / "signer")]) == 2
+    assert "use it with --recalibrate" in capsys.readouterr().err

@@ -23,7 +23,7 @@ from cldlr.client.federated import FederatedSite
 from cldlr.client.federated_evaluation import evaluate_rows, external_scores, site_bundle
 from cldlr.client.policy import PolicyRefusal, policy_from_dict
 from cldlr.client.site import SiteSession
-from cldlr.common.bundle import META_FILE, load_bundle
+from cldlr.common.bundle import LOCAL_SIGNER_CERT, META_FILE, TrustAnchor, load_bundle
 from cldlr.common.config import Config, load_config
 from cldlr.common.data.site import read_site
 from cldlr.common.errors import ConfigError
@@ -44,7 +44,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             f"run.output_dir={root / 'runs'}", "run.name=trained", *TRAIN]
     assert main(["simulate", "configs/paper.yaml", *[x for s in sets for x in ("--set", s)]]) == 0
     return {"root": root, "schema": schema, "bundle": root / "runs" / "trained" / "model",
+            "signer": root / "runs" / "trained" / LOCAL_SIGNER_CERT,  # the study-local key that signed it
             "sites": [root / "phantom" / f"site-{k}" for k in (2, 3)]}
+
+
+def trusted(world: dict[str, Path]):
+    return load_bundle(world["bundle"], trust=TrustAnchor.from_files([world["signer"]]))
 
 
 def study_config(world: dict[str, Path], *extra: str) -> Config:
@@ -56,7 +61,8 @@ def study_config(world: dict[str, Path], *extra: str) -> Config:
 
 def policy(world: dict[str, Path], state: Path, **extra: object):
     return policy_from_dict({"schema": str(world["schema"]), "folders": {"state": str(state)},
-                             "evaluation_bundle": str(world["bundle"]), **extra})
+                             "evaluation_bundle": str(world["bundle"]), "trusted_bundle_signers": [str(world["signer"])],
+                             **extra})
 
 
 def plain_sum(sites: list[FederatedSite]):
@@ -66,7 +72,7 @@ def plain_sum(sites: list[FederatedSite]):
 
 
 def evaluation_sites(world: dict[str, Path], config: Config, tmp_path: Path, **policy_extra: object) -> list[FederatedSite]:
-    bundle = load_bundle(world["bundle"])
+    bundle = trusted(world)
     sites = []
     for folder in world["sites"]:
         site_policy = policy(world, tmp_path / folder.name, **policy_extra)
@@ -79,12 +85,12 @@ def evaluation_sites(world: dict[str, Path], config: Config, tmp_path: Path, **p
 
 def test_federated_evaluation_equals_cldlr_evaluate_on_the_pooled_sites(world, tmp_path) -> None:
     config = study_config(world)
-    bundle = load_bundle(world["bundle"])
+    bundle = trusted(world)
     sites = evaluation_sites(world, config, tmp_path)
     max_cases = max(len(s.session.train) + len(s.session.test) for s in sites)
     evaluation, measures, rounds = evaluation_only(plain_sum(sites), config, bundle.bundle_id, bundle_models(bundle),
                                                    max_cases)
-    out = evaluate(world["bundle"], world["sites"], tmp_path / "evaluate",
+    out = evaluate(world["bundle"], world["sites"], tmp_path / "evaluate", trust=TrustAnchor.from_files([world["signer"]]),
                    settings=EvaluationSettings(unit="image", n_boot=N_BOOT, seed=config.run.seed))
     pooled = json.loads((out / "report.json").read_text())["measures"]["pooled"]
     n_benign = sum(int((s.external.labels("test") == 0).sum()) for s in sites)
@@ -119,12 +125,14 @@ def test_a_site_restricts_scoring_to_its_test_split(world, tmp_path) -> None:
 
 
 def test_a_site_refuses_a_bundle_it_was_not_given_or_cannot_verify(world, tmp_path) -> None:
-    real = load_bundle(world["bundle"]).bundle_id
+    real = trusted(world).bundle_id
     assert site_bundle(policy(world, tmp_path), real) == Path(world["bundle"])
     with pytest.raises(PolicyRefusal, match="not the one this site holds"):
         site_bundle(policy(world, tmp_path), "0" * 64)
     with pytest.raises(PolicyRefusal, match="was not given"):
         site_bundle(policy(world, tmp_path, evaluation_bundle=""), real)
+    with pytest.raises(PolicyRefusal, match="cannot verify"):  # nobody the site trusts signed it
+        site_bundle(policy(world, tmp_path, trusted_bundle_signers=[]), real)
     edited = tmp_path / "edited"
     shutil.copytree(world["bundle"], edited)
     meta = edited / META_FILE
@@ -156,9 +164,18 @@ def test_evaluation_only_simulation_reports_an_external_evaluation(world, tmp_pa
     assert report["federation"]["strategy"] == "none (evaluation only)" and report["federation"]["rounds"] == 0
     assert report["measures"]["counts"]["images"] == 108  # three sites, every row
     out = evaluate(world["bundle"], [world["root"] / "phantom" / f"site-{k}" for k in (1, 2, 3)], tmp_path / "ev",
-                   settings=EvaluationSettings(unit="image", n_boot=N_BOOT))
+                   trust=TrustAnchor.from_files([world["signer"]]), settings=EvaluationSettings(unit="image", n_boot=N_BOOT))
     pooled = json.loads((out / "report.json").read_text())["measures"]["pooled"]
     for model in ("cldlr", "dlr"):
         assert abs(report["metrics"][model]["test"]["auc"] - pooled[model]["table2"]["auc"]) <= 1e-3
         assert report["measures"]["models"][model]["calibration"]["brier"] == pytest.approx(
             pooled[model]["calibration"]["brier"], abs=1e-4)
+
+
+def test_simulated_sites_hold_the_bundle_and_trust_its_study_signer(world) -> None:
+    from cldlr.simulations.federated import simulation_policy
+
+    derived = simulation_policy(study_config(world))
+    assert derived["evaluation_bundle"] == str(world["bundle"].resolve())
+    assert derived["trusted_bundle_signers"] == [str(world["signer"].resolve())]
+    assert "trusted_bundle_signers" not in simulation_policy(load_config(None, []))  # other studies: as before

@@ -69,6 +69,14 @@ def test_report_has_every_model_and_cohort(federated_run: Path) -> None:
     assert len(local) == 3 and all("metrics" in json.loads(p.read_text()) for p in local)
 
 
+def test_the_federated_bundle_is_signed_by_a_study_local_key_the_report_names(federated_run: Path) -> None:
+    from cldlr.common.bundle import TrustAnchor, load_bundle
+
+    assert "signed by a study-local key" in (federated_run / "report.md").read_text()
+    bundle = load_bundle(federated_run / "model", trust=TrustAnchor.from_files([federated_run / "model-signer.pem"]))
+    assert bundle.signer.verified and "study-local" in str(bundle.signer.subject)
+
+
 def test_ledger_shows_no_per_case_array_or_clinical_value(federated_run: Path, phantom: Path) -> None:
     """Every message that left a site: weights (model-shaped), masked SecAgg+ vectors, small metrics."""
     import pandas as pd

@@ -65,3 +65,8 @@ def test_pooled_study_fits_the_fusion_on_the_hold_out(phantom: Path, tmp_path: P
     assert outcome.metrics["cldlr"]["train"]["n"] == len(expected.fusion_rows)
     assert outcome.metrics["cldlr"]["test"]["n"] == len(expected.test)
     assert "Fusion hold-out" in outcome.sections
+    # the Clinical model is the paper's (every training image): the same as in a fit_on=train study of the split
+    paper, _ = run_study(site, config(phantom, tmp_path / "paper", "fusion.fit_on=train"), tmp_path / "paper",
+                         progress=False)
+    assert outcome.metrics["clinical"]["test"]["auc"] == paper.metrics["clinical"]["test"]["auc"]
+    assert outcome.metrics["dlr"]["test"]["auc"] != paper.metrics["dlr"]["test"]["auc"]

@@ -65,6 +65,11 @@ def test_an_archive_sharing_a_study_patient_is_refused(cohorts, tmp_path: Path, 
     assert main(["pretrain", "configs/demo.yaml", *args(study, tmp_path, "federation.mode=pooled"), "--archive", str(leaky),
                  "--out", str(out)]) != 0
     assert victim in capsys.readouterr().err and not out.exists()
+    assert main(["pretrain", "configs/demo.yaml", *args(study, tmp_path, "federation.mode=pooled"), "--archive",
+                 str(leaky), "--out", str(out), "--drop-overlap"]) == 0
+    info = json.loads((tmp_path / "pre.pt.json").read_text())
+    assert info["overlap_patients_dropped"] == 1 and sum(s["images"] for s in info["archive"]) == 48 - info[
+        "overlap_images_dropped"] > 0
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_bundle import export_tiny, make_tiny_study
+from test_bundle import export_tiny, make_tiny_study, model_args
 
 from cldlr.cli import main
 from cldlr.common.errors import CldlrError
@@ -43,7 +43,7 @@ def app_packet(tmp_path_factory):
     study = make_tiny_study(root, n_patients=16)
     bundle = export_tiny(study, root / "bundle")
     out = root / "packet"
-    assert main(["reader-study", "packet", "--model", str(bundle), "--site", str(study.site.root), "--out", str(out),
+    assert main(["reader-study", "packet", *model_args(bundle), "--site", str(study.site.root), "--out", str(out),
                  "--seed", "3", "--readers", "R01,R02,R03", "--washout-days", "14", "--show-round1"]) == 0
     return study, bundle, out
 
@@ -96,7 +96,7 @@ def test_each_reader_has_an_own_recorded_order_and_code(app_packet):
 def test_orders_depend_on_seed_and_reader_only(app_packet, tmp_path):
     study, bundle, out = app_packet
     again = tmp_path / "again"
-    assert main(["reader-study", "packet", "--model", str(bundle), "--site", str(study.site.root), "--out", str(again),
+    assert main(["reader-study", "packet", *model_args(bundle), "--site", str(study.site.root), "--out", str(again),
                  "--seed", "3", "--readers", "R02"]) == 0
     first = study_data((out / "readers" / "R02.html").read_text())
     assert study_data((again / "readers" / "R02.html").read_text())["orders"] == first["orders"]

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from test_bundle import export_tiny, make_tiny_study
+from test_bundle import export_tiny, make_tiny_study, model_args
 
 from cldlr.cli import main
 from cldlr.simulations import reader_study
@@ -137,7 +137,7 @@ def exported(study_bundle, tmp_path_factory):
     root = tmp_path_factory.mktemp("browser")
     packet, downloads = root / "packet", root / "downloads"
     downloads.mkdir()
-    assert main(["reader-study", "packet", "--model", str(bundle), "--site", str(study.site.root), "--out", str(packet),
+    assert main(["reader-study", "packet", *model_args(bundle), "--site", str(study.site.root), "--out", str(packet),
                  "--readers", ",".join(READERS)]) == 0  # the default 28-day wash-out
     key = pd.read_csv(packet / "key.csv")
     truth = dict(zip(key["case"], key["label"]))
@@ -224,7 +224,7 @@ def test_analysis_reads_the_merged_app_export(exported, tmp_path):
 def test_round2_shows_the_round1_answer_when_the_design_says_so(study_bundle, tmp_path):
     study, bundle = study_bundle
     packet = tmp_path / "packet"
-    assert main(["reader-study", "packet", "--model", str(bundle), "--site", str(study.site.root), "--out", str(packet),
+    assert main(["reader-study", "packet", *model_args(bundle), "--site", str(study.site.root), "--out", str(packet),
                  "--readers", "solo", "--washout-days", "0", "--show-round1"]) == 0
     n = len(pd.read_csv(packet / "key.csv"))
     d = start_browser(tmp_path)

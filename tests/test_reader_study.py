@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
-from test_bundle import export_tiny, make_tiny_study
+from test_bundle import export_tiny, make_tiny_study, trust_pem
 
 from cldlr.cli import main
 from cldlr.common.evaluation.mrmc import mrmc_auc
@@ -44,12 +44,17 @@ def truth_and_scores(tmp_path: Path, n: int = 40, seed: int = 0, separation: flo
 
 # ---------------------------------------------------------------------------- packet
 
+def model(bundle: Path) -> list[str]:
+    """``--model BUNDLE --trust centre.pem``: the bundle and the test centre's key the coordinator trusts."""
+    return ["--model", str(bundle), "--trust", str(trust_pem(bundle.parent))]
+
+
 @pytest.fixture
 def packet(tmp_path):
     study = make_tiny_study(tmp_path, n_patients=16)
     bundle = export_tiny(study, tmp_path / "bundle")
     out = tmp_path / "packet"
-    assert main(["reader-study", "packet", "--model", str(bundle), "--site", str(study.site.root),
+    assert main(["reader-study", "packet", *model(bundle), "--site", str(study.site.root),
                  "--out", str(out), "--seed", "3"]) == 0
     return study, bundle, out
 
@@ -87,11 +92,11 @@ def test_packet_scores_match_the_model_and_the_seed_fixes_the_key(packet, tmp_pa
     key = pd.read_csv(out / "key.csv").merge(pd.read_csv(out / "model_scores.csv"), on="case")
     np.testing.assert_allclose(key["ai_score"], key["image_id"].map(expected), atol=1e-6)
     again = tmp_path / "again"
-    assert main(["reader-study", "packet", "--model", str(bundle), "--site", str(study.site.root),
+    assert main(["reader-study", "packet", *model(bundle), "--site", str(study.site.root),
                  "--out", str(again), "--seed", "3"]) == 0
     assert (again / "key.csv").read_text() == (out / "key.csv").read_text()
     other = tmp_path / "other"
-    assert main(["reader-study", "packet", "--model", str(bundle), "--site", str(study.site.root),
+    assert main(["reader-study", "packet", *model(bundle), "--site", str(study.site.root),
                  "--out", str(other), "--seed", "4"]) == 0
     assert (other / "key.csv").read_text() != (out / "key.csv").read_text()
 

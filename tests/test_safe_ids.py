@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from conftest import write_schema, write_site
 from PIL import Image
+from test_bundle import model_args
 
 from cldlr.cli import main
 from cldlr.common.data.ids import MAX_ID_LENGTH, check_id, is_safe_id, suggest_id
@@ -84,7 +85,7 @@ def test_a_traversal_id_cannot_make_predict_read_or_write_outside_its_folders(st
     shutil.copytree(tmp_path / "site", site)
     _set_id(site, 0, "image_id", TRAVERSAL)  # images/../../../../elsewhere/victim.png is the victim
     out = tmp_path / "a" / "b" / "out"  # out/overlays/../../../../elsewhere/victim.png too
-    code = main(["predict", "--model", str(bundle), "--site", str(site), "--out", str(out)])
+    code = main(["predict", *model_args(bundle), "--site", str(site), "--out", str(out)])
     assert code == 2 and "unsafe-id" in capsys.readouterr().err
     assert victim.read_bytes() == before and not out.exists()
 
@@ -105,10 +106,12 @@ def test_a_symlinked_id_cannot_write_an_overlay_outside_the_output(tmp_path):
 # --- outputs apart from inputs, replaced atomically ------------------------------------------------------------
 @pytest.fixture
 def study_bundle(tmp_path):
-    from test_bundle import export_tiny, make_tiny_study
+    from test_bundle import export_tiny, make_tiny_study, trust_pem
 
     study = make_tiny_study(tmp_path)
-    return study, export_tiny(study, tmp_path / "bundle")
+    bundle = export_tiny(study, tmp_path / "bundle")
+    trust_pem(bundle.parent)  # the site's trust file exists before any test takes its snapshot
+    return study, bundle
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -121,7 +124,7 @@ def test_predict_refuses_an_output_that_is_contains_or_lies_inside_an_input(stud
     site = tmp_path / "site"
     out = tmp_path if where == "parent" else tmp_path / where
     before = _tree(tmp_path)
-    code = main(["predict", "--model", str(bundle), "--site", str(site), "--out", str(out), "--force"])
+    code = main(["predict", *model_args(bundle), "--site", str(site), "--out", str(out), "--force"])
     assert code == 2 and "apart from every input" in capsys.readouterr().err
     assert _tree(tmp_path) == before  # the site (clinical.csv, images/, masks/) and the bundle are intact
 
@@ -130,7 +133,7 @@ def test_packet_and_analysis_refuse_outputs_over_their_inputs(study_bundle, tmp_
     _, bundle = study_bundle
     site = tmp_path / "site"
     before = _tree(site)
-    assert main(["reader-study", "packet", "--model", str(bundle), "--site", str(site), "--out", str(site),
+    assert main(["reader-study", "packet", *model_args(bundle), "--site", str(site), "--out", str(site),
                  "--force"]) == 2
     assert _tree(site) == before and "apart from every input" in capsys.readouterr().err
     truth = tmp_path / "key.csv"
@@ -202,7 +205,7 @@ def test_single_lesion_predict_never_writes_over_its_image_mask_or_bundle(study_
     row = study.site.frame.iloc[0]
     image = Path(row["image_path"])
     before = image.read_bytes()
-    base = ["predict", "--model", str(bundle), "--image", str(image), "--mask", row["mask_path"],
+    base = ["predict", *model_args(bundle), "--image", str(image), "--mask", row["mask_path"],
             "--clinical", f"age={row['age']:g}", "--clinical", f"palpable={int(row['palpable'])}",
             "--clinical", f"side={row['side']}"]
     assert main([*base, "--overlay", str(image)]) == 2

@@ -50,10 +50,11 @@ def test_every_csv_the_project_writes_goes_through_csv_text():
 
 def test_predictions_csv_neutralises_formulas_and_keeps_numbers():
     rows = [{"image_id": FORMULA, "ai_score": -0.5, "dlr_score": 0.25, "clinical_score": None,
-             "predicted_class": "@SUM(A1)", "threshold": 0.4, "fallback": "+cmd", "overlay": "overlays/x.png"}]
+             "predicted_class": "@SUM(A1)", "threshold": 0.4, "fallback": "+cmd", "overlay": "overlays/x.png",
+             "signature": "=unverified"}]
     header, row = list(csv.reader(io.StringIO(predictions_csv(rows))))
     assert header == list(CSV_COLUMNS)
-    assert row == ["'" + FORMULA, "-0.5", "0.25", "", "'@SUM(A1)", "0.4", "'+cmd", "overlays/x.png", ""]
+    assert row == ["'" + FORMULA, "-0.5", "0.25", "", "'@SUM(A1)", "0.4", "'+cmd", "overlays/x.png", "", "'=unverified"]
 
 
 def _outcome(site: str) -> StudyOutcome:

@@ -63,7 +63,7 @@ def is_ca(cert: x509.Certificate) -> bool:
         return False
 
 
-def _write_files(files: list[tuple[Path, bytes, bool]], *, force: bool) -> None:
+def write_pki_files(files: list[tuple[Path, bytes, bool]], *, force: bool) -> None:
     """Write (path, data, secret) triples atomically; refuse to clobber any of them unless ``force``.
 
     Secrets land 0600 from the start (``mkstemp`` creates 0600 temp files), public files are
@@ -112,7 +112,7 @@ def tighten_pki_dir(folder: str | os.PathLike[str]) -> None:
             log.warning("private key %s had mode %04o; tightened to %04o", path, mode, mode & 0o600)
 
 
-def _prepare_dir(out_dir: str | os.PathLike[str]) -> Path:
+def prepare_pki_dir(out_dir: str | os.PathLike[str]) -> Path:
     """Create the output folder owner-only (it will hold secrets); an existing one is tightened."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -120,18 +120,20 @@ def _prepare_dir(out_dir: str | os.PathLike[str]) -> Path:
     return out
 
 
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+def pem_private_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """An unencrypted PKCS#8 PEM private key (written 0600 by :func:`write_pki_files`)."""
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
 
-def _pem_cert(cert: x509.Certificate) -> bytes:
+def pem_certificate(cert: x509.Certificate) -> bytes:
+    """A certificate as PEM text bytes."""
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def _skeleton(subject_cn: str, issuer: x509.Name | None, public: Any, issuer_public: Any,
-              not_after: dt.datetime, *, ca: bool) -> x509.CertificateBuilder:
-    """What CA and server certificates share: names, serial, validity, constraints, key ids.
+def certificate_builder(subject_cn: str, issuer: x509.Name | None, public: Any, issuer_public: Any,
+                        not_after: dt.datetime, *, ca: bool) -> x509.CertificateBuilder:
+    """What CA, server and bundle-signer certificates share: names, serial, validity, constraints, key ids.
 
     The strict profile (critical basicConstraints/keyUsage, SKI/AKI) is what OpenSSL's
     ``-x509_strict`` and cryptography's verifier demand, so Python 3.13+ clients accept it too.
@@ -156,21 +158,22 @@ def create_ca(out_dir: str | os.PathLike[str], *, name: str = "cldlr federation 
               force: bool = False) -> Paths:
     """Create a self-signed federation CA (``ca.crt`` 0644, ``ca.key`` 0600) in ``out_dir``.
 
-    The CA only signs the SuperLink certificate (path length 0), so its key can live offline.
+    The CA only signs the SuperLink certificate and the model-bundle signer (path length 0), so its
+    key can live offline.
     """
     if days < 1:
         raise PkiError(f"--days must be at least 1, got {days}")
     key = ec.generate_private_key(ec.SECP384R1())
-    cert = _skeleton(name, None, key.public_key(), key.public_key(), utc_now() + dt.timedelta(days=days),
+    cert = certificate_builder(name, None, key.public_key(), key.public_key(), utc_now() + dt.timedelta(days=days),
                      ca=True).sign(key, hashes.SHA384())
-    out = _prepare_dir(out_dir)
+    out = prepare_pki_dir(out_dir)
     paths = Paths(cert=out / CA_CERT, key=out / CA_KEY)
-    _write_files([(paths.key, _pem_key(key), True), (paths.cert, _pem_cert(cert), False)], force=force)
+    write_pki_files([(paths.key, pem_private_key(key), True), (paths.cert, pem_certificate(cert), False)], force=force)
     log.info("created CA %r in %s (keep %s offline)", name, out, paths.key)
     return paths
 
 
-def _load_ca(ca_dir: str | os.PathLike[str]) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey]:
+def load_ca(ca_dir: str | os.PathLike[str]) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey]:
     """Load and sanity-check ``ca.crt``/``ca.key`` from ``ca_dir``."""
     cert_path, key_path = Path(ca_dir) / CA_CERT, Path(ca_dir) / CA_KEY
     for path in (cert_path, key_path):
@@ -222,11 +225,11 @@ def create_server_cert(out_dir: str | os.PathLike[str], *, ca_dir: str | os.Path
     """
     if days < 1:
         raise PkiError(f"--days must be at least 1, got {days}")
-    ca_cert, ca_key = _load_ca(ca_dir)
+    ca_cert, ca_key = load_ca(ca_dir)
     sans = _san_entries(list(hosts))
     if not hosts:
         log.warning("no --host given: only SuperNodes on this machine (127.0.0.1/localhost) can verify the SuperLink")
-    out = _prepare_dir(out_dir)
+    out = prepare_pki_dir(out_dir)
     same_dir = out.resolve() == Path(ca_dir).resolve()
     if same_dir:
         log.warning("server files are written next to %s; move the CA key offline before deploying",
@@ -237,16 +240,16 @@ def create_server_cert(out_dir: str | os.PathLike[str], *, ca_dir: str | os.Path
         not_after = ca_cert.not_valid_after_utc
     key = ec.generate_private_key(ec.SECP384R1())
     cert = (
-        _skeleton(str(sans[0].value), ca_cert.subject, key.public_key(), ca_key.public_key(), not_after, ca=False)
+        certificate_builder(str(sans[0].value), ca_cert.subject, key.public_key(), ca_key.public_key(), not_after, ca=False)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .sign(ca_key, hashes.SHA384() if isinstance(ca_key, ec.EllipticCurvePrivateKey) else hashes.SHA256())
     )
     paths = Paths(cert=out / SERVER_CERT, key=out / SERVER_KEY, ca_cert=out / CA_CERT)
-    files = [(paths.key, _pem_key(key), True), (paths.cert, _pem_cert(cert), False)]
+    files = [(paths.key, pem_private_key(key), True), (paths.cert, pem_certificate(cert), False)]
     if not same_dir:
-        files.append((out / CA_CERT, _pem_cert(ca_cert), False))
-    _write_files(files, force=force)
+        files.append((out / CA_CERT, pem_certificate(ca_cert), False))
+    write_pki_files(files, force=force)
     log.info("issued %s for %s", paths.cert, ", ".join(str(s.value) for s in sans))
     return paths
 
@@ -264,14 +267,14 @@ def create_node_keys(out_dir: str | os.PathLike[str], *, name: str, force: bool 
     """
     if not _SITE.match(name):
         raise PkiError(f"--name {name!r}: use letters, digits, '.', '_' or '-' (max 64), e.g. hospital-a")
-    out = _prepare_dir(out_dir)
+    out = prepare_pki_dir(out_dir)
     key = ec.generate_private_key(NODE_CURVE)
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                 serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     priv_name, pub_name = node_key_names(name)
     priv_path, pub_path = out / priv_name, out / pub_name
-    _write_files([(priv_path, private, True), (pub_path, public + f" cldlr-supernode-{name}\n".encode(), False)],
+    write_pki_files([(priv_path, private, True), (pub_path, public + f" cldlr-supernode-{name}\n".encode(), False)],
                  force=force)
     log.info("created SuperNode key pair %s / %s", priv_path, pub_path)
     return priv_path, pub_path

@@ -18,6 +18,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from cldlr.common.deploy.pki import CA_KEY, SERVER_KEY, is_ca, key_type, node_key_problem, utc_now
 
@@ -32,6 +33,9 @@ Who holds what
           --auth-supernode-private-key supernode-<site>.key
   registration: the hospital sends supernode-<site>.pub to the centre, which runs
       flwr supernode register supernode-<site>.pub <connection>
+  model bundles: the centre signs with bundle-signer.key (SECRET; `cldlr certs bundle-signer`)
+      cldlr certs sign-bundle RUN/model --signer DIR
+  each hospital verifies them: cldlr predict --trust ca.crt (or bundle-signer.pem) ...
 """
 
 
@@ -94,8 +98,14 @@ def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
 def _cert_details(cert: x509.Certificate, cas: list[_Found]) -> tuple[list[str], list[str]]:
     now, start, end = utc_now(), cert.not_valid_before_utc, cert.not_valid_after_utc
     state = "EXPIRED" if end <= now else "NOT YET VALID" if start > now else f"{(end - now).days} days left"
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = x509.ExtendedKeyUsage([])
     leaf = not is_ca(cert)
-    info = [f"{'leaf' if leaf else 'CA'} certificate, {key_type(cert.public_key())}",
+    tls = leaf and ExtendedKeyUsageOID.CODE_SIGNING not in usage  # the bundle signer speaks no TLS: no SANs
+    kind = "CA" if not leaf else "leaf" if tls else "bundle-signer"
+    info = [f"{kind} certificate, {key_type(cert.public_key())}",
             f"subject: {cert.subject.rfc4514_string()}", f"issuer:  {cert.issuer.rfc4514_string()}",
             f"valid: {start:%Y-%m-%d %H:%M} -> {end:%Y-%m-%d %H:%M} UTC ({state})",
             "SHA-256 fingerprint: " + cert.fingerprint(hashes.SHA256()).hex(":").upper()]
@@ -103,10 +113,10 @@ def _cert_details(cert: x509.Certificate, cas: list[_Found]) -> tuple[list[str],
     try:
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         info.append("SANs: " + ", ".join(str(n.value) for n in sans))
-        if leaf and ipaddress.ip_address("127.0.0.1") not in sans.get_values_for_type(x509.IPAddress):
+        if tls and ipaddress.ip_address("127.0.0.1") not in sans.get_values_for_type(x509.IPAddress):
             warn.append("SANs lack 127.0.0.1: the SuperLink's own SuperExec will fail TLS verification")
     except x509.ExtensionNotFound:
-        if leaf:
+        if tls:
             warn.append("no subjectAltName: TLS clients will refuse this certificate")
     if leaf and cas:
         issuers = [ca.path.name for ca in cas if _issued_by(cert, ca.obj)]

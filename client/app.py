@@ -204,6 +204,7 @@ def train(msg: Message, context: Context) -> Message:
     Train loss and accuracy leave the site only where its policy shares them, and never under DP.
     """
     site = _site(context)
+    _no_training(site, "train")
     config = msg.content.config_records["config"]
     arrays, n, metrics = site.train_round(
         record_to_arrays(msg.content.array_records["arrays"]),
@@ -219,6 +220,14 @@ def train(msg: Message, context: Context) -> Message:
 
 
 TRAINING_METRICS = ("train-loss", "train-accuracy")
+
+
+def _no_training(site: FederatedSite, kind: str) -> None:
+    """An evaluation-only study's site takes no weights: it scores only the bundle it holds."""
+    if site.external is not None:
+        from cldlr.client.federated_evaluation import check_evaluation_request
+
+        check_evaluation_request(kind)
 
 
 def shares_training_metrics(policy: SitePolicy | None, config: Config) -> bool:
@@ -259,6 +268,7 @@ def local_metrics(msg: Message, context: Context) -> Message:
 def finalize(msg: Message, context: Context) -> Message:
     """Load the final global backbone; report the power of two bounding its embedding values."""
     site = _site(context)
+    _no_training(site, "finalize")
     site.set_global_model(record_to_arrays(msg.content.array_records["arrays"]))
     return Message(RecordDict({"bound": MetricRecord({"feature-bound": site.feature_bound()})}), reply_to=msg)
 

@@ -372,5 +372,9 @@ class FederatedSite:
         return tasks
 
     def _checked_answer(self, task: str, fn: Any, payload: Mapping[str, Any]) -> np.ndarray:
+        if self.external is not None:  # an evaluation-only study: the evaluation sums only
+            from cldlr.client.federated_evaluation import check_evaluation_request
+
+            check_evaluation_request(task)
         self.check_release(task, payload)
         return fn(payload)

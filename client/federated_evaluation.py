@@ -23,11 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
+from cldlr.client.federated_measures import MEASURE_TASKS
 from cldlr.client.policy import PolicyRefusal, SitePolicy
 from cldlr.client.site import SiteSession
 from cldlr.common.bundle import BundleError, TrustAnchor
 from cldlr.common.config import Config
 from cldlr.common.io import atomic_path
+from cldlr.common.secure.tasks import PLACEMENT_SUMS, SCORE_HISTOGRAMS
 
 log = logging.getLogger(__name__)
 
@@ -136,4 +138,17 @@ def external_scores(session: SiteSession, policy: SitePolicy, config: Config, bu
                           site_trust(policy))
 
 
-__all__ = ["COLUMNS", "ExternalScores", "SCORES_FILE", "evaluate_rows", "external_scores", "site_bundle"]
+
+#: The only sums a site answers in an evaluation-only study (it trains and fits nothing).
+EVALUATION_TASKS = (SCORE_HISTOGRAMS, PLACEMENT_SUMS, *MEASURE_TASKS)
+
+
+def check_evaluation_request(kind: str) -> None:
+    """In an evaluation-only study, refuse what only a training study asks for (weights, clinical or SVM sums)."""
+    if kind not in EVALUATION_TASKS:
+        raise PolicyRefusal("a training request in an evaluation-only study",
+                            f"{kind}: the site joined federation.mode=evaluate and only scores its bundle")
+
+
+__all__ = ["COLUMNS", "EVALUATION_TASKS", "ExternalScores", "check_evaluation_request", "SCORES_FILE",
+           "evaluate_rows", "external_scores", "site_bundle"]

@@ -179,3 +179,16 @@ def test_simulated_sites_hold_the_bundle_and_trust_its_study_signer(world) -> No
     assert derived["evaluation_bundle"] == str(world["bundle"].resolve())
     assert derived["trusted_bundle_signers"] == [str(world["signer"].resolve())]
     assert "trusted_bundle_signers" not in simulation_policy(load_config(None, []))  # other studies: as before
+
+
+def test_an_evaluation_site_answers_only_evaluation_sums(world, tmp_path) -> None:
+    """A centre that switches to training after an evaluation handshake gets refusals, not clinical or SVM sums."""
+    from cldlr.common.secure.tasks import CLINICAL_STATS, ENCODER_SUMS, SCORE_HISTOGRAMS
+
+    config = study_config(world)
+    (site,) = evaluation_sites(world, config, tmp_path)[:1]
+    for task in (CLINICAL_STATS, ENCODER_SUMS):
+        with pytest.raises(PolicyRefusal, match="training request in an evaluation-only study"):
+            site.tasks()[task]({"selected": ["palpable"]})
+    layout = {"models": ["cldlr"], "n_bins": 10, "cohorts": ["test"]}
+    assert site.tasks()[SCORE_HISTOGRAMS]({"bundle_id": "x", "layout": layout}).sum() == len(site.external.labels("test"))

@@ -5,7 +5,10 @@
 1. backbone — R rounds of the configured strategy (FedAvg, FedProx, FedAdam …), checked and
    checkpointed after every round;
 2. clinical selection, 3. SVM fusion, 4. evaluation — secure sums only (SecAgg+);
-then the report, the model bundle and the privacy ledger in ``runs/<name>/``.
+then the report (with the calibration and utility measures from secure sums,
+:mod:`cldlr.server.federated_evaluation`), the model bundle and the privacy ledger in ``runs/<name>/``.
+``federation.mode: evaluate`` runs phase 0 and the evaluation sums only: the sites score their own
+copies of a bundle, nothing trains.
 """
 
 from __future__ import annotations

@@ -106,19 +106,22 @@ def _handshake(msg: Message, context: Context) -> Message:
     _check_schema_path(context, policy, schema)
     check_study(policy, config, centre_schema, schema)
     folder = site_folder(context, config)
+    bundle_id = str(offer.get("bundle-id", "")) if config.federation.mode == "evaluate" else ""
     try:
-        federated = _build_site(context, config, schema, folder, policy)
+        federated = _build_site(context, config, schema, folder, policy, bundle_id)
     except ContractError as exc:  # the SuperNode operator must see every problem, not just the count
         report = getattr(exc, "report", None)
         log.error("this site cannot join: %s\n%s", exc, report.format_text() if report is not None else "")
         raise
     context.state.config_records[STATE_KEY] = ConfigRecord({
-        "config-yaml": str(offer["config-yaml"]), "schema-yaml": schema.to_yaml(), "folder": str(folder)})
+        "config-yaml": str(offer["config-yaml"]), "schema-yaml": schema.to_yaml(), "folder": str(folder),
+        "bundle-id": bundle_id})
     log.info("site %s joined run %s: %d train / %d test images", federated.name, context.run_id,
              len(federated.session.train), len(federated.session.test))
     return Message(RecordDict({
         "site": ConfigRecord({"name": federated.name, "version": __version__}),
         "counts": MetricRecord(_counts(federated.session)),
+        **({"evaluation": ConfigRecord({"rows": federated.external.rows})} if federated.external is not None else {}),
     }), reply_to=msg)
 
 
@@ -130,7 +133,8 @@ def _check_schema_path(context: Context, policy: SitePolicy, schema: Schema) -> 
                           "keep one schema file (the policy's)")
 
 
-def _build_site(context: Context, config: Config, schema: Schema, folder: Path, policy: SitePolicy) -> FederatedSite:
+def _build_site(context: Context, config: Config, schema: Schema, folder: Path, policy: SitePolicy,
+                bundle_id: str = "") -> FederatedSite:
     from cldlr.client.federated import FederatedSite
     from cldlr.client.site import SiteSession
 
@@ -144,6 +148,10 @@ def _build_site(context: Context, config: Config, schema: Schema, folder: Path, 
     federated = FederatedSite(SiteSession(site.renamed(name), config, cache_dir=policy.cache_dir), config,
                               policy.state_dir / f"run-{context.run_id}" / f"node-{context.node_id}", policy=policy,
                               run_id=context.run_id)
+    if config.federation.mode == "evaluate":  # scores only the bundle the site holds, with the offered id
+        from cldlr.client.federated_evaluation import external_scores
+
+        federated.external = external_scores(federated.session, policy, config, bundle_id, federated.state_dir)
     _SITES[(context.run_id, context.node_id)] = federated
     return federated
 
@@ -159,7 +167,8 @@ def _site(context: Context) -> FederatedSite:
     config = config_from_dict(yaml.safe_load(str(saved["config-yaml"])))
     configure_site_logging(config.run.log_level)  # a fresh process: the handshake ran in another one
     schema = schema_from_dict(yaml.safe_load(str(saved["schema-yaml"])), source="federation schema")
-    return _build_site(context, config, schema, Path(str(saved["folder"])), node_policy(context))
+    return _build_site(context, config, schema, Path(str(saved["folder"])), node_policy(context),
+                       str(saved.get("bundle-id", "")))
 
 
 class _SiteTasks(Mapping[str, Any]):
@@ -196,6 +205,7 @@ def train(msg: Message, context: Context) -> Message:
     Train loss and accuracy leave the site only where its policy shares them, and never under DP.
     """
     site = _site(context)
+    _no_training(site, "train")
     config = msg.content.config_records["config"]
     arrays, n, metrics = site.train_round(
         record_to_arrays(msg.content.array_records["arrays"]),
@@ -211,6 +221,14 @@ def train(msg: Message, context: Context) -> Message:
 
 
 TRAINING_METRICS = ("train-loss", "train-accuracy")
+
+
+def _no_training(site: FederatedSite, kind: str) -> None:
+    """An evaluation-only study's site takes no weights: it scores only the bundle it holds."""
+    if site.external is not None:
+        from cldlr.client.federated_evaluation import check_evaluation_request
+
+        check_evaluation_request(kind)
 
 
 def shares_training_metrics(policy: SitePolicy | None, config: Config) -> bool:
@@ -254,6 +272,7 @@ def local_metrics(msg: Message, context: Context) -> Message:
 def finalize(msg: Message, context: Context) -> Message:
     """Load the final global backbone; report the power of two bounding its embedding values."""
     site = _site(context)
+    _no_training(site, "finalize")
     site.set_global_model(record_to_arrays(msg.content.array_records["arrays"]))
     return Message(RecordDict({"bound": MetricRecord({"feature-bound": site.feature_bound()})}), reply_to=msg)
 

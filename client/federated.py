@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from cldlr.client.federated_measures import MEASURE_TASKS, measure_answers
 from cldlr.client.policy import SitePolicy, check_class_counts, check_histogram_ranges
 from cldlr.client.site import SiteSession
 from cldlr.common.clinical.features import ClinicalEncoder, encoder_sums
@@ -38,6 +39,7 @@ from cldlr.common.secure.payload import answer_batch, selection_from_payload
 from cldlr.common.secure.tasks import BATCH_TASK, CLINICAL_STATS, ENCODER_SUMS, FUSION_SUMS, PLACEMENT_SUMS, SCORE_HISTOGRAMS
 
 if TYPE_CHECKING:  # Opacus-heavy: imported at run time only by DP studies
+    from cldlr.client.federated_evaluation import ExternalScores
     from cldlr.client.privacy import SitePrivacy
     from cldlr.client.privacy_ledger import LifetimeLedger
     from cldlr.client.sum_noise import SumNoiser
@@ -84,6 +86,8 @@ class FederatedSite:
         self._fusion_cache: dict[str, Any] = {}
         self._final_loaded = False
         self._final_id: str | None = None
+        # an evaluation-only study (federation.mode=evaluate): the bundle's scores of the site's rows
+        self.external: ExternalScores | None = None
 
     def _state_file(self, name: str) -> Path | None:
         if self.state_dir is None:
@@ -325,12 +329,20 @@ class FederatedSite:
 
     # -- phase 4: evaluation ----------------------------------------------------------------
     def _labels(self, split: str) -> np.ndarray:
+        if self.external is not None:
+            return self.external.labels(split)
         return self.session.cohort(split).labels[self.session.fusion_view(split)]
 
     def _scores(self, payload: Mapping[str, Any], split: str) -> dict[str, np.ndarray]:
+        if self.external is not None:
+            return self.external.scores(split)
         fusion = fusion_models_from_payload(payload, self._load_fusion_cache())
         rows = self.session.fusion_view(split)
         return fusion.predict_proba(self._clinical(payload, split)[rows], self.embeddings(split)[rows])
+
+    def scored(self, payload: Mapping[str, Any], split: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Labels and per-model scores of a cohort's evaluated cases (what every evaluation release sums over)."""
+        return self._labels(split), self._scores(payload, split)
 
     def score_histograms(self, payload: Mapping[str, Any]) -> np.ndarray:
         """Per cohort and model: per-class score histograms (the centre sees only their sum)."""
@@ -373,7 +385,7 @@ class FederatedSite:
         out: dict[str, dict[str, dict[str, float]]] = {}
         for split in ("train", "test"):
             labels = self._labels(split)
-            if not secure_metrics.local_report_allowed(labels, self._min_count()):
+            if labels.size == 0 or not secure_metrics.local_report_allowed(labels, self._min_count()):
                 continue
             for model, prob in self._scores(payload, split).items():
                 out.setdefault(model, {})[split] = model_metrics(labels, prob, self.config.svm.threshold)
@@ -384,7 +396,7 @@ class FederatedSite:
 
     def released_cohorts(self, task: str, payload: Mapping[str, Any]) -> tuple[str, ...]:
         """The cohorts whose cases a task's answer sums over (the evaluation's layout names its own)."""
-        if task in (SCORE_HISTOGRAMS, PLACEMENT_SUMS):
+        if task in (SCORE_HISTOGRAMS, PLACEMENT_SUMS, *MEASURE_TASKS):
             return tuple(evaluation_layout(payload).cohorts)
         return ("train",)
 
@@ -406,11 +418,16 @@ class FederatedSite:
             FUSION_SUMS: self.fusion_sums,
             SCORE_HISTOGRAMS: self.score_histograms,
             PLACEMENT_SUMS: self.placement_sums,
+            **measure_answers(self.scored),
         }
         tasks = {name: partial(self._checked_answer, name, fn) for name, fn in answers.items()}
         tasks[BATCH_TASK] = partial(answer_batch, tasks)
         return tasks
 
     def _checked_answer(self, task: str, fn: Any, payload: Mapping[str, Any]) -> np.ndarray:
+        if self.external is not None:  # an evaluation-only study: the evaluation sums only
+            from cldlr.client.federated_evaluation import check_evaluation_request
+
+            check_evaluation_request(task)
         self.check_release(task, payload)
         return fn(payload)

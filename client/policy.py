@@ -82,6 +82,10 @@ class SitePolicy:
     approved_fabs: tuple[str, ...] = ()  # sha256 of the Flower app bundles (FABs) this site runs
     trusted_bundle_signers: tuple[str, ...] = ()  # PEM files (CA or signer cert, public key) model bundles must verify against
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # most pixels an image header may declare (before decoding)
+    # evaluation-only studies (federation.mode=evaluate): the site's own copy of the bundle it agrees to score
+    # (empty: it scores none), and the rows it lets one score ("test": its test split only)
+    evaluation_bundle: str = ""
+    evaluate_rows: Literal["all", "test"] = "all"
     dp: DPPolicy = field(default_factory=DPPolicy)
     folders: SiteFolders = field(default_factory=SiteFolders)
 
@@ -159,7 +163,7 @@ def check_study(policy: SitePolicy, config: Config, centre_schema: Schema, site_
                       f"federation.num_sites={fed.num_sites} < min_parties={policy.min_parties}")
     if fed.rounds > policy.max_rounds:
         raise _refuse("too many training rounds", f"federation.rounds={fed.rounds} > max_rounds={policy.max_rounds}")
-    if policy.dp.required and not dp.enabled:
+    if policy.dp.required and not dp.enabled and fed.mode != "evaluate":  # an evaluation-only study trains nothing
         raise _refuse("the site requires DP-SGD training", "privacy.enabled is false")
     if fed.num_sites == 1 and dp.enabled and dp.secure_sums.enabled:
         raise _refuse("whole-study DP needs secure sums over several sites",

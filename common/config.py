@@ -177,7 +177,9 @@ class FederationConfig:
     ``compare_strategies`` the federated arms of ``simulate --compare`` (empty: the registry's compared ones, FedAvg and FedProx).
     """
 
-    mode: Literal["pooled", "local", "federated"] = "federated"
+    #: ``evaluate``: no training — every site scores ``evaluate_bundle`` on its own cohort and the centre gets
+    #: the measures from secure sums (an external, evaluation-only federated study)
+    mode: Literal["pooled", "local", "federated", "evaluate"] = "federated"
     sites: tuple[str, ...] = ()
     partition: Literal["folders", "column", "iid", "dirichlet"] = "folders"
     partition_column: str = "device"
@@ -198,6 +200,17 @@ class FederationConfig:
     ray_address: str = ""
     client_cpus: float = 1.0
     client_gpus: float = 0.0
+    #: ``mode: evaluate``: the bundle (a folder) the sites score; each site loads its own copy (its
+    #: policy's ``evaluation_bundle``) and refuses one whose id differs from this bundle's
+    evaluate_bundle: str = ""
+    #: ``mode: evaluate``: the rows each site scores — all of its cohort, or only its test split (a site's
+    #: policy may restrict it to its test split)
+    evaluate_rows: Literal["all", "test"] = "all"
+    #: ``mode: evaluate``: PEM files (the federation CA, the centre's bundle-signer.pem) the centre checks the
+    #: bundle's signature against; simulated sites trust them too (default there: the study's model-signer.pem)
+    evaluate_trust: tuple[str, ...] = ()
+    #: ``simulate --compare``: leave-one-site-out arms too (train federated on N − 1 sites, test on the one left out)
+    compare_loso: bool = False
 
 
 @dataclass(frozen=True)
@@ -422,6 +435,9 @@ def _check_federation(fed: FederationConfig) -> None:
             raise ConfigError(f"{where}: {name!r} is not a strategy name (lower-case, e.g. fedavg, fedprox, fedadam)")
     if len(set(fed.compare_strategies)) != len(fed.compare_strategies):
         raise ConfigError(f"federation.compare_strategies names a strategy twice: {list(fed.compare_strategies)}")
+    if (fed.mode == "evaluate") != bool(fed.evaluate_bundle):
+        raise ConfigError("federation.mode=evaluate and federation.evaluate_bundle=BUNDLE_FOLDER go together: an "
+                          "evaluation-only study scores one bundle, and only that mode scores one")
     opt = fed.server_opt
     checks = [
         (opt.eta is None or opt.eta > 0, "federation.server_opt.eta must be > 0 (or null: Flower's default)"),

@@ -183,9 +183,11 @@ class FederatedEvaluation:
 
 
 def evaluation_phase(sum_fn: SumFn, config: Config, fit_payload: dict[str, Any], models: tuple[str, ...],
-                     max_cases: int) -> FederatedEvaluation:
-    """Pooled metrics from summed score histograms (round A) and placement sums (round B)."""
+                     max_cases: int, cohorts: tuple[str, ...] | None = None) -> FederatedEvaluation:
+    """Pooled metrics from summed score histograms (round A) and placement sums (round B), per cohort (default: all)."""
     layout = EvaluationLayout(models=models, n_bins=config.evaluation.histogram_bins)
+    if cohorts is not None:
+        layout = EvaluationLayout(models=models, n_bins=layout.n_bins, cohorts=cohorts)
     payload = {**fit_payload, "layout": layout.to_payload()}
     summed = sum_fn(SCORE_HISTOGRAMS, payload, length=layout.histogram_length, bound=float(max_cases), integer=True)
     if noisy_sums(config):  # DP noise: a negative count is clamped to 0 (the sum was rounded already)

@@ -5,7 +5,10 @@
 1. backbone — R rounds of the configured strategy (FedAvg, FedProx, FedAdam …), checked and
    checkpointed after every round;
 2. clinical selection, 3. SVM fusion, 4. evaluation — secure sums only (SecAgg+);
-then the report, the model bundle and the privacy ledger in ``runs/<name>/``.
+then the report (with the calibration and utility measures from secure sums,
+:mod:`cldlr.server.federated_evaluation`), the model bundle and the privacy ledger in ``runs/<name>/``.
+``federation.mode: evaluate`` runs phase 0 and the evaluation sums only: the sites score their own
+copies of a bundle, nothing trains.
 """
 
 from __future__ import annotations
@@ -38,6 +41,14 @@ from cldlr.common.secure.payload import batch_label
 from cldlr.common.secure.tasks import FINALIZE, HANDSHAKE, LOCAL_METRICS, PLAIN_SUM
 from cldlr.common.secure.wire import arrays_to_record, record_to_arrays
 from cldlr.server.checkpoint import Progress, load_checkpoint, save_checkpoint
+from cldlr.server.federated_evaluation import (
+    bundle_models,
+    evaluation_only,
+    evaluation_section,
+    heterogeneity_section,
+    load_evaluation_bundle,
+    measures_phase,
+)
 from cldlr.server.federated_study import run_federated_phases
 from cldlr.server.ledger import Ledger, LedgerGrid, error_reason
 from cldlr.server.secure_sum import secure_sum, wait_for_sites
@@ -55,6 +66,12 @@ class FederatedRun:
     def __init__(self, grid: Grid, context: Context, config: Config, schema: Schema, run_dir: Path, *,
                  resume: bool = False, connect_timeout_s: float = 300.0) -> None:
         check_study_config(config)  # unknown strategy/backbone, DP with FedProx or BatchNorm: refused before any site joins
+        self.bundle = None
+        if config.federation.mode == "evaluate":  # the sites score their copies of this bundle; nothing trains
+            self.bundle = load_evaluation_bundle(config.federation.evaluate_bundle, config.federation.evaluate_trust)
+            schema = self.bundle.schema
+            config = config.replace(**{"model.backbone": self.bundle.meta["model"]["backbone"], "model.weights": "none"})
+        self.rows: dict[str, str] = {}
         self.config, self.schema, self.run_dir, self.resume = config, schema, run_dir, resume
         self.plan = StudyPlan.from_config(config) if config.privacy.enabled and config.privacy.secure_sums.enabled else None
         self.site_privacy: dict[str, dict[str, Any]] = {}
@@ -75,7 +92,8 @@ class FederatedRun:
         self.ledger.phase = "handshake"
         nodes = wait_for_sites(self.grid, fed.num_sites, self.connect_timeout_s)
         offer = ConfigRecord({"version": __version__, "pipeline": PIPELINE_VERSION,
-                              "config-yaml": dump_config(self.config), "schema-yaml": self.schema.to_yaml()})
+                              "config-yaml": dump_config(self.config), "schema-yaml": self.schema.to_yaml(),
+                              **({"bundle-id": self.bundle.bundle_id} if self.bundle is not None else {})})
         messages = [Message(RecordDict({"handshake": offer}), dst_node_id=n, message_type=HANDSHAKE) for n in nodes]
         members = []
         for reply in self.grid.send_and_receive(messages, timeout=self.connect_timeout_s):
@@ -88,6 +106,8 @@ class FederatedRun:
             self.names[node] = str(reply.content.config_records["site"]["name"])
             self.counts[node] = {k: int(_number(v, f"site {self.names[node]}: count {k!r}"))
                                  for k, v in reply.content.metric_records["counts"].items()}
+            if "evaluation" in reply.content.config_records:
+                self.rows[self.names[node]] = str(reply.content.config_records["evaluation"]["rows"])
             members.append(node)
         if len(members) < fed.min_sites:
             raise CldlrError(f"only {len(members)} site(s) joined ({', '.join(self.names.values()) or 'none'}); "
@@ -216,6 +236,8 @@ class FederatedRun:
         if len(members) == 1:
             log.warning("one-site federation: its sums cannot be hidden by secure aggregation and travel in plaintext")
             self.ledger.event("plaintext-sums", reason="a federation of one site")
+        if self.bundle is not None:
+            return self._run_evaluation(start)
         arrays, progress = self.train_backbone()
         t_train = time.monotonic() - start
         if self.config.federation.phases == "backbone":
@@ -225,17 +247,40 @@ class FederatedRun:
         fit, evaluation = run_federated_phases(self.sum_fn, self.config, self.schema, n_deep=self.n_deep,
                                                max_cases=max_cases, feature_bound=bound)
         local = self.local_metrics(fit.payload)
+        measures, fit.rounds["measures"] = measures_phase(self.sum_fn, self.config, fit.payload, evaluation,
+                                                          tuple(evaluation.metrics), max_cases)
         signer = study_signer(self.config, self.run_dir)
         outcome = StudyOutcome(
             metrics=evaluation.metrics, delong=evaluation.delong, roc=evaluation.roc,
             selection_table=fit.selection.table, selected=fit.selection.selected,
             history=_training_curves(progress), sites=self._site_rows(),
             federation=self._summary(progress, fit.rounds, t_train, time.monotonic() - start), site_metrics=local,
-            sections=signature_section(signer, self.run_dir),
+            measures=measures, sections={"Heterogeneity across sites (test cohort)": heterogeneity_section(local),
+                                         **signature_section(signer, self.run_dir)},
         )
         write_report(self.run_dir, outcome, self.config, title=f"CLDLR study — federated ({len(members)} sites)")
         export_federated_bundle(self.run_dir / "model", arrays=arrays, fit=fit, outcome=outcome, config=self.config,
                                 schema=self.schema, signer=signer)
+        return self.run_dir
+
+    def _run_evaluation(self, start: float) -> Path:
+        """``federation.mode: evaluate``: the sites' scores of the bundle, summed; the report says it is external."""
+        assert self.bundle is not None
+        self.drop_departed()
+        max_cases = max(c["n-train"] + c["n-test"] for n, c in self.counts.items() if n in self.grid.joined)
+        models = bundle_models(self.bundle)
+        evaluation, measures, rounds = evaluation_only(self.sum_fn, self.config, self.bundle.bundle_id, models, max_cases)
+        local = self.local_metrics({"bundle_id": self.bundle.bundle_id})
+        summary = FederationSummary(strategy="none (evaluation only)", rounds=0, transfer_dtype="none", secure_rounds=rounds,
+                                    wall_time_s={"secure_sums": round(self.secure_seconds, 1),
+                                                 "total": round(time.monotonic() - start, 1)})
+        outcome = StudyOutcome(
+            metrics=evaluation.metrics, delong=evaluation.delong, roc=evaluation.roc, selection_table=[],
+            selected=list(self.bundle.selected), sites=self._site_rows(), federation=summary, site_metrics=local,
+            measures=measures, sections={"External evaluation": evaluation_section(self.bundle, self.rows),
+                                         "Heterogeneity across sites (evaluated rows)": heterogeneity_section(local)})
+        write_report(self.run_dir, outcome, self.config,
+                     title=f"External evaluation — federated, evaluation only ({len(self.grid.joined)} sites)")
         return self.run_dir
 
     def _write_backbone_only(self, arrays: dict[str, np.ndarray], progress: Progress, t_train: float) -> Path:

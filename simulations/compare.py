@@ -6,7 +6,8 @@ scored on the same pooled test cohort (every site's 30 %), so the table isolates
 federation costs against pooling the data and what it gains over training alone. The
 federated arms are the strategies of ``federation.compare_strategies``, or the registered ones marked ``compared``
 (``cldlr.server.strategies``), titled by the registry; :func:`comparison_arms` checks them all
-before the first arm trains.
+before the first arm trains. With ``federation.compare_loso`` the leave-one-site-out arms follow
+(:mod:`cldlr.simulations.loso`): trained federated without each site, tested on that site.
 """
 
 from __future__ import annotations
@@ -121,9 +122,14 @@ def run_comparison(sites: list[SiteData], config: Config, run_dir: Path, *, resu
     table = comparison_table(rows)
     atomic_write_json(run_dir / "comparison.json", rows)
     notes = "".join(f"\n\n{title} was not run with privacy.enabled: {reason}." for title, reason in skipped.items())
-    main_outcome = dataclasses.replace(main_outcome, comparison=rows, sections={**main_outcome.sections,
-        "Comparison — test AUC (95% CI) on the pooled test cohort":
-            table + "\n\nEach arm's own report is in its sub-folder." + notes})
+    sections = {"Comparison — test AUC (95% CI) on the pooled test cohort":
+                table + "\n\nEach arm's own report is in its sub-folder." + notes}
+    if fed.compare_loso:  # train on N − 1 sites, test on the one left out (its own report: loso-without-<site>/)
+        from cldlr.simulations.loso import loso_markdown, run_loso
+
+        sections["Leave-one-site-out — trained federated without a site, tested on its test split"] = loso_markdown(
+            run_loso(sites, config, run_dir, resume=resume))
+    main_outcome = dataclasses.replace(main_outcome, comparison=rows, sections={**main_outcome.sections, **sections})
     log.info("comparison:\n%s", table)
     federated = " vs ".join(entry.title for entry, _ in arms)
     return write_report(run_dir, main_outcome, centralized, title=f"CLDLR — Pooled vs Local vs {federated} ({len(sites)} sites)")

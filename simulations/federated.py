@@ -12,6 +12,8 @@ as few parties as the study has sites, its rounds, its δ, no histogram cap, the
 release ledger, per-run state) — writes it to ``<run dir>/site-policy.yaml`` and names it in
 ``$CLDLR_SITE_POLICY`` (which :mod:`cldlr.client.node_policy` reads for simulated nodes only).
 ``run_federated_simulation(..., policy=FILE)`` enforces a policy file of one's own instead.
+An evaluation-only study (``federation.mode: evaluate``) gives every simulated site the study's
+bundle folder as its own copy (``evaluation_bundle``): the sites still verify it and its id.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import yaml
 
 from cldlr.client.node_policy import ENV_POLICY
 from cldlr.client.policy import load_policy
+from cldlr.common.bundle import LOCAL_SIGNER_CERT
 from cldlr.common.config import Config, apply_overrides, dump_config
 from cldlr.common.data.contract import CLINICAL_CSV, IMAGES_DIR, MASKS_DIR, SiteData
 from cldlr.common.errors import CldlrError
@@ -71,7 +74,10 @@ def simulation_config(config: Config, site_paths: list[Path], run_dir: Path) -> 
     """The resolved config the ServerApp reads: absolute paths, the sites, their number."""
     resolved = apply_overrides(config, [
         f"federation.sites=[{', '.join(json.dumps(str(p)) for p in site_paths)}]",
-        f"federation.num_sites={len(site_paths)}", "federation.partition=folders", "federation.mode=federated",
+        f"federation.num_sites={len(site_paths)}", "federation.partition=folders",
+        f"federation.mode={'evaluate' if config.federation.mode == 'evaluate' else 'federated'}",
+        f"federation.evaluate_bundle={json.dumps(_absolute(config.federation.evaluate_bundle))}",
+        f"federation.evaluate_trust=[{', '.join(json.dumps(p) for p in evaluation_trust(config))}]",
         f"data.cache_dir={json.dumps(str(Path(config.data.cache_dir).resolve()))}",
         f"data.schema={json.dumps(str(Path(config.data.schema).resolve()) if config.data.schema else '')}",
         f"data.root={json.dumps(str(Path(config.data.root).resolve()) if config.data.root else '')}",
@@ -79,6 +85,21 @@ def simulation_config(config: Config, site_paths: list[Path], run_dir: Path) -> 
     path = run_dir / "config.resolved.yaml"
     atomic_write_text(path, dump_config(resolved))
     return path
+
+
+def _absolute(path: str) -> str:
+    return str(Path(path).expanduser().resolve()) if path else ""
+
+
+def evaluation_trust(config: Config) -> list[str]:
+    """What simulated sites trust to sign the evaluated bundle: ``federation.evaluate_trust``, else its study's signer.
+
+    A study bundle is signed by a study-local key whose certificate lies beside it
+    (``<run>/model-signer.pem``); a bundle with neither is scored by no site.
+    """
+    files = [_absolute(p) for p in config.federation.evaluate_trust]
+    local = Path(_absolute(config.federation.evaluate_bundle)).parent / LOCAL_SIGNER_CERT
+    return files or ([str(local)] if config.federation.evaluate_bundle and local.is_file() else [])
 
 
 #: The researcher holds every simulated site: histograms as fine as the protocol asks, and a lifetime ε cap
@@ -100,8 +121,11 @@ def simulation_policy(config: Config) -> dict[str, Any]:
         "finest_bin_sd": 0.0,
         "max_rounds": max(1, fed.rounds),
         "share_training_metrics": True,
-        "share_local_metrics": False,
+        # leave-one-site-out's site-by-site matrix needs the sites' own metrics: the researcher holds them all
+        "share_local_metrics": fed.compare_loso,
         "schema": str(Path(config.data.schema).expanduser().resolve()),
+        "evaluation_bundle": _absolute(config.federation.evaluate_bundle),  # the same copy as the centre's
+        **({"trusted_bundle_signers": evaluation_trust(config)} if config.federation.mode == "evaluate" else {}),
         "dp": {"required": False, "epsilon_cap": SIMULATION_EPSILON_CAP,
                "delta": privacy.delta if privacy.enabled and 0 < privacy.delta < 1 else DEFAULT_DELTA},
         "folders": {"state": str(cache / "state"), "cache": str(cache)},

@@ -56,6 +56,13 @@ def test_report_has_every_model_and_cohort(federated_run: Path) -> None:
     assert {"clinical vs dlr", "clinical vs cldlr", "dlr vs cldlr"} == set(report["delong"])
     assert report["federation"]["rounds"] == 2 and report["federation"]["secure_rounds"]["svm_total"] >= 3
     assert (federated_run / "figures" / "roc.png").is_file()
+    # the pooled reports' calibration and utility measures, from secure sums (tests/test_federated_measures.py)
+    measures = report["measures"]
+    assert measures["source"] == "secure sums" and set(measures["models"]) == {"clinical", "dlr", "cldlr"}
+    assert measures["counts"]["images"] == report["metrics"]["cldlr"]["test"]["n"]
+    assert report["federation"]["secure_rounds"]["measures"] >= 2
+    assert (federated_run / "figures" / "calibration.png").is_file() and "Heterogeneity across sites" in (
+        federated_run / "report.md").read_text()
     # sites score the models on their own cohorts, but keep the numbers unless they opt in
     assert report["site_metrics"] == {name: "kept at the site" for name in ("site-1", "site-2", "site-3")}
     local = list((federated_run.parent / "cache" / "state").glob("run-*/node-*/local-report.json"))

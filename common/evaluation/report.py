@@ -171,6 +171,9 @@ def _measures_markdown(measures: dict[str, Any], threshold: float) -> str:
     scopes = {"test": {MODEL_TITLES.get(m, m): v for m, v in measures["models"].items()}}
     tests = {"test": {" vs ".join(MODEL_TITLES.get(x, x) for x in k.split(" vs ")): v
                       for k, v in measures["paired"].items()}}
+    if "note" in measures:  # a federation's measures from secure sums say how they were computed
+        return "\n".join([measures["note"], "", mr.table2(scopes, threshold), "", mr.calibration(scopes), "",
+                          mr.utility(scopes), "", "Paired tests:", "", mr.paired(tests)])
     return "\n".join([
         f"Unit of analysis: image ({c['images']} images, {c['patients']} patients); AUC CIs, paired tests and the "
         "bootstrap account for several images of one patient (Obuchowski's clustered ROC, patient = cluster).", "",

@@ -17,6 +17,9 @@ ENCODER_SUMS = "encoder-sums"  # what the clinical encoder is fitted from
 FUSION_SUMS = "fusion-sums"  # the SVM fusion's sufficient statistics
 SCORE_HISTOGRAMS = "score-histograms"  # per-model score histograms (AUC, confusion tables)
 PLACEMENT_SUMS = "placement-sums"  # DeLong placements of the pooled evaluation
+SCORE_MOMENTS = "score-moments"  # per-bin score sums and Σ score² (calibration, Brier, decision curve)
+CALIBRATION_NEWTON = "calibration-newton"  # Σ gradient / Hessian of the calibration intercept/slope fit
 BATCH_TASK = "batch"  # several independent sums in one SecAgg+ round
-SECURE_SUM_TASKS = (CLINICAL_STATS, ENCODER_SUMS, FUSION_SUMS, SCORE_HISTOGRAMS, PLACEMENT_SUMS, BATCH_TASK)
+SECURE_SUM_TASKS = (CLINICAL_STATS, ENCODER_SUMS, FUSION_SUMS, SCORE_HISTOGRAMS, PLACEMENT_SUMS, SCORE_MOMENTS,
+                    CALIBRATION_NEWTON, BATCH_TASK)
 """Every task a site answers; a site that lacks one cannot take part in the study."""

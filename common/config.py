@@ -414,6 +414,9 @@ def validate_config(config: Config) -> None:
             if not all(math.isfinite(b) and b > 0 for b in budgets) or sums.platt_rounds < 2:
                 raise ConfigError("privacy.secure_sums needs every phase budget (clinical, encoder, svm, platt, "
                                   "evaluation) finite and > 0 and platt_rounds >= 2")
+            if config.federation.mode == "evaluate":
+                raise ConfigError("privacy.secure_sums is not available with federation.mode=evaluate yet (its "
+                                  "calibration sums are outside the study's privacy plan); evaluate without it")
     elif dp.secure_sums.enabled:
         raise ConfigError("privacy.secure_sums.enabled needs privacy.enabled (one budget for the whole study: "
                           "the backbone's DP-SGD and the secure sums, at privacy.delta)")

@@ -247,16 +247,22 @@ class FederatedRun:
         fit, evaluation = run_federated_phases(self.sum_fn, self.config, self.schema, n_deep=self.n_deep,
                                                max_cases=max_cases, feature_bound=bound)
         local = self.local_metrics(fit.payload)
-        measures, fit.rounds["measures"] = measures_phase(self.sum_fn, self.config, fit.payload, evaluation,
-                                                          tuple(evaluation.metrics), max_cases)
+        sections: dict[str, str] = {"Heterogeneity across sites (test cohort)": heterogeneity_section(local)}
+        measures: dict[str, Any] | None = None
+        if self.plan is None:
+            measures, fit.rounds["measures"] = measures_phase(self.sum_fn, self.config, fit.payload, evaluation,
+                                                              tuple(evaluation.metrics), max_cases)
+        else:  # their sums are not in the study's privacy plan, and a site refuses a release outside it
+            sections["Calibration and clinical utility"] = (
+                "Not computed: under whole-study DP every release must be in the study's privacy plan, and the "
+                "calibration and decision-curve sums are not (yet).")
         signer = study_signer(self.config, self.run_dir)
         outcome = StudyOutcome(
             metrics=evaluation.metrics, delong=evaluation.delong, roc=evaluation.roc,
             selection_table=fit.selection.table, selected=fit.selection.selected,
             history=_training_curves(progress), sites=self._site_rows(),
             federation=self._summary(progress, fit.rounds, t_train, time.monotonic() - start), site_metrics=local,
-            measures=measures, sections={"Heterogeneity across sites (test cohort)": heterogeneity_section(local),
-                                         **signature_section(signer, self.run_dir)},
+            measures=measures, sections={**sections, **signature_section(signer, self.run_dir)},
         )
         write_report(self.run_dir, outcome, self.config, title=f"CLDLR study — federated ({len(members)} sites)")
         export_federated_bundle(self.run_dir / "model", arrays=arrays, fit=fit, outcome=outcome, config=self.config,

@@ -24,12 +24,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from cldlr.client.evaluate import evaluate
     from cldlr.client.evaluate_measures import EvaluationSettings
     from cldlr.client.predict import site_trust
+    from cldlr.common.data.columns import parse_column_map
 
     if args.n_boot < 1:
         raise CldlrError(f"--n-boot {args.n_boot}: need at least one bootstrap resample")
     settings = EvaluationSettings(unit=args.unit, by=tuple(args.by), n_bins=args.bins,
                                   sensitivities=tuple(args.sensitivity or (0.95, 0.98)), n_boot=args.n_boot,
-                                  seed=args.seed, allow_missing_clinical=args.allow_missing_clinical)
+                                  seed=args.seed, allow_missing_clinical=args.allow_missing_clinical,
+                                  columns=tuple(parse_column_map(args.map).items()))
     out = evaluate(args.model, args.sites, args.out, against=args.against, settings=settings,
                    recalibrate=args.recalibrate, recalibrated_out=args.recalibrated_out,
                    trust=site_trust(args.trust, args.policy), allow_unsigned=args.allow_unsigned, signer=args.signer,
@@ -54,6 +56,8 @@ def add_evaluate_commands(sub: Any, add: Add) -> None:
                    help="unit of analysis (default lesion: the mean score of its images; image: clustered CIs)")
     p.add_argument("--sensitivity", type=_sensitivity, action="append", metavar="S",
                    help="target sensitivity of the biopsy operating point (repeatable; default 0.95 and 0.98)")
+    p.add_argument("--map", action="append", default=[], metavar="SITE_COLUMN=SCHEMA_NAME",
+                   help="read the sites' column SITE_COLUMN as SCHEMA_NAME (repeatable; the sites are not copied)")
     p.add_argument("--bins", type=int, default=10, help="reliability-diagram bins (default 10)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the operating-point CIs")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")

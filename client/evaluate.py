@@ -28,7 +28,7 @@ from cldlr.client.evaluate_report import write_evaluation
 from cldlr.common.bundle import Bundle, TrustAnchor, load_bundle
 from cldlr.common.data.contract import read_clinical_csv
 from cldlr.common.data.imaging import read_image, read_mask
-from cldlr.common.data.site import read_site
+from cldlr.common.data.scoring import read_site_for_scoring
 from cldlr.common.errors import CldlrError
 from cldlr.common.evaluation.units import aggregate
 from cldlr.common.recalibrate import recalibration_signer
@@ -46,11 +46,15 @@ def open_bundle(path: str | Path, *, trust: TrustAnchor | None = None, allow_uns
 
 
 def score_site(bundle: Bundle, site: str | Path, *, allow_missing_clinical: bool = False, batch_size: int = 16,
-               extra: Sequence[str] = (), label: str = "") -> pd.DataFrame:
-    """One row per image: ids, label, the bundle's three scores, fallback, and the ``extra`` columns asked for."""
-    data = read_site(site, bundle.schema)
+               extra: Sequence[str] = (), label: str = "", columns: dict[str, str] | None = None) -> pd.DataFrame:
+    """One row per image: ids, label, the bundle's three scores, fallback, and the ``extra`` columns asked for.
+
+    The site needs only the bundle's inputs (and labels): columns the model never uses may be absent
+    (:func:`~cldlr.common.data.scoring.read_site_for_scoring`), and ``columns`` renames the site's own.
+    """
+    data = read_site_for_scoring(site, bundle.schema, bundle.selected, columns, purpose="study")
     frame, raw = data.frame, read_clinical_csv(site)
-    names = [p.name for p in bundle.schema.parameters]
+    names = list(bundle.selected)  # the model's inputs: every other schema column may be absent
     table = pd.DataFrame({"site": data.name, "image_id": frame["image_id"].astype(str),
                           "patient_id": frame["patient_id"].astype(str), "label": frame["label"].astype(np.int64)})
     if "lesion_id" in raw.columns:
@@ -105,7 +109,8 @@ def evaluate(model: str | Path, sites: Sequence[str | Path], out_dir: str | Path
     signing = recalibration_signer(signer) if recalibrate is not None else None  # a bad --signer fails first
     bundle = open_bundle(model, trust=trust, allow_unsigned=allow_unsigned)
     other = open_bundle(against, trust=trust, allow_unsigned=allow_unsigned) if against is not None else None
-    kwargs = {"allow_missing_clinical": settings.allow_missing_clinical, "batch_size": settings.batch_size}
+    kwargs = {"allow_missing_clinical": settings.allow_missing_clinical, "batch_size": settings.batch_size,
+              "columns": dict(settings.columns) or None}
     tables = []
     for site in sites:
         table = score_site(bundle, site, extra=settings.by, **kwargs)

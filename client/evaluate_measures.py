@@ -38,6 +38,8 @@ class EvaluationSettings:
     seed: int = 0
     allow_missing_clinical: bool = False
     batch_size: int = 16
+    #: site column → schema name (``--map``), applied when each site is read; the site is not copied
+    columns: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass

@@ -243,3 +243,25 @@ def test_recalibrated_bundle_is_signed_by_the_given_key(world: dict[str, Path], 
         "the key given with --signer"
     assert main([*base, "--out", str(tmp_path / "x"), "--signer", str(tmp_path / "signer")]) == 2
     assert "use it with --recalibrate" in capsys.readouterr().err
+
+
+def test_a_site_needs_only_the_models_inputs_and_map_renames_its_columns(world: dict[str, Path], report: Path,
+                                                                          tmp_path: Path) -> None:
+    """Item 9: columns the bundle never uses may be absent; --map reads a site's own column names without a copy."""
+    selected = set(load_bundle(world["a"], trust=TrustAnchor.from_files([world["a"].parent / "model-signer.pem"])).selected)
+    site = tmp_path / "site-3"
+    shutil.copytree(world["site-3"], site)
+    table = pd.read_csv(site / "clinical.csv", dtype=str, keep_default_na=False)
+    reserved = {"image_id", "patient_id", "label", "split"}
+    dropped = [c for c in table.columns if c not in reserved | selected]
+    assert dropped  # the test is about something
+    table.drop(columns=dropped).rename(columns={"label": "Pathology"}).to_csv(site / "clinical.csv", index=False)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(world["a"]), str(site), "--out", str(out), "--map", "Pathology=label",
+                 "--n-boot", "50", *trust(world["a"])]) == 0
+    mine = pd.read_csv(out / "predictions.csv").set_index("image_id")["ai_score"]
+    full = pd.read_csv(report / "predictions.csv")
+    full = full[full["site"] == "site-3"].set_index("image_id")["ai_score"]
+    pd.testing.assert_series_equal(mine.sort_index(), full.sort_index(), check_names=False)
+    assert main(["evaluate", "--model", str(world["a"]), str(site), "--out", str(tmp_path / "no-map"),
+                 *trust(world["a"])]) == 2  # without the mapping the site has no label column

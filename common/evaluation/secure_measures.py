@@ -38,7 +38,7 @@ from cldlr.common.evaluation.binned import Cases, from_histogram
 from cldlr.common.evaluation.calibration import EPS, reliability
 from cldlr.common.evaluation.metrics import ArrayLike, check_labels, check_scores
 from cldlr.common.evaluation.secure_metrics import bin_index
-from cldlr.common.evaluation.utility import DEFAULT_SENSITIVITIES, DEFAULT_THRESHOLDS, net_benefit, operating_point
+from cldlr.common.evaluation.utility import DEFAULT_SENSITIVITIES, DEFAULT_THRESHOLDS, net_benefit, resampled_operating_point
 
 #: The largest |logit p| after clipping p to [EPS, 1 − EPS]: bounds every Newton sum.
 LOGIT_BOUND = float(logit(1 - EPS))
@@ -189,26 +189,13 @@ def binned_operating_point(cases: Cases, sensitivity: float, *, n_boot: int = 10
     frequencies (a multinomial draw: the case bootstrap of the binned scores). Same keys as
     :func:`~cldlr.common.evaluation.utility.bootstrap_operating_point`.
     """
-    point = operating_point(cases, sensitivity)
     n = int(round(cases.n))
-    rng = np.random.default_rng(seed)
-    keys = ("threshold", "specificity", "biopsies_avoided_per_100")
-    draws: dict[str, list[float]] = {k: [] for k in keys}
     probabilities = cases.weights / cases.weights.sum()
-    for _ in range(n_boot):
-        weights = rng.multinomial(n, probabilities).astype(np.float64)
-        result = operating_point(Cases(cases.labels, cases.scores, weights), sensitivity)
-        if not math.isnan(result["threshold"]):
-            for key in keys:
-                draws[key].append(result[key])
-    out: dict[str, Any] = {**point, "target_sensitivity": sensitivity, "n_boot": n_boot, "seed": seed,
-                           "n_boot_used": len(draws["threshold"])}
-    for key in keys:
-        values = np.asarray(draws[key], dtype=np.float64)
-        values = values[np.isfinite(values)]
-        low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2]).tolist() if values.size else [math.nan] * 2
-        out[f"{key}_ci_low"], out[f"{key}_ci_high"] = float(low), float(high)
-    return out
+
+    def resample(rng: np.random.Generator) -> np.ndarray:
+        return rng.multinomial(n, probabilities).astype(np.float64)
+
+    return resampled_operating_point(cases, sensitivity, resample, n_boot=n_boot, seed=seed, alpha=alpha)
 
 
 def measures_from_sums(counts: np.ndarray, moments: np.ndarray, calibration_fit: Mapping[str, float],

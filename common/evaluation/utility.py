@@ -17,7 +17,7 @@ score histogram alike; with the histogram, thresholds fall on the bins' scores.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -75,24 +75,21 @@ def operating_point(cases: Cases, sensitivity: float) -> dict[str, float]:
             "npv": avoided / spared if spared > 0 else math.nan}
 
 
-def bootstrap_operating_point(cases: Cases, sensitivity: float, *, clusters: np.ndarray | None = None,
-                              n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict[str, Any]:
-    """:func:`operating_point` with percentile CIs from ``n_boot`` resamples of the clusters (default: of the cases).
+def resampled_operating_point(cases: Cases, sensitivity: float, resample: Callable[[np.random.Generator], np.ndarray],
+                              *, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict[str, Any]:
+    """:func:`operating_point` with percentile CIs over ``n_boot`` replicates whose case weights ``resample(rng)`` draws.
 
     Returns the point estimate's keys plus ``<key>_ci_low``/``<key>_ci_high`` for threshold,
     specificity and biopsies avoided per 100, ``n_boot`` and ``seed``. A replicate without a
-    malignant case is skipped (counted in ``n_boot_used``).
+    malignant case is skipped (counted in ``n_boot_used``). The pooled bootstrap (over cases or
+    clusters) and the binned one of federated histograms differ only in ``resample``.
     """
     point = operating_point(cases, sensitivity)
-    ids = np.arange(cases.labels.size) if clusters is None else np.unique(np.asarray(clusters), return_inverse=True)[1]
-    n_clusters = int(ids.max()) + 1 if ids.size else 0
     rng = np.random.default_rng(seed)
     keys = ("threshold", "specificity", "biopsies_avoided_per_100")
     draws: dict[str, list[float]] = {k: [] for k in keys}
     for _ in range(n_boot):
-        multiplicity = np.bincount(rng.integers(0, n_clusters, n_clusters), minlength=n_clusters)
-        replicate = Cases(cases.labels, cases.scores, cases.weights * multiplicity[ids])
-        result = operating_point(replicate, sensitivity)
+        result = operating_point(Cases(cases.labels, cases.scores, resample(rng)), sensitivity)
         if not math.isnan(result["threshold"]):
             for key in keys:
                 draws[key].append(result[key])
@@ -101,10 +98,23 @@ def bootstrap_operating_point(cases: Cases, sensitivity: float, *, clusters: np.
     for key in keys:
         values = np.asarray(draws[key], dtype=np.float64)
         values = values[np.isfinite(values)]
-        low, high = (np.quantile(values, [alpha / 2, 1 - alpha / 2]).tolist() if values.size else [math.nan] * 2)
+        low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2]).tolist() if values.size else [math.nan] * 2
         out[f"{key}_ci_low"], out[f"{key}_ci_high"] = float(low), float(high)
     return out
 
 
+def bootstrap_operating_point(cases: Cases, sensitivity: float, *, clusters: np.ndarray | None = None,
+                              n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict[str, Any]:
+    """:func:`operating_point` with percentile CIs from ``n_boot`` resamples of the clusters (default: of the cases)."""
+    ids = np.arange(cases.labels.size) if clusters is None else np.unique(np.asarray(clusters), return_inverse=True)[1]
+    n_clusters = int(ids.max()) + 1 if ids.size else 0
+
+    def resample(rng: np.random.Generator) -> np.ndarray:
+        multiplicity = np.bincount(rng.integers(0, n_clusters, n_clusters), minlength=n_clusters)
+        return np.asarray(cases.weights * multiplicity[ids], dtype=np.float64)
+
+    return resampled_operating_point(cases, sensitivity, resample, n_boot=n_boot, seed=seed, alpha=alpha)
+
+
 __all__ = ["DEFAULT_SENSITIVITIES", "DEFAULT_THRESHOLDS", "bootstrap_operating_point", "net_benefit",
-           "operating_point"]
+           "operating_point", "resampled_operating_point"]

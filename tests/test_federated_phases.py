@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import write_site
-from flwr.common.secure_aggregation.quantization import dequantize, quantize
+from federated_sums import plain_sum, secagg_sum
 
 from cldlr.client.federated import FederatedSite
 from cldlr.client.site import SiteSession
@@ -44,31 +44,6 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, list[F
     for site in sites:
         site.set_global_model(arrays)
     return config, sites
-
-
-def plain_sum(sites: list[FederatedSite], log: list[dict] | None = None):
-    def sum_fn(task: str, payload: dict, *, length: int, bound, integer: bool = False) -> np.ndarray:
-        parts = [np.asarray(site.tasks()[task](payload), dtype=np.float64) for site in sites]
-        assert all(p.shape == (length,) for p in parts), (task, [p.shape for p in parts], length)
-        if log is not None:
-            log.append({"task": task, "length": length, "parts": parts})
-        return np.sum(parts, axis=0)
-    return sum_fn
-
-
-def secagg_sum(sites: list[FederatedSite], config: Config):
-    """SecAgg+'s arithmetic in process: scale by the bound, quantize per site, add integers, unscale."""
-    C, Q = config.secagg.clipping_range, config.secagg.quantization_range
-
-    def sum_fn(task: str, payload: dict, *, length: int, bound, integer: bool = False) -> np.ndarray:
-        plan = ScalePlan.from_bounds(bound, length, C)
-        scaled = [plan.scale(site.tasks()[task](payload)) for site in sites]
-        np.random.seed(0)
-        total = sum(quantize([x], C, Q)[0].astype(np.int64) for x in scaled)
-        mean = (dequantize([total], C, Q)[0] - (len(scaled) - 1) * C) / len(scaled)
-        values = plan.unscale(mean * len(scaled))
-        return np.rint(values) if integer else values
-    return sum_fn
 
 
 def pooled_reference(config: Config, sites: list[FederatedSite]) -> dict[str, dict[str, float]]:

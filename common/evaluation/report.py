@@ -18,6 +18,8 @@ import numpy as np
 
 from cldlr.common.config import Config, dump_config
 from cldlr.common.data.contract import COHORTS
+from cldlr.common.evaluation import measures_report as mr
+from cldlr.common.evaluation.measures_report import fmt
 from cldlr.common.evaluation.outcome import MODEL_TITLES, MODELS, FederationSummary, Metrics, StudyOutcome
 from cldlr.common.io import atomic_write_json, atomic_write_text
 from cldlr.common.secure.dp_plan import PHASES
@@ -25,14 +27,6 @@ from cldlr.common.text import markdown_text
 from cldlr.common.versions import runtime_versions
 
 log = logging.getLogger(__name__)
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
 
 
 def _p(value: float) -> str:
@@ -48,10 +42,10 @@ def table2_markdown(metrics: Metrics) -> str:
             m = metrics.get(model, {}).get(cohort)
             if not m:
                 continue
-            auc = f"{_fmt(m['auc'])} ({_fmt(m['auc_ci_low'])}–{_fmt(m['auc_ci_high'])})"
+            auc = f"{fmt(m['auc'])} ({fmt(m['auc_ci_low'])}–{fmt(m['auc_ci_high'])})"
             lines.append(
-                f"| {MODEL_TITLES[model]} | {cohort} | {auc} | {_fmt(m['accuracy'])} | {_fmt(m['sensitivity'])} | "
-                f"{_fmt(m['specificity'])} | {_fmt(m['ppv'])} | {_fmt(m['npv'])} | {m['n']} ({m['n_malignant']}) |"
+                f"| {MODEL_TITLES[model]} | {cohort} | {auc} | {fmt(m['accuracy'])} | {fmt(m['sensitivity'])} | "
+                f"{fmt(m['specificity'])} | {fmt(m['ppv'])} | {fmt(m['npv'])} | {m['n']} ({m['n_malignant']}) |"
             )
     return "\n".join(lines)
 
@@ -64,7 +58,7 @@ def _table1_markdown(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {markdown_text(row['parameter'])} | {row.get('benign', '')} | {row.get('malignant', '')} | "
             f"{row.get('test', '')} | "
-            f"{_fmt(row.get('statistic'))} | {_p(row['p']) if row.get('p') is not None and not math.isnan(row['p']) else '–'} | "
+            f"{fmt(row.get('statistic'))} | {_p(row['p']) if row.get('p') is not None and not math.isnan(row['p']) else '–'} | "
             f"{'yes' if row.get('selected') else 'no'} |"
         )
     return "\n".join(lines)
@@ -165,8 +159,6 @@ def _optional_fields(outcome: StudyOutcome) -> dict[str, Any]:
 
 def _measures_markdown(measures: dict[str, Any], threshold: float) -> str:
     """The calibration and clinical-utility section of the test cohort (clustered by patient)."""
-    from cldlr.common.evaluation import measures_report as mr
-
     c = measures["counts"]
     scopes = {"test": {MODEL_TITLES.get(m, m): v for m, v in measures["models"].items()}}
     tests = {"test": {" vs ".join(MODEL_TITLES.get(x, x) for x in k.split(" vs ")): v
@@ -226,7 +218,7 @@ def write_report(run_dir: Path, outcome: StudyOutcome, config: Config, *, title:
            f"Threshold {config.svm.threshold} on the probability; AUC 95% CI by DeLong.", ""]
     if outcome.delong:
         md += ["## DeLong tests (test cohort)", "", "| Comparison | z | P |", "|---|---|---|"]
-        md += [f"| {k} | {_fmt(v['z'])} | {_p(v['p'])} |" for k, v in outcome.delong.items()]
+        md += [f"| {k} | {fmt(v['z'])} | {_p(v['p'])} |" for k, v in outcome.delong.items()]
         md.append("")
     if outcome.measures is not None:
         md += ["## Calibration and clinical utility (test cohort)", "",

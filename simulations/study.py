@@ -122,14 +122,16 @@ def run_study(site: SiteData, config: Config, run_dir: Path, *, resume: bool = F
     encoder = ClinicalEncoder.fit(session.train.site.frame, session.model_parameters(selection.selected))
     # the fusion's "train" rows: every training image (paper) or the hold-out the backbone never saw
     views = {c: session.fusion_view(c) for c in COHORTS}
-    blocks = {c: session.clinical_block(encoder, c)[views[c]] for c in COHORTS}
-    embeddings = {c: session.embeddings(model, c)[views[c]] for c in COHORTS}
+    all_blocks = {c: session.clinical_block(encoder, c) for c in COHORTS}
+    all_embeddings = {c: session.embeddings(model, c) for c in COHORTS}
+    blocks = {c: all_blocks[c][views[c]] for c in COHORTS}
+    embeddings = {c: all_embeddings[c][views[c]] for c in COHORTS}
     labels = {c: session.cohort(c).labels[views[c]] for c in COHORTS}
     fusion = FusionModels.fit(blocks["train"], embeddings["train"], labels["train"], config.svm, seed=config.run.seed)
     if config.fusion.fit_on == "holdout" and "clinical" in fusion.models:
         # the backbone never sees clinical values: the Clinical model keeps every training patient
-        everyone = FusionModels.fit(session.clinical_block(encoder, "train"), session.embeddings(model, "train"),
-                                    session.train.labels, config.svm, seed=config.run.seed)
+        everyone = FusionModels.fit(all_blocks["train"], all_embeddings["train"], session.train.labels, config.svm,
+                                    seed=config.run.seed)
         fusion.models["clinical"] = everyone.models["clinical"]
     scores = {c: fusion.predict_proba(blocks[c], embeddings[c]) for c in COHORTS}
     probabilities = {m: {c: scores[c][m] for c in COHORTS} for m in MODELS if m in scores["train"]}

@@ -1,11 +1,13 @@
 """Deep-feature ablation on BUS-BRA BI-RADS 4 (issue: deep features that earn their place), resumable.
 
-Arms: backbone {scratch, augmentation, pretrained on BUS-BRA's other BI-RADS categories} ×
-fusion {paper (fit on train), hold-out}; each over the same patient-level splits (``data.split_seed``
-and ``run.seed`` = r). Runs go round-robin over splits so a partial run still compares every arm on
-the same splits. Every study is a ``cldlr simulate`` run; one that has its report is never rerun.
+Arms: backbone {scratch, augmentation, pretrained on BUS-BRA's other BI-RADS categories} × fusion
+{paper (fit on train), hold-out (the concatenating SVM on the hold-out), stack (late fusion on
+out-of-fold decision values of the hold-out; it reuses the hold-out arm's trained backbone)}; each
+over the same patient-level splits (``data.split_seed`` and ``run.seed`` = r). Runs go round-robin
+over splits so a partial run still compares every arm on the same splits. Every study is a
+``cldlr simulate`` run; one that has its report is never rerun.
 
-    python bench/ablation_deep.py --bi4 DIR --archive DIR --out DIR [--splits 5] [--table]
+    python bench/ablation_deep.py --bi4 DIR --archive DIR --out DIR [--splits 5] [--arms A ...] [--table]
 
 ``--bi4``/``--archive``: ``cldlr import bus-bra SRC DIR --sites single --birads 4`` (and
 ``--birads 2 --birads 3 --birads 5``). ``--table`` prints the Markdown table of what has finished.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import statistics
 from pathlib import Path
 
@@ -26,10 +29,16 @@ from cldlr.simulations.runner import simulate
 
 CPU = ["data.image_size=64", "model.weights=none", "train.epochs=8", "train.lr=0.0001", "train.batch_size=16",
        "svm.embedding_pca=16", "train.device=cpu"]
-BACKBONES = {"scratch": [], "augmentation": ["train.augment.enabled=true"], "pretrained": ["model.weights={weights}"]}
-FUSIONS = {"paper": ["fusion.fit_on=train"], "hold-out": ["fusion.fit_on=holdout"]}
-ORDER = [("scratch", "paper"), ("scratch", "hold-out"), ("augmentation", "hold-out"), ("pretrained", "hold-out"),
-         ("augmentation", "paper"), ("pretrained", "paper")]
+BACKBONES = {"scratch": [], "augmentation": ["train.augment.enabled=true"], "pretrained": ["model.weights={weights}"],
+             # beyond the issue's grid: both together, and the ROI with 20 % context around the lesion rectangle
+             "pretrained+augmentation": ["model.weights={weights}", "train.augment.enabled=true"],
+             "context": ["data.margin=0.2"]}
+FUSIONS = {"paper": ["fusion.fit_on=train"], "hold-out": ["fusion.fit_on=holdout"],
+           "stack": ["fusion.fit_on=holdout", "fusion.combine=stack"]}
+ORDER = [("scratch", "paper"), ("scratch", "hold-out"), ("scratch", "stack"), ("augmentation", "hold-out"),
+         ("augmentation", "stack"), ("pretrained", "hold-out"), ("pretrained", "stack"), ("augmentation", "paper"),
+         ("pretrained", "paper"), ("pretrained+augmentation", "hold-out"), ("pretrained+augmentation", "stack"),
+         ("context", "hold-out"), ("context", "stack")]
 
 
 def base_config(bi4: Path, out: Path, extra: list[str]) -> Config:
@@ -46,7 +55,9 @@ def run(args: argparse.Namespace) -> None:
     weights = args.out / "pretrained.pt"
     for r in range(args.splits):
         for backbone, fusion in ORDER:
-            if backbone == "pretrained" and not weights.is_file():
+            if args.arms and f"{backbone}-{fusion}" not in args.arms:
+                continue
+            if backbone.startswith("pretrained") and not weights.is_file():
                 cfg = base_config(args.bi4, args.out, ["federation.mode=pooled", "train.epochs=10",
                                                        f"run.output_dir={args.out}"])
                 pretrain(cfg, args.archive, weights, drop_overlap=True)  # BUS-BRA: one patient is in both
@@ -57,6 +68,11 @@ def run(args: argparse.Namespace) -> None:
             cfg = repeat_config(base_config(args.bi4, args.out, sets), r)
             cfg = cfg.replace(**{"run.output_dir": str(folder), "run.name": f"repeat-{r + 1}"})
             resume = folder / f"repeat-{r + 1}"
+            shared = arm_dir(args.out, backbone, "hold-out") / f"repeat-{r + 1}" / "checkpoint.pt"
+            if fusion == "stack" and shared.is_file() and not resume.is_dir():
+                # the stacked arm's backbone is the hold-out arm's (same rows, seed, settings): only the fusion differs
+                resume.mkdir(parents=True)
+                shutil.copy2(shared, resume / "checkpoint.pt")
             logging.getLogger("ablation").info("split %d: %s × %s", r + 1, backbone, fusion)
             simulate(cfg, resume=resume if resume.is_dir() else None)
 
@@ -101,6 +117,7 @@ def main() -> None:
     parser.add_argument("--archive", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--splits", type=int, default=5)
+    parser.add_argument("--arms", nargs="*", default=[], help="only these arms (e.g. scratch-paper), default all")
     parser.add_argument("--table", action="store_true")
     args = parser.parse_args()
     if args.table:

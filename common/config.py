@@ -166,6 +166,12 @@ class FusionConfig:
 
     fit_on: Literal["train", "holdout"] = "train"
     holdout_fraction: float = 0.3
+    #: ``concat`` (the paper): CLDLR is one SVM on ``[clinical | embeddings]``. ``stack`` (needs
+    #: ``fit_on: holdout``; pooled studies): CLDLR is a logistic regression on the Clinical and DLR models'
+    #: out-of-fold decision values over the hold-out (``cldlr.common.fusion.stack``), so the deep model gets
+    #: the weight it earns on patients it has not seen; ``stack_folds`` patient-grouped folds.
+    combine: Literal["concat", "stack"] = "concat"
+    stack_folds: int = 5
 
 
 @dataclass(frozen=True)
@@ -372,6 +378,13 @@ def validate_config(config: Config) -> None:
         (0.0 < config.train.val_fraction < 1.0, "train.val_fraction must be in (0, 1)"),
         (config.svm.C > 0, "svm.C must be > 0"),
         (0.05 <= config.fusion.holdout_fraction <= 0.5, "fusion.holdout_fraction must be in [0.05, 0.5]"),
+        (config.fusion.combine == "concat" or config.fusion.fit_on == "holdout",
+         "fusion.combine=stack needs fusion.fit_on=holdout: its weights are fitted on decision values of embeddings "
+         "the backbone never trained on"),
+        (config.fusion.combine == "concat" or config.federation.mode in ("pooled", "local"),
+         "fusion.combine=stack runs in pooled and local studies only (a federated stack needs secure rounds of out-of-fold "
+         "decision values, not built yet); use fusion.combine=concat in a federation"),
+        (2 <= config.fusion.stack_folds <= 20, "fusion.stack_folds must be in [2, 20]"),
         (config.svm.ridge > 0, "svm.ridge must be > 0"),
         (config.svm.rff_features >= 1, "svm.rff_features must be >= 1"),
         (0.0 < config.svm.threshold < 1.0, "svm.threshold must be in (0, 1)"),

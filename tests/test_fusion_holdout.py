@@ -70,3 +70,21 @@ def test_pooled_study_fits_the_fusion_on_the_hold_out(phantom: Path, tmp_path: P
                          progress=False)
     assert outcome.metrics["clinical"]["test"]["auc"] == paper.metrics["clinical"]["test"]["auc"]
     assert outcome.metrics["dlr"]["test"]["auc"] != paper.metrics["dlr"]["test"]["auc"]
+
+
+def test_pooled_study_stacks_cldlr_on_out_of_fold_values_of_the_hold_out(phantom: Path, tmp_path: Path) -> None:
+    from cldlr.common.fusion.models import StackedModel
+
+    cfg = config(phantom, tmp_path, "federation.mode=pooled", "fusion.fit_on=holdout", "fusion.combine=stack",
+                 "fusion.stack_folds=3")
+    site = read_site(phantom / "site-1", load_schema(phantom / "schema.yaml"))
+    outcome, artifacts = run_study(site, cfg, tmp_path, progress=False)
+    cldlr = artifacts.fusion.models["cldlr"]
+    assert isinstance(cldlr, StackedModel) and cldlr.members == ["clinical", "dlr"]
+    assert "CLDLR stacked" in outcome.sections["Fusion hold-out"]
+    concat, _ = run_study(site, config(phantom, tmp_path / "concat", "fusion.fit_on=holdout"), tmp_path / "concat",
+                          progress=False)
+    # the same backbone, Clinical and DLR models as the concatenating hold-out study; only CLDLR differs
+    for model in ("clinical", "dlr"):
+        assert outcome.metrics[model]["test"]["auc"] == concat.metrics[model]["test"]["auc"]
+    assert outcome.metrics["cldlr"]["test"]["auc"] != concat.metrics["cldlr"]["test"]["auc"]

@@ -6,14 +6,15 @@ piece lives:
 * the steps, in the order :mod:`.pipeline` calls them — 1 standardize (:mod:`.standardize`),
   2 PCA (:mod:`.pca`), 3 feature map (:mod:`.rff`), 4 solve (:mod:`.lssvm` for ``rff``,
   :mod:`.svc` for ``svc``), 5 calibrate (:mod:`.platt` for ``rff``; ``svc`` calibrates itself);
-* the fitted models and their plain-array form: :mod:`.models`;
+* the fitted models and their plain-array form: :mod:`.models` (``StackedModel``: CLDLR as late fusion,
+  fitted by :mod:`.stack` on out-of-fold decision values);
 * one secure round — the centre's request and a site's sums: :mod:`.protocol`;
 * the entry points — :meth:`FusionModels.fit` (pooled) and :class:`RffFusionFitter` (federated),
   both running :mod:`.pipeline`: :mod:`.fit`;
 * the federated fit on the wire (JSON payloads, the centre's fitter settings): :mod:`.payload`.
 
 Imports go one way: a module imports only modules listed before it in standardize, lssvm,
-platt, svc, rff, pca, models, protocol, pipeline, fit, payload — no cycles, no private names.
+platt, svc, rff, pca, models, protocol, pipeline, fit, stack, payload — no cycles, no private names.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from cldlr.common.fusion.protocol import (
     clinical_value_bound,
     site_sums,
 )
+from cldlr.common.fusion.stack import FusionRows, stack_fusion
 
 __all__ = [
     "BLOCKS",
@@ -40,6 +42,7 @@ __all__ = [
     "PLATT_HIST_RANGE",
     "FusionModels",
     "FusionPayload",
+    "FusionRows",
     "RffFusionFitter",
     "RffRequest",
     "clinical_value_bound",
@@ -47,4 +50,5 @@ __all__ = [
     "fusion_models_from_payload",
     "run_rff_protocol",
     "site_sums",
+    "stack_fusion",
 ]

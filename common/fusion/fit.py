@@ -30,9 +30,11 @@ from cldlr.common.fusion.models import (
     FORMAT_VERSION,
     Model,
     RffModel,
+    StackedModel,
     check_format,
     models_from_arrays,
     models_to_arrays,
+    platt_proba,
     with_cldlr,
 )
 from cldlr.common.fusion.pipeline import rff_pipeline, svc_pipeline
@@ -85,7 +87,9 @@ class FusionModels:
                 f"{X.shape[1] - np.asarray(embeddings).shape[1]} + {np.asarray(embeddings).shape[1]}; "
                 "use the same clinical selection and backbone as in training"
             )
-        return {name: model.predict_proba(X) for name, model in self.models.items()}
+        decisions = {name: m.decision(X) for name, m in self.models.items() if not isinstance(m, StackedModel)}
+        return {name: m.proba_from(decisions) if isinstance(m, StackedModel) else platt_proba(decisions[name], m.A, m.B)
+                for name, m in self.models.items()}
 
     def summary(self) -> dict[str, Any]:
         """JSON-able description for reports: solver, models, notes and secure rounds."""

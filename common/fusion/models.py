@@ -27,6 +27,12 @@ FORMAT = "cldlr-fusion"
 FORMAT_VERSION = 1
 
 
+def platt_proba(decision: np.ndarray, A: float, B: float) -> np.ndarray:
+    """Platt's sigmoid p = 1/(1+exp(A f + B)) of decision values f (every model's probability)."""
+    p: np.ndarray = expit(-(A * np.asarray(decision) + B))
+    return p
+
+
 @dataclass
 class RffModel:
     """Primal RFF/LS-SVM model: f = θᵀ[z(x), 1], p = 1/(1+exp(A f + B)); linear kernel: z = x."""
@@ -53,8 +59,7 @@ class RffModel:
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """Platt-calibrated probability of malignancy."""
-        p: np.ndarray = expit(-(self.A * self.decision(X) + self.B))
-        return p
+        return platt_proba(self.decision(X), self.A, self.B)
 
 
 @dataclass
@@ -82,8 +87,7 @@ class SvcModel:
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """Platt-calibrated probability of malignancy, as ``CalibratedClassifierCV.predict_proba[:, 1]``."""
-        p: np.ndarray = expit(-(self.A * self.decision(X) + self.B))
-        return p
+        return platt_proba(self.decision(X), self.A, self.B)
 
     @classmethod
     def from_sklearn(cls, fmap: FeatureMap, calibrated: CalibratedClassifierCV) -> SvcModel:
@@ -95,8 +99,41 @@ class SvcModel:
                    A=float(sigmoid.a_), B=float(sigmoid.b_))
 
 
-Model = RffModel | SvcModel
-MODEL_TYPES: dict[str, type[RffModel] | type[SvcModel]] = {"rff": RffModel, "svc": SvcModel}
+@dataclass
+class StackedModel:
+    """CLDLR as late fusion: p = 1/(1+exp(A·Σ wₘ fₘ + B)) over the decision values fₘ of other models.
+
+    ``fusion.combine: stack``. The weights are a logistic regression fitted on *out-of-sample* decision
+    values (each training row scored by a model that never saw its patient), so a weak deep model gets
+    the small weight it earns on new patients instead of the one its training fit suggests. The
+    members are named, not stored: they are the bundle's own Clinical and DLR models. ``A`` and ``B``
+    play the part of Platt's, so a recalibration (logit p' = a + b·logit p) updates them as for the others.
+    """
+
+    members: list[str]
+    weights: np.ndarray
+    A: float = -1.0
+    B: float = 0.0
+
+    def decision_from(self, decisions: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Σ wₘ fₘ of the members' decision values (positive leans malignant)."""
+        missing = [m for m in self.members if m not in decisions]
+        if missing or len(self.members) != len(self.weights):
+            raise CldlrError(f"stacked model needs the decision values of {', '.join(self.members)} "
+                             f"({len(self.weights)} weights); missing {', '.join(missing) or 'none'}")
+        f: np.ndarray = sum((float(w) * np.asarray(decisions[m], dtype=np.float64)
+                             for m, w in zip(self.members, self.weights)), np.zeros(len(decisions[self.members[0]])))
+        return f
+
+    def proba_from(self, decisions: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Probability of malignancy from the members' decision values."""
+        return platt_proba(self.decision_from(decisions), self.A, self.B)
+
+
+Model = RffModel | SvcModel | StackedModel
+MODEL_TYPES: dict[str, type[RffModel] | type[SvcModel] | type[StackedModel]] = {
+    "rff": RffModel, "svc": SvcModel, "stack": StackedModel}
+TYPE_NAMES = {kind: name for name, kind in MODEL_TYPES.items()}
 
 
 def with_cldlr(models: Mapping[str, Model]) -> dict[str, Model]:
@@ -152,7 +189,7 @@ def models_to_arrays(models: Mapping[str, Model]) -> tuple[dict[str, np.ndarray]
             entries[name] = {"same_as": seen[id(model)]}
             continue
         seen[id(model)] = name
-        entries[name] = {"type": "rff" if isinstance(model, RffModel) else "svc"}
+        entries[name] = {"type": TYPE_NAMES[type(model)]}
         for key, value in flatten_fields(model):
             if isinstance(value, np.ndarray):
                 arrays[f"{name}.{key}"] = np.ascontiguousarray(value)
@@ -174,4 +211,11 @@ def models_from_arrays(arrays: Mapping[str, np.ndarray], entries: Mapping[str, M
             if entry["same_as"] not in models:
                 raise CldlrError(f"model {name!r} refers to {entry['same_as']!r}, which is not stored")
             models[name] = models[entry["same_as"]]
+    for name, model in models.items():
+        if isinstance(model, StackedModel):
+            model.members = [str(m) for m in model.members]
+            bad = [m for m in model.members if not isinstance(models.get(m), RffModel | SvcModel)]
+            if bad or np.asarray(model.weights).shape != (len(model.members),):
+                raise CldlrError(f"stacked model {name!r}: members {model.members} must be stored rff/svc models, one "
+                                 f"weight each (got weights {np.asarray(model.weights).shape}, bad {bad})")
     return models

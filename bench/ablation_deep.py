@@ -41,14 +41,26 @@ ORDER = [("scratch", "paper"), ("scratch", "hold-out"), ("scratch", "stack"), ("
          ("context", "hold-out"), ("context", "stack")]
 
 
-def base_config(bi4: Path, out: Path, extra: list[str]) -> Config:
-    site = bi4 / "bus-bra"
-    return load_config("configs/paper.yaml", [f"data.root={site}", f"data.schema={bi4 / 'schema.yaml'}",
-                                              f"data.cache_dir={out / 'cache'}", *CPU, *extra])
+#: The federated by-device arms (``--sites``): 3 device sites, 4 rounds × 2 local epochs (the pooled arms' 8
+#: epochs per image), the secure RFF/LS-SVM fusion of docs/RESULTS.md's federation section.
+FEDERATED = ["federation.mode=federated", "federation.num_sites=3", "federation.min_sites=3", "federation.rounds=4",
+             "federation.local_epochs=2", "svm.solver=rff", "svm.rff_features=256"]
+
+
+def base_config(bi4: Path, out: Path, extra: list[str], sites: Path | None = None) -> Config:
+    root, schema = (bi4 / "bus-bra", bi4 / "schema.yaml") if sites is None else (sites, sites / "schema.yaml")
+    federated = FEDERATED if sites is not None else []
+    return load_config("configs/paper.yaml", [f"data.root={root}", f"data.schema={schema}",
+                                              f"data.cache_dir={out / 'cache'}", *CPU, *federated, *extra])
 
 
 def arm_dir(out: Path, backbone: str, fusion: str) -> Path:
     return out / f"{backbone}-{fusion}"
+
+
+def runs_root(args: argparse.Namespace) -> Path:
+    """Where an arm's runs go: ``--out`` for the pooled arms, ``--out/by-device`` for the federated ones."""
+    return args.out / "by-device" if args.sites else args.out
 
 
 def run(args: argparse.Namespace) -> None:
@@ -61,14 +73,16 @@ def run(args: argparse.Namespace) -> None:
                 cfg = base_config(args.bi4, args.out, ["federation.mode=pooled", "train.epochs=10",
                                                        f"run.output_dir={args.out}"])
                 pretrain(cfg, args.archive, weights, drop_overlap=True)  # BUS-BRA: one patient is in both
-            folder = arm_dir(args.out, backbone, fusion)
+            if args.sites and fusion == "stack":
+                continue  # fusion.combine=stack is pooled-only
+            folder = arm_dir(runs_root(args), backbone, fusion)
             if (folder / f"repeat-{r + 1}" / "report.json").is_file():
                 continue
             sets = [s.format(weights=weights) for s in BACKBONES[backbone] + FUSIONS[fusion]]
-            cfg = repeat_config(base_config(args.bi4, args.out, sets), r)
+            cfg = repeat_config(base_config(args.bi4, args.out, sets, args.sites), r)
             cfg = cfg.replace(**{"run.output_dir": str(folder), "run.name": f"repeat-{r + 1}"})
             resume = folder / f"repeat-{r + 1}"
-            shared = arm_dir(args.out, backbone, "hold-out") / f"repeat-{r + 1}" / "checkpoint.pt"
+            shared = arm_dir(runs_root(args), backbone, "hold-out") / f"repeat-{r + 1}" / "checkpoint.pt"
             if fusion == "stack" and shared.is_file() and not resume.is_dir():
                 # the stacked arm's backbone is the hold-out arm's (same rows, seed, settings): only the fusion differs
                 resume.mkdir(parents=True)
@@ -90,23 +104,25 @@ def _cell(values: list[float]) -> str:
 def table(out: Path) -> str:
     """Mean ± sd over the finished splits.
 
-    CLDLR − Clinical is paired per split against the paper's Clinical model (every training image; the
-    scratch × paper arm of the same split), which is the same model in every arm of that split.
+    CLDLR − Clinical is paired per split against the paper's Clinical model (every training image) of
+    the same split: the paper arm of the same backbone, else the scratch × paper arm (pooled, the
+    Clinical model is the same in every arm of a split), else the arm's own Clinical model.
     """
     lines = ["| Backbone | Fusion | splits | Clinical | DLR | CLDLR | CLDLR − Clinical | DLR train − test |",
              "|---|---|---|---|---|---|---|---|"]
-    clinical = {r: m["clinical"]["test"]["auc"] for r, m in _metrics(out, "scratch", "paper").items()}
+    scratch = _metrics(out, "scratch", "paper")
     for backbone, fusion in ORDER:
         runs = _metrics(out, backbone, fusion)
         if not runs:
             continue
+        paper = _metrics(out, backbone, "paper")
+        clinical = {r: (paper.get(r) or scratch.get(r) or m)["clinical"]["test"]["auc"] for r, m in runs.items()}
         m = list(runs.values())
         auc = {k: [x[k]["test"]["auc"] for x in m] for k in ("dlr", "cldlr")}
-        auc["clinical"] = [clinical[r] for r in runs if r in clinical] or [float("nan")]
-        diff = [runs[r]["cldlr"]["test"]["auc"] - clinical[r] for r in runs if r in clinical]
+        diff = [runs[r]["cldlr"]["test"]["auc"] - clinical[r] for r in runs]
         gap = [x["dlr"]["train"]["auc"] - x["dlr"]["test"]["auc"] for x in m]
-        paired = f"{_cell(diff)} ({sum(d > 0 for d in diff)}/{len(diff)} > 0)" if diff else "–"
-        lines.append(f"| {backbone} | {fusion} | {len(m)} | {_cell(auc['clinical'])} | {_cell(auc['dlr'])} | "
+        paired = f"{_cell(diff)} ({sum(d > 0 for d in diff)}/{len(diff)} > 0)"
+        lines.append(f"| {backbone} | {fusion} | {len(m)} | {_cell(list(clinical.values()))} | {_cell(auc['dlr'])} | "
                      f"{_cell(auc['cldlr'])} | {paired} | {_cell(gap)} |")
     return "\n".join(lines)
 
@@ -117,15 +133,16 @@ def main() -> None:
     parser.add_argument("--archive", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--splits", type=int, default=5)
+    parser.add_argument("--sites", type=Path, help="device site folders (--sites device import): the federated arms")
     parser.add_argument("--arms", nargs="*", default=[], help="only these arms (e.g. scratch-paper), default all")
     parser.add_argument("--table", action="store_true")
     args = parser.parse_args()
     if args.table:
-        print(table(args.out))
+        print(table(runs_root(args)))
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     run(args)
-    print(table(args.out))
+    print(table(runs_root(args)))
 
 
 if __name__ == "__main__":

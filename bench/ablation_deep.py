@@ -47,11 +47,14 @@ FEDERATED = ["federation.mode=federated", "federation.num_sites=3", "federation.
              "federation.local_epochs=2", "svm.solver=rff", "svm.rff_features=256"]
 
 
-def base_config(bi4: Path, out: Path, extra: list[str], sites: Path | None = None) -> Config:
+def base_config(bi4: Path, out: Path, extra: list[str], sites: Path | None = None,
+                overrides: list[str] | None = None) -> Config:
+    """configs/paper.yaml at the CPU setting, the arm's settings, then ``--set`` (e.g. 224 px on a GPU)."""
     root, schema = (bi4 / "bus-bra", bi4 / "schema.yaml") if sites is None else (sites, sites / "schema.yaml")
     federated = FEDERATED if sites is not None else []
     return load_config("configs/paper.yaml", [f"data.root={root}", f"data.schema={schema}",
-                                              f"data.cache_dir={out / 'cache'}", *CPU, *federated, *extra])
+                                              f"data.cache_dir={out / 'cache'}", *CPU, *federated, *extra,
+                                              *(overrides or [])])
 
 
 def arm_dir(out: Path, backbone: str, fusion: str) -> Path:
@@ -71,7 +74,7 @@ def run(args: argparse.Namespace) -> None:
                 continue
             if backbone.startswith("pretrained") and not weights.is_file():
                 cfg = base_config(args.bi4, args.out, ["federation.mode=pooled", "train.epochs=10",
-                                                       f"run.output_dir={args.out}"])
+                                                       f"run.output_dir={args.out}"], overrides=args.set)
                 pretrain(cfg, args.archive, weights, drop_overlap=True)  # BUS-BRA: one patient is in both
             if args.sites and fusion == "stack":
                 continue  # fusion.combine=stack is pooled-only
@@ -79,7 +82,7 @@ def run(args: argparse.Namespace) -> None:
             if (folder / f"repeat-{r + 1}" / "report.json").is_file():
                 continue
             sets = [s.format(weights=weights) for s in BACKBONES[backbone] + FUSIONS[fusion]]
-            cfg = repeat_config(base_config(args.bi4, args.out, sets, args.sites), r)
+            cfg = repeat_config(base_config(args.bi4, args.out, sets, args.sites, args.set), r)
             cfg = cfg.replace(**{"run.output_dir": str(folder), "run.name": f"repeat-{r + 1}"})
             resume = folder / f"repeat-{r + 1}"
             shared = arm_dir(runs_root(args), backbone, "hold-out") / f"repeat-{r + 1}" / "checkpoint.pt"
@@ -135,6 +138,8 @@ def main() -> None:
     parser.add_argument("--splits", type=int, default=5)
     parser.add_argument("--sites", type=Path, help="device site folders (--sites device import): the federated arms")
     parser.add_argument("--arms", nargs="*", default=[], help="only these arms (e.g. scratch-paper), default all")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides after the CPU setting (bench/gpu.sh: data.image_size=224 train.device=cuda)")
     parser.add_argument("--table", action="store_true")
     args = parser.parse_args()
     if args.table:

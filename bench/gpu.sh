@@ -6,7 +6,9 @@
 # pyproject.toml is for the CPU venv). Packages the GPU figures need but the machine lacks
 # can travel as wheels in REPO/.whl (installed with --no-index into a temporary folder).
 #
-#   CLDLR_BUSBRA=/path/to/bus-bra   use BUS-BRA's BI-RADS 4 lesions (else a synthetic cohort of 485 + 208)
+#   CLDLR_BUSBRA=/path/to/bus-bra   use BUS-BRA's BI-RADS 4 lesions (else a synthetic cohort of 485 + 208);
+#                                   then also step 5, the deep-feature ablation's best arm at 224 px
+#                                   (CLDLR_BENCH_ARMS; CLDLR_BENCH_ABLATION=0 skips it)
 #   CLDLR_BENCH_DRY=1               toy sizes on whatever device there is: checks the script, measures nothing
 #   PYTHON=/path/to/python          the interpreter to use (default: the first one whose torch sees CUDA)
 set -euo pipefail
@@ -62,4 +64,22 @@ fi
 # 4. the measurements, under a hard limit that keeps the whole script inside 8 minutes
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-timeout --signal=INT --kill-after=20 "${CLDLR_BENCH_TIMEOUT_S:-420}" "$py" "$repo/bench/gpu.py" "$out"
+rc=0
+timeout --signal=INT --kill-after=20 "${CLDLR_BENCH_TIMEOUT_S:-420}" "$py" "$repo/bench/gpu.py" "$out" || rc=$?
+
+# 5. the deep-feature ablation's best arm at the paper's 224 px (docs/RESULTS.md, issue 16), when BUS-BRA is
+#    on the machine: CLDLR_BENCH_ARMS (default below) over 5 splits, resumable, table in RESULTS_DIR/ablation-224
+if [[ -n ${CLDLR_BUSBRA:-} && -f ${CLDLR_BUSBRA}/bus_data.csv && ${CLDLR_BENCH_ABLATION:-1} == 1 ]]; then
+  abl="$out/ablation-224"
+  if [[ ! -d $abl/bi4 ]]; then
+    "$py" -c 'import sys; from cldlr.client.importers.bus_bra import import_bus_bra as i
+i(sys.argv[1], sys.argv[2] + "/bi4", birads=[4], sites="single")
+i(sys.argv[1], sys.argv[2] + "/archive", birads=[2, 3, 5], sites="single")' "$CLDLR_BUSBRA" "$abl"
+  fi
+  # shellcheck disable=SC2086 # the arms are a word list
+  (cd "$repo" && timeout --signal=INT --kill-after=20 "${CLDLR_BENCH_ABLATION_TIMEOUT_S:-240}" "$py" \
+     bench/ablation_deep.py --bi4 "$abl/bi4" --archive "$abl/archive" --out "$abl/runs" --splits 5 \
+     --arms ${CLDLR_BENCH_ARMS:-scratch-paper pretrained-hold-out pretrained-stack} \
+     --set data.image_size=224 train.device=cuda) | tee "$abl/table.md" || rc=$?
+fi
+exit $rc

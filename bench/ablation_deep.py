@@ -38,7 +38,7 @@ FUSIONS = {"paper": ["fusion.fit_on=train"], "hold-out": ["fusion.fit_on=holdout
 ORDER = [("scratch", "paper"), ("scratch", "hold-out"), ("scratch", "stack"), ("augmentation", "hold-out"),
          ("augmentation", "stack"), ("pretrained", "hold-out"), ("pretrained", "stack"), ("augmentation", "paper"),
          ("pretrained", "paper"), ("pretrained+augmentation", "hold-out"), ("pretrained+augmentation", "stack"),
-         ("context", "hold-out"), ("context", "stack")]
+         ("context", "hold-out"), ("context", "stack"), ("pretrained+augmentation", "paper")]
 
 
 #: The federated by-device arms (``--sites``): 3 device sites, 4 rounds × 2 local epochs (the pooled arms' 8

@@ -96,6 +96,11 @@ def clinical_phase(sum_fn: SumFn, schema: Schema, config: Config, max_cases: int
     """Select parameters from summed statistics (round 1 on schema bins, round 2 on bins where the
     data lie) and fit their encoder — as :func:`select_clinical` does. The encoder sums of every
     candidate parameter ride along in round 1; the selected ones are cut out afterwards.
+
+    Under whole-study DP the selection uses round 1 alone: moments from noisy sums cannot say where
+    the data lie (an underestimated SD asks for bins finer than a site's ``finest_bin_sd`` allows,
+    and the site rightly refuses; an overestimated mean cuts real values off), and the schema's
+    bins are public. The plan's second clinical release is then left unspent.
     """
     layout = StatisticsLayout.from_schema(schema, n_bins=CLINICAL_BINS)
     candidates = list(schema.model_parameters)
@@ -106,16 +111,19 @@ def clinical_phase(sum_fn: SumFn, schema: Schema, config: Config, max_cases: int
     noisy = noisy_sums(config)  # DP-noised sums: counts and moments repaired before any test
     statistics = ParameterStatistics.from_noisy_vector if noisy else ParameterStatistics.from_vector
     summed, *encoder_summed = sum_together(sum_fn, requests)
-    ranges = refined_histogram_ranges(statistics(summed, layout))
-    summed = sum_fn(CLINICAL_STATS, {"histogram_ranges": {k: list(v) for k, v in ranges.items()}},
-                    length=layout.size, bound=float(max_cases))
-    stats = statistics(summed, layout.with_histogram_ranges(ranges))
+    if noisy:
+        stats, clinical_rounds = statistics(summed, layout), 1
+    else:
+        ranges = refined_histogram_ranges(statistics(summed, layout))
+        summed = sum_fn(CLINICAL_STATS, {"histogram_ranges": {k: list(v) for k, v in ranges.items()}},
+                        length=layout.size, bound=float(max_cases))
+        stats, clinical_rounds = statistics(summed, layout.with_histogram_ranges(ranges)), 2
     selection = select_parameters(stats, alpha=config.clinical.alpha, normality_alpha=config.clinical.normality_alpha)
     parameters = [schema.get(name) for name in selection.selected]
     vector = select_encoder_sums(encoder_summed[0], candidates, parameters) if candidates else np.zeros(1)
     encoder = ClinicalEncoder.from_noisy_sums(vector, parameters) if noisy and parameters else \
         ClinicalEncoder.from_sums(vector, parameters)
-    return selection, encoder, 2
+    return selection, encoder, clinical_rounds
 
 
 def fusion_phase(sum_fn: SumFn, config: Config, encoder: ClinicalEncoder, n_deep: int, max_cases: int,

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import write_schema, write_site
+from federated_sums import plain_sum
 from opacus.accountants import RDPAccountant
 
 from cldlr.client.federated import FederatedSite
@@ -35,7 +36,8 @@ from cldlr.common.fusion.platt import platt_step
 from cldlr.common.secure import noise
 from cldlr.common.secure.dp_plan import StudyPlan
 from cldlr.common.secure.sums import ScalePlan, SecureSumSpec
-from cldlr.common.secure.tasks import ENCODER_SUMS
+from cldlr.common.secure.tasks import BATCH_TASK, ENCODER_SUMS
+from cldlr.server.federated_study import clinical_phase
 
 DELTA = 1e-3
 DP = ("privacy.enabled=true", "privacy.target_epsilon=1.0", f"privacy.delta={DELTA}", "privacy.max_grad_norm=1.0")
@@ -117,6 +119,25 @@ def test_a_release_past_the_cap_is_refused_before_it_leaves(tmp_path: Path) -> N
     with pytest.raises(LifetimeBudgetError):
         noiser.noisy(spec, np.zeros(8), neighbours=3, clipping_range=8.0, quantization_range=2**26)
     assert ledger.run_releases("r") == []  # nothing recorded, nothing sent
+
+
+def test_under_noisy_sums_the_clinical_bins_are_never_placed_by_noisy_moments(world, tmp_path) -> None:
+    """Deployed, an SD read off noisy moments asked for bins finer than a site's floor and the study halted."""
+    config = study(world, *WHOLE)
+    sites = [build(world, config, site_policy(world, tmp_path / f"s{k}", cap=20.0)) for k in range(3)]
+    requests: list[dict] = []
+    exact = plain_sum(sites, requests)
+    rng = np.random.default_rng(0)
+
+    def noisy_sum(task: str, payload: dict, *, length: int, bound, integer: bool = False) -> np.ndarray:
+        return exact(task, payload, length=length, bound=bound) + rng.normal(scale=5.0, size=length)
+
+    schema = sites[0].session.site.schema
+    selection, encoder, rounds = clinical_phase(noisy_sum, schema, config, max_cases=40)
+    assert rounds == 1 and [r["task"] for r in requests] == [BATCH_TASK]  # stats + encoder sums, over schema bins
+    assert set(selection.selected) <= {p.name for p in schema.model_parameters} and np.all(encoder.sd > 0)
+    exact_rounds = clinical_phase(plain_sum(sites), schema, study(world, *DP), max_cases=40)[2]
+    assert exact_rounds == 2  # exact sums still refine the bins where the data lie
 
 
 def test_a_site_requiring_noisy_sums_refuses_a_study_without(world) -> None:

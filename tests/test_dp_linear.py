@@ -23,7 +23,6 @@ from cldlr.common.fusion import FusionModels, FusionPayload, RffFusionFitter, si
 from cldlr.common.fusion.dp_linear import BLOCK_NORM, LINEAR_ROW_NORM2, noise_ridge, part_norm
 from cldlr.common.fusion.lssvm import lssvm_sums, solve_lssvm
 from cldlr.common.fusion.models import models_from_arrays, models_to_arrays
-from cldlr.common.secure import noise
 from cldlr.common.secure.dp_plan import StudyPlan, patient_bounds, patient_norm
 from cldlr.common.secure.sums import ScalePlan, SecureSumSpec
 from cldlr.common.secure.tasks import FUSION_SUMS
@@ -130,7 +129,7 @@ def test_the_clip_is_part_of_the_model_so_train_and_prediction_match() -> None:
     again = models_from_arrays(arrays, entries)
     for name, model in fused.models.items():
         np.testing.assert_array_equal(again[name].decision(X), model.decision(X))
-    old = {k: v for k, v in entries.items()}  # a map stored before the clip fields existed still loads, unclipped
+    old = dict(entries)  # a map stored before the clip fields existed still loads, unclipped
     old["dlr"] = {k: v for k, v in entries["dlr"].items() if not k.startswith("fmap.clip")}
     plain = models_from_arrays({k: v for k, v in arrays.items() if k != "dlr.fmap.clip_widths"}, old)["dlr"]
     assert plain.fmap.clip_widths is None and plain.fmap.clip_norm == 0.0

@@ -65,7 +65,8 @@ class RffRequest:
     def from_arrays(cls, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> RffRequest:
         """Inverse of :meth:`to_arrays`, on the site."""
         check_format(meta, ("phase", "counts", "models", "factors", "pca", "basis"))
-        deep_map = unflatten_fields(FeatureMap, "pca", {"projection": None, **FEATURE_MAP_DEFAULTS}, arrays) if meta["pca"] else None
+        defaults = {"projection": None, **FEATURE_MAP_DEFAULTS}
+        deep_map = unflatten_fields(FeatureMap, "pca", defaults, arrays) if meta["pca"] else None
         models = models_from_arrays(arrays, meta["models"])
         if not all(isinstance(model, RffModel) for model in models.values()):
             raise CldlrError("a request of the rff fit carries only rff models; this message holds another type")

@@ -8,6 +8,7 @@ without any DP; a finite ε is the whole study's budget, split over the phases b
 Markdown table and the PNG plot from what is there.
 
     python bench/dp_budget.py --sites DIR --out OUT [--eps inf 8 4 2 1] [--seeds 0 1] [--set key=value ...]
+                              [--split svm=0.35 --split platt=0]
     python bench/dp_budget.py --out OUT --table [--png docs/img/dp_budget.png]
 """
 
@@ -30,25 +31,27 @@ SMALL = ["model.backbone=tiny", "model.weights=none", "data.image_size=64", "tra
 MODELS = ("clinical", "dlr", "cldlr")
 
 
-def overrides(epsilon: float, seed: int, sites: Path, out: Path) -> list[str]:
-    """The study's settings for one point of the sweep."""
+def overrides(epsilon: float, seed: int, sites: Path, out: Path, split: dict[str, float] | None = None) -> list[str]:
+    """The study's settings for one point of the sweep (``split``: the phases' shares, default :data:`SPLIT`)."""
+    split = SPLIT if split is None else split
     name = f"eps-{epsilon:g}-seed-{seed}"
     base = [f"data.root={sites}", f"data.cache_dir={out / 'cache'}", f"run.output_dir={out / 'runs'}",
             f"run.name={name}", f"run.seed={seed}", *SMALL]
     if math.isinf(epsilon):
         return base
     dp = ["privacy.enabled=true", "privacy.delta=1e-3", "privacy.max_grad_norm=1.0",
-          f"privacy.target_epsilon={epsilon * SPLIT['backbone']:g}", "privacy.secure_sums.enabled=true"]
-    return base + dp + [f"privacy.secure_sums.{phase}={epsilon * share:g}" for phase, share in SPLIT.items()
+          f"privacy.target_epsilon={epsilon * split['backbone']:g}", "privacy.secure_sums.enabled=true"]
+    return base + dp + [f"privacy.secure_sums.{phase}={epsilon * share:g}" for phase, share in split.items()
                         if phase != "backbone"]
 
 
-def run_point(epsilon: float, seed: int, sites: Path, out: Path, extra: list[str]) -> dict[str, Any]:
+def run_point(epsilon: float, seed: int, sites: Path, out: Path, extra: list[str],
+              split: dict[str, float] | None = None) -> dict[str, Any]:
     """One federated simulation; its test AUCs, selection and ε per site."""
     from cldlr.common.config import load_config
     from cldlr.simulations.runner import simulate
 
-    run = simulate(load_config(None, overrides(epsilon, seed, sites, out) + extra))
+    run = simulate(load_config(None, overrides(epsilon, seed, sites, out, split) + extra))
     report = json.loads((run / "report.json").read_text())
     privacy = (report.get("federation") or {}).get("privacy") or {}
     return {"epsilon": epsilon, "seed": seed,
@@ -129,10 +132,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eps", type=float, nargs="+", default=[math.inf, 8.0, 4.0, 2.0, 1.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--split", action="append", default=[], metavar="PHASE=SHARE",
+                        help="change a phase's share of ε (e.g. svm=0.35 platt=0 with svm.dp_fusion); shares must sum to 1")
     parser.add_argument("--table", action="store_true", help="only write the table and the plot")
     parser.add_argument("--png", type=Path, default=None)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    split = dict(SPLIT)
+    for item in args.split:
+        phase, _, share = item.partition("=")
+        if phase not in SPLIT:
+            parser.error(f"--split {item}: unknown phase {phase!r} (one of {', '.join(SPLIT)})")
+        split[phase] = float(share)
+    if abs(sum(split.values()) - 1.0) > 1e-9:
+        parser.error(f"--split: the shares must sum to 1, got {sum(split.values()):g} ({split})")
     if not args.table:
         if args.sites is None:
             parser.error("--sites is needed to run the sweep")
@@ -142,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 if (eps, seed) in finished:
                     continue
                 try:
-                    row = run_point(eps, seed, args.sites.resolve(), args.out.resolve(), args.extra)
+                    row = run_point(eps, seed, args.sites.resolve(), args.out.resolve(), args.extra, split)
                 except Exception as exc:  # a study that stopped (a refusal, a failed round) is a result too
                     row = {"epsilon": eps, "seed": seed, "auc": {}, "selected": [], "spent": {},
                            "error": str(exc).splitlines()[-1][:300]}

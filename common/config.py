@@ -418,9 +418,12 @@ def validate_config(config: Config) -> None:
         sums = dp.secure_sums
         if sums.enabled:
             budgets = [sums.clinical, sums.encoder, sums.svm, sums.platt, sums.evaluation]
+            if config.svm.dp_fusion and sums.platt == 0:  # it calibrates without a release of its own
+                budgets.remove(sums.platt)
             if not all(math.isfinite(b) and b > 0 for b in budgets) or sums.platt_rounds < 2:
                 raise ConfigError("privacy.secure_sums needs every phase budget (clinical, encoder, svm, platt, "
-                                  "evaluation) finite and > 0 and platt_rounds >= 2")
+                                  "evaluation) finite and > 0 (platt may be 0 with svm.dp_fusion) and "
+                                  "platt_rounds >= 2")
             if config.federation.mode == "evaluate":
                 raise ConfigError("privacy.secure_sums is not available with federation.mode=evaluate yet (its "
                                   "calibration sums are outside the study's privacy plan); evaluate without it")

@@ -3,7 +3,8 @@
 Under whole-study DP a site clips every linear row to the protocol's norm whatever map the centre
 sends, so one patient's part of the LS-SVM release has a fixed L2 norm; Clinical and DLR read their
 normal equations as sub-blocks of CLDLR's one release (exactly the separate fits without noise);
-and with the noise the plan puts on that release, a fit on separable data stays far above chance.
+the calibration comes from those sums (no Platt release); and with the noise the plan puts on that
+release, a fit on separable data stays far above chance.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from cldlr.client.sum_noise import MemoryBook, SumNoiser
 from cldlr.common.config import load_config
 from cldlr.common.errors import ConfigError
 from cldlr.common.fusion import FusionModels, FusionPayload, RffFusionFitter, site_sums
-from cldlr.common.fusion.dp_linear import BLOCK_NORM, LINEAR_ROW_NORM2, noise_ridge, part_norm
+from cldlr.common.fusion.dp_linear import BLOCK_NORM, LINEAR_ROW_NORM2, gaussian_calibration, noise_ridge, part_norm
 from cldlr.common.fusion.lssvm import lssvm_sums, solve_lssvm
 from cldlr.common.fusion.models import models_from_arrays, models_to_arrays
-from cldlr.common.secure.dp_plan import StudyPlan, patient_bounds, patient_norm
+from cldlr.common.secure.dp_plan import StudyPlan, patient_bounds, patient_norm, planned_releases
 from cldlr.common.secure.sums import ScalePlan, SecureSumSpec
 from cldlr.common.secure.tasks import FUSION_SUMS
 
@@ -144,8 +145,7 @@ def test_a_noisy_fit_on_separable_data_stays_far_above_chance() -> None:
     rng = np.random.default_rng(12)
 
     def fit(sd: float) -> dict[str, float]:
-        fitter = RffFusionFitter(config.svm, N_CLINICAL, N_DEEP, noisy=sd > 0, noise_multiplier=z if sd > 0 else 0.0,
-                                 max_platt_rounds=3)
+        fitter = RffFusionFitter(config.svm, N_CLINICAL, N_DEEP, noisy=sd > 0, noise_multiplier=z if sd > 0 else 0.0)
         while not fitter.done:
             summed = site_sums(fitter.request(), *train, noisy=sd > 0)
             if fitter.phase == "lssvm":
@@ -180,3 +180,34 @@ def test_the_ridge_under_noise_is_the_noise_spectrum() -> None:
 def test_dp_fusion_settings_it_cannot_use_are_refused(bad: list[str]) -> None:
     with pytest.raises(ConfigError, match="svm.dp_fusion"):
         load_config(None, [*DP_FUSION, *bad])
+
+
+def test_dp_fusion_calibrates_from_its_lssvm_sums_without_a_platt_release() -> None:
+    """(A, B) = two Gaussians of shared variance fitted to the training decision values; no Platt round, none planned."""
+    config = load_config(None, [*WHOLE, *DP_FUSION, "privacy.secure_sums.platt=0"])
+    assert planned_releases(config)["platt"] == 0
+    StudyPlan.from_config(config).sums_rdp()  # a plan without Platt releases composes
+    clin, deep, y = cohort(300, 4)
+    fused = FusionModels.fit(clin, deep, y, config.svm)
+    assert fused.rounds is not None and fused.rounds["platt"] == 0 and fused.rounds["lssvm"] == 1
+    X = np.hstack([clin, deep])
+    for model in fused.models.values():
+        f = model.decision(X)
+        pos, neg = f[y == 1], f[y == 0]
+        var = (((pos - pos.mean()) ** 2).sum() + ((neg - neg.mean()) ** 2).sum()) / (len(f) - 2)
+        gap = pos.mean() - neg.mean()
+        assert var > max(f.var() / 4, gap**2 / 12)  # the noise floors do not bind on clean data
+        assert model.A == pytest.approx(-gap / var, rel=1e-9)
+        assert model.B == pytest.approx(gap * (pos.mean() + neg.mean()) / 2 / var - math.log(len(pos) / len(neg)),
+                                        rel=1e-9, abs=1e-12)
+
+
+def test_a_reversed_noisy_calibration_is_refused() -> None:
+    """Noise that puts the malignant mean below the benign one cannot flip the model: A stays < 0."""
+    rng = np.random.default_rng(7)
+    Z = rng.normal(size=(200, 3))
+    y = rng.integers(0, 2, 200).astype(float)
+    S, t = lssvm_sums(Z, y)
+    theta, _ = solve_lssvm(S, t, 1.0)
+    A, _ = gaussian_calibration(S, -t, theta, float(y.sum()), float(len(y) - y.sum()))  # t's sign flipped by noise
+    assert A < 0

@@ -35,7 +35,14 @@ import numpy as np
 
 from cldlr.common.config import SVMConfig
 from cldlr.common.errors import CldlrError
-from cldlr.common.fusion.dp_linear import bounded_map, nested_release, noise_ridge, release_norm, sub_block
+from cldlr.common.fusion.dp_linear import (
+    bounded_map,
+    gaussian_calibration,
+    nested_release,
+    noise_ridge,
+    release_norm,
+    sub_block,
+)
 from cldlr.common.fusion.lssvm import nearest_psd, solve_lssvm, unpack_lssvm
 from cldlr.common.fusion.models import RffModel, SvcModel
 from cldlr.common.fusion.pca import (
@@ -109,9 +116,15 @@ def rff_pipeline(cfg: SVMConfig, n_clinical: int, n_deep: int, *, seed: int = 0,
     released, subs = nested_release(models, BLOCKS) if cfg.dp_fusion else (models, {})
     summed = yield RffRequest(phase="lssvm", models=released, counts=counts)
     noise_sd = noise_multiplier * release_norm(released) if cfg.dp_fusion else 0.0
-    models, factors = _solve(summed, models, cfg.ridge, noisy, released=released, subs=subs, noise_sd=noise_sd)
-    # 5. calibrate: Platt from summed histograms of leave-one-out decision values, then Newton steps
-    models = yield from _platt_rounds(models, factors, counts, max_platt_rounds, platt_tol)
+    models, factors, systems = _solve(summed, models, cfg.ridge, noisy, released=released, subs=subs,
+                                      noise_sd=noise_sd)
+    # 5. calibrate: Platt from summed histograms of leave-one-out decision values, then Newton steps;
+    #    dp_fusion: from the normal equations already released (no round, no noise of its own)
+    if cfg.dp_fusion:
+        models = {name: replace(m, **dict(zip("AB", gaussian_calibration(*systems[name], m.theta, *counts))))
+                  for name, m in models.items() if m.theta is not None}
+    else:
+        models = yield from _platt_rounds(models, factors, counts, max_platt_rounds, platt_tol)
     return RffRequest(phase="done", models=models, counts=counts), notes
 
 
@@ -200,11 +213,13 @@ def _rff_model(fmap: FeatureMap, total_var: float, cfg: SVMConfig, seed: list[in
 
 def _solve(summed: np.ndarray, models: dict[str, RffModel], ridge: float, noisy: bool = False, *,
            released: dict[str, RffModel] | None = None, subs: dict[str, tuple[str, np.ndarray]] | None = None,
-           noise_sd: float = 0.0) -> tuple[dict[str, RffModel], dict[str, np.ndarray]]:
+           noise_sd: float = 0.0) -> tuple[dict[str, RffModel], dict[str, np.ndarray],
+                                           dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Step 4 of ``rff``: θ of every model and the Cholesky factors sites need for leave-one-out values.
 
     ``released`` models' sums are in ``summed`` in order; each of ``subs`` reads its own as a sub-block
-    of its parent's. ``noise_sd`` > 0 raises the ridge to :func:`~.dp_linear.noise_ridge`.
+    of its parent's. ``noise_sd`` > 0 raises the ridge to :func:`~.dp_linear.noise_ridge`. Also
+    returns each model's (S, t) as solved (after the PSD repair).
     """
     sums: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     start = 0
@@ -219,10 +234,12 @@ def _solve(summed: np.ndarray, models: dict[str, RffModel], ridge: float, noisy:
     factors: dict[str, np.ndarray] = {}
     for name, model in models.items():
         S, t = sums[name]
+        S = nearest_psd(S) if noisy else S
         lam = noise_ridge(ridge, noise_sd, S.shape[0]) if noise_sd > 0 else ridge
-        theta, factors[name] = solve_lssvm(nearest_psd(S) if noisy else S, t, lam)
+        theta, factors[name] = solve_lssvm(S, t, lam)
         solved[name] = replace(model, theta=theta)
-    return solved, factors
+        sums[name] = (S, t)
+    return solved, factors, sums
 
 
 def _platt_rounds(models: dict[str, RffModel], factors: dict[str, np.ndarray], counts: tuple[float, float],

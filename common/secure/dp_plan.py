@@ -66,8 +66,8 @@ def planned_releases(config: Config) -> dict[str, int]:
     svm, sums = config.svm, config.privacy.secure_sums
     k = svm.embedding_pca
     pca = max(PCA_ROUNDS - 1, 1) if k > 0 else 0  # the 1st sketch rides with the moments; Ω = I needs none
-    return {"clinical": 2, "encoder": 1, "svm": 2 + pca,
-            "platt": 1 + platt_requests(sums.platt_rounds), "evaluation": 2}
+    platt = 0 if svm.dp_fusion else 1 + platt_requests(sums.platt_rounds)  # dp_fusion calibrates from its LS-SVM sums
+    return {"clinical": 2, "encoder": 1, "svm": 2 + pca, "platt": platt, "evaluation": 2}
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ class StudyPlan:
 
     def sums_rdp(self) -> Any:
         """The RDP curve of every planned sum release (each at most its Gaussian calibration)."""
-        return sum(self.releases[p] * gaussian_rdp(self.multiplier(p), 1.0) for p in SUM_PHASES)
+        return sum(self.releases[p] * gaussian_rdp(self.multiplier(p), 1.0) for p in SUM_PHASES if self.releases[p])
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form for reports: ε and releases per phase, δ."""

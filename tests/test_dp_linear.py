@@ -197,9 +197,10 @@ def test_dp_fusion_calibrates_from_its_lssvm_sums_without_a_platt_release() -> N
         var = (((pos - pos.mean()) ** 2).sum() + ((neg - neg.mean()) ** 2).sum()) / (len(f) - 2)
         gap = pos.mean() - neg.mean()
         assert var > max(f.var() / 4, gap**2 / 12)  # the noise floors do not bind on clean data
-        assert model.A == pytest.approx(-gap / var, rel=1e-9)
-        assert model.B == pytest.approx(gap * (pos.mean() + neg.mean()) / 2 / var - math.log(len(pos) / len(neg)),
-                                        rel=1e-9, abs=1e-12)
+        slope, offset = model.A, model.B
+        assert slope == pytest.approx(-gap / var, rel=1e-9)
+        assert offset == pytest.approx(gap * (pos.mean() + neg.mean()) / 2 / var - math.log(len(pos) / len(neg)),
+                                       rel=1e-9, abs=1e-12)
 
 
 def test_a_reversed_noisy_calibration_is_refused() -> None:

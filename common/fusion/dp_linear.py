@@ -136,7 +136,8 @@ def gaussian_calibration(S: np.ndarray, t: np.ndarray, theta: np.ndarray, n_pos:
     With ``f = θᵀ[z,1]``: ``Σf = θᵀS[:, −1]``, ``Σf² = θᵀSθ``, ``Σ y± f = θᵀt``, so the per-class means
     ``μ₊, μ₋`` and the pooled within-class variance ``s²`` of the training decision values are known,
     and two Gaussians of variance ``s²`` give ``logit p = log(n₊/n₋) + (μ₊−μ₋)/s²·(f − (μ₊+μ₋)/2)``.
-    Under noise ``s²`` is floored (the implied separation ``(μ₊−μ₋)/s`` at most 2√3) and the gap ``μ₊ − μ₋`` is floored at a tenth of ``s``: the LS-SVM's decision leans
+    Under noise ``s²`` is floored (the implied separation ``(μ₊−μ₋)/s`` at most 2√3) and the gap
+    ``μ₊ − μ₋`` at a tenth of ``s``: the LS-SVM's decision leans
     malignant by construction (``θᵀt > 0``), so a reversed sigmoid would be the noise's, and A < 0 keeps
     the model's ranking whatever the noise.
     """

@@ -5,10 +5,14 @@ One federated simulation per (ε, seed) on site folders (e.g. BUS-BRA BI-RADS 4 
 without any DP; a finite ε is the whole study's budget, split over the phases by :data:`SPLIT`
 (backbone DP-SGD, then the five phases of noisy secure sums). Each finished run appends one line to
 ``OUT/results.jsonl``, so an interrupted sweep resumes where it stopped; ``--table`` writes the
-Markdown table and the PNG plot from what is there.
+Markdown table and the PNG plot from what is there. Under DP the published AUC is that of the
+noisy score histograms (the evaluation phase's own noise); ``--exact`` scores each finished run's
+bundle on the pooled test split offline (outside the study's DP guarantee: a benchmark of what the
+model itself achieves) into ``OUT/exact.jsonl``, and the table then shows both.
 
     python bench/dp_budget.py --sites DIR --out OUT [--eps inf 8 4 2 1] [--seeds 0 1] [--set key=value ...]
                               [--split svm=0.35 --split platt=0]
+    python bench/dp_budget.py --sites DIR --out OUT --exact [--set key=value ...]
     python bench/dp_budget.py --out OUT --table [--png docs/img/dp_budget.png]
 """
 
@@ -60,9 +64,31 @@ def run_point(epsilon: float, seed: int, sites: Path, out: Path, extra: list[str
             "spent": {site: v.get("phases", {}).get("total", v.get("epsilon")) for site, v in privacy.items()}}
 
 
-def done(out: Path) -> list[dict[str, Any]]:
+def exact_auc(epsilon: float, seed: int, sites: Path, out: Path, extra: list[str]) -> dict[str, float]:
+    """Test AUC of a finished run's bundle scored offline on the pooled test split (no evaluation noise)."""
+    from sklearn.metrics import roc_auc_score
+
+    from cldlr.client.evaluate import score_site
+    from cldlr.common.bundle import load_bundle
+    from cldlr.common.config import load_config
+    from cldlr.simulations.sites import load_sites
+
+    config = load_config(None, overrides(epsilon, seed, sites, out) + extra)
+    bundle = load_bundle(out / "runs" / f"eps-{epsilon:g}-seed-{seed}" / "model", allow_unsigned=True)
+    labels, scores = [], {"clinical": [], "dlr": [], "cldlr": []}
+    for site in load_sites(config):
+        table = score_site(bundle, site.root, label=site.name)
+        test = set(site.frame.loc[site.frame["split"] == "test", "image_id"].astype(str))
+        rows = table[table["image_id"].isin(test)]
+        labels += rows["label"].tolist()
+        for model, column in (("clinical", "clinical_score"), ("dlr", "dlr_score"), ("cldlr", "ai_score")):
+            scores[model] += rows[column].tolist()
+    return {m: float(roc_auc_score(labels, v)) for m, v in scores.items() if not any(x != x for x in v)}
+
+
+def done(out: Path, name: str = "results.jsonl") -> list[dict[str, Any]]:
     """The finished points (one JSON line each)."""
-    path = out / "results.jsonl"
+    path = out / name
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
@@ -72,13 +98,20 @@ def table(rows: list[dict[str, Any]]) -> str:
 
     from cldlr.common.text import markdown_text
 
-    lines = ["| whole-study ε | seeds | Clinical | DLR | CLDLR | selected (by seed) | largest ε spent |",
-             "|---|---|---|---|---|---|---|"]
+    exact = {(r["epsilon"], r["seed"]): r["auc"] for r in rows if r.get("exact")}
+    rows = [r for r in rows if not r.get("exact")]
+    head = "| whole-study ε | seeds | Clinical | DLR | CLDLR |"
+    if exact:
+        head += " exact Clinical | exact DLR | exact CLDLR |"
+    lines = [head + " selected (by seed) | largest ε spent |", "|---" * (head.count("|") + 1) + "|"]
     for eps in sorted({r["epsilon"] for r in rows}, key=lambda e: -e):
         group = [r for r in rows if r["epsilon"] == eps]
         cells = []
         for m in MODELS:
             values = [r["auc"][m] for r in group if m in r["auc"]]
+            cells.append(f"{np.mean(values):.3f} ± {np.std(values):.3f}" if values else "–")
+        for m in MODELS if exact else ():
+            values = [exact[(r["epsilon"], r["seed"])][m] for r in group if m in exact.get((r["epsilon"], r["seed"]), {})]
             cells.append(f"{np.mean(values):.3f} ± {np.std(values):.3f}" if values else "–")
         selected = "; ".join(", ".join(markdown_text(s) for s in r["selected"]) or "none"
                              for r in group if "error" not in r) or "–"
@@ -134,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--split", action="append", default=[], metavar="PHASE=SHARE",
                         help="change a phase's share of ε (e.g. svm=0.35 platt=0 with svm.dp_fusion); shares must sum to 1")
+    parser.add_argument("--exact", action="store_true", help="score the finished runs' bundles offline (exact AUC)")
     parser.add_argument("--table", action="store_true", help="only write the table and the plot")
     parser.add_argument("--png", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -146,7 +180,18 @@ def main(argv: list[str] | None = None) -> int:
         split[phase] = float(share)
     if abs(sum(split.values()) - 1.0) > 1e-9:
         parser.error(f"--split: the shares must sum to 1, got {sum(split.values()):g} ({split})")
-    if not args.table:
+    if args.exact:
+        if args.sites is None:
+            parser.error("--sites is needed to score the runs")
+        scored = {(r["epsilon"], r["seed"]) for r in done(args.out, "exact.jsonl")}
+        for r in done(args.out):
+            if "error" in r or (r["epsilon"], r["seed"]) in scored:
+                continue
+            auc = exact_auc(r["epsilon"], r["seed"], args.sites.resolve(), args.out.resolve(), args.extra)
+            with open(args.out / "exact.jsonl", "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"epsilon": r["epsilon"], "seed": r["seed"], "auc": auc, "exact": True}) + "\n")
+            print(r["epsilon"], r["seed"], auc, flush=True)
+    elif not args.table:
         if args.sites is None:
             parser.error("--sites is needed to run the sweep")
         finished = {(r["epsilon"], r["seed"]) for r in done(args.out)}
@@ -163,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                     handle.write(json.dumps(row) + "\n")
                 print(json.dumps(row), flush=True)
     rows = done(args.out)
-    text = table(rows)
+    text = table(rows + done(args.out, "exact.jsonl"))
     (args.out / "table.md").write_text(text + "\n", encoding="utf-8")
     print(text)
     if rows:

@@ -20,7 +20,7 @@ from cldlr.client.policy import policy_from_dict
 from cldlr.client.sum_noise import MemoryBook, SumNoiser
 from cldlr.common.config import load_config
 from cldlr.common.errors import ConfigError
-from cldlr.common.fusion import FusionModels, FusionPayload, RffFusionFitter, site_sums
+from cldlr.common.fusion import NOISY_CLINICAL_VALUE_BOUND, FusionModels, FusionPayload, RffFusionFitter, site_sums
 from cldlr.common.fusion.dp_linear import BLOCK_NORM, LINEAR_ROW_NORM2, gaussian_calibration, noise_ridge, part_norm
 from cldlr.common.fusion.lssvm import lssvm_sums, solve_lssvm
 from cldlr.common.fusion.models import models_from_arrays, models_to_arrays
@@ -212,3 +212,17 @@ def test_a_reversed_noisy_calibration_is_refused() -> None:
     theta, _ = solve_lssvm(S, t, 1.0)
     A, _ = gaussian_calibration(S, -t, theta, float(y.sum()), float(len(y) - y.sum()))  # t's sign flipped by noise
     assert A < 0
+
+
+def test_a_noisy_fit_clips_clinical_inputs_in_the_model_as_the_sites_do() -> None:
+    """Under DP noise the sites sum clinical values clipped to ±4; the fitted maps (so a bundle) clip them alike."""
+    fitter, _ = fit_to("lssvm", [*WHOLE, *DP_FUSION], noisy=True)
+    wire = FusionPayload("fit")
+    again = FusionPayload.decode(wire.encode(fitter.request()), {})
+    clin, deep, y = cohort(20, 6)
+    wild = clin.copy()
+    wild[:, 0] = 500.0  # far outside the protocol's ±4
+    for model in (fitter.request().models["cldlr"], again.models["cldlr"]):
+        clipped = np.clip(wild, -NOISY_CLINICAL_VALUE_BOUND, NOISY_CLINICAL_VALUE_BOUND)
+        np.testing.assert_array_equal(model.features(np.hstack([wild, deep])),
+                                      model.features(np.hstack([clipped, deep])))

@@ -76,13 +76,16 @@ def release_norm(models: Mapping[str, RffModel]) -> float:
     return part_norm([row_norm2(m) for m in models.values()])
 
 
-def bounded_map(fmap: FeatureMap, widths: Sequence[int]) -> FeatureMap:
+def bounded_map(fmap: FeatureMap, widths: Sequence[int], n_clinical: int = 0,
+                clinical_bound: float | None = None) -> FeatureMap:
     """A balanced map's outputs scaled to RMS ``BLOCK_NORM / BLOCK_MARGIN`` per block and clipped to ``BLOCK_NORM``.
 
     A balanced block has RMS norm 1 (times ``clinical_block_weight`` for the clinical one), so one
-    factor for the whole map does it; the outputs are linear in ``scale``.
+    factor for the whole map does it; the outputs are linear in ``scale``. ``clinical_bound``: the
+    inputs of the first ``n_clinical`` columns are clipped to ±it (what the sites do under DP noise).
     """
-    return replace(fmap, scale=fmap.scale * (BLOCK_NORM / BLOCK_MARGIN),
+    bound = None if clinical_bound is None else np.where(fmap.cols < n_clinical, clinical_bound, np.inf)
+    return replace(fmap, scale=fmap.scale * (BLOCK_NORM / BLOCK_MARGIN), input_bound=bound,
                    clip_widths=np.asarray(list(widths), dtype=np.int64), clip_norm=BLOCK_NORM)
 
 

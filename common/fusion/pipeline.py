@@ -56,7 +56,7 @@ from cldlr.common.fusion.pca import (
     standardized_sketch,
 )
 from cldlr.common.fusion.platt import platt_converged, platt_from_histogram, platt_step
-from cldlr.common.fusion.protocol import RffRequest
+from cldlr.common.fusion.protocol import NOISY_CLINICAL_VALUE_BOUND, RffRequest
 from cldlr.common.fusion.rff import FeatureMap, block_columns, model_map, resolve_gamma, rff_params
 from cldlr.common.fusion.standardize import Standardizer, moment_sums, standardizer_from_sums
 from cldlr.common.fusion.svc import fit_calibrated_svc
@@ -109,7 +109,7 @@ def rff_pipeline(cfg: SVMConfig, n_clinical: int, n_deep: int, *, seed: int = 0,
     # 3. feature map of every model, its γ and its random Fourier features (from the shared seed)
     maps, notes = feature_maps(std, n_clinical, cfg, balance, pca)
     if cfg.dp_fusion:
-        maps = _bounded_maps(maps, std, n_clinical, pca, balance)
+        maps = _bounded_maps(maps, std, n_clinical, pca, balance, noisy)
     models = {name: _rff_model(fmap, total_var, cfg, [seed, list(BLOCKS).index(name)])
               for name, (fmap, total_var) in maps.items()}
     # 4. solve the LS-SVMs of all models from one round of summed normal equations
@@ -192,13 +192,18 @@ def _pca_rounds(S: np.ndarray, sketch: np.ndarray, std: Standardizer, n_clinical
 
 
 def _bounded_maps(maps: dict[str, tuple[FeatureMap, float]], std: Standardizer, n_clinical: int,
-                  pca: PcaResult | None, balance: bool) -> dict[str, tuple[FeatureMap, float]]:
-    """``svm.dp_fusion``: every model's map scaled and clipped per block (:func:`~.dp_linear.bounded_map`)."""
+                  pca: PcaResult | None, balance: bool, noisy: bool) -> dict[str, tuple[FeatureMap, float]]:
+    """``svm.dp_fusion``: every model's map scaled and clipped per block (:func:`~.dp_linear.bounded_map`).
+
+    ``noisy``: the clinical inputs clipped to the protocol's ±4 as the sites clip them for the sums,
+    so a bundle's predictions see the rows the model was fitted on.
+    """
     if not balance:
         raise CldlrError("svm.dp_fusion bounds each block relative to its balanced scale: use balance_blocks=true")
     clin, deep = block_columns(std, n_clinical)
     width = (clin.size, pca[0].shape[1] if pca is not None else deep.size)
-    return {name: (bounded_map(fmap, [w for w, used in zip(width, BLOCKS[name]) if used]), var)
+    bound = NOISY_CLINICAL_VALUE_BOUND if noisy else None
+    return {name: (bounded_map(fmap, [w for w, used in zip(width, BLOCKS[name]) if used], n_clinical, bound), var)
             for name, (fmap, var) in maps.items()}
 
 

@@ -27,6 +27,8 @@ class FeatureMap:
     ``clip_widths`` (the DP-ready linear fusion, :mod:`.dp_linear`): the outputs form consecutive
     blocks of these widths, and each block of a row is scaled down to L2 norm ≤ ``clip_norm`` —
     part of the model's transform, so training sums and predictions see the same rows.
+    ``input_bound``: each input ``X[:, cols]`` clipped to ±bound first (under whole-study DP the
+    sites clip standardized clinical values to ±4 before summing; a bundle must do the same).
     """
 
     cols: np.ndarray
@@ -35,10 +37,14 @@ class FeatureMap:
     projection: np.ndarray | None = None
     clip_widths: np.ndarray | None = None
     clip_norm: float = 0.0
+    input_bound: np.ndarray | None = None
 
     def transform(self, X: np.ndarray) -> np.ndarray:
         """Model inputs for rows of ``[clinical | embeddings]``."""
-        Z: np.ndarray = (X[:, self.cols] - self.mean) * self.scale
+        inputs = X[:, self.cols]
+        if self.input_bound is not None:
+            inputs = np.clip(inputs, -self.input_bound, self.input_bound)
+        Z: np.ndarray = (inputs - self.mean) * self.scale
         Z = Z if self.projection is None else Z @ self.projection
         if self.clip_widths is None:
             return Z
@@ -56,7 +62,7 @@ class FeatureMap:
 
 
 #: Fields of :class:`FeatureMap` added after format v1: a stored map without them takes these values.
-FEATURE_MAP_DEFAULTS: dict[str, None | float] = {"clip_widths": None, "clip_norm": 0.0}
+FEATURE_MAP_DEFAULTS: dict[str, None | float] = {"clip_widths": None, "clip_norm": 0.0, "input_bound": None}
 
 
 def clip_rows(Z: np.ndarray, norm: float) -> np.ndarray:

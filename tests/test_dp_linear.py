@@ -222,6 +222,8 @@ def test_a_noisy_fit_clips_clinical_inputs_in_the_model_as_the_sites_do() -> Non
     clin, deep, y = cohort(20, 6)
     wild = clin.copy()
     wild[:, 0] = 500.0  # far outside the protocol's ±4
+    arrays, _ = models_to_arrays(fitter.request().models)
+    assert all(np.isfinite(np.asarray(v, dtype=np.float64)).all() for v in arrays.values())  # a bundle stores them
     for model in (fitter.request().models["cldlr"], again.models["cldlr"]):
         clipped = np.clip(wild, -NOISY_CLINICAL_VALUE_BOUND, NOISY_CLINICAL_VALUE_BOUND)
         np.testing.assert_array_equal(model.features(np.hstack([wild, deep])),

@@ -84,7 +84,9 @@ def bounded_map(fmap: FeatureMap, widths: Sequence[int], n_clinical: int = 0,
     factor for the whole map does it; the outputs are linear in ``scale``. ``clinical_bound``: the
     inputs of the first ``n_clinical`` columns are clipped to ±it (what the sites do under DP noise).
     """
-    bound = None if clinical_bound is None else np.where(fmap.cols < n_clinical, clinical_bound, np.inf)
+    # deep inputs unbounded: the largest finite float (a bundle refuses non-finite arrays)
+    bound = None if clinical_bound is None else np.where(fmap.cols < n_clinical, clinical_bound,
+                                                         np.finfo(np.float64).max)
     return replace(fmap, scale=fmap.scale * (BLOCK_NORM / BLOCK_MARGIN), input_bound=bound,
                    clip_widths=np.asarray(list(widths), dtype=np.int64), clip_norm=BLOCK_NORM)
 

@@ -223,7 +223,8 @@ def _solve(summed: np.ndarray, models: dict[str, RffModel], ridge: float, noisy:
 
     ``released`` models' sums are in ``summed`` in order; each of ``subs`` reads its own as a sub-block
     of its parent's. ``noise_sd`` > 0 raises the ridge to :func:`~.dp_linear.noise_ridge`. Also
-    returns each model's (S, t) as solved (after the PSD repair).
+    returns each model's (S, t) as released: the calibration's moments θᵀSθ are unbiased there, while
+    the PSD repair keeps the noise's positive eigenvalues and so inflates them.
     """
     sums: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     start = 0
@@ -242,7 +243,6 @@ def _solve(summed: np.ndarray, models: dict[str, RffModel], ridge: float, noisy:
         lam = noise_ridge(ridge, noise_sd, S.shape[0]) if noise_sd > 0 else ridge
         theta, factors[name] = solve_lssvm(S, t, lam)
         solved[name] = replace(model, theta=theta)
-        sums[name] = (S, t)
     return solved, factors, sums
 
 

@@ -123,8 +123,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Test AUC against ε (log axis; ∞ drawn at the right), one line per model."""
+def plot(rows: list[dict[str, Any]], path: Path, exact: list[dict[str, Any]] | None = None) -> Path:
+    """Test AUC against ε (log axis; ∞ drawn at the right), one line per model; ``exact`` rows dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,23 +134,28 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     finite = sorted({r["epsilon"] for r in rows if not math.isinf(r["epsilon"])})
     right = (max(finite) * 2) if finite else 16.0
     xs = sorted({r["epsilon"] for r in rows}, key=lambda e: right if math.isinf(e) else e)
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    for m in MODELS:
-        x, y, s = [], [], []
-        for eps in xs:
-            values = [r["auc"][m] for r in rows if r["epsilon"] == eps and m in r["auc"]]
-            if values:
-                x.append(right if math.isinf(eps) else eps)
-                y.append(float(np.mean(values)))
-                s.append(float(np.std(values)))
-        ax.errorbar(x, y, yerr=s, marker="o", capsize=3, label={"clinical": "Clinical", "dlr": "DLR", "cldlr": "CLDLR"}[m])
+    fig, ax = plt.subplots(figsize=(5.6, 3.6))
+    names = {"clinical": "Clinical", "dlr": "DLR", "cldlr": "CLDLR"}
+    for kind, group, style in (("published", rows, "-"), ("exact", exact or [], "--")):
+        for i, m in enumerate(MODELS):
+            x, y, s = [], [], []
+            for eps in xs:
+                values = [r["auc"][m] for r in group if r["epsilon"] == eps and m in r["auc"]]
+                if values:
+                    x.append(right if math.isinf(eps) else eps)
+                    y.append(float(np.mean(values)))
+                    s.append(float(np.std(values)))
+            if x:
+                ax.errorbar(x, y, yerr=s, marker="o" if style == "-" else "s", capsize=3, ls=style, color=f"C{i}",
+                            label=names[m] + (f" ({kind})" if exact else ""))
     ax.set_xscale("log")
     ax.set_xticks([right if math.isinf(e) else e for e in xs])
     ax.set_xticklabels(["∞" if math.isinf(e) else f"{e:g}" for e in xs])
+    ax.tick_params(axis="x", which="minor", labelbottom=False)
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("whole-study ε (δ = 1e-3) per site")
     ax.set_ylabel("test AUC")
-    ax.legend(frameon=False)
+    ax.legend(frameon=False, fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=150)
@@ -212,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "table.md").write_text(text + "\n", encoding="utf-8")
     print(text)
     if rows:
-        print(plot(rows, args.png or args.out / "dp_budget.png"))
+        print(plot(rows, args.png or args.out / "dp_budget.png", done(args.out, "exact.jsonl")))
     return 0
 
 

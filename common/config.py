@@ -119,6 +119,11 @@ class SVMConfig:
     approximation of the same RBF kernel with a least-squares objective, which is what the
     federation can fit from secure sums (the single-site pipeline offers it too, so a one-site
     federation reproduces it exactly).
+
+    ``dp_fusion`` (for whole-study DP): linear LS-SVMs on norm-bounded blocks — the clinical block
+    and ``embedding_pca`` deep components — whose one CLDLR release serves all three models
+    (``cldlr.common.fusion.dp_linear``); needs ``solver: rff``, ``kernel: linear``,
+    ``balance_blocks: true`` and ``embedding_pca >= 1`` (a few: each costs Gram entries, not Δ₂).
     """
 
     solver: Literal["svc", "rff"] = "svc"
@@ -131,6 +136,7 @@ class SVMConfig:
     rff_features: int = 512
     ridge: float = 1.0
     threshold: float = 0.5
+    dp_fusion: bool = False
 
 
 @dataclass(frozen=True)
@@ -399,6 +405,7 @@ def validate_config(config: Config) -> None:
             raise ConfigError(message)
     config.train.augment.check()
     _check_federation(config.federation)
+    _check_dp_fusion(config.svm)
     if config.federation.mode == "federated" and config.train.keep != "last":
         raise ConfigError("train.keep=best_val picks a site's own best epoch; in a federation the global model "
                           "of the last round is kept: set train.keep=last")
@@ -424,9 +431,12 @@ def validate_config(config: Config) -> None:
         sums = dp.secure_sums
         if sums.enabled:
             budgets = [sums.clinical, sums.encoder, sums.svm, sums.platt, sums.evaluation]
+            if config.svm.dp_fusion and sums.platt == 0:  # it calibrates without a release of its own
+                budgets.remove(sums.platt)
             if not all(math.isfinite(b) and b > 0 for b in budgets) or sums.platt_rounds < 2:
                 raise ConfigError("privacy.secure_sums needs every phase budget (clinical, encoder, svm, platt, "
-                                  "evaluation) finite and > 0 and platt_rounds >= 2")
+                                  "evaluation) finite and > 0 (platt may be 0 with svm.dp_fusion) and "
+                                  "platt_rounds >= 2")
             if config.federation.mode == "evaluate":
                 raise ConfigError("privacy.secure_sums is not available with federation.mode=evaluate yet (its "
                                   "calibration sums are outside the study's privacy plan); evaluate without it")
@@ -438,6 +448,20 @@ def validate_config(config: Config) -> None:
             "privacy settings are given but privacy.enabled is false; set privacy.enabled=true "
             "or remove them, so that nobody believes a non-DP run was private"
         )
+
+
+def _check_dp_fusion(svm: SVMConfig) -> None:
+    """``svm.dp_fusion`` is the linear, block-bounded rff fit: the settings it needs, or a ConfigError naming them."""
+    if not svm.dp_fusion:
+        return
+    wrong = [text for bad, text in ((svm.solver != "rff", "svm.solver=rff"), (svm.kernel != "linear", "svm.kernel=linear"),
+                                    (not svm.balance_blocks, "svm.balance_blocks=true"),
+                                    (svm.embedding_pca < 1, "svm.embedding_pca >= 1 (e.g. 4)"))
+             if bad]
+    if wrong:
+        raise ConfigError("svm.dp_fusion (the linear fusion on norm-bounded blocks) needs " + ", ".join(wrong)
+                          + f"; got solver={svm.solver}, kernel={svm.kernel}, balance_blocks={svm.balance_blocks}, "
+                          f"embedding_pca={svm.embedding_pca}")
 
 
 _STRATEGY_NAME = re.compile(r"[a-z][a-z0-9_-]*")

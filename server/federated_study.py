@@ -34,6 +34,7 @@ from cldlr.common.fusion import (
     clinical_value_bound,
     fusion_fitter,
 )
+from cldlr.common.secure.dp_plan import StudyPlan
 from cldlr.common.secure.sums import bound_blocks
 from cldlr.common.secure.tasks import BATCH_TASK, CLINICAL_STATS, ENCODER_SUMS, FUSION_SUMS, PLACEMENT_SUMS, SCORE_HISTOGRAMS
 
@@ -134,7 +135,9 @@ def fusion_phase(sum_fn: SumFn, config: Config, encoder: ClinicalEncoder, n_deep
     fitted models for the evaluation phase.
     """
     n_clinical = len(encoder.feature_names)
-    fitter = fusion_fitter(config, n_clinical, n_deep)
+    # the SVM phase's noise multiplier sizes svm.dp_fusion's ridge (the plan is public: no site's data)
+    z = StudyPlan.from_config(config).multiplier("svm") if noisy_sums(config) else 0.0
+    fitter = fusion_fitter(config, n_clinical, n_deep, noise_multiplier=z)
     wire = FusionPayload(uuid.uuid4().hex)
     common = {"encoder": encoder.to_dict(), "n_clinical": n_clinical, "n_deep": n_deep}
     while not fitter.done:
@@ -172,7 +175,10 @@ def _fusion_shape(fitter: Any, request: Any, n_clinical: int, n_deep: int, n: in
         return request.deep_map.dim * width, float(n) * 100.0
     if fitter.phase == "lssvm":
         sizes = [(m.W.shape[1] if m.W is not None else m.fmap.dim) + 1 for m in fitter.models.values()]
-        return sum(q * (q + 1) // 2 + q for q in sizes), float(n) * (1.0 if fitter.cfg.kernel == "rbf" else clin ** 2)
+        # under DP noise every site clips linear rows to the protocol's norm, and svm.dp_fusion's map clips
+        # them to it anyway: each element ≤ 1 per case
+        per_case = 1.0 if fitter.cfg.kernel == "rbf" or noisy or fitter.cfg.dp_fusion else clin ** 2
+        return sum(q * (q + 1) // 2 + q for q in sizes), float(n) * per_case
     if fitter.phase == "platt_hist":
         per_model = [(2 * PLATT_HIST_BINS, float(n)), (2 * PLATT_HIST_BINS, float(n) * PLATT_HIST_RANGE)]  # counts; Σf
         return 4 * PLATT_HIST_BINS * len(fitter.models), per_model * len(fitter.models)

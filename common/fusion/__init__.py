@@ -14,11 +14,12 @@ piece lives:
 * the federated fit on the wire (JSON payloads, the centre's fitter settings): :mod:`.payload`.
 
 Imports go one way: a module imports only modules listed before it in standardize, lssvm,
-platt, svc, rff, pca, models, protocol, pipeline, fit, stack, payload — no cycles, no private names.
+platt, svc, rff, pca, models, dp_linear, protocol, pipeline, fit, stack, payload — no cycles, no private names.
 """
 
 from __future__ import annotations
 
+from cldlr.common.fusion.dp_linear import LINEAR_ROW_NORM2, RFF_ROW_NORM2, part_norm
 from cldlr.common.fusion.fit import FusionModels, RffFusionFitter, run_rff_protocol
 from cldlr.common.fusion.payload import FusionPayload, fusion_fitter, fusion_models_from_payload
 from cldlr.common.fusion.pca import PCA_ROUNDS
@@ -36,10 +37,12 @@ from cldlr.common.fusion.stack import FusionRows, stack_fusion
 __all__ = [
     "BLOCKS",
     "CLINICAL_VALUE_BOUND",
+    "LINEAR_ROW_NORM2",
     "NOISY_CLINICAL_VALUE_BOUND",
     "PLATT_HIST_BINS",
     "PCA_ROUNDS",
     "PLATT_HIST_RANGE",
+    "RFF_ROW_NORM2",
     "FusionModels",
     "FusionPayload",
     "FusionRows",
@@ -48,6 +51,7 @@ __all__ = [
     "clinical_value_bound",
     "fusion_fitter",
     "fusion_models_from_payload",
+    "part_norm",
     "run_rff_protocol",
     "site_sums",
     "stack_fusion",

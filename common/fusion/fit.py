@@ -127,7 +127,7 @@ class RffFusionFitter:
 
     def __init__(self, cfg: SVMConfig, n_clinical: int, n_deep: int, *, seed: int = 0,
                  balance: bool = True, max_platt_rounds: int = 100, platt_tol: float = 1e-10,
-                 noisy: bool = False) -> None:
+                 noisy: bool = False, noise_multiplier: float = 0.0) -> None:
         if cfg.kernel == "rbf" and cfg.embedding_pca == 0 and n_deep > cfg.rff_features:
             log.warning("rff on %d deep columns without PCA: the RBF kernel varies less than the noise of %d random "
                         "features there, so DLR/CLDLR lose accuracy; set svm.embedding_pca (e.g. 16)",
@@ -135,7 +135,8 @@ class RffFusionFitter:
         self.cfg, self.n_clinical, self.n_deep = cfg, n_clinical, n_deep
         self.seed, self.balance, self.max_platt_rounds, self.platt_tol = seed, balance, max_platt_rounds, platt_tol
         self._steps = rff_pipeline(cfg, n_clinical, n_deep, seed=seed, balance=balance,
-                                   max_platt_rounds=max_platt_rounds, platt_tol=platt_tol, noisy=noisy)
+                                   max_platt_rounds=max_platt_rounds, platt_tol=platt_tol, noisy=noisy,
+                                   noise_multiplier=noise_multiplier)
         self._request = next(self._steps)
         self._notes: tuple[str, ...] = ()
         self._rounds = {"moments": 0, "pca": 0, "lssvm": 0, "platt": 0}

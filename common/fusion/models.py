@@ -21,7 +21,7 @@ from sklearn.calibration import CalibratedClassifierCV
 from sklearn.metrics.pairwise import linear_kernel, rbf_kernel
 
 from cldlr.common.errors import CldlrError
-from cldlr.common.fusion.rff import FeatureMap, rff_map
+from cldlr.common.fusion.rff import FEATURE_MAP_DEFAULTS, FeatureMap, rff_map
 
 FORMAT = "cldlr-fusion"
 FORMAT_VERSION = 1
@@ -168,15 +168,17 @@ def flatten_fields(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
 def unflatten_fields(kind: type, name: str, entry: Mapping[str, Any], arrays: Mapping[str, np.ndarray],
                      prefix: str = "") -> Any:
     """Inverse of :func:`flatten_fields`: ``kind`` rebuilt from ``<name>.<field>`` arrays and JSON ``entry``."""
-    def get(key: str) -> Any:
+    def get(key: str, field: str) -> Any:
         if f"{name}.{key}" in arrays:
             return np.asarray(arrays[f"{name}.{key}"])
         if key in entry:
             return entry[key]
+        if kind is FeatureMap and field in FEATURE_MAP_DEFAULTS:  # stored before the field existed
+            return FEATURE_MAP_DEFAULTS[field]
         raise CldlrError(f"{name!r}: stored arrays/metadata lack {name}.{key}; the file or message is incomplete")
 
     return kind(**{f.name: unflatten_fields(FeatureMap, name, entry, arrays, f"{prefix}{f.name}.") if f.name == "fmap"
-                   else get(prefix + f.name) for f in dataclasses.fields(kind)})
+                   else get(prefix + f.name, f.name) for f in dataclasses.fields(kind)})
 
 
 def models_to_arrays(models: Mapping[str, Model]) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:

@@ -30,14 +30,18 @@ PLATT_TOLERANCE = 1e-4
 PLATT_MAX_ROUNDS = 12
 
 
-def fusion_fitter(config: Config, n_clinical: int, n_deep: int) -> RffFusionFitter:
-    """The one place the centre builds the fitter of a federated SVM fit."""
+def fusion_fitter(config: Config, n_clinical: int, n_deep: int, *, noise_multiplier: float = 0.0) -> RffFusionFitter:
+    """The one place the centre builds the fitter of a federated SVM fit.
+
+    ``noise_multiplier``: the SVM phase's z of the study's privacy plan (whole-study DP), which sizes
+    the ridge of ``svm.dp_fusion`` (:func:`~cldlr.common.fusion.dp_linear.noise_ridge`); 0 without noise.
+    """
     if config.svm.solver != "rff":
         raise CldlrError("a federation fits its SVMs from secure sums: set svm.solver=rff "
                          "(the exact SVC needs every support vector at the centre)")
     noisy = config.privacy.enabled and config.privacy.secure_sums.enabled  # whole-study DP: a fixed Platt budget
     return RffFusionFitter(config.svm, n_clinical, n_deep, seed=config.run.seed, balance=config.svm.balance_blocks,
-                           platt_tol=PLATT_TOLERANCE, noisy=noisy,
+                           platt_tol=PLATT_TOLERANCE, noisy=noisy, noise_multiplier=noise_multiplier if noisy else 0.0,
                            max_platt_rounds=config.privacy.secure_sums.platt_rounds if noisy else PLATT_MAX_ROUNDS)
 
 

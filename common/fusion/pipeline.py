@@ -35,6 +35,14 @@ import numpy as np
 
 from cldlr.common.config import SVMConfig
 from cldlr.common.errors import CldlrError
+from cldlr.common.fusion.dp_linear import (
+    bounded_map,
+    gaussian_calibration,
+    nested_release,
+    noise_ridge,
+    release_norm,
+    sub_block,
+)
 from cldlr.common.fusion.lssvm import nearest_psd, solve_lssvm, unpack_lssvm
 from cldlr.common.fusion.models import RffModel, SvcModel
 from cldlr.common.fusion.pca import (
@@ -48,7 +56,7 @@ from cldlr.common.fusion.pca import (
     standardized_sketch,
 )
 from cldlr.common.fusion.platt import platt_converged, platt_from_histogram, platt_step
-from cldlr.common.fusion.protocol import RffRequest
+from cldlr.common.fusion.protocol import NOISY_CLINICAL_VALUE_BOUND, RffRequest
 from cldlr.common.fusion.rff import FeatureMap, block_columns, model_map, resolve_gamma, rff_params
 from cldlr.common.fusion.standardize import Standardizer, moment_sums, standardizer_from_sums
 from cldlr.common.fusion.svc import fit_calibrated_svc
@@ -64,7 +72,8 @@ Rounds = Generator[RffRequest, np.ndarray, tuple[RffRequest, tuple[str, ...]]]
 
 
 def rff_pipeline(cfg: SVMConfig, n_clinical: int, n_deep: int, *, seed: int = 0, balance: bool = True,
-                 max_platt_rounds: int = 100, platt_tol: float = 1e-10, noisy: bool = False) -> Rounds:
+                 max_platt_rounds: int = 100, platt_tol: float = 1e-10, noisy: bool = False,
+                 noise_multiplier: float = 0.0) -> Rounds:
     """The ``rff`` fit: yields each round's request, is sent the summed answers, returns the final request.
 
     The final request (phase ``done``) carries the fitted models to the sites; the notes say why
@@ -73,6 +82,10 @@ def rff_pipeline(cfg: SVMConfig, n_clinical: int, n_deep: int, *, seed: int = 0,
     ≥ 1), the clinical columns keep the encoder's standardization, and every LS-SVM matrix is
     projected onto the positive-semidefinite cone (:func:`~cldlr.common.fusion.lssvm.nearest_psd`)
     before the ridge is added.
+
+    ``cfg.dp_fusion`` (the DP-ready fusion, :mod:`.dp_linear`): linear models on norm-bounded
+    blocks, the CLDLR sums released once for all three models, and — with ``noise_multiplier`` z,
+    the SVM phase's noise multiplier — a ridge of at least the noise matrix's spectral norm.
     """
     p = n_clinical + n_deep
     # 1. standardize: n, class counts, Σx, Σx² (+ the first PCA sketch Σ XᵀXΩ of the raw embeddings)
@@ -95,13 +108,22 @@ def rff_pipeline(cfg: SVMConfig, n_clinical: int, n_deep: int, *, seed: int = 0,
                                      cfg.embedding_pca, n, counts)
     # 3. feature map of every model, its γ and its random Fourier features (from the shared seed)
     maps, notes = feature_maps(std, n_clinical, cfg, balance, pca)
+    if cfg.dp_fusion:
+        maps = _bounded_maps(maps, std, n_clinical, pca, balance, noisy)
     models = {name: _rff_model(fmap, total_var, cfg, [seed, list(BLOCKS).index(name)])
               for name, (fmap, total_var) in maps.items()}
     # 4. solve the LS-SVMs of all models from one round of summed normal equations
-    summed = yield RffRequest(phase="lssvm", models=models, counts=counts)
-    models, factors = _solve(summed, models, cfg.ridge, noisy)
-    # 5. calibrate: Platt from summed histograms of leave-one-out decision values, then Newton steps
-    models = yield from _platt_rounds(models, factors, counts, max_platt_rounds, platt_tol)
+    released, subs = nested_release(models, BLOCKS) if cfg.dp_fusion else (models, {})
+    summed = yield RffRequest(phase="lssvm", models=released, counts=counts)
+    noise_sd = noise_multiplier * release_norm(released) if cfg.dp_fusion else 0.0
+    models, factors, systems = _solve(summed, models, cfg.ridge, noisy, released=released, subs=subs,
+                                      noise_sd=noise_sd)
+    # 5. calibrate: Platt from summed histograms of leave-one-out decision values, then Newton steps;
+    #    dp_fusion: from the normal equations already released (no round, no noise of its own)
+    if cfg.dp_fusion:
+        models = {name: _calibrated(m, *systems[name], counts) for name, m in models.items()}
+    else:
+        models = yield from _platt_rounds(models, factors, counts, max_platt_rounds, platt_tol)
     return RffRequest(phase="done", models=models, counts=counts), notes
 
 
@@ -169,6 +191,22 @@ def _pca_rounds(S: np.ndarray, sketch: np.ndarray, std: Standardizer, n_clinical
     return pca_from_sketch(basis, Y, k, sum(counts))
 
 
+def _bounded_maps(maps: dict[str, tuple[FeatureMap, float]], std: Standardizer, n_clinical: int,
+                  pca: PcaResult | None, balance: bool, noisy: bool) -> dict[str, tuple[FeatureMap, float]]:
+    """``svm.dp_fusion``: every model's map scaled and clipped per block (:func:`~.dp_linear.bounded_map`).
+
+    ``noisy``: the clinical inputs clipped to the protocol's ±4 as the sites clip them for the sums,
+    so a bundle's predictions see the rows the model was fitted on.
+    """
+    if not balance:
+        raise CldlrError("svm.dp_fusion bounds each block relative to its balanced scale: use balance_blocks=true")
+    clin, deep = block_columns(std, n_clinical)
+    width = (clin.size, pca[0].shape[1] if pca is not None else deep.size)
+    bound = NOISY_CLINICAL_VALUE_BOUND if noisy else None
+    return {name: (bounded_map(fmap, [w for w, used in zip(width, BLOCKS[name]) if used], n_clinical, bound), var)
+            for name, (fmap, var) in maps.items()}
+
+
 def _rff_model(fmap: FeatureMap, total_var: float, cfg: SVMConfig, seed: list[int]) -> RffModel:
     """Step 3 of ``rff``: the model before solving; an RBF kernel gets its random features."""
     W = b = None
@@ -177,20 +215,43 @@ def _rff_model(fmap: FeatureMap, total_var: float, cfg: SVMConfig, seed: list[in
     return RffModel(fmap=fmap, kernel=cfg.kernel, W=W, b=b)
 
 
-def _solve(summed: np.ndarray, models: dict[str, RffModel], ridge: float,
-           noisy: bool = False) -> tuple[dict[str, RffModel], dict[str, np.ndarray]]:
-    """Step 4 of ``rff``: θ of every model and the Cholesky factors sites need for leave-one-out values."""
-    solved: dict[str, RffModel] = {}
-    factors: dict[str, np.ndarray] = {}
+def _solve(summed: np.ndarray, models: dict[str, RffModel], ridge: float, noisy: bool = False, *,
+           released: dict[str, RffModel] | None = None, subs: dict[str, tuple[str, np.ndarray]] | None = None,
+           noise_sd: float = 0.0) -> tuple[dict[str, RffModel], dict[str, np.ndarray],
+                                           dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Step 4 of ``rff``: θ of every model and the Cholesky factors sites need for leave-one-out values.
+
+    ``released`` models' sums are in ``summed`` in order; each of ``subs`` reads its own as a sub-block
+    of its parent's. ``noise_sd`` > 0 raises the ridge to :func:`~.dp_linear.noise_ridge`. Also
+    returns each model's (S, t) as released: the calibration's moments θᵀSθ are unbiased there, while
+    the PSD repair keeps the noise's positive eigenvalues and so inflates them.
+    """
+    sums: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     start = 0
-    for name, model in models.items():
+    for name, model in (models if released is None else released).items():
         p = (model.W.shape[1] if model.W is not None else model.fmap.dim) + 1
         stop = start + p * (p + 1) // 2 + p
-        S, t = unpack_lssvm(summed[start:stop], p)
-        theta, factors[name] = solve_lssvm(nearest_psd(S) if noisy else S, t, ridge)
-        solved[name] = replace(model, theta=theta)
+        sums[name] = unpack_lssvm(summed[start:stop], p)
         start = stop
-    return solved, factors
+    for name, (parent, idx) in (subs or {}).items():
+        sums[name] = sub_block(*sums[parent], idx)
+    solved: dict[str, RffModel] = {}
+    factors: dict[str, np.ndarray] = {}
+    for name, model in models.items():
+        S, t = sums[name]
+        S = nearest_psd(S) if noisy else S
+        lam = noise_ridge(ridge, noise_sd, S.shape[0]) if noise_sd > 0 else ridge
+        theta, factors[name] = solve_lssvm(S, t, lam)
+        solved[name] = replace(model, theta=theta)
+    return solved, factors, sums
+
+
+def _calibrated(model: RffModel, S: np.ndarray, t: np.ndarray, counts: tuple[float, float]) -> RffModel:
+    """Step 5 of ``dp_fusion``: (A, B) from the model's own normal equations (:func:`~.dp_linear.gaussian_calibration`)."""
+    if model.theta is None:
+        raise CldlrError("a model must be solved before it is calibrated")
+    A, B = gaussian_calibration(S, t, model.theta, *counts)
+    return replace(model, A=A, B=B)
 
 
 def _platt_rounds(models: dict[str, RffModel], factors: dict[str, np.ndarray], counts: tuple[float, float],

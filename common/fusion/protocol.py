@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from cldlr.common.errors import CldlrError
+from cldlr.common.fusion.dp_linear import LINEAR_ROW_NORM2, RFF_ROW_NORM2
 from cldlr.common.fusion.lssvm import loo_decision, lssvm_sums, pack_lssvm
 from cldlr.common.fusion.models import (
     FORMAT,
@@ -31,7 +32,7 @@ from cldlr.common.fusion.models import (
 )
 from cldlr.common.fusion.pca import pca_sketch_sums
 from cldlr.common.fusion.platt import PLATT_HIST_BINS, PLATT_HIST_RANGE, platt_histogram, platt_sums, platt_targets
-from cldlr.common.fusion.rff import FeatureMap
+from cldlr.common.fusion.rff import FEATURE_MAP_DEFAULTS, FeatureMap, clip_rows
 from cldlr.common.fusion.standardize import as_features, as_labels, moment_sums
 
 
@@ -64,7 +65,8 @@ class RffRequest:
     def from_arrays(cls, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> RffRequest:
         """Inverse of :meth:`to_arrays`, on the site."""
         check_format(meta, ("phase", "counts", "models", "factors", "pca", "basis"))
-        deep_map = unflatten_fields(FeatureMap, "pca", {"projection": None}, arrays) if meta["pca"] else None
+        defaults = {"projection": None, **FEATURE_MAP_DEFAULTS}
+        deep_map = unflatten_fields(FeatureMap, "pca", defaults, arrays) if meta["pca"] else None
         models = models_from_arrays(arrays, meta["models"])
         if not all(isinstance(model, RffModel) for model in models.values()):
             raise CldlrError("a request of the rff fit carries only rff models; this message holds another type")
@@ -111,7 +113,8 @@ def site_sums(request: RffRequest, clinical: np.ndarray | None, embeddings: np.n
               noisy: bool = False) -> np.ndarray:
     """One site's flat vector of sums for ``request``; the server only needs the element-wise total.
 
-    ``noisy`` (whole-study DP) clips the Platt steps' decision values to ±:data:`NOISY_DECISION_CLIP`.
+    ``noisy`` (whole-study DP) clips the Platt steps' decision values to ±:data:`NOISY_DECISION_CLIP`
+    and every LS-SVM row to the protocol's norm (:func:`bounded_features`).
     """
     X = as_features(clinical, embeddings)
     y = as_labels(y, X.shape[0])
@@ -128,7 +131,8 @@ def site_sums(request: RffRequest, clinical: np.ndarray | None, embeddings: np.n
         out: np.ndarray = pca_sketch_sums(request.deep_map.transform(X), request.basis).ravel()
         return out
     if request.phase == "lssvm":
-        return np.concatenate([pack_lssvm(*lssvm_sums(m.features(X), y)) for m in request.models.values()])
+        return np.concatenate([pack_lssvm(*lssvm_sums(bounded_features(m, X) if noisy else m.features(X), y))
+                               for m in request.models.values()])
     if request.phase == "platt_hist":
         return np.concatenate([platt_histogram(_loo(m, request.factors[name], X, y), y).ravel()
                                for name, m in request.models.items()])
@@ -140,6 +144,18 @@ def site_sums(request: RffRequest, clinical: np.ndarray | None, embeddings: np.n
             for name, m in request.models.items()
         ])
     raise CldlrError(f"unknown request phase {request.phase!r}")
+
+
+def bounded_features(model: RffModel, X: np.ndarray) -> np.ndarray:
+    """A model's rows as a site sums them under whole-study DP: clipped to the protocol's norm, whatever the map.
+
+    Linear rows (no RFF weights) to ``‖z‖² ≤`` :data:`~cldlr.common.fusion.dp_linear.LINEAR_ROW_NORM2`,
+    RFF rows to ``‖φ‖² ≤ 2`` (a no-op for true RFF features): the noise's Δ₂
+    (:func:`~cldlr.common.secure.dp_plan.patient_norm`) assumes exactly these bounds, so a centre
+    cannot make a site release a larger part of one patient by the map it sends.
+    """
+    bound = RFF_ROW_NORM2 - 1.0 if model.W is not None else LINEAR_ROW_NORM2
+    return clip_rows(model.features(X), float(np.sqrt(bound)))
 
 
 def _loo(model: RffModel, factor: np.ndarray, X: np.ndarray, y: np.ndarray) -> np.ndarray:

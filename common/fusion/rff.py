@@ -22,22 +22,59 @@ from cldlr.common.fusion.standardize import Standardizer
 
 @dataclass(frozen=True)
 class FeatureMap:
-    """``((X[:, cols] − mean) · scale) @ projection``: standardization, block weights, optional PCA."""
+    """``((X[:, cols] − mean) · scale) @ projection``: standardization, block weights, optional PCA.
+
+    ``clip_widths`` (the DP-ready linear fusion, :mod:`.dp_linear`): the outputs form consecutive
+    blocks of these widths, and each block of a row is scaled down to L2 norm ≤ ``clip_norm`` —
+    part of the model's transform, so training sums and predictions see the same rows.
+    ``input_bound``: each input ``X[:, cols]`` clipped to ±bound first (under whole-study DP the
+    sites clip standardized clinical values to ±4 before summing; a bundle must do the same).
+    """
 
     cols: np.ndarray
     mean: np.ndarray
     scale: np.ndarray
     projection: np.ndarray | None = None
+    clip_widths: np.ndarray | None = None
+    clip_norm: float = 0.0
+    input_bound: np.ndarray | None = None
 
     def transform(self, X: np.ndarray) -> np.ndarray:
         """Model inputs for rows of ``[clinical | embeddings]``."""
-        Z: np.ndarray = (X[:, self.cols] - self.mean) * self.scale
-        return Z if self.projection is None else Z @ self.projection
+        inputs = X[:, self.cols]
+        if self.input_bound is not None:
+            inputs = np.clip(inputs, -self.input_bound, self.input_bound)
+        Z: np.ndarray = (inputs - self.mean) * self.scale
+        Z = Z if self.projection is None else Z @ self.projection
+        if self.clip_widths is None:
+            return Z
+        edges = np.cumsum(np.r_[0, np.asarray(self.clip_widths, dtype=np.int64)])
+        if edges[-1] != Z.shape[1]:
+            raise CldlrError(f"feature map: clip blocks of widths {list(self.clip_widths)} do not cover its "
+                             f"{Z.shape[1]} outputs; the model file or message is inconsistent")
+        blocks = [clip_rows(Z[:, a:b], self.clip_norm) for a, b in zip(edges[:-1], edges[1:])]
+        return np.hstack(blocks) if blocks else Z
 
     @property
     def dim(self) -> int:
         """Number of model inputs."""
         return int(self.cols.size if self.projection is None else self.projection.shape[1])
+
+
+#: Fields of :class:`FeatureMap` added after format v1: a stored map without them takes these values.
+FEATURE_MAP_DEFAULTS: dict[str, None | float] = {"clip_widths": None, "clip_norm": 0.0, "input_bound": None}
+
+
+def clip_rows(Z: np.ndarray, norm: float) -> np.ndarray:
+    """Rows of ``Z`` scaled down (direction kept) to L2 norm ≤ ``norm``; shorter rows unchanged.
+
+    The projection onto the ball: what bounds one patient's part of a linear model's sums.
+    """
+    if not norm > 0:
+        raise CldlrError(f"a row clip needs a positive norm, got {norm}")
+    lengths = np.linalg.norm(Z, axis=1, keepdims=True)
+    out: np.ndarray = Z * np.minimum(1.0, norm / np.maximum(lengths, np.finfo(np.float64).tiny))
+    return out
 
 
 def block_columns(std: Standardizer, n_clinical: int) -> tuple[np.ndarray, np.ndarray]:

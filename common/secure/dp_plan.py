@@ -22,7 +22,7 @@ from cldlr.common.config import Config
 from cldlr.common.data.schema import Schema
 from cldlr.common.errors import CldlrError
 from cldlr.common.evaluation.layout import evaluation_layout
-from cldlr.common.fusion import NOISY_CLINICAL_VALUE_BOUND, PCA_ROUNDS
+from cldlr.common.fusion import LINEAR_ROW_NORM2, NOISY_CLINICAL_VALUE_BOUND, PCA_ROUNDS, RFF_ROW_NORM2, part_norm
 from cldlr.common.secure.noise import gaussian_multiplier, gaussian_rdp, headroom_for
 from cldlr.common.secure.tasks import (
     BATCH_TASK,
@@ -66,8 +66,8 @@ def planned_releases(config: Config) -> dict[str, int]:
     svm, sums = config.svm, config.privacy.secure_sums
     k = svm.embedding_pca
     pca = max(PCA_ROUNDS - 1, 1) if k > 0 else 0  # the 1st sketch rides with the moments; Ω = I needs none
-    return {"clinical": 2, "encoder": 1, "svm": 2 + pca,
-            "platt": 1 + platt_requests(sums.platt_rounds), "evaluation": 2}
+    platt = 0 if svm.dp_fusion else 1 + platt_requests(sums.platt_rounds)  # dp_fusion calibrates from its LS-SVM sums
+    return {"clinical": 2, "encoder": 1, "svm": 2 + pca, "platt": platt, "evaluation": 2}
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ class StudyPlan:
 
     def sums_rdp(self) -> Any:
         """The RDP curve of every planned sum release (each at most its Gaussian calibration)."""
-        return sum(self.releases[p] * gaussian_rdp(self.multiplier(p), 1.0) for p in SUM_PHASES)
+        return sum(self.releases[p] * gaussian_rdp(self.multiplier(p), 1.0) for p in SUM_PHASES if self.releases[p])
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form for reports: ε and releases per phase, δ."""
@@ -127,36 +127,41 @@ def touched_elements(task: str, payload: Mapping[str, Any], length: int, schema:
     return length
 
 
-#: ``‖[φ, 1]‖²`` of an RFF row with its intercept: ``φ = √(2/D)·cos(·)`` has ``‖φ‖² ≤ 2`` whatever the input.
-RFF_ROW_NORM2 = 3.0
+def _lssvm_row_norms(payload: Mapping[str, Any]) -> list[float] | None:
+    """Per model of an LS-SVM fusion request the protocol's bound on ``‖[features, 1]‖²`` (None: not such a request).
 
-
-def _lssvm_rff_models(payload: Mapping[str, Any]) -> int | None:
-    """How many RFF models an LS-SVM fusion request holds (None: not such a request, or a model without RFF)."""
+    An RFF model (weights W sent) has ``‖φ‖² ≤ 2`` whatever the input; any other (linear) model's rows
+    are clipped by the site to ``‖z‖² ≤`` :data:`~cldlr.common.fusion.LINEAR_ROW_NORM2`
+    (:func:`~cldlr.common.fusion.protocol.bounded_features`, which reads W the same way).
+    """
     meta = payload.get("meta")
     if not isinstance(meta, Mapping) or meta.get("phase") != "lssvm" or not isinstance(meta.get("models"), Mapping):
         return None
     entries, keys = meta["models"], set(payload.get("keys") or [])
+    norms = []
     for name, entry in entries.items():
         own = entries.get(entry.get("same_as"), {}) if isinstance(entry, Mapping) and "same_as" in entry else entry
         source = entry.get("same_as", name) if isinstance(entry, Mapping) else name
-        if not isinstance(own, Mapping) or own.get("type") != "rff" or f"{source}.W" not in keys:
-            return None  # a linear model's features are the clinical values: element-wise bounds only
-    return len(entries) or None
+        if not isinstance(own, Mapping) or own.get("type") != "rff":
+            return None
+        rff = f"{source}.W" in keys or own.get("W") is not None
+        norms.append(RFF_ROW_NORM2 if rff else 1.0 + LINEAR_ROW_NORM2)
+    return norms or None
 
 
 def patient_norm(task: str, payload: Mapping[str, Any]) -> float | None:
     """The L2 norm of one patient's part of a release in units of its per-element bound (None: element-wise only).
 
-    The LS-SVM sums ``S = Σ [φ,1][φ,1]ᵀ`` (upper triangle) and ``t = Σ y±[φ,1]`` of an RFF model have
-    every element at most 1 per patient, and one patient's part has ``‖·‖² ≤ RFF_ROW_NORM2² + RFF_ROW_NORM2``
-    (Frobenius ≤ ‖[φ,1]‖², then ‖y±[φ,1]‖) per model — a fixed property of the features, not a bound
-    the centre states — so Δ₂ does not grow with √(vector length).
+    The LS-SVM sums ``S = Σ [z,1][z,1]ᵀ`` (upper triangle) and ``t = Σ y±[z,1]`` have every element at
+    most 1 per patient and one patient's part has ``‖·‖² ≤ Σ (r² + r)`` over the models, ``r`` the
+    bound on ``‖[z,1]‖²`` (:func:`~cldlr.common.fusion.dp_linear.part_norm`): 3 for RFF rows, 2 for
+    linear rows, which every site clips to ``‖z‖² ≤ 1`` — a property of the features and the site's
+    clip, not a bound the centre states — so Δ₂ does not grow with √(vector length).
     """
     if task == FUSION_SUMS:
-        models = _lssvm_rff_models(payload)
-        if models is not None:
-            return float((models * (RFF_ROW_NORM2 ** 2 + RFF_ROW_NORM2)) ** 0.5)
+        norms = _lssvm_row_norms(payload)
+        if norms is not None:
+            return part_norm(norms)
     return None
 
 
@@ -166,14 +171,14 @@ def patient_bounds(task: str, payload: Mapping[str, Any], length: int) -> np.nda
     A site multiplies these by its own case count and refuses a request whose stated per-site bounds are
     tighter: its noise assumes one patient moves an element by at most (stated bound) / (its cases), which
     a centre stating too-tight bounds would otherwise make false. Histogram counts: 1 per patient-image;
-    LS-SVM sums of RFF models: 1; the fusion moments: 1 for the counts, the protocol's clinical bound
+    LS-SVM sums of RFF and (site-clipped) linear models: 1; the fusion moments: 1 for the counts, the protocol's clinical bound
     (:data:`~cldlr.common.fusion.NOISY_CLINICAL_VALUE_BOUND`) and its square for the clinical blocks.
     """
     if task == SCORE_HISTOGRAMS:
         return np.ones(length)
     if task != FUSION_SUMS:
         return None
-    if _lssvm_rff_models(payload) is not None:
+    if _lssvm_row_norms(payload) is not None:
         return np.ones(length)
     meta = payload.get("meta")
     if isinstance(meta, Mapping) and meta.get("phase") == "moments" and "n_clinical" in payload:

@@ -320,3 +320,29 @@ def test_export_federated_bundle_from_global_arrays(tmp_path):
     images, masks, clinical, ids = bundle_inputs(study)
     scores = [p.ai_score for p in load_tiny(path).predict_many(images, masks, clinical, ids=ids)]
     np.testing.assert_array_equal(scores, expected["cldlr"])
+
+
+def test_a_stacked_cldlr_predicts_and_recalibrates_from_the_bundle(tmp_path):
+    """``fusion.combine: stack``: the bundle's CLDLR is the logistic combination of its own Clinical and DLR models."""
+    import dataclasses
+
+    from cldlr.common.fusion.models import StackedModel
+    from cldlr.common.recalibrate import recalibrated_fusion
+
+    study = make_tiny_study(tmp_path)
+    stacked = StackedModel(members=["clinical", "dlr"], weights=np.array([0.9, 0.4]), A=-1.0, B=0.2)
+    study.fusion = dataclasses.replace(study.fusion, models={**study.fusion.models, "cldlr": stacked})
+    expected = study.direct_scores()
+    emb = embed(study.model, study.rois(), study.normalization, batch_size=16)
+    X = np.hstack([study.encoder.transform(study.site.frame), emb])
+    f = 0.9 * study.fusion.models["clinical"].decision(X) + 0.4 * study.fusion.models["dlr"].decision(X)
+    np.testing.assert_allclose(expected["cldlr"], 1 / (1 + np.exp(-f + 0.2)), atol=1e-12)  # p = σ(−(A·f + B))
+    loaded = load_tiny(export_tiny(study, tmp_path / "bundle"))
+    assert isinstance(loaded.fusion.models["cldlr"], StackedModel)
+    images, masks, clinical, ids = bundle_inputs(study)
+    predictions = loaded.predict_many(images, masks, clinical, ids=ids)
+    np.testing.assert_allclose([p.ai_score for p in predictions], expected["cldlr"], atol=1e-6)
+    logit = np.log(expected["cldlr"] / (1 - expected["cldlr"]))
+    again = recalibrated_fusion(study.fusion, {"cldlr": (0.5, 2.0)})
+    p = again.predict_proba(study.encoder.transform(study.site.frame), emb)["cldlr"]
+    np.testing.assert_allclose(np.log(p / (1 - p)), 0.5 + 2.0 * logit, atol=1e-6)

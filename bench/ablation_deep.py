@@ -89,9 +89,16 @@ def run(args: argparse.Namespace) -> None:
             if fusion == "stack" and shared.is_file() and not resume.is_dir():
                 # the stacked arm's backbone is the hold-out arm's (same rows, seed, settings): only the fusion differs
                 resume.mkdir(parents=True)
-                shutil.copy2(shared, resume / "checkpoint.pt")
+                shutil.copy2(shared, resume / "checkpoint.pt.part")  # whole or not at all (a full disk cuts a copy)
+                (resume / "checkpoint.pt.part").rename(resume / "checkpoint.pt")
             logging.getLogger("ablation").info("split %d: %s × %s", r + 1, backbone, fusion)
             simulate(cfg, resume=resume if resume.is_dir() else None)
+            # a finished study needs no trainer checkpoint (1.2 GiB at 64 px: model + Adam state), except the
+            # hold-out arm's, which its stacked arm reuses until it has run
+            if fusion != "hold-out":
+                (resume / "checkpoint.pt").unlink(missing_ok=True)
+            if fusion == "stack":
+                shared.unlink(missing_ok=True)
 
 
 def _metrics(out: Path, backbone: str, fusion: str) -> dict[int, dict]:

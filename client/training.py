@@ -224,7 +224,11 @@ def train_classifier(
     with torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(seed)
         if resume and path is not None and path.is_file():
-            state = torch.load(path, map_location=device, weights_only=True)
+            try:
+                state = torch.load(path, map_location=device, weights_only=True)
+            except (RuntimeError, EOFError, OSError) as exc:  # cut short (a full disk) or not a checkpoint at all
+                raise CldlrError(f"checkpoint {path} cannot be read ({exc.__class__.__name__}: {str(exc)[:120]}); "
+                                 "restore it, or remove it to train this run from epoch 1") from exc
             if state["meta"] != meta:
                 raise CldlrError(f"checkpoint {path} was written by another run ({state['meta']} vs {meta}); "
                                  "remove it or start without resume")

@@ -82,6 +82,16 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path):
         train_classifier(model(), images, labels, CFG, NORM, seed=2, checkpoint=ckpt, resume=True, progress=False)
 
 
+def test_a_checkpoint_cut_short_is_refused_naming_the_file(tmp_path):
+    """A copy cut by a full disk: a clear error naming the file and what to do, not a zip-reader traceback."""
+    images, labels, _ = bright_dark()
+    ckpt = tmp_path / "ckpt.pt"
+    train_classifier(model(), images, labels, CFG, NORM, seed=1, epochs=1, checkpoint=ckpt, progress=False)
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    with pytest.raises(CldlrError, match=rf"checkpoint {ckpt} cannot be read .*remove it to train this run from epoch 1"):
+        train_classifier(model(), images, labels, CFG, NORM, seed=1, checkpoint=ckpt, resume=True, progress=False)
+
+
 def test_fedprox_with_a_huge_mu_stays_near_the_global_model():
     images, labels, _ = bright_dark()
     cfg = dataclasses.replace(CFG, epochs=3)

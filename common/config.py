@@ -234,7 +234,7 @@ class SecureSumPrivacyConfig:
     """
 
     enabled: bool = False
-    clinical: float = 1.0  # the two rounds of clinical statistics (selection)
+    clinical: float = 1.0  # the clinical statistics for selection (one release under noise)
     encoder: float = 0.5  # the clinical encoder's sums
     svm: float = 2.0  # moments, PCA sketches and the LS-SVM normal equations
     platt: float = 1.0  # Platt's histogram and Newton steps
@@ -272,6 +272,9 @@ class EvaluationConfig:
     """Metrics settings: histogram bins for secure AUC and the smallest class count a site may expose."""
 
     histogram_bins: int = 2000
+    # under whole-study DP the released score histograms use this many bins instead: each bin carries
+    # the evaluation phase's noise (SD ≈ z·√3 counts), so fine bins hold fewer cases than noise
+    dp_histogram_bins: int = 8
     min_count: int = 5
     gradcam_examples: int = 4
 
@@ -398,6 +401,7 @@ def validate_config(config: Config) -> None:
         (config.federation.rounds >= 0, "federation.rounds must be >= 0"),
         (config.federation.min_sites >= 1, "federation.min_sites must be >= 1"),
         (config.evaluation.histogram_bins >= 10, "evaluation.histogram_bins must be >= 10"),
+        (config.evaluation.dp_histogram_bins >= 2, "evaluation.dp_histogram_bins must be >= 2"),
         (config.privacy.max_physical_batch >= 0, "privacy.max_physical_batch must be >= 0 (0 = the batch size)"),
     ]
     for ok, message in checks:

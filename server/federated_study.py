@@ -34,7 +34,7 @@ from cldlr.common.fusion import (
     clinical_value_bound,
     fusion_fitter,
 )
-from cldlr.common.secure.dp_plan import StudyPlan
+from cldlr.common.secure.dp_plan import StudyPlan, least_noise_sd
 from cldlr.common.secure.sums import bound_blocks
 from cldlr.common.secure.tasks import BATCH_TASK, CLINICAL_STATS, ENCODER_SUMS, FUSION_SUMS, PLACEMENT_SUMS, SCORE_HISTOGRAMS
 
@@ -101,7 +101,8 @@ def clinical_phase(sum_fn: SumFn, schema: Schema, config: Config, max_cases: int
     Under whole-study DP the selection uses round 1 alone: moments from noisy sums cannot say where
     the data lie (an underestimated SD asks for bins finer than a site's ``finest_bin_sd`` allows,
     and the site rightly refuses; an overestimated mean cuts real values off), and the schema's
-    bins are public. The plan's second clinical release is then left unspent.
+    bins are public; the plan counts that one release. The encoder's SDs are then floored at
+    what the plan's noise on its sums can resolve (:meth:`ClinicalEncoder.from_noisy_sums`).
     """
     layout = StatisticsLayout.from_schema(schema, n_bins=CLINICAL_BINS)
     candidates = list(schema.model_parameters)
@@ -122,8 +123,11 @@ def clinical_phase(sum_fn: SumFn, schema: Schema, config: Config, max_cases: int
     selection = select_parameters(stats, alpha=config.clinical.alpha, normality_alpha=config.clinical.normality_alpha)
     parameters = [schema.get(name) for name in selection.selected]
     vector = select_encoder_sums(encoder_summed[0], candidates, parameters) if candidates else np.zeros(1)
-    encoder = ClinicalEncoder.from_noisy_sums(vector, parameters) if noisy and parameters else \
-        ClinicalEncoder.from_sums(vector, parameters)
+    if noisy and parameters:  # the plan's noise on the encoder sums bounds the SDs they can resolve
+        noise_sd = least_noise_sd(StudyPlan.from_config(config), ENCODER_SUMS, requests[1].payload, requests[1].length)
+        encoder = ClinicalEncoder.from_noisy_sums(vector, parameters, noise_sd=noise_sd)
+    else:
+        encoder = ClinicalEncoder.from_sums(vector, parameters)
     return selection, encoder, clinical_rounds
 
 
@@ -196,10 +200,21 @@ class FederatedEvaluation:
     histograms: dict[str, dict[str, np.ndarray]]
 
 
+def evaluation_bins(config: Config) -> int:
+    """Score-histogram bins of the evaluation phase: ``evaluation.dp_histogram_bins`` under whole-study DP.
+
+    Every bin of a noisy histogram carries the same noise whatever it holds, so the binned AUC's
+    noise grows with the bin count while its resolution gain does not: at ≈ 220 test images and
+    20 bins the noise (≈ 8.6 counts per bin at ε = 8) exceeds the ≈ 5 images per bin and class.
+    Exact sums keep ``evaluation.histogram_bins`` (fine bins cost nothing there).
+    """
+    return config.evaluation.dp_histogram_bins if noisy_sums(config) else config.evaluation.histogram_bins
+
+
 def evaluation_phase(sum_fn: SumFn, config: Config, fit_payload: dict[str, Any], models: tuple[str, ...],
                      max_cases: int, cohorts: tuple[str, ...] | None = None) -> FederatedEvaluation:
     """Pooled metrics from summed score histograms (round A) and placement sums (round B), per cohort (default: all)."""
-    layout = EvaluationLayout(models=models, n_bins=config.evaluation.histogram_bins)
+    layout = EvaluationLayout(models=models, n_bins=evaluation_bins(config))
     if cohorts is not None:
         layout = EvaluationLayout(models=models, n_bins=layout.n_bins, cohorts=cohorts)
     payload = {**fit_payload, "layout": layout.to_payload()}

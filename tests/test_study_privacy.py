@@ -34,10 +34,10 @@ from cldlr.common.fusion import RffFusionFitter, run_rff_protocol
 from cldlr.common.fusion.lssvm import nearest_psd, solve_lssvm
 from cldlr.common.fusion.platt import platt_step
 from cldlr.common.secure import noise
-from cldlr.common.secure.dp_plan import StudyPlan
+from cldlr.common.secure.dp_plan import StudyPlan, least_noise_sd, planned_releases
 from cldlr.common.secure.sums import ScalePlan, SecureSumSpec
 from cldlr.common.secure.tasks import BATCH_TASK, ENCODER_SUMS
-from cldlr.server.federated_study import clinical_phase
+from cldlr.server.federated_study import clinical_phase, evaluation_bins
 
 DELTA = 1e-3
 DP = ("privacy.enabled=true", "privacy.target_epsilon=1.0", f"privacy.delta={DELTA}", "privacy.max_grad_norm=1.0")
@@ -135,6 +135,7 @@ def test_under_noisy_sums_the_clinical_bins_are_never_placed_by_noisy_moments(wo
     schema = sites[0].session.site.schema
     selection, encoder, rounds = clinical_phase(noisy_sum, schema, config, max_cases=40)
     assert rounds == 1 and [r["task"] for r in requests] == [BATCH_TASK]  # stats + encoder sums, over schema bins
+    assert rounds == planned_releases(config)["clinical"]  # the plan counts the one release a noisy study makes
     assert set(selection.selected) <= {p.name for p in schema.model_parameters} and np.all(encoder.sd > 0)
     exact_rounds = clinical_phase(plain_sum(sites), schema, study(world, *DP), max_cases=40)[2]
     assert exact_rounds == 2  # exact sums still refine the bins where the data lie
@@ -194,6 +195,70 @@ def test_clinical_selection_and_encoder_from_heavily_noised_sums(world) -> None:
     encoder = ClinicalEncoder.from_noisy_sums(noisy(encoder_sums(frame, params), 30.0), params)
     assert np.all(np.isfinite(encoder.mean)) and np.all(encoder.sd > 0)
     assert np.all(np.abs(encoder.transform(pd.DataFrame(frame))) <= 1e3)  # inside the fusion sums' bound
+
+
+def narrow_frame(n: int, seed: int) -> tuple[pd.DataFrame, list]:
+    """A parameter far narrower than its schema range (BUS-BRA solidity: 0.92 ± 0.05 in [0, 1])."""
+    from cldlr.common.data.schema import Parameter
+
+    rng = np.random.default_rng(seed)
+    solidity = np.clip(rng.normal(0.92, 0.05, n), 0.0, 1.0)
+    return pd.DataFrame({"solidity": solidity}), [Parameter(name="solidity", type="numeric", range=(0.0, 1.0))]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_narrow_parameter_does_not_saturate_under_the_plans_noise(seed: int) -> None:
+    """Floored at 0.01 of the half-range, a noise-shrunk SD put every training row at the fusion's ±4 clip."""
+    from cldlr.common.fusion import NOISY_CLINICAL_VALUE_BOUND
+
+    frame, params = narrow_frame(500, seed)
+    plan = StudyPlan.from_config(load_config(None, [*WHOLE, "privacy.secure_sums.encoder=1.2"]))
+    length = len(encoder_sums(frame, params))
+    sd = least_noise_sd(plan, ENCODER_SUMS, {}, length)
+    assert sd > 1.0  # the noise is the plan's, not a made-up scale
+    released = noisy(encoder_sums(frame, params), sd, seed=10 + seed)
+    encoder = ClinicalEncoder.from_noisy_sums(released, params, noise_sd=sd)
+    z = np.clip(encoder.transform(frame)[:, 0], -NOISY_CLINICAL_VALUE_BOUND, NOISY_CLINICAL_VALUE_BOUND)
+    assert np.mean(np.abs(z) >= NOISY_CLINICAL_VALUE_BOUND) < 0.05  # not saturated: the rows keep their order
+    assert np.corrcoef(z, frame["solidity"])[0, 1] > 0.95
+    exact = ClinicalEncoder.from_sums(encoder_sums(frame, params), params)
+    assert encoder.sd[0] >= exact.sd[0] / 2  # never far below the true SD (an underestimate saturates)
+
+
+def test_a_noisy_study_releases_few_score_bins(world) -> None:
+    assert evaluation_bins(study(world, *WHOLE)) == 8  # evaluation.dp_histogram_bins
+    assert evaluation_bins(study(world, *WHOLE, "evaluation.dp_histogram_bins=4")) == 4
+    assert evaluation_bins(study(world, *DP, "evaluation.histogram_bins=20")) == 20  # exact sums keep theirs
+
+
+def test_a_few_bin_noisy_auc_tracks_the_exact_auc_better_than_twenty_bins() -> None:
+    """At the plan's evaluation noise and ≈ 220 test images, the published (histogram) AUC of 8 bins errs less."""
+    from sklearn.metrics import roc_auc_score
+
+    from cldlr.common.evaluation.secure_metrics import auc_from_histograms
+    from cldlr.common.secure.tasks import SCORE_HISTOGRAMS
+
+    plan = StudyPlan.from_config(load_config(None, [*WHOLE, "privacy.secure_sums.evaluation=0.8"]))
+    layout = {"layout": {"models": ["a", "b", "c"], "n_bins": 8, "cohorts": ["train", "test"]}}
+    sd = least_noise_sd(plan, SCORE_HISTOGRAMS, layout, 2 * 3 * 2 * 8)
+    rng = np.random.default_rng(11)
+    y = rng.integers(0, 2, 220)
+    score = 1.0 / (1.0 + np.exp(-(1.6 * y - 0.8 + rng.normal(size=220))))
+    exact = roc_auc_score(y, score)
+    errors = {}
+    for bins in (8, 20):
+        hist = score_histograms(y, score, bins).astype(np.float64)
+        err = [auc_from_histograms(np.maximum(np.rint(noisy(hist, sd, seed=100 + rep)), 0.0)) - exact
+               for rep in range(60)]
+        errors[bins] = float(np.sqrt(np.mean(np.square(err))))
+    assert errors[8] < errors[20]
+    hist = np.maximum(np.rint(noisy(score_histograms(y, score, 8).astype(np.float64), sd, seed=1)), 0.0)
+    fixed = harmonised_histograms({m: hist for m in ("a", "b")})
+    sums = placement_sums(y, {m: score for m in ("a", "b")}, fixed, 8)
+    out = delong_from_sums({k: noisy(np.asarray(v, dtype=np.float64), 50.0, seed=2) for k, v in sums.items()},
+                           names=["a", "b"], noisy=True)  # DeLong copes with 8 noisy bins
+    for entry in out["models"].values():
+        assert 0.0 <= entry["auc"] <= 1.0 and np.isfinite(entry["ci_low"]) and entry["ci_low"] <= entry["ci_high"]
 
 
 def test_delong_from_noisy_placements_stays_in_range() -> None:

@@ -133,11 +133,25 @@ class ClinicalEncoder:
         return [name for p in self.parameters for name in p.feature_names]
 
     @classmethod
-    def from_noisy_sums(cls, vec: np.ndarray, parameters: tuple[Parameter, ...] | list[Parameter]) -> ClinicalEncoder:
+    def from_noisy_sums(cls, vec: np.ndarray, parameters: tuple[Parameter, ...] | list[Parameter],
+                        noise_sd: float = 0.0) -> ClinicalEncoder:
         """:meth:`from_sums` of DP-noised sums, repaired: counts rounded (total ≥ 1, observed in [1, total]),
-        level counts in [0, observed], and each Σz² at least (Σz)²/n + n·:data:`NOISY_MIN_VAR_Z`, so
-        a numeric SD is at least 0.01 of the schema's half-range and a standardized value inside the
-        range stays within ±200 (inside the fusion sums' bound of 10³).
+        level counts in [0, observed], and each Σz² at least (Σz)²/n + n·v, so a numeric SD is at
+        least 0.01 of the schema's half-range (a standardized value inside the range stays within ±200,
+        inside the fusion sums' bound of 10³).
+
+        ``noise_sd`` (public: the plan's least per-element noise SD of this release,
+        :func:`cldlr.common.secure.dp_plan.least_noise_sd`) sets ``v``: a variance the noise cannot
+        resolve is not a measurement, so ``v`` is at least the noise's own resolution of the
+        scaled variance, ``u_v + u_m²`` with ``u_v = s/n·√(1 + 4m² + (q − 2m²)²)`` and
+        ``u_m = s/n·√(1 + m²)`` (first-order SDs of the variance and mean estimates; ``s`` the noise
+        SD, ``m``, ``q`` the estimated scaled mean and mean square). Without it the noise drives
+        a narrow parameter's variance to the floor (BUS-BRA solidity: SD 0.005 for a true 0.046),
+        the noise-shifted mean is then tens of SDs from every row, and every standardized value sits
+        at the fusion's ±4 clip: the column is constant. With it the column is only compressed
+        (an overestimated SD costs signal-to-noise, an underestimate all information) and a
+        noise-shifted mean moves the rows by ≲ 1 SD instead. Data-independent given the released
+        sums and the public plan: no extra privacy cost.
         """
         vec = np.asarray(vec, dtype=np.float64).copy()
         parameters = tuple(parameters)
@@ -149,7 +163,11 @@ class ClinicalEncoder:
         for p, cols in _columns(parameters):
             if p.type == "numeric":
                 s1[cols] = np.clip(s1[cols], -observed[cols], observed[cols])
-                floor = s1[cols] ** 2 / observed[cols] + observed[cols] * NOISY_MIN_VAR_Z
+                n = observed[cols]
+                m, q = s1[cols] / n, np.clip(s2[cols], 0.0, n) / n
+                u = noise_sd / n
+                resolution = u * np.sqrt(1.0 + 4.0 * m**2 + (q - 2.0 * m**2) ** 2) + u**2 * (1.0 + m**2)
+                floor = s1[cols] ** 2 / n + n * np.maximum(NOISY_MIN_VAR_Z, resolution)
                 s2[cols] = np.clip(s2[cols], floor, np.maximum(observed[cols], floor))
             else:
                 s1[cols] = np.clip(np.rint(s1[cols]), 0.0, observed[cols])

@@ -62,12 +62,18 @@ def platt_requests(platt_rounds: int) -> int:
 
 
 def planned_releases(config: Config) -> dict[str, int]:
-    """The most releases each sum phase makes in this study (an upper bound the sites enforce)."""
+    """The most releases each sum phase makes in this study (an upper bound the sites enforce).
+
+    Clinical: one release. A plan exists only under whole-study DP, and a noisy study selects from
+    its first clinical pass alone (the refined second pass needs moments the noise makes unreliable;
+    ``cldlr.server.federated_study.clinical_phase``), so planning a second release would leave half
+    the clinical ε unspent: each release's noise is calibrated to the count planned.
+    """
     svm, sums = config.svm, config.privacy.secure_sums
     k = svm.embedding_pca
     pca = max(PCA_ROUNDS - 1, 1) if k > 0 else 0  # the 1st sketch rides with the moments; Ω = I needs none
     platt = 0 if svm.dp_fusion else 1 + platt_requests(sums.platt_rounds)  # dp_fusion calibrates from its LS-SVM sums
-    return {"clinical": 2, "encoder": 1, "svm": 2 + pca, "platt": platt, "evaluation": 2}
+    return {"clinical": 1, "encoder": 1, "svm": 2 + pca, "platt": platt, "evaluation": 2}
 
 
 @dataclass(frozen=True)
@@ -163,6 +169,20 @@ def patient_norm(task: str, payload: Mapping[str, Any]) -> float | None:
         if norms is not None:
             return part_norm(norms)
     return None
+
+
+def least_noise_sd(plan: StudyPlan, task: str, payload: Mapping[str, Any], length: int,
+                   schema: Schema | None = None) -> float:
+    """The least SD of the summed noise on each element of a release, in units of one patient's per-element bound.
+
+    Public (the plan and the protocol's sensitivities): every site calibrates its share to at least
+    ``z·Δ₂`` (Skellam variance 2μ ≥ (z·Δ₂)², :func:`~cldlr.common.secure.noise.skellam_mu`), and a
+    site with fewer cases than the stated count adds more, so the sum of the shares has at least
+    this SD. A fit from the release may rely on it as a floor on what the noise hides.
+    """
+    norm = patient_norm(task, payload)
+    l2 = norm if norm is not None else float(np.sqrt(touched_elements(task, payload, length, schema)))
+    return plan.multiplier(phase_of(task, payload)) * l2
 
 
 def patient_bounds(task: str, payload: Mapping[str, Any], length: int) -> np.ndarray | None:

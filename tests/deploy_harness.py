@@ -272,3 +272,9 @@ class Federation:
     def close(self) -> None:
         for proc in reversed(list(self.procs.values())):
             proc.kill()
+
+
+def run_finished(fed: Federation, run_id: str) -> bool:
+    """``flwr ls`` says run ``run_id`` is over (the ServerApp exits after writing the report)."""
+    runs = flwr_json(["ls", CONNECTION], command=flower_command, home=fed.cli_home).get("runs", [])
+    return any(str(r.get("run-id")) == run_id and str(r.get("status", "")).startswith("finished") for r in runs)

@@ -50,11 +50,11 @@ from deploy_harness import (
     Federation,
     Proc,
     descendants,
-    flwr_json,
     free_port,
     ledger,
     progress,
     run_cli,
+    run_finished,
     running,
     wait_for,
     write_policy,
@@ -182,7 +182,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
         obs.timings["run2-round2"] = time.monotonic() - t0
         wait_for(lambda: (obs.run_dir / "report.json").is_file(), 1200, "the report", poll=2)
         obs.timings["report"] = time.monotonic() - t0
-        wait_for(lambda: _run_finished(fed, run_id), 120, "the run to be marked finished", poll=2)
+        wait_for(lambda: run_finished(fed, run_id), 120, "the run to be marked finished", poll=2)
         for name in ("site-1", "site-1-gate", "site-2", "site-2-gate", "site-4", "site-4-gate", "site-5", "site-5-gate",
                      "superlink-2", "proxy"):
             # the hospitals first (SuperNode, then its gate), then the centre
@@ -191,12 +191,6 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
         yield obs
     finally:
         fed.close()
-
-
-def _run_finished(fed: Federation, run_id: str) -> bool:
-    """``flwr ls`` says the run is over (the ServerApp exits after writing the report)."""
-    runs = flwr_json(["ls", CONNECTION], command=flower_command, home=fed.cli_home).get("runs", [])
-    return any(str(r.get("run-id")) == run_id and str(r.get("status", "")).startswith("finished") for r in runs)
 
 
 def _round(history: dict[str, Any], number: int) -> dict[str, Any]:

@@ -30,14 +30,23 @@ from typing import Any
 
 import pytest
 from conftest import REPO
-from deploy_harness import CONNECTION, NGINX_MISSING, Federation, flwr_json, free_port, ledger, run_cli, wait_for, write_policy
+from deploy_harness import (
+    CONNECTION,
+    NGINX_MISSING,
+    Federation,
+    free_port,
+    ledger,
+    run_cli,
+    run_finished,
+    wait_for,
+    write_policy,
+)
 from flwr.common.secure_aggregation.secaggplus_constants import Stage
 
 from cldlr.client.deploy import supernode_command
 from cldlr.client.fab_gate import fab_sha256
 from cldlr.client.privacy_ledger import LifetimeLedger, read_ledger
 from cldlr.common.config import load_config
-from cldlr.common.deploy.launch import flower_command
 from cldlr.common.secure.dp_plan import PHASES, StudyPlan
 from cldlr.server.deploy import run_command
 from cldlr.simulations.phantom import generate_phantom
@@ -78,11 +87,6 @@ class Observed:
     run_id: str
 
 
-def _run_finished(fed: Federation, run_id: str) -> bool:
-    runs = flwr_json(["ls", CONNECTION], command=flower_command, home=fed.cli_home).get("runs", [])
-    return any(str(r.get("run-id")) == run_id and str(r.get("status", "")).startswith("finished") for r in runs)
-
-
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
     if NGINX_MISSING:
@@ -114,7 +118,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
         assert result.returncode == 0 and match, result.stdout + result.stderr
         run_id = match.group(1)
         done = [run_dir / "report.json", run_dir / "model" / "bundle.json"]
-        wait_for(lambda: _run_finished(fed, run_id), 1800, "the run to finish", poll=10)
+        wait_for(lambda: run_finished(fed, run_id), 1800, "the run to finish", poll=10)
         errors = [e for e in ledger(run_dir) if e.get("error")][-3:]
         assert all(p.is_file() for p in done), f"the run ended without its report and model bundle: {errors}"
         yield Observed(fed, run_dir, study, run_id)

@@ -121,8 +121,8 @@ class StackedModel:
         if missing or len(self.members) != len(self.weights):
             raise CldlrError(f"stacked model needs the decision values of {', '.join(self.members)} "
                              f"({len(self.weights)} weights); missing {', '.join(missing) or 'none'}")
-        f: np.ndarray = sum((float(w) * np.asarray(decisions[m], dtype=np.float64)
-                             for m, w in zip(self.members, self.weights)), np.zeros(len(decisions[self.members[0]])))
+        f: np.ndarray = np.column_stack([np.asarray(decisions[m], dtype=np.float64) for m in self.members]) @ \
+            np.asarray(self.weights, dtype=np.float64)
         return f
 
     def proba_from(self, decisions: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -37,6 +37,7 @@ from deploy_harness import (
     free_port,
     ledger,
     run_cli,
+    run_diagnosis,
     run_finished,
     wait_for,
     write_policy,
@@ -120,7 +121,8 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
         done = [run_dir / "report.json", run_dir / "model" / "bundle.json"]
         wait_for(lambda: run_finished(fed, run_id), 1800, "the run to finish", poll=10)
         errors = [e for e in ledger(run_dir) if e.get("error")][-3:]
-        assert all(p.is_file() for p in done), f"the run ended without its report and model bundle: {errors}"
+        assert all(p.is_file() for p in done), (f"the run ended without its report and model bundle: {errors}\n"
+                                                f"{run_diagnosis(fed, run_id)}")
         yield Observed(fed, run_dir, study, run_id)
     finally:
         fed.close()

@@ -14,7 +14,8 @@ each part of a batch with its own phase and sensitivity. What it decides, it dec
   the policy's minimum (a larger share, so drop-outs down to that minimum keep the target);
 - **the sensitivity**: from the protocol's per-patient bounds (clinical values clipped to ±4 SD,
   RFF rows of bounded norm, one count per patient-image), never below them: stated per-site
-  bounds under (its cases) × (per-patient bound) are refused;
+  bounds under (its cases) × (per-patient bound) are refused; where the protocol fixes a patient's
+  part, a small site's share is no larger than the largest site's;
 - **the release count**: a phase gets no more releases than the plan states, and none that would
   take the dataset past the site's lifetime cap (both refused with a public reason).
 
@@ -131,8 +132,7 @@ class SumNoiser:
                                     f"{self.plan.releases[phase]}")
             length = stop - start
             cases = max(self.cases(task, payload), 1)
-            self._check_bounds(spec, task, phase, payload, start, stop, cases)
-            u = Q / (2.0 * headroom * cases)
+            u = Q / (2.0 * headroom) * self._patient_share(spec, task, phase, payload, start, stop, cases)
             l1, l2 = noise.sensitivities(touched_elements(task, payload, length, self.schema), u,
                                          patient_norm(task, payload))
             mu = noise.skellam_mu(self.plan.multiplier(phase), l1, l2)
@@ -150,25 +150,31 @@ class SumNoiser:
         return noise.from_grid(np.clip(grid, 0, Q), C, Q), releases
 
 
-    @staticmethod
-    def _check_bounds(spec: SecureSumSpec, task: str, phase: str, payload: Mapping[str, Any], start: int, stop: int,
-                      cases: int) -> None:
-        """Refuse stated per-site bounds below (the site's cases) × (the protocol's per-patient bound).
+    def _patient_share(self, spec: SecureSumSpec, task: str, phase: str, payload: Mapping[str, Any], start: int,
+                       stop: int, cases: int) -> float:
+        """The largest fraction of its stated bound one patient can move an element of this part by.
 
-        The noise assumes one patient moves an element by at most (stated bound) / cases; the protocol,
-        not the centre, fixes what one patient can move (:func:`~cldlr.common.secure.dp_plan.patient_bounds`).
+        Where the protocol fixes a patient's part (:func:`~cldlr.common.secure.dp_plan.patient_bounds`)
+        that is ``c_j / b_j`` — the same at every site, so a small site adds no more noise than the
+        largest — and stated per-site bounds below (the site's cases) × ``c_j`` are refused: a centre
+        stating tight bounds would otherwise shrink every site's noise. Elsewhere it is ``1 / cases``:
+        the stated bound is (a count no smaller than the site's) × (a patient's largest part).
         """
-        per_patient = patient_bounds(task, payload, stop - start)
+        fallback = 1.0 / cases
+        per_patient = patient_bounds(task, payload, stop - start, self.schema)
         if per_patient is None:
-            return
+            return fallback
         stated = spec.plan.bounds()[start:stop]
-        need = cases * per_patient
-        low = np.flatnonzero(np.isfinite(need) & (stated < need * (1.0 - 1e-9)))
+        known = np.isfinite(per_patient)
+        low = np.flatnonzero(known & (stated < cases * per_patient * (1.0 - 1e-9)))
         if low.size:
             j = int(low[0])
             raise PolicyRefusal("secure-sum bounds tighter than the protocol's per-patient bounds",
                                 f"{task} ({phase}): element {j} bound {stated[j]:.6g} < {cases} cases × "
                                 f"{per_patient[j]:g} per patient ({low.size} such elements)")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            share = np.where(known, per_patient / np.where(stated > 0, stated, np.inf), fallback)
+        return float(min(share.max(initial=0.0), fallback))
 
 
 class MemoryBook:

@@ -16,11 +16,12 @@ import pytest
 from cldlr.client.policy import PolicyRefusal, policy_from_dict
 from cldlr.client.sum_noise import MemoryBook, SumNoiser
 from cldlr.common.config import load_config
+from cldlr.common.data.schema import schema_from_dict
 from cldlr.common.fusion import NOISY_CLINICAL_VALUE_BOUND, FusionPayload, RffFusionFitter, site_sums
 from cldlr.common.secure import noise
 from cldlr.common.secure.dp_plan import StudyPlan, patient_bounds, patient_norm
 from cldlr.common.secure.sums import ScalePlan, SecureSumSpec
-from cldlr.common.secure.tasks import FUSION_SUMS, SCORE_HISTOGRAMS
+from cldlr.common.secure.tasks import CLINICAL_STATS, ENCODER_SUMS, FUSION_SUMS, SCORE_HISTOGRAMS
 
 C, Q = 8.0, 2**26
 N_CLINICAL, N_DEEP = 3, 10
@@ -97,6 +98,38 @@ def test_a_centre_stating_tighter_bounds_than_the_protocols_is_refused(fit: dict
     assert releases[0].l2 < math.sqrt(length) * math.ceil(Q / (2 * 2.0**10 * cases)) / 4
     with pytest.raises(PolicyRefusal, match="tighter than the protocol's per-patient bounds"):
         answer(cases / 8.0)  # would make the site's noise 8× too small for one patient's part
+
+
+def _site_mu(plan: StudyPlan, task: str, payload: dict, length: int, *, stated: float, cases: int,
+             schema=None) -> float:
+    """μ of the noise one site (``cases`` of its own) adds to a release whose per-site bound is ``stated``."""
+    policy = policy_from_dict({"schema": "s.yaml", "folders": {"state": "/tmp/x"}, "min_parties": 3, "dp": {}})
+    spec = SecureSumSpec(task, "c", ScalePlan.from_bounds(stated, length, C, 2.0**10), 0, length, payload)
+    site = SumNoiser(plan, policy, MemoryBook(), cases=lambda t, p: cases, schema=schema, rng=np.random.default_rng(0))
+    _, releases = site.noisy(spec, np.zeros(length), neighbours=3, clipping_range=C, quantization_range=Q)
+    return releases[0].mu
+
+
+def test_a_small_site_adds_no_more_noise_than_the_largest_where_the_protocol_fixes_a_patients_part(fit: dict) -> None:
+    """The centre states (largest site's cases) × (a patient's part); a 15-case site's patients move the sum
+    no more than an 80-case site's, so its share is the same — not (80/15)² times larger."""
+    plan, largest, small = fit["plan"], 80, 15
+    schema = schema_from_dict({"name": "t", "version": 1, "parameters": [
+        {"name": "age", "type": "numeric", "unit": "years", "range": [18, 98], "missing": "error"},
+        {"name": "size", "type": "numeric", "unit": "mm", "missing": "error"}]}, source="t")
+    _, lssvm = fit["seen"]["lssvm"]
+    fixed = [(FUSION_SUMS, lssvm, site_sums(fit["seen"]["lssvm"][0], fit["clin"], fit["deep"], fit["y"]).size, None),
+             (CLINICAL_STATS, {}, 40, None),
+             (SCORE_HISTOGRAMS, {"layout": {"models": ["clinical"], "n_bins": 8, "cohorts": ["test"]}}, 16, None),
+             (ENCODER_SUMS, {"selected": ["age"]}, 4, schema)]
+    for task, payload, length, sch in fixed:
+        big = _site_mu(plan, task, payload, length, stated=float(largest), cases=largest, schema=sch)
+        assert _site_mu(plan, task, payload, length, stated=float(largest), cases=small, schema=sch) \
+            == pytest.approx(big, rel=1e-6), task
+    # where the protocol does not fix a patient's part, the site's own count is all it can go by
+    for task, payload, sch in [(ENCODER_SUMS, {"selected": ["size"]}, schema), (ENCODER_SUMS, {"selected": ["age"]}, None)]:
+        big = _site_mu(plan, task, payload, 4, stated=float(largest), cases=largest, schema=sch)
+        assert _site_mu(plan, task, payload, 4, stated=float(largest), cases=small, schema=sch) > 20 * big
 
 
 def test_a_noisy_fit_keeps_the_encoders_standardization_of_the_clinical_columns() -> None:

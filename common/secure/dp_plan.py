@@ -176,26 +176,39 @@ def least_noise_sd(plan: StudyPlan, task: str, payload: Mapping[str, Any], lengt
     """The least SD of the summed noise on each element of a release, in units of one patient's per-element bound.
 
     Public (the plan and the protocol's sensitivities): every site calibrates its share to at least
-    ``z·Δ₂`` (Skellam variance 2μ ≥ (z·Δ₂)², :func:`~cldlr.common.secure.noise.skellam_mu`), and a
-    site with fewer cases than the stated count adds more, so the sum of the shares has at least
-    this SD. A fit from the release may rely on it as a floor on what the noise hides.
+    ``z·Δ₂`` (Skellam variance 2μ ≥ (z·Δ₂)², :func:`~cldlr.common.secure.noise.skellam_mu`; a site
+    whose patients' parts are not fixed by the protocol and that has fewer cases than the stated
+    count adds more), so the sum of the shares has at least this SD. A fit from the release may rely
+    on it as a floor on what the noise hides.
     """
     norm = patient_norm(task, payload)
     l2 = norm if norm is not None else float(np.sqrt(touched_elements(task, payload, length, schema)))
     return plan.multiplier(phase_of(task, payload)) * l2
 
 
-def patient_bounds(task: str, payload: Mapping[str, Any], length: int) -> np.ndarray | None:
+def patient_bounds(task: str, payload: Mapping[str, Any], length: int,
+                   schema: Schema | None = None) -> np.ndarray | None:
     """The protocol's per-patient bound of each element of a release (NaN: not fixed by the protocol; None: none).
 
-    A site multiplies these by its own case count and refuses a request whose stated per-site bounds are
-    tighter: its noise assumes one patient moves an element by at most (stated bound) / (its cases), which
-    a centre stating too-tight bounds would otherwise make false. Histogram counts: 1 per patient-image;
-    LS-SVM sums of RFF and (site-clipped) linear models: 1; the fusion moments: 1 for the counts, the protocol's clinical bound
+    A site sizes its noise from these (one patient moves element ``j`` by at most ``c_j`` of its stated
+    bound ``b_j``: the same for every site, whatever its own case count) and refuses a request whose
+    stated per-site bounds are below its own cases × ``c_j``. Histogram counts: 1 per patient-image;
+    clinical statistics and encoder sums: 1 (counts, and powers of ``z`` in [−1, 1] on the schema's
+    range, which the site's validated data lie in); LS-SVM sums of RFF and (site-clipped) linear
+    models: 1; the fusion moments: 1 for the counts, the protocol's clinical bound
     (:data:`~cldlr.common.fusion.NOISY_CLINICAL_VALUE_BOUND`) and its square for the clinical blocks.
+    Elements without one (NaN, or None for the whole release) fall back to (stated bound) / (the
+    site's cases), which over-states a patient's part at a site smaller than the largest.
     """
-    if task == SCORE_HISTOGRAMS:
+    if task in (SCORE_HISTOGRAMS, CLINICAL_STATS):
         return np.ones(length)
+    if task == ENCODER_SUMS:
+        if schema is None:
+            return None
+        known = {p.name: p for p in schema.parameters}
+        names = [str(n) for n in payload.get("selected") or []]
+        ranged = all(n in known and (known[n].type != "numeric" or known[n].range is not None) for n in names)
+        return np.ones(length) if ranged else None
     if task != FUSION_SUMS:
         return None
     if _lssvm_row_norms(payload) is not None:

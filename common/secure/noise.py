@@ -13,9 +13,11 @@ discrete Gaussian (Kairouz et al., ICML 2021) is not closed under summation (its
 one), which costs a further approximation term; Skellam needs none.
 
 **Sensitivity.** Every per-site bound ``b_j`` the protocol states is (a count of cases) × (one
-patient's largest contribution to element ``j``): the site takes ``b_j / d`` with ``d`` at most that
-count (:func:`~cldlr.common.secure.dp_plan.release_cases`), so in quanta one patient moves an
-element by at most ``u = Q / (2 h d)`` (``h``: the range's headroom, below); the grid rounding adds
+patient's largest contribution ``c_j`` to element ``j``). Where the protocol fixes ``c_j``
+(:func:`~cldlr.common.secure.dp_plan.patient_bounds`) one patient moves an element by at most
+``u = Q c_j / (2 h b_j)`` quanta (``h``: the range's headroom, below) — the same at every site, so
+a small site adds no more noise than the largest; elsewhere the site takes ``c_j ≤ b_j / d`` with
+``d`` its own cases (``client.federated``'s ``release_cases``), ``u = Q / (2 h d)``. The grid rounding adds
 at most one quantum (neighbouring inputs coupled monotonely), hence ``⌈u⌉``. A patient touches at
 most ``K`` elements of a release (:func:`~cldlr.common.secure.dp_plan.touched_elements`):
 ``Δ₂ = √K⌈u⌉`` and ``Δ₁ = K⌈u⌉``. Where the protocol also bounds the L2 norm of a patient's part

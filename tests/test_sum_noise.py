@@ -241,3 +241,23 @@ def test_the_plan_counts_every_release_of_the_rff_fit() -> None:
     counts = planned_releases(whole_study("svm.embedding_pca=4", "privacy.secure_sums.platt_rounds=3"))
     assert counts == {"clinical": 1, "encoder": 1, "svm": 5, "platt": 3, "evaluation": 2}
     assert planned_releases(whole_study("svm.embedding_pca=0"))["svm"] == 2
+
+
+@pytest.mark.parametrize("backbone", ["tiny", "vgg11"])
+def test_the_plan_counts_the_pca_rounds_the_architectures_embedding_length_makes(backbone: str) -> None:
+    """12 tiny embedding columns are spanned by the first sketch (no PCA round of its own); VGG11's 4096 are not.
+
+    A plan that counted PCA rounds the fit never makes would calibrate every SVM release to a share of
+    the phase's ε it does not need (5 where 2 are made: √(5/2) more noise on each).
+    """
+    from cldlr.common.fusion import FusionModels
+    from cldlr.common.models.backbones import architecture_embedding_dim
+
+    config = whole_study("svm.solver=rff", "svm.embedding_pca=4", f"model.backbone={backbone}", "model.weights=none")
+    d = architecture_embedding_dim(backbone)
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 60)
+    deep = rng.normal(size=(60, min(d, 40))) + y[:, None]  # 40 columns stand for 4096: any d > k + 10 sketches
+    fused = FusionModels.fit(rng.normal(size=(60, 2)), deep, y, config.svm)
+    assert fused.rounds is not None
+    assert planned_releases(config)["svm"] == sum(fused.rounds[p] for p in ("moments", "pca", "lssvm"))

@@ -6,6 +6,7 @@ in the torch hub cache, and a missing file is an error that says which file to p
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -215,6 +216,16 @@ def head_layer(model: nn.Module) -> tuple[str, nn.Linear]:
 def embedding_dim(model: nn.Module) -> int:
     """Length of the vectors :func:`embed` returns (VGG/AlexNet 4096, DenseNet-201 1920)."""
     return head_layer(model)[1].in_features
+
+
+@functools.cache
+def architecture_embedding_dim(name: str) -> int:
+    """:func:`embedding_dim` of a registered architecture, built on the meta device (no weights, no memory).
+
+    Public, like the architecture: a privacy plan counts the PCA rounds the embedding length implies.
+    """
+    with torch.device("meta"):
+        return embedding_dim(get_backbone(name).build(2))
 
 
 def last_conv_layer(model: nn.Module) -> nn.Module:

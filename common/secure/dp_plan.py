@@ -22,7 +22,8 @@ from cldlr.common.config import Config
 from cldlr.common.data.schema import Schema
 from cldlr.common.errors import CldlrError
 from cldlr.common.evaluation.layout import evaluation_layout
-from cldlr.common.fusion import LINEAR_ROW_NORM2, NOISY_CLINICAL_VALUE_BOUND, PCA_ROUNDS, RFF_ROW_NORM2, part_norm
+from cldlr.common.fusion import LINEAR_ROW_NORM2, NOISY_CLINICAL_VALUE_BOUND, RFF_ROW_NORM2, part_norm
+from cldlr.common.fusion.pca import pca_rounds
 from cldlr.common.secure.noise import gaussian_multiplier, gaussian_rdp, headroom_for
 from cldlr.common.secure.tasks import (
     BATCH_TASK,
@@ -68,10 +69,15 @@ def planned_releases(config: Config) -> dict[str, int]:
     its first clinical pass alone (the refined second pass needs moments the noise makes unreliable;
     ``cldlr.server.federated_study.clinical_phase``), so planning a second release would leave half
     the clinical ε unspent: each release's noise is calibrated to the count planned.
+    SVM: the moments (with the PCA's first sketch), the PCA's further rounds — none when the sketch
+    spans every embedding column (Ω = I: ``pca_rounds`` of the architecture's embedding length) —
+    and the LS-SVM sums.
     """
+    from cldlr.common.models.backbones import architecture_embedding_dim  # torch: only where a plan is made
+
     svm, sums = config.svm, config.privacy.secure_sums
     k = svm.embedding_pca
-    pca = max(PCA_ROUNDS - 1, 1) if k > 0 else 0  # the 1st sketch rides with the moments; Ω = I needs none
+    pca = pca_rounds(architecture_embedding_dim(config.model.backbone), k) - 1 if k > 0 else 0
     platt = 0 if svm.dp_fusion else 1 + platt_requests(sums.platt_rounds)  # dp_fusion calibrates from its LS-SVM sums
     return {"clinical": 1, "encoder": 1, "svm": 2 + pca, "platt": platt, "evaluation": 2}
 

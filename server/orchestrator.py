@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -229,7 +230,19 @@ class FederatedRun:
         return values.astype(np.float64)
 
     def run(self) -> Path:
-        """Every phase in order, then the report, the model bundle and the ledger; returns the run folder."""
+        """Every phase in order, then the report, the model bundle and the ledger; returns the run folder.
+
+        A study that fails says why in its own ledger (``study-failed``, with the traceback's end), so the
+        centre's run folder explains a run that ended without a report.
+        """
+        try:
+            return self._run()
+        except BaseException as exc:
+            self.ledger.event("study-failed", error=f"{type(exc).__name__}: {exc}"[:2000],
+                              traceback=traceback.format_exc()[-4000:])
+            raise
+
+    def _run(self) -> Path:
         start = time.monotonic()
         self.secure_seconds = 0.0
         members = self.handshake()

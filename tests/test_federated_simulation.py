@@ -14,6 +14,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from cldlr.common.config import Config, load_config
+from cldlr.common.errors import CldlrError
 from cldlr.server.checkpoint import checkpoint_weights
 from cldlr.simulations.phantom import generate_phantom
 from cldlr.simulations.runner import simulate
@@ -176,3 +177,16 @@ def test_fusion_hold_out_works_federated(phantom: Path, tmp_path: Path) -> None:
     sessions = [SiteSession(read_site(phantom / f"site-{i}", schema), config) for i in (1, 2, 3)]
     assert report["metrics"]["cldlr"]["train"]["n"] == sum(len(s.fusion_rows) for s in sessions)
     assert report["metrics"]["cldlr"]["test"]["n"] == sum(len(s.test) for s in sessions)
+
+
+def test_a_study_that_fails_says_why_in_its_ledger_and_error(phantom: Path, tmp_path: Path) -> None:
+    """The centre's run folder explains a run that ended without a report (no log to dig through)."""
+    config = study_config(phantom, tmp_path, "run.name=failing", "federation.rounds=1", "evaluation.min_count=1000")
+    with pytest.raises(CldlrError, match=r"train cohort: .* fewer than evaluation.min_count=1000"):
+        simulate(config)
+    (run,) = tmp_path.glob("failing*")
+    events = [json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()]
+    failed = [e for e in events if e.get("event") == "study-failed"]
+    assert len(failed) == 1 and failed[0]["phase"] == "secure:score-histograms", failed
+    assert "min_count=1000" in failed[0]["error"] and "Traceback" in failed[0]["traceback"]
+    assert not (run / "report.json").exists()

@@ -172,6 +172,7 @@ def _fusion_shape(fitter: Any, request: Any, n_clinical: int, n_deep: int, n: in
                   (n_clinical, n * clin ** 2), (n_deep, n * feature_bound ** 2)]
         if request.basis is not None:  # Σ XᵀXΩ: |entry| ≤ n·bound²·‖Ω column‖₁
             blocks.append((request.basis.size, n * feature_bound ** 2 * float(np.abs(request.basis).sum(axis=0).max())))
+        blocks = [(size, b) for size, b in blocks if size]  # no clinical block when nothing was selected
         return sum(size for size, _ in blocks), blocks
     if fitter.phase == "pca":
         width = request.basis.shape[1]

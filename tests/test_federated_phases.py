@@ -137,3 +137,13 @@ def test_ray_backend_config_local_and_cluster() -> None:
     assert local["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.0} and "num_cpus" in local["init_args"]
     cluster = ray_backend_config(load_config(None, ["federation.ray_address=auto", "federation.client_gpus=0.25"]), 50)
     assert cluster["init_args"] == {"address": "auto"} and cluster["client_resources"]["num_gpus"] == 0.25
+
+
+@pytest.mark.parametrize("fusion", [{}, {"svm.kernel": "linear", "svm.dp_fusion": True}], ids=["rff", "dp-linear"])
+def test_a_federation_whose_selection_is_empty_fits_dlr_and_cldlr_without_a_clinical_block(federation, fusion) -> None:
+    """No parameter reaches P < alpha (small sites, or noisy sums): the fusion's sums carry no empty block."""
+    config, sites = federation
+    strict = config.replace(**{"clinical.alpha": 1e-300, **fusion})
+    fit, evaluation = _run(strict, sites, secagg_sum(sites, strict))
+    assert fit.selection.selected == []
+    assert evaluation.metrics["cldlr"]["test"]["auc"] == pytest.approx(evaluation.metrics["dlr"]["test"]["auc"])

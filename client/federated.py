@@ -279,7 +279,7 @@ class FederatedSite:
     def clinical_statistics(self, payload: Mapping[str, Any]) -> np.ndarray:
         """Per-class sums of the clinical parameters; the centre's histogram ranges must suit the site's policy."""
         ranges = {k: (float(v[0]), float(v[1])) for k, v in payload.get("histogram_ranges", {}).items()}
-        stats = self.session.clinical_statistics(ranges or None)
+        stats = self.session.clinical_statistics(ranges or None, noisy=self.plan is not None)
         if self.policy is not None:  # the bin count always; ranges the centre chose: inside the schema, not too fine
             frame = self.session.train.site.frame
             spread = {name: float(np.nanstd(np.asarray(frame[name], dtype=np.float64))) for name in ranges if name in frame}
@@ -288,8 +288,8 @@ class FederatedSite:
 
     def encoder_sums(self, payload: Mapping[str, Any]) -> np.ndarray:
         """Count, Σz and Σz² of the selected parameters' encodings (the centre standardizes from them)."""
-        selected = selection_from_payload(payload)
-        return encoder_sums(self.session.train.site.frame, self.session.model_parameters(selected))
+        frame, schema = self.session.clinical_view(noisy=self.plan is not None)
+        return encoder_sums(frame, [schema.get(n) for n in selection_from_payload(payload)])
 
     def _clinical(self, payload: Mapping[str, Any], split: str) -> np.ndarray:
         """The standardized clinical block; under whole-study DP clipped to the protocol's per-patient bound."""

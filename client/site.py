@@ -16,15 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from cldlr.client.training import TrainResult, inner_validation_split, train_classifier
 from cldlr.common.clinical.features import ClinicalEncoder
-from cldlr.common.clinical.stats import ParameterStatistics, compute_statistics
+from cldlr.common.clinical.stats import ParameterStatistics, compute_statistics, noisy_sums_view
 from cldlr.common.config import Config
 from cldlr.common.data.contract import SiteData
 from cldlr.common.data.roi import cache_for
-from cldlr.common.data.schema import Parameter
+from cldlr.common.data.schema import Parameter, Schema
 from cldlr.common.data.splits import with_split
 from cldlr.common.data.transforms import Normalization, normalization_for
 from cldlr.common.models.backbones import embed, predict_proba
@@ -138,10 +139,19 @@ class SiteSession:
         return predict_proba(model, self.cohort(split).images, self.normalization)
 
     # -- clinical ---------------------------------------------------------------------------
-    def clinical_statistics(self, histogram_ranges: dict[str, tuple[float, float]] | None = None) -> ParameterStatistics:
-        """Per-class sufficient statistics of the training cohort (the selection's input)."""
-        return compute_statistics(self.train.site.frame, self.train.labels, self.site.schema,
-                                  histogram_ranges=histogram_ranges)
+    def clinical_statistics(self, histogram_ranges: dict[str, tuple[float, float]] | None = None, *,
+                            noisy: bool = False) -> ParameterStatistics:
+        """Per-class sufficient statistics of the training cohort (the selection's input).
+
+        ``noisy`` (whole-study DP): on the schema's public ``dp_range``s, values clipped into them.
+        """
+        frame, schema = self.clinical_view(noisy)
+        return compute_statistics(frame, self.train.labels, schema, histogram_ranges=histogram_ranges)
+
+    def clinical_view(self, noisy: bool) -> tuple[pd.DataFrame, Schema]:
+        """The training frame and the schema its clinical sums are computed on (see :func:`noisy_sums_view`)."""
+        frame = self.train.site.frame
+        return noisy_sums_view(frame, self.site.schema) if noisy else (frame, self.site.schema)
 
     def clinical_block(self, encoder: ClinicalEncoder, split: str) -> np.ndarray:
         """The SVM's clinical columns of one cohort, encoded with the training cohort's statistics."""

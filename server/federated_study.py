@@ -9,6 +9,7 @@ equations, and every metric from summed histograms and placement sums.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -102,15 +103,17 @@ def clinical_phase(sum_fn: SumFn, schema: Schema, config: Config, max_cases: int
     the data lie (an underestimated SD asks for bins finer than a site's ``finest_bin_sd`` allows,
     and the site rightly refuses; an overestimated mean cuts real values off), and the schema's
     bins are public; the plan counts that one release. The encoder's SDs are then floored at
-    what the plan's noise on its sums can resolve (:meth:`ClinicalEncoder.from_noisy_sums`).
+    what the plan's noise on its sums can resolve (:meth:`ClinicalEncoder.from_noisy_sums`). Both
+    releases scale and bin each parameter on its public ``dp_range`` where the schema gives one.
     """
+    noisy = noisy_sums(config)  # DP-noised sums: counts and moments repaired before any test
+    full, schema = schema, schema.for_noisy_sums() if noisy else schema  # sites clip into the dp_ranges
     layout = StatisticsLayout.from_schema(schema, n_bins=CLINICAL_BINS)
     candidates = list(schema.model_parameters)
     requests = [SumRequest(CLINICAL_STATS, {}, layout.size, float(max_cases))]
     if candidates:
         requests.append(SumRequest(ENCODER_SUMS, {"selected": [p.name for p in candidates]},
                                    encoder_sums_length(candidates), float(max_cases)))
-    noisy = noisy_sums(config)  # DP-noised sums: counts and moments repaired before any test
     statistics = ParameterStatistics.from_noisy_vector if noisy else ParameterStatistics.from_vector
     summed, *encoder_summed = sum_together(sum_fn, requests)
     if noisy:
@@ -126,6 +129,8 @@ def clinical_phase(sum_fn: SumFn, schema: Schema, config: Config, max_cases: int
     if noisy and parameters:  # the plan's noise on the encoder sums bounds the SDs they can resolve
         noise_sd = least_noise_sd(StudyPlan.from_config(config), ENCODER_SUMS, requests[1].payload, requests[1].length)
         encoder = ClinicalEncoder.from_noisy_sums(vector, parameters, noise_sd=noise_sd)
+        # scaled on the dp_ranges, it validates a new patient's value against the schema's own range
+        encoder = dataclasses.replace(encoder, parameters=tuple(full.get(p.name) for p in parameters))
     else:
         encoder = ClinicalEncoder.from_sums(vector, parameters)
     return selection, encoder, clinical_rounds

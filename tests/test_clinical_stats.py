@@ -17,6 +17,7 @@ from cldlr.common.clinical.stats import (
     StatisticsLayout,
     class_mean_sd,
     compute_statistics,
+    noisy_sums_view,
     sum_statistics,
 )
 from cldlr.common.data.schema import Schema, schema_from_dict
@@ -270,3 +271,34 @@ def test_refined_bins_separate_values_that_share_one_schema_bin() -> None:
     assert row["test"] == "Mann-Whitney U" and row["p"] < 1e-3
     raw = sps.mannwhitneyu(frame["area"][labels == 0], frame["area"][labels == 1], method="asymptotic")
     assert abs(row["p"] - raw.pvalue) < 1e-3
+
+
+def _with_size(**extra) -> dict:
+    data = copy.deepcopy(TINY_SCHEMA)
+    data["parameters"][1].update(extra)  # size_mm, range [0, 100]
+    return data
+
+
+def test_a_dp_range_is_public_inside_the_range_and_changes_only_the_noisy_view() -> None:
+    plain = schema_from_dict(copy.deepcopy(TINY_SCHEMA), "s")
+    dp = schema_from_dict(_with_size(dp_range=[0, 40]), "s")
+    assert plain.for_noisy_sums() is plain and dp.for_noisy_sums().get("size_mm").range == (0.0, 40.0)
+    assert dp.get("size_mm").range == (0.0, 100.0)  # validation keeps the schema's range
+    assert schema_from_dict(dp.to_dict(), "s") == dp and dp.fingerprint() != plain.fingerprint()
+    assert schema_from_dict(plain.to_dict(), "s").fingerprint() == plain.fingerprint()
+    frame = pd.DataFrame({"size_mm": [5.0, 39.0, 60.0, None], "age": [40, 50, 60, 70]})
+    clipped, view = noisy_sums_view(frame, dp)
+    assert view.get("size_mm").range == (0.0, 40.0) and frame["size_mm"].iloc[2] == 60.0
+    assert clipped["size_mm"].iloc[:3].tolist() == [5.0, 39.0, 40.0] and np.isnan(clipped["size_mm"].iloc[3])
+    assert noisy_sums_view(frame, plain)[0] is frame
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"dp_range": [0, 120]}, r"size_mm\): dp_range \[0\.0, 120\.0\] must lie inside the parameter's range \[0\.0, 100\.0\]"),
+    ({"dp_range": [10, 10]}, r"dp_range must be \[low, high\] with low < high"),
+    ({"dp_range": "0-40"}, r"size_mm\): dp_range must be \[low, high\]"),
+    ({"dp_range": [0, 40], "range": None}, r"must lie inside the parameter's range \(none given\)"),
+])
+def test_a_bad_dp_range_is_refused_naming_the_parameter(extra: dict, message: str) -> None:
+    with pytest.raises(SchemaError, match=message):
+        schema_from_dict(_with_size(**extra), "s")

@@ -307,3 +307,56 @@ def test_a_one_site_study_cannot_claim_whole_study_dp(world) -> None:
     with pytest.raises(PolicyRefusal, match="needs secure sums over several sites"):
         check_study(policy, study(world, *WHOLE, "federation.num_sites=1"), schema, schema)
     check_study(policy, study(world, *DP, "federation.num_sites=1"), schema, schema)
+
+
+# -- public dp_range: where the noisy clinical sums are scaled ---------------------------------------
+@pytest.fixture(scope="module")
+def dp_world(world: dict[str, Path]) -> dict[str, Path]:
+    """The same site under a schema whose size_mm (uniform 5–30 mm, range [0, 100]) has dp_range [0, 25]."""
+    from conftest import TINY_SCHEMA
+
+    data = {**TINY_SCHEMA, "parameters": [{**p, "dp_range": [0, 25]} if p["name"] == "size_mm" else p
+                                          for p in TINY_SCHEMA["parameters"]]}
+    return {**world, "schema": write_schema(world["root"] / "schema-dp.yaml", data)}
+
+
+def test_noisy_clinical_sums_clip_into_the_dp_range_and_the_encoder_keeps_the_schemas_range(dp_world, tmp_path) -> None:
+    config = study(dp_world, *WHOLE, "clinical.alpha=1.0")  # every parameter selected
+    schema = load_schema(dp_world["schema"])
+    sites = [build(dp_world, config, site_policy(dp_world, tmp_path / f"s{k}", cap=20.0)) for k in range(2)]
+    frame = sites[0].session.train.site.frame
+    assert frame["size_mm"].max() > 25  # some values lie outside the dp_range
+    view = schema.for_noisy_sums()
+    assert view.get("size_mm").range == (0.0, 25.0) and schema.get("size_mm").range == (0.0, 100.0)
+    params = [schema.get("size_mm"), schema.get("age")]
+    clipped = frame.assign(size_mm=frame["size_mm"].clip(upper=25.0))
+    got = sites[0].encoder_sums({"selected": ["size_mm", "age"]})
+    np.testing.assert_allclose(got, encoder_sums(clipped, [view.get("size_mm"), view.get("age")]))
+    assert not np.allclose(got, encoder_sums(frame, params))  # without DP the schema's range is the scale
+    selection, encoder, _ = clinical_phase(plain_sum(sites), schema, config, max_cases=40)
+    assert "size_mm" in selection.selected
+    column = encoder.feature_names.index("size_mm")
+    assert encoder.mean[column] == pytest.approx(2 * clipped["size_mm"].sum() / (2 * len(clipped)), rel=1e-9)
+    assert encoder.parameters[selection.selected.index("size_mm")].range == (0.0, 100.0)  # predict validates on it
+    plain = study(dp_world, *DP, "clinical.alpha=1.0")  # exact sums: the schema's range, nothing clipped
+    exact_sites = [build(dp_world, plain, site_policy(dp_world, tmp_path / f"e{k}", cap=20.0)) for k in range(2)]
+    exact = clinical_phase(plain_sum(exact_sites), schema, plain, max_cases=40)[1]
+    assert exact.mean[exact.feature_names.index("size_mm")] == pytest.approx(frame["size_mm"].mean(), rel=1e-9)
+
+
+def test_a_tight_public_range_shrinks_the_noisy_encoders_error() -> None:
+    """The noise on Σz is in units of the half-range: a dp_range 4× tighter gives a mean 4× closer."""
+    from cldlr.common.data.schema import Parameter
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"width": rng.normal(150.0, 40.0, 400).clip(20, 500)})
+    wide = [Parameter(name="width", type="numeric", range=(0.0, 2048.0))]
+    tight = [Parameter(name="width", type="numeric", range=(0.0, 512.0))]
+    plan = StudyPlan.from_config(load_config(None, [*WHOLE, "privacy.secure_sums.encoder=1.0"]))
+    errors = {}
+    for name, params in (("wide", wide), ("tight", tight)):
+        sums = encoder_sums(frame, params)
+        sd = least_noise_sd(plan, ENCODER_SUMS, {}, sums.size)
+        means = [ClinicalEncoder.from_noisy_sums(noisy(sums, sd, seed=s), params, noise_sd=sd).mean[0] for s in range(40)]
+        errors[name] = float(np.sqrt(np.mean((np.array(means) - frame["width"].mean()) ** 2)))
+    assert errors["tight"] < errors["wide"] / 3, errors

@@ -276,6 +276,24 @@ def compute_statistics(frame: pd.DataFrame, labels: np.ndarray, schema: Schema, 
     return ParameterStatistics(layout, sizes, by)
 
 
+def noisy_sums_view(frame: pd.DataFrame, schema: Schema) -> tuple[pd.DataFrame, Schema]:
+    """The frame and schema a site's noisy statistics are computed on (whole-study DP).
+
+    Each numeric value is clipped into its parameter's public ``dp_range``, which then serves as
+    its range (:meth:`~cldlr.common.data.schema.Schema.for_noisy_sums`): one patient still moves
+    every sum by at most the protocol's bound, on a scale near where the data lie.
+    """
+    view = schema.for_noisy_sums()
+    if view is schema:
+        return frame, schema
+    clipped = frame.copy()
+    for p in schema.parameters:
+        if p.dp_range is not None and p.name in clipped.columns:
+            values = pd.to_numeric(clipped[p.name], errors="coerce")
+            clipped[p.name] = values.clip(lower=p.dp_range[0], upper=p.dp_range[1])
+    return clipped, view
+
+
 def refined_histogram_ranges(stats: ParameterStatistics, width_sd: float = 5.0) -> dict[str, tuple[float, float]]:
     """Per numeric parameter: pooled mean ± ``width_sd`` SD, inside the schema range.
 

@@ -15,6 +15,14 @@ Example::
       - {name: birads, type: categorical, levels: ["4"], model_input: false}
       - {name: circularity, type: numeric, range: [0, 1], missing: error, derived: mask}
 
+``dp_range: [low, high]`` (numeric, inside ``range``) is a public range for whole-study DP: the
+noisy clinical statistics and encoder sums scale and bin the parameter on it instead of on
+``range``, after each site clips its values into it (:meth:`Schema.for_noisy_sums`). A validity
+range such as [0, 2048] px is far wider than where lesions lie, and a noisy sum's error grows with
+the range, not with the data's spread; a tighter public range — from the literature, a device's
+field of view, or a disjoint cohort, never from the study's own patients — keeps the noisy
+statistics usable. Exact sums ignore it.
+
 ``derived: mask`` marks a lesion descriptor computed from the mask
 (:mod:`cldlr.common.data.descriptors`): a site may leave its column out, and a recorded value
 that disagrees with the computed one is a validation warning. Its name must be one of
@@ -23,6 +31,7 @@ that disagrees with the computed one is a validation warning. Its name must be o
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -59,6 +68,7 @@ class Parameter:
     model_input: bool = True
     description: str = ""
     derived: str = ""  # "mask": a lesion descriptor computed from the mask (see the module docstring)
+    dp_range: tuple[float, float] | None = None  # public range of the noisy statistics (see the module docstring)
 
     def parse(self, raw: Any) -> float | str | None:
         """Parse one raw CSV cell; ``None`` for missing. Raises ``ValueError`` with a reason."""
@@ -120,6 +130,18 @@ class Schema:
         wanted = set(names)
         return Schema(self.name, self.version, tuple(p for p in self.parameters if p.name in wanted), self.source)
 
+    def for_noisy_sums(self) -> Schema:
+        """The schema noisy statistics are computed on: each ``dp_range`` as the parameter's range.
+
+        Sites clip their values into these ranges first (:func:`clip_to_ranges`); the centre reads
+        the sums on the same ranges. Without any ``dp_range`` this is the schema itself.
+        """
+        if not any(p.dp_range for p in self.parameters):
+            return self
+        parameters = tuple(dataclasses.replace(p, range=p.dp_range, dp_range=None) if p.dp_range else p
+                           for p in self.parameters)
+        return Schema(self.name, self.version, parameters, self.source)
+
     def get(self, name: str) -> Parameter:
         """The parameter called ``name``; a ``KeyError`` naming the schema when it has none."""
         for parameter in self.parameters:
@@ -130,7 +152,7 @@ class Schema:
     def fingerprint(self) -> str:
         """Hash of the schema content, compared in the federation handshake."""
         # a key added after version 1 enters only when set, so older schemas keep their fingerprint
-        entries = [{k: v for k, v in p.__dict__.items() if k != "derived" or v} for p in self.parameters]
+        entries = [{k: v for k, v in p.__dict__.items() if k not in ("derived", "dp_range") or v} for p in self.parameters]
         payload = json.dumps(
             {"name": self.name, "version": self.version, "parameters": entries},
             sort_keys=True,
@@ -147,6 +169,8 @@ class Schema:
                 entry["unit"] = p.unit
             if p.range is not None:
                 entry["range"] = list(p.range)
+            if p.dp_range is not None:
+                entry["dp_range"] = list(p.dp_range)
             if p.levels:
                 entry["levels"] = list(p.levels)
             entry["missing"] = p.missing
@@ -165,7 +189,8 @@ class Schema:
         return text
 
 
-_PARAMETER_KEYS = {"name", "type", "unit", "range", "levels", "missing", "model_input", "description", "derived"}
+_PARAMETER_KEYS = {"name", "type", "unit", "range", "dp_range", "levels", "missing", "model_input", "description",
+                   "derived"}
 RESERVED_COLUMNS = {"image_id", "patient_id", "label", "split", "site", SPACING_COLUMN}
 
 
@@ -203,16 +228,14 @@ def _parse_parameter(entry: Any, where: str) -> Parameter:
     missing = entry.get("missing", "error")
     if missing not in ("error", "impute"):
         raise SchemaError(f"{where} ({name}): missing must be 'error' or 'impute', got {missing!r}")
-    value_range = entry.get("range")
-    if value_range is not None:
-        if kind != "numeric":
-            raise SchemaError(f"{where} ({name}): only numeric parameters take a range")
-        is_pair = isinstance(value_range, list) and len(value_range) == 2
-        if not (is_pair and all(isinstance(v, (int, float)) for v in value_range)):
-            raise SchemaError(f"{where} ({name}): range must be [low, high]")
-        if value_range[0] > value_range[1]:
-            raise SchemaError(f"{where} ({name}): range low {value_range[0]} exceeds high {value_range[1]}")
-        value_range = (float(value_range[0]), float(value_range[1]))
+    value_range = _pair(entry, "range", name, kind, where)
+    dp_range = _pair(entry, "dp_range", name, kind, where)
+    if dp_range is not None:
+        if dp_range[0] >= dp_range[1]:
+            raise SchemaError(f"{where} ({name}): dp_range must be [low, high] with low < high, got {list(dp_range)}")
+        if value_range is None or not (value_range[0] <= dp_range[0] and dp_range[1] <= value_range[1]):
+            raise SchemaError(f"{where} ({name}): dp_range {list(dp_range)} must lie inside the parameter's range "
+                              f"{list(value_range) if value_range else '(none given)'}")
     levels = entry.get("levels", [])
     if kind == "categorical":
         if not isinstance(levels, list) or len(levels) < 2:
@@ -236,7 +259,22 @@ def _parse_parameter(entry: Any, where: str) -> Parameter:
         model_input=model_input,
         description=str(entry.get("description", "")),
         derived=derived,
+        dp_range=dp_range,
     )
+
+
+def _pair(entry: dict[str, Any], key: str, name: str, kind: Any, where: str) -> tuple[float, float] | None:
+    """``range``/``dp_range``: ``[low, high]`` of a numeric parameter, or None when absent."""
+    value = entry.get(key)
+    if value is None:
+        return None
+    if kind != "numeric":
+        raise SchemaError(f"{where} ({name}): only numeric parameters take a {key}")
+    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)):
+        raise SchemaError(f"{where} ({name}): {key} must be [low, high]")
+    if value[0] > value[1]:
+        raise SchemaError(f"{where} ({name}): {key} low {value[0]} exceeds high {value[1]}")
+    return float(value[0]), float(value[1])
 
 
 def schema_from_dict(data: Any, source: str = "") -> Schema:

@@ -22,7 +22,7 @@ from __future__ import annotations
 from cldlr.common.fusion.dp_linear import LINEAR_ROW_NORM2, RFF_ROW_NORM2, part_norm
 from cldlr.common.fusion.fit import FusionModels, RffFusionFitter, run_rff_protocol
 from cldlr.common.fusion.payload import FusionPayload, fusion_fitter, fusion_models_from_payload
-from cldlr.common.fusion.pca import PCA_ROUNDS
+from cldlr.common.fusion.pca import PCA_ROUNDS, pca_rounds
 from cldlr.common.fusion.pipeline import BLOCKS
 from cldlr.common.fusion.platt import PLATT_HIST_BINS, PLATT_HIST_RANGE
 from cldlr.common.fusion.protocol import (
@@ -41,6 +41,7 @@ __all__ = [
     "NOISY_CLINICAL_VALUE_BOUND",
     "PLATT_HIST_BINS",
     "PCA_ROUNDS",
+    "pca_rounds",
     "PLATT_HIST_RANGE",
     "RFF_ROW_NORM2",
     "FusionModels",

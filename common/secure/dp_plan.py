@@ -22,8 +22,7 @@ from cldlr.common.config import Config
 from cldlr.common.data.schema import Schema
 from cldlr.common.errors import CldlrError
 from cldlr.common.evaluation.layout import evaluation_layout
-from cldlr.common.fusion import LINEAR_ROW_NORM2, NOISY_CLINICAL_VALUE_BOUND, RFF_ROW_NORM2, part_norm
-from cldlr.common.fusion.pca import pca_rounds
+from cldlr.common.fusion import LINEAR_ROW_NORM2, NOISY_CLINICAL_VALUE_BOUND, RFF_ROW_NORM2, part_norm, pca_rounds
 from cldlr.common.secure.noise import gaussian_multiplier, gaussian_rdp, headroom_for
 from cldlr.common.secure.tasks import (
     BATCH_TASK,

@@ -161,6 +161,34 @@ def test_a_noisy_fit_on_separable_data_stays_far_above_chance() -> None:
         assert noisy[name] > 0.5 + 0.6 * (clean[name] - 0.5), (name, clean, noisy)
 
 
+def test_a_noisy_calibration_is_not_over_confident() -> None:
+    """θ solved from the noisy S makes θᵀSθ lean low; uncorrected, A was ~13× the exact one and every
+    probability 0 or 1 (in a study: every published score in one histogram bin). The class sizes come
+    from the LS-SVM release: the moments round's counts carry the noise of every element it holds
+    (off by ~10² on BUS-BRA at ε = 8, here 150), and a class of 1 put every score at 0.997."""
+    config = load_config(None, [*WHOLE, "privacy.secure_sums.svm=2", *DP_FUSION])
+    z = StudyPlan.from_config(config).multiplier("svm")
+    train, test = cohort(480, 20), cohort(400, 21)
+    rng = np.random.default_rng(22)
+
+    def fit(sd: float) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        fitter = RffFusionFitter(config.svm, N_CLINICAL, N_DEEP, noisy=sd > 0, noise_multiplier=z if sd > 0 else 0.0)
+        while not fitter.done:
+            summed = site_sums(fitter.request(), *train, noisy=sd > 0)
+            scale = 150.0 if sd > 0 and fitter.phase == "moments" else sd
+            fitter.receive(summed + rng.normal(0.0, scale, summed.size))
+        fused = fitter.result()
+        return {n: m.A for n, m in fused.models.items()}, fused.predict_proba(test[0], test[1])
+
+    exact_slope, _ = fit(0.0)
+    slope, proba = fit(z * patient_norm_of_one_release())
+    for name in ("clinical", "cldlr"):
+        p = proba[name]
+        assert np.mean((p > 0.02) & (p < 0.98)) > 0.9, (name, np.quantile(p, [0.05, 0.5, 0.95]))
+        assert np.quantile(p, 0.9) - np.quantile(p, 0.1) > 0.2  # still spread over several score bins
+        assert slope[name] < 0 and abs(slope[name]) < 3 * abs(exact_slope[name]), (name, slope, exact_slope)
+
+
 def patient_norm_of_one_release() -> float:
     return part_norm([1.0 + LINEAR_ROW_NORM2])
 
@@ -210,7 +238,7 @@ def test_a_reversed_noisy_calibration_is_refused() -> None:
     y = rng.integers(0, 2, 200).astype(float)
     S, t = lssvm_sums(Z, y)
     theta, _ = solve_lssvm(S, t, 1.0)
-    A, _ = gaussian_calibration(S, -t, theta, float(y.sum()), float(len(y) - y.sum()))  # t's sign flipped by noise
+    A, _ = gaussian_calibration(S, -t, theta)  # t's sign flipped by noise
     assert A < 0
 
 

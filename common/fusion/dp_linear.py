@@ -134,20 +134,28 @@ def noise_ridge(ridge: float, noise_sd: float, p: int) -> float:
     return float(max(ridge, NOISE_RIDGE_FACTOR * noise_sd * math.sqrt(p)))
 
 
-def gaussian_calibration(S: np.ndarray, t: np.ndarray, theta: np.ndarray, n_pos: float,
-                         n_neg: float) -> tuple[float, float]:
+def gaussian_calibration(S: np.ndarray, t: np.ndarray, theta: np.ndarray, noise_sd: float = 0.0) -> tuple[float, float]:
     """Platt's (A, B) of ``p = 1/(1+exp(A f + B))`` from the normal equations ``S``, ``t`` the model was solved from.
 
-    With ``f = θᵀ[z,1]``: ``Σf = θᵀS[:, −1]``, ``Σf² = θᵀSθ``, ``Σ y± f = θᵀt``, so the per-class means
-    ``μ₊, μ₋`` and the pooled within-class variance ``s²`` of the training decision values are known,
-    and two Gaussians of variance ``s²`` give ``logit p = log(n₊/n₋) + (μ₊−μ₋)/s²·(f − (μ₊+μ₋)/2)``.
-    Under noise ``s²`` is floored (the implied separation ``(μ₊−μ₋)/s`` at most 2√3) and the gap
-    ``μ₊ − μ₋`` at a tenth of ``s``: the LS-SVM's decision leans
-    malignant by construction (``θᵀt > 0``), so a reversed sigmoid would be the noise's, and A < 0 keeps
-    the model's ranking whatever the noise.
+    With ``f = θᵀ[z,1]``: ``n = S[−1, −1]``, ``n₊ − n₋ = t[−1]``, ``Σf = θᵀS[:, −1]``, ``Σf² = θᵀSθ``,
+    ``Σ y± f = θᵀt``, so the class sizes, the per-class means ``μ₊, μ₋`` and the pooled within-class
+    variance ``s²`` of the training decision values are known, and two Gaussians of variance ``s²``
+    give ``logit p = log(n₊/n₋) + (μ₊−μ₋)/s²·(f − (μ₊+μ₋)/2)``. The class sizes come from this
+    release, not from the moments round: its noise is that of one patient's ‖part‖ ≤ √6, the
+    moments' that of every element they hold (counts off by ~10² at BUS-BRA's ε = 8: a class of 1
+    put every score at 0.997). Under noise (``noise_sd``: each element's SD) ``Σf²`` gets back the
+    noise matrix's spectral norm (2σ√p)·‖θ‖² — θ was solved from the same noisy S, so ``θᵀSθ``
+    leans low along the noise's negative directions and the sigmoid came out over-confident, every
+    score at 0 or 1 — and ``s²`` is floored (the implied separation ``(μ₊−μ₋)/s`` at most 2√3) and
+    the gap ``μ₊ − μ₋`` at a tenth of ``s``: the LS-SVM's decision leans malignant by construction
+    (``θᵀt > 0``), so a reversed sigmoid would be the noise's, and A < 0 keeps the model's ranking
+    whatever the noise.
     """
-    n = n_pos + n_neg
+    n = max(float(S[-1, -1]), 2.0)
+    n_pos = float(np.clip((n + float(t[-1])) / 2.0, 1.0, n - 1.0))
+    n_neg = n - n_pos
     sum_f, sum_f2, sum_yf = float(theta @ S[:, -1]), float(theta @ S @ theta), float(theta @ t)
+    sum_f2 += NOISE_RIDGE_FACTOR * noise_sd * math.sqrt(len(theta)) * float(theta @ theta)
     mu_pos, mu_neg = (sum_f + sum_yf) / (2.0 * n_pos), (sum_f - sum_yf) / (2.0 * n_neg)
     within = (sum_f2 - n_pos * mu_pos**2 - n_neg * mu_neg**2) / max(n - 2.0, 1.0)
     total = sum_f2 / n - (sum_f / n) ** 2

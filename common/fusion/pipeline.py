@@ -121,7 +121,7 @@ def rff_pipeline(cfg: SVMConfig, n_clinical: int, n_deep: int, *, seed: int = 0,
     # 5. calibrate: Platt from summed histograms of leave-one-out decision values, then Newton steps;
     #    dp_fusion: from the normal equations already released (no round, no noise of its own)
     if cfg.dp_fusion:
-        models = {name: _calibrated(m, *systems[name], counts) for name, m in models.items()}
+        models = {name: _calibrated(m, *systems[name], noise_sd) for name, m in models.items()}
     else:
         models = yield from _platt_rounds(models, factors, counts, max_platt_rounds, platt_tol)
     return RffRequest(phase="done", models=models, counts=counts), notes
@@ -246,11 +246,11 @@ def _solve(summed: np.ndarray, models: dict[str, RffModel], ridge: float, noisy:
     return solved, factors, sums
 
 
-def _calibrated(model: RffModel, S: np.ndarray, t: np.ndarray, counts: tuple[float, float]) -> RffModel:
+def _calibrated(model: RffModel, S: np.ndarray, t: np.ndarray, noise_sd: float = 0.0) -> RffModel:
     """Step 5 of ``dp_fusion``: (A, B) from the model's own normal equations (:func:`~.dp_linear.gaussian_calibration`)."""
     if model.theta is None:
         raise CldlrError("a model must be solved before it is calibrated")
-    A, B = gaussian_calibration(S, t, model.theta, *counts)
+    A, B = gaussian_calibration(S, t, model.theta, noise_sd=noise_sd)
     return replace(model, A=A, B=B)
 
 

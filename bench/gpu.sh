@@ -76,10 +76,15 @@ if [[ -n ${CLDLR_BUSBRA:-} && -f ${CLDLR_BUSBRA}/bus_data.csv && ${CLDLR_BENCH_A
 i(sys.argv[1], sys.argv[2] + "/bi4", birads=[4], sites="single")
 i(sys.argv[1], sys.argv[2] + "/archive", birads=[2, 3, 5], sites="single")' "$CLDLR_BUSBRA" "$abl"
   fi
-  # shellcheck disable=SC2086 # the arms are a word list
+  if [[ ${CLDLR_BENCH_DRY:-0} == 1 ]]; then  # the same wiring at toy sizes: one split, one arm, 32 px, 1 epoch
+    splits=1 arms=${CLDLR_BENCH_ARMS:-scratch-paper} sets="data.image_size=32 train.epochs=1"
+  else
+    splits=5 arms=${CLDLR_BENCH_ARMS:-scratch-paper pretrained-hold-out pretrained-stack}
+    sets="data.image_size=224 train.device=cuda"
+  fi
+  # shellcheck disable=SC2086 # the arms and settings are word lists
   (cd "$repo" && timeout --signal=INT --kill-after=20 "${CLDLR_BENCH_ABLATION_TIMEOUT_S:-240}" "$py" \
-     bench/ablation_deep.py --bi4 "$abl/bi4" --archive "$abl/archive" --out "$abl/runs" --splits 5 \
-     --arms ${CLDLR_BENCH_ARMS:-scratch-paper pretrained-hold-out pretrained-stack} \
-     --set data.image_size=224 train.device=cuda) | tee "$abl/table.md" || rc=$?
+     bench/ablation_deep.py --bi4 "$abl/bi4" --archive "$abl/archive" --out "$abl/runs" --splits "$splits" \
+     --arms $arms --set $sets) | tee "$abl/table.md" || rc=$?
 fi
 exit $rc

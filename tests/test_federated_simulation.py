@@ -161,6 +161,7 @@ def test_whole_study_dp_reports_epsilon_per_phase_within_the_caps(phantom: Path,
         assert max(plan.values()) < phases["total"] <= sum(plan.values()) and phases["total"] <= entry["cap"]
     text = (run / "report.md").read_text()
     assert "whole study" in text and text.count("/ 4 |") == 3  # each site: backbone ε spent / planned
+    assert "Table 1 comes from noisy sums" in text
     card = json.loads((run / "model" / "bundle.json").read_text())["model_card"]["differential_privacy"]
     assert "every secure sum" in card["covers"] and set(card["per_site"]) == set(privacy)
 

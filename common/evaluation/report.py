@@ -214,6 +214,9 @@ def write_report(run_dir: Path, outcome: StudyOutcome, config: Config, *, title:
         md.append("")
     md += ["## Table 1 — clinical parameters (training cohort)", "", _table1_markdown(outcome.selection_table), "",
            f"Selected (P < {config.clinical.alpha}): {', '.join(map(markdown_text, outcome.selected)) or 'none'}", "",
+           *(["_Under whole-study DP, Table 1 comes from noisy sums, on each parameter's public `dp_range` where "
+              "the schema gives one (values clipped into it)._", ""]
+             if config.privacy.enabled and config.privacy.secure_sums.enabled else []),
            "## Table 2 — diagnostic performance", "", table2_markdown(outcome.metrics), "",
            f"Threshold {config.svm.threshold} on the probability; AUC 95% CI by DeLong.", ""]
     if outcome.delong:

@@ -274,16 +274,20 @@ class Federation:
             proc.kill()
 
 
+def run_status(fed: Federation, run_id: str) -> str:
+    """Run ``run_id``'s status as ``flwr ls`` gives it (e.g. ``finished:completed``), or ``unknown``."""
+    runs = flwr_json(["ls", CONNECTION], command=flower_command, home=fed.cli_home).get("runs", [])
+    return next((str(r.get("status", "")) for r in runs if str(r.get("run-id")) == run_id), "unknown")
+
+
 def run_finished(fed: Federation, run_id: str) -> bool:
     """``flwr ls`` says run ``run_id`` is over (the ServerApp exits after writing the report)."""
-    runs = flwr_json(["ls", CONNECTION], command=flower_command, home=fed.cli_home).get("runs", [])
-    return any(str(r.get("run-id")) == run_id and str(r.get("status", "")).startswith("finished") for r in runs)
+    return run_status(fed, run_id).startswith("finished")
 
 
 def run_diagnosis(fed: Federation, run_id: str, tail: int = 6000) -> str:
     """What to read when a run ended without its outputs: its status, the ServerApp's log and the SuperLink's."""
-    runs = flwr_json(["ls", CONNECTION], command=flower_command, home=fed.cli_home).get("runs", [])
-    status = next((r.get("status") for r in runs if str(r.get("run-id")) == run_id), "unknown")
+    status = run_status(fed, run_id)
     log = run_cli(flower_command("flwr", ["log", run_id, CONNECTION, "--show"]), home=fed.cli_home)
     link = next((p.log() for name, p in fed.procs.items() if name.startswith("superlink")), "")
     return (f"run {run_id} status {status}\n--- flwr log ---\n{(log.stdout + log.stderr)[-tail:]}"

@@ -133,7 +133,8 @@ class Schema:
     def for_noisy_sums(self) -> Schema:
         """The schema noisy statistics are computed on: each ``dp_range`` as the parameter's range.
 
-        Sites clip their values into these ranges first (:func:`clip_to_ranges`); the centre reads
+        Sites clip their values into these ranges first
+        (:func:`~cldlr.common.clinical.stats.noisy_sums_view`); the centre reads
         the sums on the same ranges. Without any ``dp_range`` this is the schema itself.
         """
         if not any(p.dp_range for p in self.parameters):
